@@ -1,0 +1,313 @@
+"""The model, the eval data, the metric, and the two ways of evaluating a stage embedding.
+
+- ``linear``: effect_i = <grad f_i(theta_T), v>, one forward-mode JVP pass (torch.func.jvp)
+  over the eval set; never per-example gradients.
+- ``direct``: effect_i = f_i(theta_T) - f_i(theta_T - v), one forward pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.func import functional_call, jvp
+
+from acctattr.errors import AcctattrError, DataError
+from acctattr.manifest import EvalSpec, Ref
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- user code
+
+def load_ref(ref: Ref, what: str) -> Callable[..., Any]:
+    """Import the function a ``FILE.py:FUNC`` or ``package.module:FUNC`` reference names."""
+    try:
+        if ref.file is not None:
+            name = f"_acctattr_user_{abs(hash(str(ref.file)))}"
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, ref.file)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot import {ref.file}")
+                module = importlib.util.module_from_spec(spec)
+                sys.path.insert(0, str(ref.file.parent))
+                try:
+                    spec.loader.exec_module(module)
+                finally:
+                    sys.path.remove(str(ref.file.parent))
+                sys.modules[name] = module
+        else:
+            assert ref.module is not None
+            module = importlib.import_module(ref.module)
+    except Exception as e:
+        raise AcctattrError(f"{what} {ref.text}: importing it failed: {type(e).__name__}: {e}",
+                            "fix the error in that file; ACCTATTR_DEBUG=1 shows the traceback"
+                            ) from e
+    fn = getattr(module, ref.func, None)
+    if not callable(fn):
+        raise AcctattrError(f"{what} {ref.text}: no function '{ref.func}' in it",
+                            f"define {ref.func}() there or fix the name after ':'")
+    return fn
+
+
+def build_model(ref: Ref) -> nn.Module:
+    """Call the manifest's ``model.factory`` and check that it returns a torch module."""
+    fn = load_ref(ref, "model.factory")
+    try:
+        model = fn()
+    except Exception as e:
+        raise AcctattrError(f"model.factory {ref.text} raised {type(e).__name__}: {e}",
+                            "the factory must build the model with no arguments") from e
+    if not isinstance(model, nn.Module):
+        raise AcctattrError(f"model.factory {ref.text} returned {type(model).__name__}, "
+                            "not a torch.nn.Module", "return the model object itself")
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the estimators need to know of the model's parameters."""
+
+    trainable: dict[str, tuple[int, ...]]  # name -> shape, named_parameters() order
+    frozen: tuple[str, ...]  # parameters with requires_grad=False
+    buffers: tuple[str, ...]
+    no_decay: frozenset[str]  # biases and norm-layer parameters (HF Trainer rule)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    norm_params: set[str] = set()
+    for mname, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            for pname, _ in module.named_parameters(recurse=False):
+                norm_params.add(f"{mname}.{pname}" if mname else pname)
+    trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
+    no_decay = {n for n in trainable if n in norm_params or n.endswith("bias")}
+    return ModelInfo(trainable, frozen, tuple(n for n, _ in model.named_buffers()),
+                     frozenset(no_decay))
+
+
+# ---------------------------------------------------------------- metrics
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y.long(), reduction="none")
+
+
+def _logprob(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(out, y.long(), reduction="none")
+
+
+def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the largest other logit."""
+    y = y.long()
+    target = out.gather(1, y[:, None])[:, 0]
+    other = out.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return target - other
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
+    return (diff * diff).mean(dim=1)
+
+
+BUILTIN: dict[str, tuple[MetricFn, bool]] = {
+    "cross_entropy": (_cross_entropy, False),
+    "logprob": (_logprob, True),
+    "margin": (_margin, True),
+    "mse": (_mse, False),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: MetricFn  # (model outputs [B, ...], target [B, ...]) -> per-example values [B]
+    higher_is_better: bool
+
+
+def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metric:
+    """A builtin metric by name, or a user's ``FILE.py:FUNC(outputs, target)``.
+
+    A user function may carry ``higher_is_better = True`` as an attribute; the manifest's
+    ``eval.higher_is_better`` overrides either.
+    """
+    if isinstance(metric, str):
+        fn, hib = BUILTIN[metric]
+        return Metric(metric, fn, hib if override is None else override)
+    user = load_ref(metric, what)
+    hib = bool(getattr(user, "higher_is_better", False))
+    return Metric(metric.text, user, hib if override is None else override)
+
+
+# ---------------------------------------------------------------- data
+
+Batch = dict[str, torch.Tensor]
+_INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+class EvalData:
+    """Eval batches streamed from a safetensors file (sliced per batch) or a user function."""
+
+    def __init__(self, spec: EvalSpec) -> None:
+        self.spec = spec
+        self.names = (*spec.inputs, spec.target, *((spec.group,) if spec.group else ()))
+        self._fn: Callable[[], Iterable[Batch]] | None = None
+        if spec.data_fn is not None:
+            self._fn = load_ref(spec.data_fn, "eval.data")
+            self.source = spec.data_fn.text
+        else:
+            assert spec.data is not None
+            self.source = str(spec.data)
+            self._check_file()
+
+    def _check_file(self) -> None:
+        from acctattr.checkpoints import safe_open_checked  # header checks with clear messages
+
+        handle = safe_open_checked(Path(self.source))
+        keys = set(handle.keys())
+        missing = [n for n in self.names if n not in keys]
+        if missing:
+            raise DataError(f"eval.data {self.source}: no tensor named "
+                            f"{', '.join(repr(m) for m in missing)} (it has: "
+                            f"{', '.join(sorted(keys)) or 'nothing'})",
+                            "fix eval.inputs / eval.target / eval.group, or the file")
+        lengths = {n: handle.get_slice(n).get_shape() for n in self.names}
+        sizes = {n: (s[0] if s else None) for n, s in lengths.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise DataError(f"eval.data {self.source}: tensors have different numbers of "
+                            f"examples (first dimensions {sizes})",
+                            "every eval tensor needs one row per example")
+        self.n = next(iter(sizes.values()))
+        if not self.n:
+            raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
+                            "point eval.data at a file with at least one example")
+        group = self.spec.group
+        if group and handle.get_slice(group).get_dtype() not in _INT_DTYPES:
+            raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has dtype "
+                            f"{handle.get_slice(group).get_dtype()}; groups must be integers")
+
+    def batches(self) -> Iterator[Batch]:
+        if self._fn is not None:
+            yield from self._user_batches()
+            return
+        bs = self.spec.batch_size
+        with safe_open(self.source, framework="pt") as f:
+            slices = {n: f.get_slice(n) for n in self.names}
+            for lo in range(0, self.n, bs):
+                hi = min(lo + bs, self.n)
+                yield {n: s[lo:hi] for n, s in slices.items()}
+
+    def _user_batches(self) -> Iterator[Batch]:
+        assert self._fn is not None
+        try:
+            it = iter(self._fn())
+        except Exception as e:
+            raise DataError(f"eval.data {self.source} raised {type(e).__name__}: {e}") from e
+        seen = 0
+        for i, b in enumerate(it):
+            if not isinstance(b, dict):
+                raise DataError(f"eval.data {self.source}: batch {i} is a {type(b).__name__}, "
+                                "expected a dict of tensors")
+            for n in self.names:
+                if not isinstance(b.get(n), torch.Tensor):
+                    raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
+                                    "each batch must be a dict holding eval.inputs, "
+                                    "eval.target (and eval.group)")
+            seen += 1
+            yield b
+        if not seen:
+            raise DataError(f"eval.data {self.source}: the eval set is empty (no batches)")
+
+
+# ---------------------------------------------------------------- evaluation
+
+Params = dict[str, torch.Tensor]
+
+
+class Evaluator:
+    """Per-example metric of a model at theta_T and along stage embeddings."""
+
+    def __init__(self, model: nn.Module, params: Params, fixed: Params, data: EvalData,
+                 metric: Metric) -> None:
+        """
+        Args:
+            params: trainable parameters at theta_T (name -> tensor).
+            fixed: everything else at theta_T (frozen parameters, buffers).
+        """
+        self.model = model.eval()
+        self.params = params
+        self.fixed = fixed
+        self.data = data
+        self.metric = metric
+        self.dtype = next(iter(params.values())).dtype if params else torch.float32
+
+    def _args(self, batch: Batch) -> tuple[tuple, dict]:
+        spec = self.data.spec
+        if len(spec.inputs) == 1:
+            return (batch[spec.inputs[0]],), {}
+        return (), {n: batch[n] for n in spec.inputs}
+
+    def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
+        args, kwargs = self._args(batch)
+        out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
+        if isinstance(out, dict) and "logits" in out:
+            out = out["logits"]
+        elif hasattr(out, "logits"):
+            out = out.logits
+        vals = self.metric.fn(out, batch[self.data.spec.target])
+        if vals.ndim != 1 or vals.shape[0] != out.shape[0]:
+            raise AcctattrError(f"metric {self.metric.name} returned shape {tuple(vals.shape)}; "
+                                "it must return one value per example")
+        return vals
+
+    def _floats(self, batch: Batch) -> Batch:
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(f_i(theta_T) for every example [N] float64, group ids [N] or None)."""
+        vals, groups = [], []
+        gname = self.data.spec.group
+        with torch.no_grad():
+            for batch in self.data.batches():
+                vals.append(self._metric(self.params, self._floats(batch)).double())
+                if gname:
+                    groups.append(batch[gname].reshape(-1).long())
+        if not vals:
+            raise DataError(f"eval.data {self.data.source}: the eval set is empty")
+        return torch.cat(vals), (torch.cat(groups) if gname else None)
+
+    def linear(self, v: Params) -> torch.Tensor:
+        """<grad f_i(theta_T), v> for every example [N], by forward-mode JVP."""
+        names = list(self.params)
+        primals = tuple(self.params[n] for n in names)
+        tangents = tuple(v[n].to(self.params[n].dtype) for n in names)
+        out = []
+        with torch.no_grad():
+            for batch in self.data.batches():
+                batch = self._floats(batch)
+
+                def f(*ps: torch.Tensor, batch: Batch = batch) -> torch.Tensor:
+                    return self._metric(dict(zip(names, ps, strict=True)), batch)
+
+                _, tangent_out = jvp(f, primals, tangents)
+                out.append(tangent_out.double())
+        return torch.cat(out)
+
+    def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
+        """f_i(theta_T) - f_i(theta_T - v) for every example [N]; ``base`` = f_i(theta_T)."""
+        shifted = {n: p - v[n].to(p.dtype) for n, p in self.params.items()}
+        out = []
+        with torch.no_grad():
+            for batch in self.data.batches():
+                out.append(self._metric(shifted, self._floats(batch)).double())
+        return base - torch.cat(out)

@@ -1,0 +1,209 @@
+"""Find and stream state dicts: safetensors (single or sharded) and PyTorch .pt/.bin.
+
+No math here. Tensors are read one at a time from memory-mapped files, so a run never holds
+more than the tensors its caller keeps. PyTorch files are only ever loaded with
+``weights_only=True``: a pickle that would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from acctattr.errors import CheckpointError
+
+_FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "model.pt", "model.bin", "pytorch_model.bin.index.json")
+
+
+class StateDictReader:
+    """Read-only, lazy view of one checkpoint's tensors (name -> tensor).
+
+    ``get`` returns floating tensors as float32 (bf16/fp16 checkpoints are computed in fp32;
+    float64 is kept) and refuses NaN or Inf, naming the tensor.
+    """
+
+    def __init__(self, path: Path, shards: dict[str, Path] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.path = path
+        self._shards = shards or {}
+        self._tensors = tensors
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> list[str]:
+        if self._tensors is not None:
+            return sorted(self._tensors)
+        return sorted(self._shards)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._tensors if self._tensors is not None else self._shards)
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            self._handles[file] = safe_open_checked(file)
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._tensors is not None:
+            return tuple(self._tensors[name].shape)
+        file = self._shards[name]
+        try:
+            return tuple(self._handle(file).get_slice(name).get_shape())
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: cannot read the header entry of tensor '{name}': {e}",
+                                  "the file is truncated or corrupted; re-save it") from e
+
+    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        if self._tensors is not None:
+            t = self._tensors[name]
+            where = self.path
+        else:
+            where = self._shards[name]
+            try:
+                t = self._handle(where).get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{where}: cannot read tensor '{name}': {e}",
+                                      "the file is truncated or corrupted; re-save it") from e
+        if t.is_floating_point() and t.dtype != torch.float64:
+            t = t.float()
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor '{name}' has {bad} NaN or Inf values",
+                                  "training diverged before this checkpoint was written; "
+                                  "point the manifest at an earlier, finite checkpoint")
+        return t
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+
+def safe_open_checked(file: Path) -> Any:
+    """Open a safetensors file, turning header problems into a clear error."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"header length {n} is beyond the file's {size} bytes")
+        return safe_open(str(file), framework="pt")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})",
+                              "the file is truncated or corrupted; re-save it with "
+                              "safetensors.torch.save_file") from e
+
+
+def resolve_checkpoint_file(path: Path) -> Path:
+    """The file (or shard index) a checkpoint path stands for."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in _FOLDER_FILES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise CheckpointError(
+            f"{path}: no model weights found in this folder",
+            f"expected one of {', '.join(_FOLDER_FILES)} (or a single *.safetensors file)")
+    raise CheckpointError(f"{path}: checkpoint not found")
+
+
+def open_checkpoint(path: Path) -> StateDictReader:
+    """Open a checkpoint folder or file for lazy, read-only tensor access."""
+    file = resolve_checkpoint_file(path)
+    if file.name.endswith(".index.json"):
+        return _open_index(file)
+    if file.suffix == ".safetensors":
+        handle = safe_open_checked(file)
+        reader = StateDictReader(file, shards={k: file for k in handle.keys()})
+        reader._handles[file] = handle
+        return reader
+    if file.suffix in (".pt", ".bin", ".pth", ".ckpt"):
+        return StateDictReader(file, tensors=_tensor_dict(load_torch_file(file), file))
+    raise CheckpointError(f"{file}: unknown checkpoint format '{file.suffix}'",
+                          "use .safetensors, a sharded safetensors index, or a .pt/.bin state dict")
+
+
+def _open_index(index: Path) -> StateDictReader:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})",
+                              "it must hold a 'weight_map' of tensor name -> shard file") from e
+    shards: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        f = index.parent / str(shard)
+        if not f.is_file():
+            raise CheckpointError(f"{index}: shard {shard} (for tensor '{name}') not found")
+        shards[name] = f
+    if index.name.startswith("pytorch_model"):
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(set(shards.values())):
+            tensors.update(_tensor_dict(load_torch_file(f), f))
+        return StateDictReader(index, tensors=tensors)
+    return StateDictReader(index, shards=shards)
+
+
+def load_torch_file(file: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (memory-mapped where the format allows)."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{file}: refused to load: the pickle holds objects that are not plain tensors "
+            "and loading them could run code",
+            "re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as "
+            "safetensors") from e
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable PyTorch file ({type(e).__name__}: {e})",
+                              "the file is truncated or corrupted; re-save it") from e
+
+
+def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping inside a loaded .pt object."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{file}: expected a state dict (tensor name -> tensor)",
+                              "save it with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def read_trainer_state(path: Path) -> tuple[list[tuple[int, float]], int | None]:
+    """(global_step, learning_rate) log points and global_step from a trainer_state.json."""
+    try:
+        doc = json.loads(path.read_text())
+        history = doc.get("log_history", [])
+        points = [(int(h["step"]), float(h["learning_rate"])) for h in history
+                  if isinstance(h, dict) and "learning_rate" in h and "step" in h]
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable trainer_state.json ({e})") from e
+    if not points:
+        raise CheckpointError(f"{path}: log_history has no learning_rate entries",
+                              "set logging_steps so the Trainer logs the learning rate, or give "
+                              "lr as a schedule or a per-step list")
+    step = doc.get("global_step")
+    return points, int(step) if isinstance(step, int) else None

@@ -1,0 +1,472 @@
+"""Manifest v1 (SPEC section 3): YAML -> frozen dataclasses.
+
+Every problem is collected and raised once as a ManifestError, so a user fixes them all in
+one pass. This module never imports torch: `acctattr check` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acctattr.errors import ManifestError
+
+OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
+BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse")
+
+
+@dataclass(frozen=True)
+class LrSpec:
+    """One stage's learning rate: exactly one of the fields below is set."""
+
+    value: float | None = None  # a constant number
+    values: tuple[float, ...] | None = None  # one value per optimizer step
+    schedule: str | None = None  # constant | linear | cosine
+    base: float = 0.0
+    warmup: int = 0
+    min: float = 0.0
+    trainer_state: Path | None = None  # Hugging Face trainer_state.json
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How a stage's optimizer ran. ``None`` hyperparameters come from the state file."""
+
+    type: str
+    steps: int
+    lr: LrSpec
+    momentum: float | None = None
+    dampening: float | None = None
+    nesterov: bool | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    state: Path | None = None
+    continues: bool = False
+    # parameter names per optimizer param group, in the state file's id order
+    param_names: tuple[tuple[str, ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    start: Path  # resolved: the previous stage's end when not given
+    end: Path
+    optimizer: OptimizerSpec
+    data: Path | None = None
+    checkpoints: tuple[CheckpointRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A ``FILE.py:FUNC`` (file resolved against the manifest) or ``package.module:FUNC``."""
+
+    text: str
+    file: Path | None
+    module: str | None
+    func: str
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    inputs: tuple[str, ...]
+    target: str
+    metric: str | Ref  # a builtin name or a user function
+    data: Path | None = None
+    data_fn: Ref | None = None
+    group: str | None = None
+    batch_size: int = 256
+    higher_is_better: bool | None = None  # overrides the metric's own direction
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    factory: Ref
+    stages: tuple[Stage, ...]
+    eval: EvalSpec
+    train_loss: str | Ref = "cross_entropy"
+    replay: Ref | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+_TOP_KEYS = {"version", "model", "stages", "eval", "train", "replay"}
+_MODEL_KEYS = {"factory"}
+_STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
+_OPT_KEYS = {
+    "type", "steps", "lr", "momentum", "dampening", "nesterov", "betas", "eps",
+    "weight_decay", "state", "continues", "param_names",
+}
+_SGD_ONLY = {"momentum", "dampening", "nesterov"}
+_ADAM_ONLY = {"betas", "eps"}
+_EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better"}
+_TRAIN_KEYS = {"loss"}
+_LR_SCHEDULE_KEYS = {"schedule", "base", "warmup", "min"}
+
+
+class _Collector:
+    """Gathers problems while parsing; values that fail become ``None``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.problems: list[str] = []
+
+    def add(self, where: str, msg: str) -> None:
+        self.problems.append(f"{where}: {msg}" if where else msg)
+
+    def mapping(self, value: Any, where: str, allowed: set[str], required: set[str]) -> dict:
+        if not isinstance(value, dict):
+            self.add(where, f"expected a mapping with keys {sorted(required) or sorted(allowed)}, "
+                     f"got {_kind(value)}")
+            return {}
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                self.add(where, f"unknown key {key!r}; allowed keys are "
+                         f"{', '.join(sorted(allowed))}")
+        for key in sorted(required):
+            if key not in value:
+                self.add(where, f"missing required key '{key}'")
+        return {k: v for k, v in value.items() if isinstance(k, str) and k in allowed}
+
+    def number(self, value: Any, where: str, *, lo: float | None = 0.0, hi: float | None = None,
+               hi_open: bool = False) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.add(where, f"expected a number, got {_kind(value)}")
+            return None
+        x = float(value)
+        if not math.isfinite(x):
+            self.add(where, f"must be finite, got {value!r}")
+            return None
+        if lo is not None and x < lo:
+            self.add(where, f"must be >= {lo:g}, got {value!r}")
+            return None
+        if hi is not None and (x > hi or (hi_open and x >= hi)):
+            self.add(where, f"must be {'<' if hi_open else '<='} {hi:g}, got {value!r}")
+            return None
+        return x
+
+    def integer(self, value: Any, where: str, *, lo: int = 0) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(where, f"expected an integer, got {_kind(value)}")
+            return None
+        if value < lo:
+            self.add(where, f"must be >= {lo}, got {value}")
+            return None
+        return value
+
+    def boolean(self, value: Any, where: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.add(where, f"expected true or false, got {_kind(value)}")
+            return None
+        return value
+
+    def string(self, value: Any, where: str) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.add(where, f"expected a non-empty string, got {_kind(value)}")
+            return None
+        return value
+
+    def path(self, value: Any, where: str, *, must_exist: bool = True) -> Path | None:
+        text = self.string(value, where)
+        if text is None:
+            return None
+        p = (self.root / text).resolve() if not Path(text).is_absolute() else Path(text)
+        if must_exist and not p.exists():
+            self.add(where, f"{text} not found (looked for {p})")
+            return None
+        return p
+
+    def ref(self, value: Any, where: str) -> Ref | None:
+        text = self.string(value, where)
+        if text is None:
+            return None
+        target, sep, func = text.rpartition(":")
+        if not sep or not target or not func.isidentifier():
+            self.add(where, f"expected FILE.py:FUNC or package.module:FUNC, got {text!r}")
+            return None
+        if target.endswith(".py"):
+            p = self.path(target, where)
+            return None if p is None else Ref(text, p, None, func)
+        if not all(part.isidentifier() for part in target.split(".")):
+            self.add(where, f"{target!r} is neither a .py file nor a module name")
+            return None
+        return Ref(text, None, target, func)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float, str)):
+        return f"{type(value).__name__} {value!r}"
+    return f"a {type(value).__name__}"
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse and validate a manifest file; raise one ManifestError listing every problem."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ManifestError(shown, [f"file not found ({path.resolve()})"]) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(shown, [f"cannot read the file: {e}"]) from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        detail = str(e).replace("\n", " ")
+        hint = " (Python object tags such as !!python/object are never loaded)" \
+            if "python/" in detail else ""
+        raise ManifestError(shown, [f"not valid YAML{hint}: {detail}"]) from e
+    return parse_manifest(raw, path.resolve(), shown)
+
+
+def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
+    """Validate an already-loaded YAML document. ``path`` anchors relative paths."""
+    c = _Collector(path.parent)
+    top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages", "eval"})
+    if "version" in top and top["version"] != 1:
+        c.add("version", f"only version 1 is supported, got {top['version']!r}")
+
+    model = c.mapping(top.get("model", {}), "model", _MODEL_KEYS, {"factory"}) \
+        if "model" in top else {}
+    factory = c.ref(model["factory"], "model.factory") if "factory" in model else None
+
+    stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
+    ev = _parse_eval(c, top["eval"]) if "eval" in top else None
+
+    train_loss: str | Ref = "cross_entropy"
+    if "train" in top:
+        train = c.mapping(top["train"], "train", _TRAIN_KEYS, set())
+        if "loss" in train:
+            train_loss = _metric(c, train["loss"], "train.loss") or "cross_entropy"
+    replay = c.ref(top["replay"], "replay") if "replay" in top else None
+
+    if c.problems or factory is None or ev is None:
+        raise ManifestError(shown or str(path), c.problems or ["incomplete manifest"])
+    return Manifest(path=path, factory=factory, stages=stages, eval=ev,
+                    train_loss=train_loss, replay=replay)
+
+
+def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
+    if not isinstance(value, list) or not value:
+        c.add("stages", f"expected a non-empty list of stages, got {_kind(value)}")
+        return ()
+    out: list[Stage] = []
+    seen: set[str] = set()
+    prev_end: Path | None = None
+    for i, item in enumerate(value):
+        where = f"stages[{i}]"
+        st = c.mapping(item, where, _STAGE_KEYS, {"name", "end", "optimizer"})
+        name = c.string(st["name"], f"{where}.name") if "name" in st else None
+        if name is not None:
+            if name in seen:
+                c.add(f"{where}.name", f"duplicate stage name {name!r}; stage names must be unique")
+            seen.add(name)
+            where = f"stage '{name}'"
+        start = c.path(st["start"], f"{where}: start") if "start" in st else prev_end
+        if "start" not in st and i == 0:
+            c.add(f"{where}: start", "the first stage needs a start checkpoint "
+                  "(the weights before any of its updates)")
+        end = c.path(st["end"], f"{where}: end") if "end" in st else None
+        opt = _parse_optimizer(c, st["optimizer"], f"{where}: optimizer") \
+            if "optimizer" in st else None
+        if opt is not None and opt.continues and i == 0:
+            c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
+                  "state to continue; set continues: false")
+        data = c.path(st["data"], f"{where}: data") if "data" in st else None
+        ckpts = _parse_checkpoints(c, st.get("checkpoints", []), where,
+                                   opt.steps if opt else None)
+        prev_end = end
+        if name is not None and start is not None and end is not None and opt is not None:
+            out.append(Stage(name, start, end, opt, data, ckpts))
+    return tuple(out)
+
+
+def _parse_checkpoints(c: _Collector, value: Any, where: str,
+                       steps: int | None) -> tuple[CheckpointRef, ...]:
+    if not isinstance(value, list):
+        c.add(f"{where}: checkpoints", f"expected a list of {{step, path}}, got {_kind(value)}")
+        return ()
+    out = []
+    for j, item in enumerate(value):
+        w = f"{where}: checkpoints[{j}]"
+        m = c.mapping(item, w, {"step", "path"}, {"step", "path"})
+        step = c.integer(m["step"], f"{w}.step", lo=1) if "step" in m else None
+        path = c.path(m["path"], f"{w}.path") if "path" in m else None
+        if step is not None and steps is not None and step >= steps:
+            c.add(f"{w}.step", f"step {step} is not inside the stage's {steps} steps "
+                  "(the end checkpoint is the stage's 'end')")
+            step = None
+        if step is not None and path is not None:
+            out.append(CheckpointRef(step, path))
+    steps_seen = [r.step for r in out]
+    if steps_seen != sorted(set(steps_seen)):
+        c.add(f"{where}: checkpoints", "steps must be strictly increasing")
+    return tuple(out)
+
+
+def _parse_optimizer(c: _Collector, value: Any, where: str) -> OptimizerSpec | None:
+    o = c.mapping(value, where, _OPT_KEYS, {"type", "steps", "lr"})
+    typ = o.get("type")
+    if "type" in o and typ not in OPTIMIZER_TYPES:
+        c.add(f"{where}.type", f"expected one of {', '.join(OPTIMIZER_TYPES)}, got {_kind(typ)}")
+        typ = None
+    if typ == "sgd":
+        for key in sorted(_ADAM_ONLY & o.keys()):
+            c.add(f"{where}.{key}", f"'{key}' belongs to adam/adamw, not sgd")
+    elif typ in ("adam", "adamw"):
+        for key in sorted(_SGD_ONLY & o.keys()):
+            c.add(f"{where}.{key}", f"'{key}' belongs to sgd, not {typ}")
+    steps = c.integer(o["steps"], f"{where}.steps", lo=1) if "steps" in o else None
+    lr = _parse_lr(c, o["lr"], f"{where}.lr", steps) if "lr" in o else None
+
+    def opt_num(key: str, **kw: Any) -> float | None:
+        return c.number(o[key], f"{where}.{key}", **kw) if key in o else None
+
+    momentum = opt_num("momentum", hi=1.0, hi_open=True)
+    dampening = opt_num("dampening", hi=1.0)
+    eps = opt_num("eps")
+    if eps is not None and eps <= 0:
+        c.add(f"{where}.eps", f"must be > 0, got {o['eps']!r}")
+    weight_decay = opt_num("weight_decay")
+    nesterov = c.boolean(o["nesterov"], f"{where}.nesterov") if "nesterov" in o else None
+    continues = c.boolean(o["continues"], f"{where}.continues") if "continues" in o else False
+    betas = None
+    if "betas" in o:
+        b = o["betas"]
+        if not isinstance(b, list) or len(b) != 2:
+            c.add(f"{where}.betas", f"expected a list of two numbers, got {_kind(b)}")
+        else:
+            b1 = c.number(b[0], f"{where}.betas[0]", hi=1.0, hi_open=True)
+            b2 = c.number(b[1], f"{where}.betas[1]", hi=1.0, hi_open=True)
+            if b1 is not None and b2 is not None:
+                betas = (b1, b2)
+    state = c.path(o["state"], f"{where}.state") if "state" in o else None
+    param_names = _parse_param_names(c, o["param_names"], f"{where}.param_names") \
+        if "param_names" in o else None
+    if typ is None or steps is None or lr is None:
+        return None
+    return OptimizerSpec(
+        type=typ, steps=steps, lr=lr, momentum=momentum, dampening=dampening,
+        nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, state=state,
+        continues=bool(continues), param_names=param_names,
+    )
+
+
+def _parse_param_names(c: _Collector, value: Any, where: str) -> tuple[tuple[str, ...], ...] | None:
+    """A flat list (one group) or a list of lists (one per param group, state-file order)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return (tuple(value),)
+    if isinstance(value, list) and value and all(
+        isinstance(g, list) and all(isinstance(v, str) for v in g) for g in value
+    ):
+        return tuple(tuple(g) for g in value)
+    c.add(where, "expected a list of parameter names, or one such list per optimizer "
+          f"param group, got {_kind(value)}")
+    return None
+
+
+def _parse_lr(c: _Collector, value: Any, where: str, steps: int | None) -> LrSpec | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        x = c.number(value, where)
+        return None if x is None else LrSpec(value=x)
+    if isinstance(value, list):
+        xs = [c.number(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if steps is not None and len(value) != steps:
+            c.add(where, f"the per-step list has {len(value)} values but the stage has "
+                  f"steps: {steps}; give one learning rate per optimizer step")
+            return None
+        if any(x is None for x in xs) or not xs:
+            return None
+        return LrSpec(values=tuple(x for x in xs if x is not None))
+    if isinstance(value, dict) and "trainer_state" in value:
+        m = c.mapping(value, where, {"trainer_state"}, {"trainer_state"})
+        p = c.path(m["trainer_state"], f"{where}.trainer_state")
+        return None if p is None else LrSpec(trainer_state=p)
+    if isinstance(value, dict):
+        m = c.mapping(value, where, _LR_SCHEDULE_KEYS, {"schedule", "base"})
+        sched = m.get("schedule")
+        if "schedule" in m and sched not in SCHEDULES:
+            c.add(f"{where}.schedule",
+                  f"expected one of {', '.join(SCHEDULES)}, got {_kind(sched)}")
+            sched = None
+        base = c.number(m["base"], f"{where}.base") if "base" in m else None
+        lo = c.number(m.get("min", 0.0), f"{where}.min")
+        warmup = c.integer(m.get("warmup", 0), f"{where}.warmup")
+        if warmup is not None and steps is not None and warmup > steps:
+            c.add(f"{where}.warmup", f"warmup {warmup} is longer than the stage's {steps} steps")
+            warmup = None
+        if sched is None or base is None or lo is None or warmup is None:
+            return None
+        return LrSpec(schedule=sched, base=base, warmup=warmup, min=lo)
+    c.add(where, "expected a number, a list of per-step values, "
+          "{schedule: constant|linear|cosine, base, warmup, min} or {trainer_state: PATH}, "
+          f"got {_kind(value)}")
+    return None
+
+
+def _metric(c: _Collector, value: Any, where: str) -> str | Ref | None:
+    if isinstance(value, str) and value in BUILTIN_METRICS:
+        return value
+    if isinstance(value, str) and ":" in value:
+        return c.ref(value, where)
+    c.add(where, f"expected one of {', '.join(BUILTIN_METRICS)} or FILE.py:FUNC, "
+          f"got {_kind(value)}")
+    return None
+
+
+def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
+    e = c.mapping(value, "eval", _EVAL_KEYS, {"data", "inputs", "target"})
+    data: Path | None = None
+    data_fn: Ref | None = None
+    if "data" in e:
+        d = e["data"]
+        if isinstance(d, str) and ":" in d and d.rpartition(":")[0].endswith(".py"):
+            data_fn = c.ref(d, "eval.data")
+        else:
+            data = c.path(d, "eval.data")
+    inputs: tuple[str, ...] | None = None
+    if "inputs" in e:
+        v = e["inputs"]
+        if isinstance(v, str) and v:
+            inputs = (v,)
+        elif isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+            if len(set(v)) != len(v):
+                c.add("eval.inputs", "tensor names must be unique")
+            inputs = tuple(v)
+        else:
+            c.add("eval.inputs", f"expected a list of tensor names, got {_kind(v)}")
+    target = c.string(e["target"], "eval.target") if "target" in e else None
+    group = c.string(e["group"], "eval.group") if "group" in e else None
+    metric = _metric(c, e.get("metric", "cross_entropy"), "eval.metric")
+    batch = c.integer(e.get("batch_size", 256), "eval.batch_size", lo=1)
+    hib = c.boolean(e["higher_is_better"], "eval.higher_is_better") \
+        if "higher_is_better" in e else None
+    if (data is None and data_fn is None) or inputs is None or target is None \
+            or metric is None or batch is None:
+        return None
+    return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
+                    group=group, batch_size=batch, higher_is_better=hib)

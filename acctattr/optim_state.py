@@ -1,0 +1,237 @@
+"""Optimizer state files -> named tensors and hyperparameters per parameter group.
+
+A torch ``optimizer.state_dict()`` keys its state by integer ids, numbered group by group in
+the order the groups' ``params`` lists were given. We map ids to parameter names by:
+
+1. ``optimizer.param_names`` in the manifest, when given (one list per group);
+2. one group: the model's trainable ``named_parameters()`` order;
+3. two groups: the Hugging Face Trainer rule -- group 0 "decay" (every trainable parameter
+   except biases and the parameters of norm layers), group 1 "no decay" (the rest), each
+   in ``named_parameters()`` order.
+
+Every mapped tensor is shape-checked; anything that does not fit is an error that says how
+to state the mapping in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from acctattr.checkpoints import StateDictReader, load_torch_file, open_checkpoint
+from acctattr.errors import CheckpointError
+from acctattr.manifest import OptimizerSpec
+
+# State tensors each optimizer keeps per parameter.
+STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step"),
+               "adamw": ("exp_avg", "exp_avg_sq", "step")}
+_HINT = ("state the mapping in the manifest: optimizer.param_names: a list of parameter "
+         "names per param group, in the order they were passed to the optimizer")
+
+
+@dataclass(frozen=True)
+class GroupHparams:
+    """One optimizer parameter group: its parameters and hyperparameters."""
+
+    names: tuple[str, ...]
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class OptimizerState:
+    """Hyperparameters per group and, when a state file was read, per-parameter state."""
+
+    groups: list[GroupHparams]
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    step: int | None = None  # the optimizer's step count at the end of the stage (Adam)
+    source: Path | None = None
+
+    def group_of(self) -> dict[str, int]:
+        return {n: i for i, g in enumerate(self.groups) for n in g.names}
+
+    def tensor(self, param: str, state_name: str) -> torch.Tensor | None:
+        return self.tensors.get(param, {}).get(state_name)
+
+
+def default_groups(trainable: list[str], spec: OptimizerSpec) -> list[list[str]]:
+    """Group membership when no state file says otherwise."""
+    if spec.param_names is not None:
+        return [list(g) for g in spec.param_names]
+    return [list(trainable)]
+
+
+def hf_groups(trainable: list[str], no_decay: set[str]) -> list[list[str]]:
+    """The Hugging Face Trainer split: decay first, then no-decay."""
+    return [[n for n in trainable if n not in no_decay], [n for n in trainable if n in no_decay]]
+
+
+def _merge(spec: OptimizerSpec, names: list[str], pg: dict | None) -> GroupHparams:
+    """Hyperparameters of one group: manifest value, else state file value, else torch default."""
+    pg = pg or {}
+    adamw = spec.type == "adamw"
+
+    def pick(manifest_value, key, default):
+        if manifest_value is not None:
+            return manifest_value
+        v = pg.get(key, default)
+        return v if not isinstance(v, torch.Tensor) else v.item()
+
+    betas = spec.betas if spec.betas is not None else tuple(pg.get("betas", (0.9, 0.999)))
+    return GroupHparams(
+        names=tuple(names),
+        weight_decay=float(pick(spec.weight_decay, "weight_decay", 0.01 if adamw else 0.0)),
+        momentum=float(pick(spec.momentum, "momentum", 0.0)),
+        dampening=float(pick(spec.dampening, "dampening", 0.0)),
+        nesterov=bool(pick(spec.nesterov, "nesterov", False)),
+        beta1=float(betas[0]),
+        beta2=float(betas[1]),
+        eps=float(pick(spec.eps, "eps", 1e-8)),
+    )
+
+
+def load_optimizer_state(spec: OptimizerSpec, stage: str,
+                         trainable: dict[str, tuple[int, ...]],
+                         no_decay: set[str]) -> OptimizerState:
+    """Read a stage's optimizer state (if any) and merge its hyperparameters with the manifest.
+
+    Args:
+        spec: the stage's optimizer spec from the manifest.
+        stage: the stage's name, for messages.
+        trainable: trainable parameter name -> shape, in ``named_parameters()`` order.
+        no_decay: names of biases and norm-layer parameters (for the two-group rule).
+    """
+    names = list(trainable)
+    if spec.state is None:
+        groups = default_groups(names, spec)
+        _check_cover(groups, trainable, stage, "optimizer.param_names")
+        return OptimizerState([_merge(spec, g, None) for g in groups])
+    if spec.state.suffix == ".safetensors":
+        return _from_safetensors(spec, stage, trainable)
+    return _from_torch(spec, stage, trainable, no_decay)
+
+
+def _check_cover(groups: list[list[str]], trainable: dict[str, tuple[int, ...]], stage: str,
+                 key: str) -> None:
+    flat = [n for g in groups for n in g]
+    unknown = sorted(set(flat) - set(trainable))
+    missing = sorted(set(trainable) - set(flat))
+    if unknown or missing or len(flat) != len(set(flat)):
+        raise CheckpointError(
+            f"stage '{stage}': {key} does not cover the model's trainable parameters exactly "
+            f"(unknown: {unknown[:5]}, missing: {missing[:5]})", _HINT)
+
+
+def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int, ...]],
+                no_decay: set[str]) -> OptimizerState:
+    file = spec.state
+    assert file is not None
+    sd = load_torch_file(file)
+    where = f"stage '{stage}': optimizer.state {file}"
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise CheckpointError(f"{where} is not a torch optimizer state_dict() "
+                              "(no 'state' and 'param_groups')",
+                              "save it with torch.save(optimizer.state_dict(), path)")
+    pgs = sd["param_groups"]
+    if not isinstance(pgs, list) or not all(isinstance(g, dict) and "params" in g for g in pgs):
+        raise CheckpointError(f"{where}: 'param_groups' is malformed")
+    _check_type(spec, stage, file, pgs, sd["state"])
+    ids = [list(g["params"]) for g in pgs]
+    names = list(trainable)
+    n_ids = sum(len(g) for g in ids)
+    if spec.param_names is not None:
+        groups = [list(g) for g in spec.param_names]
+        how = "optimizer.param_names"
+        if [len(g) for g in groups] != [len(g) for g in ids]:
+            raise CheckpointError(
+                f"{where} has groups of sizes {[len(g) for g in ids]} but optimizer.param_names "
+                f"lists {[len(g) for g in groups]} names", _HINT)
+    elif len(ids) == 1:
+        groups, how = [names], "the model's trainable parameter order"
+        if n_ids != len(names):
+            raise CheckpointError(
+                f"{where} has {n_ids} tensors but the model has {len(names)} trainable "
+                "parameters", _HINT)
+    elif len(ids) == 2:
+        groups, how = hf_groups(names, no_decay), "the Hugging Face decay/no-decay rule"
+        if [len(g) for g in groups] != [len(g) for g in ids]:
+            raise CheckpointError(
+                f"{where} has 2 param groups of sizes {[len(g) for g in ids]}; the Hugging Face "
+                f"decay/no-decay rule gives {[len(g) for g in groups]}", _HINT)
+    else:
+        raise CheckpointError(f"{where} has {len(ids)} param groups; acctattr maps one group "
+                              "(model order) or two (Hugging Face decay/no-decay) by itself", _HINT)
+    _check_cover(groups, trainable, stage, how)
+    state = sd["state"]
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    step: int | None = None
+    for gids, gnames in zip(ids, groups, strict=True):
+        for pid, name in zip(gids, gnames, strict=True):
+            entry = state.get(pid, {})
+            for key, value in entry.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    step = int(value.item())
+                    continue
+                if tuple(value.shape) != trainable[name]:
+                    raise CheckpointError(
+                        f"{where}: state '{key}' of param id {pid} has shape "
+                        f"{tuple(value.shape)} but {how} maps it to '{name}' of shape "
+                        f"{trainable[name]}", _HINT)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
+                                          "values", "use a state file from before divergence")
+                tensors.setdefault(name, {})[key] = value.float()
+    groups_h = [_merge(spec, g, pg) for g, pg in zip(groups, pgs, strict=True)]
+    return OptimizerState(groups_h, tensors, step, file)
+
+
+def _check_type(spec: OptimizerSpec, stage: str, file: Path, pgs: list[dict],
+                state: dict) -> None:
+    """Refuse a state file written by another optimizer type than the manifest says."""
+    keys = {k for entry in state.values() if isinstance(entry, dict) for k in entry}
+    looks_adam = "exp_avg" in keys or any("betas" in g for g in pgs)
+    looks_sgd = "momentum_buffer" in keys or any("dampening" in g for g in pgs)
+    if (spec.type == "sgd" and looks_adam) or (spec.type != "sgd" and looks_sgd):
+        other = "Adam/AdamW" if looks_adam else "SGD"
+        raise CheckpointError(
+            f"stage '{stage}': optimizer.state {file} was written by {other}, "
+            f"but optimizer.type is {spec.type}",
+            "set optimizer.type to the optimizer that wrote the file, or point "
+            "optimizer.state at the right file")
+
+
+def _from_safetensors(spec: OptimizerSpec, stage: str,
+                      trainable: dict[str, tuple[int, ...]]) -> OptimizerState:
+    """A safetensors state file with keys ``<param>.<state_name>`` (hyperparameters from YAML)."""
+    assert spec.state is not None
+    reader: StateDictReader = open_checkpoint(spec.state)
+    where = f"stage '{stage}': optimizer.state {spec.state}"
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    step: int | None = None
+    allowed = STATE_NAMES[spec.type]
+    for key in reader.names():
+        param, _, state_name = key.rpartition(".")
+        if param not in trainable or state_name not in allowed:
+            raise CheckpointError(
+                f"{where}: key '{key}' is not <trainable parameter>.<state> with state one of "
+                f"{', '.join(allowed)}", "name keys like 'layer.weight.exp_avg'")
+        value = reader.get(key)
+        if state_name == "step":
+            step = int(value.item())
+            continue
+        if tuple(value.shape) != trainable[param]:
+            raise CheckpointError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
+                                  f"parameter '{param}' has {trainable[param]}")
+        tensors.setdefault(param, {})[state_name] = value
+    groups = default_groups(list(trainable), spec)
+    _check_cover(groups, trainable, stage, "optimizer.param_names")
+    return OptimizerState([_merge(spec, g, None) for g in groups], tensors, step, spec.state)
