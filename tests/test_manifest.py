@@ -272,3 +272,22 @@ def test_not_a_mapping(run_dir):
     """A YAML document that is not a mapping is one clear problem, not a crash."""
     err = problems(run_dir, ["version", 1])
     assert "expected a mapping" in str(err)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(run_dir):
+    """`lr: 3e-4`, `eps: 1e-8` and list items like `1e-3` are floats, as ML configs write them."""
+    text = yaml.safe_dump(VALID, sort_keys=False)
+    text = text.replace("weight_decay: 0.001", "weight_decay: 1e-3")
+    text = text.replace("eps: 1.0e-06", "eps: 1e-6").replace("- 0.1\n", "- 1E-1\n", 1)
+    text = text.replace("base: 0.1", "base: 3e-4").replace("min: 0.01", "min: -1e+0")
+    assert "weight_decay: 1e-3" in text and "eps: 1e-6" in text and "- 1E-1" in text
+    path = run_dir / "manifest.yaml"
+    path.write_text(text.replace("min: -1e+0", "min: 1e+0"))
+    m = load_manifest(path)
+    pre, ft = m.stages
+    assert pre.optimizer.weight_decay == 1e-3 and pre.optimizer.lr.base == 3e-4
+    assert pre.optimizer.lr.min == 1.0
+    assert ft.optimizer.eps == 1e-6 and ft.optimizer.lr.values == (0.1, 0.2, 0.3)
+    path.write_text(text)
+    with pytest.raises(ManifestError, match=r"optimizer.lr.min: must be >= 0, got -1.0"):
+        load_manifest(path)
