@@ -112,7 +112,7 @@ class Payload:
 
 
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
-    """A .pt holding a non-tensor object is refused with CheckpointError and its payload never runs."""
+    """A .pt holding a non-tensor object is refused (CheckpointError); its payload never runs."""
     marker = tmp_path / "marker"
     file = tmp_path / "model.pt"
     torch.save({"fc.weight": torch.zeros(2), "evil": Payload(marker)}, file)

@@ -1,4 +1,4 @@
-"""Optimizer state files -> named tensors and per-group hyperparameters (acctattr/optim_state.py)."""
+"""Optimizer state -> named tensors and per-group hyperparameters (acctattr/optim_state.py)."""
 
 from __future__ import annotations
 
