@@ -187,7 +187,7 @@ class EvalData:
             raise DataError(f"eval.data {self.source}: tensors have different numbers of "
                             f"examples (first dimensions {sizes})",
                             "every eval tensor needs one row per example")
-        self.n = next(iter(sizes.values()))
+        self.n: int = next(iter(sizes.values())) or 0  # None was refused above
         if not self.n:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
@@ -299,7 +299,7 @@ class Evaluator:
                 def f(*ps: torch.Tensor, batch: Batch = batch) -> torch.Tensor:
                     return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-                _, tangent_out = jvp(f, primals, tangents)
+                tangent_out = jvp(f, primals, tangents)[1]
                 out.append(tangent_out.double())
         return torch.cat(out)
 

@@ -140,7 +140,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
             raise err
         collect.append(str(err))
 
-    def attempt(fn: Callable[[], object]) -> object:
+    def attempt(fn: Callable[..., object]) -> object:
         try:
             return fn()
         except AcctattrError as e:
