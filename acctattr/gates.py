@@ -104,6 +104,7 @@ def evaluate(result: Result, threshold: float, confidence: float = 0.95,
     stages = select_stages(result, stage)
     checks: list[GateCheck] = []
     for s in stages:
+        targets: list[tuple[str | None, float, float]]
         if group is None:
             targets = [(None, s.effect, s.effect_se)]
         else:
