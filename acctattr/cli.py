@@ -29,6 +29,7 @@ T = TypeVar("T")
 class Format(str, Enum):
     table = "table"
     json = "json"
+    markdown = "markdown"
 
 
 class Estimator(str, Enum):
@@ -86,7 +87,23 @@ def run(
         "--per-example", help="Include every eval example's effects (JSON).")] = False,
     fail_on_harm: Annotated[float | None, typer.Option(
         "--fail-on-harm", metavar="X",
-        help="Exit 1 when a stage made the metric worse by more than X.")] = None,
+        help="Exit 1 when a stage made the metric worse by more than X, with --confidence.")]
+    = None,
+    confidence: Annotated[float, typer.Option(
+        "--confidence", metavar="C",
+        help="Trip --fail-on-harm only when harm - z_C * standard error > X (one-sided; "
+             "0.5 gates on the point estimate).")] = 0.95,
+    gate_stage: Annotated[str | None, typer.Option(
+        "--gate-stage", metavar="NAME|newest",
+        help="Gate only this stage (newest: the last in training order). Default: all.")]
+    = None,
+    gate_group: Annotated[str | None, typer.Option(
+        "--gate-group", metavar="NAME|worst",
+        help="Gate this eval group's harm (worst: every group). Default: all examples.")]
+    = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", metavar="FILE.png|FILE.svg",
+        help="Also draw the effects (needs acctattr[plot]).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
     """Estimate every stage's effect on the eval set and print them ranked."""
@@ -94,31 +111,105 @@ def run(
     def go() -> None:
         from acctattr import pipeline, report
 
+        _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
+        if plot is not None:
+            from acctattr import plots
+
+            plots.check_target(plot)
         with report.progress_bar(not quiet) as progress:
             result = pipeline.run(manifest, estimator.value, evaluate.value, per_example,
                                   progress)
         for w in result.warnings:
             _err(f"warning: {w}")
+        gate = None
+        if fail_on_harm is not None:
+            from acctattr import gates
+
+            gate = gates.evaluate(result, fail_on_harm, confidence, gate_stage, gate_group)
         if format is Format.json:
-            text = report.to_json(result)
+            text = report.to_json(result, gate)
+        elif format is Format.markdown:
+            text = report.to_markdown(result, gate)
         else:
             color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
             text = report.to_table(result, color=color)
-        if output is not None:
-            write_atomic(output, text)
-            _err(f"wrote {output}")
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        if fail_on_harm is not None:
-            worst = max(result.stages, key=lambda s: result.harm(s.effect))
-            harm = result.harm(worst.effect)
-            if harm > fail_on_harm:
-                _err(f"gate tripped: stage '{worst.name}' made {result.metric} worse by "
-                     f"{harm:.4g} > {fail_on_harm:g}")
+        _emit(text, output)
+        if plot is not None:
+            plots.render(result, plot, confidence)
+            _err(f"wrote {plot}")
+        if gate is not None:
+            from acctattr.gates import describe
+
+            _err(describe(gate, result.metric))
+            if gate.tripped:
                 raise typer.Exit(1)
-            _err(f"gate passed: no stage made {result.metric} worse by more than "
-                 f"{fail_on_harm:g} (worst: '{worst.name}', {harm:+.4g})")
+
+    guarded(go)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    """The result to ``output`` (atomically) or to stdout."""
+    if output is not None:
+        write_atomic(output, text)
+        _err(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: float,
+                        gate_stage: str | None, gate_group: str | None) -> None:
+    """Bad gate options fail before any computing (exit 2)."""
+    from acctattr import gates
+
+    if fail_on_harm is None:
+        if gate_stage is not None or gate_group is not None:
+            raise AcctattrError("--gate-stage and --gate-group choose what --fail-on-harm "
+                                "checks", "add --fail-on-harm X")
+        return
+    gates.z_value(confidence)
+    if gate_stage is not None:
+        from acctattr.manifest import load_manifest
+
+        names = [s.name for s in load_manifest(manifest).stages]
+        gates.check_stage_name(gate_stage, names)
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The earlier result (acctattr run --format json).",
+                                        show_default=False)],
+    new: Annotated[Path, typer.Argument(help="The later result.", show_default=False)],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] =
+    Format.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the diff to FILE (atomically) instead of stdout.")] = None,
+    fail_on_growth: Annotated[float | None, typer.Option(
+        "--fail-on-growth", metavar="X",
+        help="Exit 1 when a stage in both results now makes the metric worse by more than "
+             "X beyond before.")] = None,
+) -> None:
+    """Compare two result JSONs stage by stage (matched by name) and group by group."""
+
+    def go() -> None:
+        from acctattr import diff as diffs
+        from acctattr import report
+
+        d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
+        for w in d.warnings:
+            _err(f"warning: {w}")
+        if format is Format.json:
+            text = report.diff_to_json(d)
+        elif format is Format.markdown:
+            text = report.diff_to_markdown(d)
+        else:
+            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            text = report.diff_to_table(d, color=color)
+        _emit(text, output)
+        if fail_on_growth is not None:
+            _err(report.describe_growth(d))
+            if d.tripped:
+                raise typer.Exit(1)
 
     guarded(go)
 

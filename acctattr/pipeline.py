@@ -8,6 +8,7 @@ Doubles as the Python API::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,12 @@ class StageEffect:
     share: float  # |effect| / sum of |effect| over stages
     counterfactual_value: float
     groups: dict[str, float] | None
+    # Standard error of ``effect`` over eval examples: sample std / sqrt(n) (NaN when n < 2).
+    # It measures how much the mean would move on another eval set of the same size, not
+    # the estimator's error against retraining.
+    effect_se: float = float("nan")
+    groups_se: dict[str, float] | None = None  # the same per group (n = the group's size)
+    position: int = 0  # 1-based place in training order (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,14 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
     return summarize(loaded, chosen, evaluate, base, groups, per_stage, per_example, why)
 
 
+def standard_error(x: torch.Tensor) -> float:
+    """Standard error of the mean of ``x`` [n]: sample std (n − 1) / sqrt(n); NaN if n < 2."""
+    n = int(x.numel())
+    if n < 2:
+        return float("nan")
+    return float(x.double().std(correction=1)) / math.sqrt(n)
+
+
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
               groups: torch.Tensor | None, per_stage: list[torch.Tensor],
               per_example: bool, estimator_note: str | None = None) -> Result:
@@ -329,14 +344,17 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
     stages = []
     for rank, k in enumerate(order, start=1):
         harm = -effects[k] if metric.higher_is_better else effects[k]
-        g = None
+        g = g_se = None
         if groups is not None:
-            g = {str(gid): float(per_stage[k][groups == gid].mean()) for gid in group_ids}
+            members = {gid: per_stage[k][groups == gid] for gid in group_ids}
+            g = {str(gid): float(m.mean()) for gid, m in members.items()}
+            g_se = {str(gid): standard_error(m) for gid, m in members.items()}
         stages.append(StageEffect(
             name=names[k], rank=rank, effect=effects[k],
             verdict="hurt" if harm > 0 else "helped" if harm < 0 else "neutral",
             share=abs(effects[k]) / total if total > 0 else 0.0,
-            counterfactual_value=final - effects[k], groups=g))
+            counterfactual_value=final - effects[k], groups=g,
+            effect_se=standard_error(per_stage[k]), groups_se=g_se, position=k + 1))
     examples = None
     if per_example:
         matrix = torch.stack(per_stage).tolist()

@@ -1,6 +1,7 @@
-"""Rendering results: the rich table, JSON (SPEC section 5) and stderr progress.
+"""Rendering results: the rich table, JSON (SPEC section 5), markdown, diffs, progress.
 
-The only module that imports rich. Depends on the result dataclasses only.
+The only module that imports rich. Depends on the result dataclasses only (Result, Gate,
+Diff). Plots live in plots.py so that matplotlib stays an optional extra.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import StringIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,9 +19,14 @@ from rich.table import Table
 from rich.text import Text
 
 from acctattr.pipeline import Progress as ProgressFn
-from acctattr.pipeline import Result
+from acctattr.pipeline import Result, StageEffect
+
+if TYPE_CHECKING:
+    from acctattr.diff import Diff, StageDoc
+    from acctattr.gates import Gate, GateCheck
 
 SCHEMA = "acctattr.effects/1"
+DIFF_SCHEMA = "acctattr.diff/1"
 _BAR = 12
 
 
@@ -31,8 +37,12 @@ def _num(x: float) -> float | None:
     return float(f"{x:.10g}")
 
 
-def to_dict(result: Result) -> dict[str, Any]:
-    """The JSON document as an ordered dict (field order is part of the contract)."""
+def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
+    """The JSON document as an ordered dict (field order is part of the contract).
+
+    Fields added after SPEC section 5 come after the ones it fixes: per stage
+    ``effect_se``, ``groups_se`` (with groups) and ``position``; at the end ``gate``.
+    """
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "metric": {"name": result.metric, "higher_is_better": result.higher_is_better},
@@ -48,6 +58,10 @@ def to_dict(result: Result) -> dict[str, Any]:
         }
         if s.groups is not None:
             row["groups"] = {g: _num(v) for g, v in s.groups.items()}
+        row["effect_se"] = _num(s.effect_se)
+        if s.groups_se is not None:
+            row["groups_se"] = {g: _num(v) for g, v in s.groups_se.items()}
+        row["position"] = s.position
         doc["stages"].append(row)
     if result.examples is not None:
         doc["examples"] = [
@@ -55,47 +69,265 @@ def to_dict(result: Result) -> dict[str, Any]:
              "effects": {k: _num(v) for k, v in e.effects.items()}}
             for e in result.examples
         ]
+    if gate is not None:
+        doc["gate"] = gate_dict(gate)
     return doc
 
 
-def to_json(result: Result) -> str:
-    return json.dumps(to_dict(result), indent=2, allow_nan=False) + "\n"
+def _check_dict(c: GateCheck) -> dict[str, Any]:
+    return {"stage": c.stage, "group": c.group, "harm": _num(c.harm), "se": _num(c.se),
+            "bound": _num(c.bound), "tripped": c.tripped}
 
 
-def _fmt(x: float) -> str:
-    return f"{x:+.4g}"
+def gate_dict(gate: Gate) -> dict[str, Any]:
+    """The ``gate`` object: what was asked, the deciding check, and every check."""
+    return {
+        "threshold": _num(gate.threshold), "confidence": _num(gate.confidence),
+        "z": _num(gate.z), "stage": gate.stage, "group": gate.group,
+        "tripped": gate.tripped, "worst": _check_dict(gate.worst),
+        "checks": [_check_dict(c) for c in gate.checks],
+    }
+
+
+def to_json(result: Result, gate: Gate | None = None) -> str:
+    return json.dumps(to_dict(result, gate), indent=2, allow_nan=False) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:+.4g}"
+
+
+def _se(x: float | None) -> str:
+    """A standard error, two significant digits ("n/a" when undefined)."""
+    return "n/a" if x is None or x != x else f"{x:.2g}"
+
+
+def _direction(higher_is_better: bool) -> str:
+    return "higher is better" if higher_is_better else "lower is better"
+
+
+def _group_names(result: Result) -> list[str]:
+    return list(result.stages[0].groups or {}) if result.stages else []
+
+
+def _group_cell(s: StageEffect, g: str) -> str:
+    se = (s.groups_se or {}).get(g)
+    return f"{_fmt((s.groups or {})[g])} ±{_se(se)}"
 
 
 def to_table(result: Result, *, color: bool | None = None, width: int | None = None) -> str:
     """The ranked table as text (ANSI colours only when ``color`` and a terminal allow)."""
-    direction = "higher is better" if result.higher_is_better else "lower is better"
+    direction = _direction(result.higher_is_better)
     table = Table(
         title=f"Stage effects on {result.metric} ({direction}): final "
               f"{result.final_value:.4g} over {result.n_examples} examples",
         caption=f"estimator {result.estimator}, evaluation {result.evaluate}. effect = "
-                "final value minus the value had the stage never run",
+                "final value minus the value had the stage never run; ± one standard "
+                "error over eval examples",
     )
     table.add_column("rank", justify="right")
     table.add_column("stage")
     table.add_column("effect", justify="right")
+    table.add_column("±", justify="right")
     table.add_column("share", justify="right")
     table.add_column("verdict")
     table.add_column("", no_wrap=True)
-    group_names = list(result.stages[0].groups or {}) if result.stages else []
+    group_names = _group_names(result)
     for g in group_names:
         table.add_column(f"group {g}", justify="right")
     for s in result.stages:
         style = {"hurt": "red", "helped": "green"}.get(s.verdict, "")
         bar = Text("█" * max(1, round(s.share * _BAR)) if s.share > 0 else "", style=style)
-        cells: list[str | Text] = [str(s.rank), s.name, _fmt(s.effect), f"{s.share:.0%}",
-                 Text(s.verdict, style=style), bar]
-        cells += [_fmt((s.groups or {})[g]) for g in group_names]
+        cells: list[str | Text] = [str(s.rank), s.name, _fmt(s.effect), _se(s.effect_se),
+                                   f"{s.share:.0%}", Text(s.verdict, style=style), bar]
+        cells += [_group_cell(s, g) for g in group_names]
         table.add_row(*cells)
+    return _render(table, color, width)
+
+
+def _render(table: Table, color: bool | None, width: int | None) -> str:
     buf = StringIO()
     console = Console(file=buf, force_terminal=bool(color), no_color=not color,
                       width=width or 100, highlight=False)
     console.print(table)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- markdown
+
+def _md_cell(text: str) -> str:
+    """A table cell: pipes escaped, newlines flattened (GitHub-flavoured markdown)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
+    """GFM table lines; ``align`` holds "l" or "r" per column."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
+             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _md_verdict(verdict: str) -> str:
+    return f"**{verdict}**" if verdict == "hurt" else verdict
+
+
+def md_gate_line(text: str, tripped: bool) -> str:
+    return f"{'❌' if tripped else '✅'} **{text}**"
+
+
+def to_markdown(result: Result, gate: Gate | None = None) -> str:
+    """A GitHub-flavoured report: heading, ranked table with ± and verdicts, gate outcome.
+
+    Made for a pull-request comment or ``$GITHUB_STEP_SUMMARY``.
+    """
+    from acctattr.gates import describe
+
+    groups = _group_names(result)
+    header = ["rank", "stage", "effect", "±", "share", "verdict"]
+    header += [f"group {g}" for g in groups]
+    align = ["r", "l", "r", "r", "r", "l"] + ["r"] * len(groups)
+    rows = []
+    for s in result.stages:
+        row = [str(s.rank), s.name, _fmt(s.effect), _se(s.effect_se), f"{s.share:.0%}",
+               _md_verdict(s.verdict)]
+        row += [_group_cell(s, g) for g in groups]
+        rows.append(row)
+    out = [f"### Stage effects on {result.metric} ({_direction(result.higher_is_better)})",
+           "",
+           f"Final value **{result.final_value:.4g}** over {result.n_examples} examples; "
+           f"estimator `{result.estimator}`, evaluation `{result.evaluate}`. "
+           "effect = final value minus the value had the stage never run; "
+           "± = one standard error over eval examples.",
+           "", *_md_table(header, align, rows)]
+    if gate is not None:
+        out += ["", md_gate_line(describe(gate, result.metric), gate.tripped)]
+    for w in result.warnings:
+        out += ["", f"> warning: {w}"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- diff
+
+def _stage_doc(s: StageDoc) -> dict[str, Any]:
+    return {"name": s.name, "effect": _num(s.effect), "verdict": s.verdict}
+
+
+def diff_dict(d: Diff) -> dict[str, Any]:
+    """The diff as an ordered dict (``"schema": "acctattr.diff/1"``)."""
+    side = {
+        k: {"path": r.path, "estimator": {"name": r.estimator, "evaluate": r.evaluate},
+            "n_examples": r.n_examples, "final_value": _num(r.final_value)}
+        for k, r in (("old", d.old), ("new", d.new))
+    }
+    doc: dict[str, Any] = {
+        "schema": DIFF_SCHEMA,
+        "metric": {"name": d.new.metric, "higher_is_better": d.new.higher_is_better},
+        **side,
+        "final_value_change": _num(d.new.final_value - d.old.final_value),
+        "stages": [],
+        "only_old": [_stage_doc(s) for s in d.only_old],
+        "only_new": [_stage_doc(s) for s in d.only_new],
+    }
+    for c in d.stages:
+        row: dict[str, Any] = {
+            "name": c.name, "old_effect": _num(c.old_effect), "new_effect": _num(c.new_effect),
+            "change": _num(c.change), "harm_growth": _num(c.harm_growth),
+            "old_verdict": c.old_verdict, "new_verdict": c.new_verdict,
+            "old_se": _num(c.old_se), "new_se": _num(c.new_se),
+        }
+        if c.groups is not None:
+            row["groups"] = {g: {"old": None if v.old is None else _num(v.old),
+                                 "new": None if v.new is None else _num(v.new),
+                                 "change": None if v.change is None else _num(v.change)}
+                             for g, v in c.groups.items()}
+        doc["stages"].append(row)
+    if d.threshold is not None:
+        w = d.worst
+        doc["gate"] = {"threshold": _num(d.threshold), "tripped": d.tripped,
+                       "stage": None if w is None else w.name,
+                       "harm_growth": None if w is None else _num(w.harm_growth)}
+    return doc
+
+
+def diff_to_json(d: Diff) -> str:
+    return json.dumps(diff_dict(d), indent=2, allow_nan=False) + "\n"
+
+
+def describe_growth(d: Diff) -> str:
+    """The --fail-on-growth outcome in words."""
+    w = d.worst
+    if w is None:
+        return (f"gate passed: no stage is in both results, so no harm could grow by more "
+                f"than {d.threshold:g}")
+    if d.tripped:
+        more = sum(c.harm_growth > (d.threshold or 0) for c in d.stages) - 1
+        extra = f" (and {more} more)" if more else ""
+        return (f"gate tripped: stage '{w.name}' now makes {d.metric} worse by "
+                f"{w.harm_growth:+.4g} more than before (> {d.threshold:g}){extra}")
+    return (f"gate passed: no stage's harm to {d.metric} grew by more than {d.threshold:g} "
+            f"(largest: '{w.name}', {w.harm_growth:+.4g})")
+
+
+def _diff_rows(d: Diff, groups: list[str]) -> list[list[str]]:
+    rows = []
+    for c in d.stages:
+        verdict = c.new_verdict if c.old_verdict == c.new_verdict else \
+            f"{c.old_verdict} → {c.new_verdict}"
+        row = [c.name, _fmt(c.old_effect), _fmt(c.new_effect), _fmt(c.change),
+               _fmt(c.harm_growth), verdict]
+        for g in groups:
+            v = (c.groups or {}).get(g)
+            row.append(_fmt(v.change) if v is not None and v.change is not None else "n/a")
+        rows.append(row)
+    for s in d.only_new:
+        rows.append([s.name, "—", _fmt(s.effect), "new stage", "", s.verdict]
+                    + [""] * len(groups))
+    for s in d.only_old:
+        rows.append([s.name, _fmt(s.effect), "—", "removed", "", s.verdict]
+                    + [""] * len(groups))
+    return rows
+
+
+def _diff_groups(d: Diff) -> list[str]:
+    return sorted({g for c in d.stages for g in (c.groups or {})})
+
+
+_DIFF_HEADER = ["stage", "old effect", "new effect", "change", "harm growth", "verdict"]
+
+
+def _diff_caption(d: Diff) -> str:
+    return (f"final value {d.old.final_value:.4g} → {d.new.final_value:.4g} "
+            f"({_fmt(d.new.final_value - d.old.final_value)}); harm growth > 0: the stage "
+            "now makes the metric worse by that much more")
+
+
+def diff_to_table(d: Diff, *, color: bool | None = None, width: int | None = None) -> str:
+    """The diff as a rich table (largest harm growth first)."""
+    groups = _diff_groups(d)
+    table = Table(title=f"Stage effects on {d.metric} ({_direction(d.new.higher_is_better)})"
+                        f": {d.old.path} → {d.new.path}", caption=_diff_caption(d))
+    for i, h in enumerate(_DIFF_HEADER + [f"group {g} change" for g in groups]):
+        table.add_column(h, justify="left" if i in (0, 5) else "right")
+    for row in _diff_rows(d, groups):
+        grew = row[4].startswith("+") and row[4] != "+0"
+        table.add_row(*row, style="red" if grew and color else None)
+    return _render(table, color, width)
+
+
+def diff_to_markdown(d: Diff) -> str:
+    """The diff as a GitHub-flavoured table, with the gate outcome when one was asked."""
+    groups = _diff_groups(d)
+    header = _DIFF_HEADER + [f"group {g} change" for g in groups]
+    align = ["l", "r", "r", "r", "r", "l"] + ["r"] * len(groups)
+    out = [f"### Stage effects on {d.metric} ({_direction(d.new.higher_is_better)}): "
+           f"`{d.old.path}` → `{d.new.path}`", "", _diff_caption(d) + ".", "",
+           *_md_table(header, align, _diff_rows(d, groups))]
+    if d.threshold is not None:
+        out += ["", md_gate_line(describe_growth(d), d.tripped)]
+    for w in d.warnings:
+        out += ["", f"> warning: {w}"]
+    return "\n".join(out) + "\n"
 
 
 def stderr_console() -> Console:
