@@ -184,7 +184,7 @@ def read_lora_config(folder: Path) -> LoraConfig:
                           f"acctattr reads plain LoRA adapters (bias: none) only; {_MERGE_HINT}")
     try:
         return LoraConfig(
-            path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha", doc["r"])),
+            path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha") or doc["r"]),
             use_rslora=bool(doc.get("use_rslora", False)),
             fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
             rank_pattern={str(k): int(v) for k, v in (doc.get("rank_pattern") or {}).items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -184,7 +185,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
         if stage.adapter:
             end = None
             if isinstance(start, StateDictReader):
-                end = attempt(lambda s=stage, b=start: _merged(b, s, info))
+                end = attempt(partial(_merged, start, stage, info))
                 if isinstance(end, StateDictReader):
                     readers.put(stage.end, end)
         else:
@@ -204,6 +205,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
                 f"stage '{stage.name}': optimizer.continues is true but the previous stage "
                 f"'{prev.name}' used {prev.optimizer.type}, not {opt.type}",
                 "a stage can only continue the state of the same optimizer type"))
+        state: object
         if stage.adapter:
             # the adapter's optimizer held its own matrices: no base weight had any state
             state = OptimizerState([GroupHparams(names=tuple(info.trainable))])

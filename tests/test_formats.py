@@ -244,7 +244,8 @@ def test_placeholder_detection_is_torch_free():
     assert [w for w, _ in find_placeholders(raw)] == ["model.factory",
                                                       "stage 'a': optimizer.steps"]
     with pytest.raises(AcctattrError):
-        from acctattr.manifest import parse_manifest
         from pathlib import Path
+
+        from acctattr.manifest import parse_manifest
 
         parse_manifest(raw, Path("/tmp/m.yaml"))
