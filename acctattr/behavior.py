@@ -187,7 +187,7 @@ class EvalData:
             raise DataError(f"eval.data {self.source}: tensors have different numbers of "
                             f"examples (first dimensions {sizes})",
                             "every eval tensor needs one row per example")
-        self.n = next(iter(sizes.values()))
+        self.n: int = next(iter(sizes.values())) or 0  # None was refused above
         if not self.n:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
@@ -299,7 +299,7 @@ class Evaluator:
                 def f(*ps: torch.Tensor, batch: Batch = batch) -> torch.Tensor:
                     return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-                _, tangent_out = jvp(f, primals, tangents)
+                tangent_out = jvp(f, primals, tangents)[1]
                 out.append(tangent_out.double())
         return torch.cat(out)
 
@@ -311,3 +311,71 @@ class Evaluator:
             for batch in self.data.batches():
                 out.append(self._metric(shifted, self._floats(batch)).double())
         return base - torch.cat(out)
+
+
+# ---------------------------------------------------------------- training loss curvature
+
+def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
+                      seed: int = 0) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
+    from acctattr.checkpoints import safe_open_checked
+
+    handle = safe_open_checked(path)
+    keys = set(handle.keys())
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise DataError(f"stage '{stage}': data {path} has no tensor named "
+                        f"{', '.join(repr(m) for m in missing)} (it has: "
+                        f"{', '.join(sorted(keys)) or 'nothing'})",
+                        "a stage's data uses the same tensor names as eval.inputs and "
+                        "eval.target")
+    n = handle.get_slice(names[0]).get_shape()[0]
+    if n == 0:
+        raise DataError(f"stage '{stage}': data {path} is empty")
+    if n <= size:
+        return {k: handle.get_tensor(k) for k in names}
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return {k: handle.get_tensor(k)[idx] for k in names}
+
+
+class Curvature:
+    """Hessian-vector products of a stage's mean training loss on a fixed data sample."""
+
+    def __init__(self, model: nn.Module, fixed: Params, loss: Metric, sample: Batch,
+                 inputs: tuple[str, ...], target: str, chunk: int = 1024) -> None:
+        self.model = model.eval()
+        self.fixed = fixed
+        self.sign = -1.0 if loss.higher_is_better else 1.0  # a loss is minimised
+        self.loss = loss
+        self.inputs = inputs
+        self.target = target
+        n = sample[target].shape[0]
+        self.chunks = [{k: v[lo:lo + chunk] for k, v in sample.items()}
+                       for lo in range(0, n, chunk)]
+        self.n = n
+
+    def _loss(self, params: Params, batch: Batch) -> torch.Tensor:
+        if len(self.inputs) == 1:
+            args, kwargs = (batch[self.inputs[0]],), {}
+        else:
+            args, kwargs = (), {k: batch[k] for k in self.inputs}
+        out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
+        if hasattr(out, "logits"):
+            out = out.logits
+        vals = self.loss.fn(out, batch[self.target])
+        return self.sign * vals.sum() / self.n
+
+    def hvp(self, anchor: Params) -> Callable[[Params], Params]:
+        """v -> H(anchor) v, by forward-over-reverse differentiation."""
+        from torch.func import grad
+
+        def product(v: Params) -> Params:
+            total: Params | None = None
+            for batch in self.chunks:
+                g = grad(lambda p, b=batch: self._loss(p, b))
+                _, hv = jvp(g, (anchor,), (v,))
+                total = hv if total is None else {k: total[k] + hv[k] for k in total}
+            assert total is not None
+            return total
+
+        return product

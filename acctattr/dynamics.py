@@ -136,3 +136,55 @@ def adam_preconditioner(exp_avg_sq: torch.Tensor, step: int, beta2: float,
     """p = 1/(sqrt(v_hat) + eps), v_hat = v/(1 - beta2^step): Adam's frozen preconditioner."""
     v_hat = exp_avg_sq.double() / (1.0 - beta2 ** max(step, 1))
     return 1.0 / (v_hat.sqrt() + eps)
+
+
+# ---------------------------------------------------------------- curvature (unrolled)
+
+def lanczos_expm(matvec, d: torch.Tensor, scale: float, iters: int = 20,
+                 tol: float = 1e-10) -> torch.Tensor:
+    """exp(-scale * A) @ d for a symmetric operator A given only by products A @ x.
+
+    Lanczos with full reorthogonalisation builds an orthonormal Krylov basis Q (n x m) and
+    the tridiagonal T = Q^T A Q; then exp(-scale*A) d ~ |d| Q exp(-scale*T_+) e_1, where T_+
+    clamps T's negative eigenvalues to zero (negative curvature does not grow a perturbation
+    in training; it is treated as flat).
+
+    Args:
+        matvec: x [n] -> A x [n], float64.
+        d: the vector to propagate [n].
+        scale: the summed effective step L >= 0.
+        iters: Krylov dimension m (stops early on an invariant subspace).
+    Returns:
+        exp(-scale * A_+) d, shape [n], float64.
+    """
+    d = d.double()
+    beta0 = float(d.norm())
+    if beta0 == 0.0 or scale == 0.0:
+        return d.clone()
+    n = d.numel()
+    m = min(iters, n)
+    Q = torch.zeros(m, n, dtype=torch.float64)
+    alphas: list[float] = []
+    betas: list[float] = []
+    q = d / beta0
+    for j in range(m):
+        Q[j] = q
+        w = matvec(q).double()
+        alpha = float(w @ q)
+        alphas.append(alpha)
+        # full reorthogonalisation against every basis vector (twice is enough)
+        for _ in range(2):
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        beta = float(w.norm())
+        if j == m - 1 or beta <= tol * max(1.0, abs(alpha)):
+            break
+        betas.append(beta)
+        q = w / beta
+    k = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(T)
+    coeffs = evecs @ (torch.exp(-scale * evals.clamp(min=0.0)) * evecs[0])
+    return beta0 * (Q[:k].T @ coeffs)

@@ -22,6 +22,7 @@ from acctattr.dynamics import (
     adam_l2_propagate,
     adam_preconditioner,
     adamw_transform,
+    lanczos_expm,
     sgd_transform,
 )
 from acctattr.errors import CheckpointError
@@ -168,3 +169,209 @@ class Embedder:
             return t.apply(d, e)
         p = self.preconditioner(j, name) if (e is not None and t.b != 0.0) else None
         return t.apply(d, e, p)
+
+
+# ---------------------------------------------------------------- unrolled
+
+@dataclass(frozen=True)
+class UnrolledConfig:
+    """Knobs of the curvature-aware propagator (defaults chosen by bench/fidelity.py)."""
+
+    lanczos_iters: int = 20
+    sample_size: int = 512
+    # where along a segment H is taken: start | end | split (half the segment at each
+    # anchor) | interpolate (at each substep's midpoint on the line between the anchors)
+    hessian_at: str = "interpolate"
+    substeps: int = 4  # exponential-integrator substeps per segment (interpolate only)
+    # points on the line from the actual run to the counterfactual (theta - t*d) where H is
+    # averaged: 0 = at the actual run only, 1 = midpoint, 2 = two-point Gauss-Legendre
+    secant_points: int = 1
+
+
+HESSIAN_AT = ("start", "end", "split", "interpolate")
+_SECANT_T = {0: ([0.0], [1.0]), 1: ([0.5], [1.0]),
+             2: ([0.5 - 0.5 / 3**0.5, 0.5 + 0.5 / 3**0.5], [0.5, 0.5])}
+
+
+class Unrolled:
+    """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
+
+    Within a segment of a later stage between two checkpoints (anchors), with summed lr L,
+    per-element rate r (SGD: (1-dampening)/(1-momentum); Adam: the frozen preconditioner p)
+    and coupled weight decay lam:
+
+        d <- r^(1/2) exp(-L * r^(1/2) (H + lam) r^(1/2)) r^(-1/2) d
+
+    applied by Lanczos (acctattr.dynamics.lanczos_expm) on HVPs of the stage's training loss
+    on a sample of its data; AdamW's decoupled decay is its own factor prod(1 - eta*lam).
+    A first-moment perturbation carried into a continuing stage is first released into d
+    with the frozen coefficient; the one handed on to the next continuing stage is the
+    steady-state response of the moment to the gradient change, (H + lam) d * r_sgd.
+    """
+
+    def __init__(self, embedder: Embedder, curvature, config: UnrolledConfig) -> None:
+        """
+        Args:
+            curvature: stage index -> acctattr.behavior.Curvature for that stage's data.
+        """
+        self.e = embedder
+        self.curvature = curvature
+        self.config = config
+        self.names = list(embedder.trainable)
+        self.shapes = [embedder.trainable[n] for n in self.names]
+        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        self._anchors: dict[int, Params] = {}
+
+    # flat <-> named
+    def flat(self, named: Params) -> torch.Tensor:
+        return torch.cat([named[n].reshape(-1).double() for n in self.names])
+
+    def named(self, flat: torch.Tensor, dtype: torch.dtype = torch.float32) -> Params:
+        parts = torch.split(flat, self.sizes)
+        return {n: p.reshape(s).to(dtype) for n, p, s in zip(self.names, parts, self.shapes,
+                                                             strict=True)}
+
+    def _per_group(self, j: int, value) -> torch.Tensor:
+        """A flat vector holding value(group hyperparameters) for each parameter's group."""
+        run = self.e.runs[j]
+        groups = self.e._groups[j]
+        return torch.cat([torch.full((size,), float(value(run.state.groups[groups[n]])),
+                                     dtype=torch.float64)
+                          for n, size in zip(self.names, self.sizes, strict=True)])
+
+    def _rate(self, j: int) -> torch.Tensor:
+        """Per-element effective step multiplier of stage j."""
+        run = self.e.runs[j]
+        if run.opt_type == "sgd":
+            return self._per_group(j, lambda g: 1.0 / (1.0 - g.momentum) if g.nesterov
+                                   else (1.0 - g.dampening) / (1.0 - g.momentum))
+        return self.flat({n: self.e.preconditioner(j, n) for n in self.names})
+
+    def _anchor(self, reader: StateDictReader) -> Params:
+        key = id(reader)
+        if key not in self._anchors:
+            if len(self._anchors) >= 2:  # at most two anchor checkpoints in memory
+                self._anchors.pop(next(iter(self._anchors)))
+            self._anchors[key] = {n: reader.get(n) for n in self.names}
+        return self._anchors[key]
+
+    def _point(self, a: StateDictReader, b: StateDictReader, t: float) -> Params:
+        """The run's parameters a fraction t of the way from anchor a to anchor b."""
+        pa = self._anchor(a)
+        if t == 0.0:
+            return pa
+        pb = self._anchor(b)
+        if t == 1.0:
+            return pb
+        return {n: torch.lerp(pa[n], pb[n], t) for n in self.names}
+
+    def _hvp(self, j: int, anchor: Params, d: torch.Tensor):
+        """x -> (H_bar + lam_coupled) x, H_bar averaged on the line anchor - t*d (secant)."""
+        ts, ws = _SECANT_T[self.config.secant_points]
+        curv = self.curvature(j)
+        products = []
+        for t, w in zip(ts, ws, strict=True):
+            shift = self.named(t * d)
+            point = {n: anchor[n] - shift[n].to(anchor[n].dtype) for n in self.names} \
+                if t else anchor
+            products.append((w, curv.hvp(point)))
+        lam = self._coupled_decay(j)
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            named = self.named(x)
+            total = sum(w * self.flat(product(named)) for w, product in products)
+            return total + lam * x
+
+        return matvec
+
+    def _coupled_decay(self, j: int) -> torch.Tensor:
+        run = self.e.runs[j]
+        if run.opt_type == "adamw":
+            return torch.zeros(sum(self.sizes), dtype=torch.float64)
+        return self._per_group(j, lambda g: g.weight_decay)
+
+    def _segments(self, j: int) -> list[tuple[StateDictReader, StateDictReader, int, int]]:
+        """(anchor at the segment's start, anchor at its end, first step, end step)."""
+        run = self.e.runs[j]
+        points = [(0, run.start), *run.checkpoints, (run.steps, run.end)]
+        return [(a, b, sa, sb) for (sa, a), (sb, b) in zip(points, points[1:], strict=False)]
+
+    def propagate(self, j: int, d: torch.Tensor, e: torch.Tensor | None,
+                  hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry (d, e) through stage j; returns e only when ``hand_on`` (next continues)."""
+        run = self.e.runs[j]
+        if run.fresh:
+            e = None
+        if e is not None:
+            d = d + self._release(j, e)
+        rate = self._rate(j)
+        root = rate.sqrt()
+        for a, b, s0, s1 in self._segments(j):
+            lrs = run.lrs[s0:s1]
+            scale = float(sum(lrs))
+            if scale > 0:
+                for point, part in self._hessian_points(a, b):
+                    mv = self._hvp(j, point, d)
+                    y = lanczos_expm(lambda x, mv=mv: root * mv(root * x), d / root,
+                                     part * scale, self.config.lanczos_iters)
+                    d = root * y
+            if run.opt_type == "adamw":
+                d = d * self._per_group(j, lambda g, lrs=lrs: _prod(1 - eta * g.weight_decay
+                                                                    for eta in lrs))
+        if not hand_on:
+            return d, None
+        steady = self._hvp(j, self._anchor(run.end), d)(d)
+        if run.opt_type == "sgd":
+            steady = steady * self._per_group(j, lambda g: (1 - g.dampening) / (1 - g.momentum)
+                                              if g.momentum > 0 else 0.0)
+        return d, steady
+
+    def _hessian_points(self, a: StateDictReader, b: StateDictReader):
+        """(parameters where H is taken, fraction of the segment it covers), in order.
+
+        Built lazily so that each point is formed after the previous substep moved d.
+        """
+        how = self.config.hessian_at
+        if how == "start":
+            yield self._anchor(a), 1.0
+        elif how == "end":
+            yield self._anchor(b), 1.0
+        elif how == "split":
+            yield self._anchor(a), 0.5
+            yield self._anchor(b), 0.5
+        else:
+            n = self.config.substeps
+            for i in range(n):
+                yield self._point(a, b, (i + 0.5) / n), 1.0 / n
+
+    def _release(self, j: int, e: torch.Tensor) -> torch.Tensor:
+        """How far a carried first-moment perturbation moves d in stage j (frozen, no decay)."""
+        run = self.e.runs[j]
+        if run.opt_type == "sgd":
+            coef = self._per_group(j, lambda g: sgd_transform(
+                run.lrs, g.momentum, g.dampening, g.nesterov, 0.0, fresh=False).de)
+            return coef * e
+        coef = self._per_group(j, lambda g: adamw_transform(run.lrs, g.beta1, 0.0, run.step0,
+                                                            fresh=False).b)
+        return coef * self._rate(j) * e
+
+    def embedding(self, k: int) -> Params:
+        runs = self.e.runs
+        d = self.flat(self.e.naive(k))
+        e = None
+        if k + 1 < len(runs) and not runs[k + 1].fresh:
+            parts = {n: self.e.delta_state(k, n) for n in self.names}
+            if any(p is not None for p in parts.values()):
+                e = self.flat({n: (p if p is not None else torch.zeros(self.e.trainable[n]))
+                               for n, p in parts.items()})
+        for j in range(k + 1, len(runs)):
+            hand_on = j + 1 < len(runs) and not runs[j + 1].fresh
+            d, e = self.propagate(j, d, e, hand_on)
+        return self.named(d, torch.float64)
+
+
+def _prod(xs) -> float:
+    out = 1.0
+    for x in xs:
+        out *= x
+    return out

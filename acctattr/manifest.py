@@ -7,6 +7,7 @@ one pass. This module never imports torch: `acctattr check` stays fast.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,19 @@ _TRAIN_KEYS = {"loss"}
 _LR_SCHEDULE_KEYS = {"schedule", "base", "warmup", "min"}
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float.
+
+    YAML 1.1, which PyYAML implements, needs a dot (``1.0e-4``); without this, ``lr: 3e-4`` or
+    ``eps: 1e-8`` would be strings and rejected. YAML 1.2 and every ML config read them as floats.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 class _Collector:
     """Gathers problems while parsing; values that fail become ``None``."""
 
@@ -240,7 +254,7 @@ def load_manifest(path: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(shown, [f"cannot read the file: {e}"]) from e
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader: never builds Python objects
     except yaml.YAMLError as e:
         detail = str(e).replace("\n", " ")
         hint = " (Python object tags such as !!python/object are never loaded)" \

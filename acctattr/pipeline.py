@@ -17,22 +17,26 @@ import torch
 
 from acctattr import formats
 from acctattr.behavior import (
+    Curvature,
     EvalData,
     Evaluator,
     ModelInfo,
     build_model,
+    load_stage_sample,
     model_info,
     resolve_metric,
 )
 from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
-from acctattr.estimators import Embedder, StageRun
+from acctattr.estimators import Embedder, StageRun, Unrolled, UnrolledConfig
 from acctattr.manifest import Manifest, Stage, load_manifest
 from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.schedules import interpolate_logged_lrs, lrs_from_spec
 
-ESTIMATORS = ("naive", "frozen")
+ESTIMATORS = ("naive", "frozen", "unrolled")
 EVALUATIONS = ("linear", "direct")
+# The evaluation each estimator is best with on the sample runs (bench/fidelity.py).
+DEFAULT_EVALUATE = {"naive": "linear", "frozen": "linear", "unrolled": "direct"}
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
@@ -67,6 +71,7 @@ class Result:
     stages: tuple[StageEffect, ...]  # ranked
     examples: tuple[ExampleEffects, ...] | None = None
     warnings: tuple[str, ...] = ()
+    estimator_note: str | None = None  # why ``auto`` chose the estimator it did
 
     def harm(self, effect: float) -> float:
         """How much an effect made the metric worse (negative: it helped)."""
@@ -155,7 +160,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
             raise err
         collect.append(str(err))
 
-    def attempt(fn: Callable[[], object]) -> object:
+    def attempt(fn: Callable[..., object]) -> object:
         try:
             return fn()
         except AcctattrError as e:
@@ -271,42 +276,94 @@ def check(path: str | Path) -> Loaded:
 
 # ---------------------------------------------------------------- computing
 
-def embeddings(loaded: Loaded, estimator: str):
+def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
+    """Resolve ``auto``: unrolled when every later stage has training data, else frozen."""
+    if estimator != "auto":
+        return estimator, None
+    lacking = [r.name for r in loaded.runs[1:] if r.data is None]
+    if not lacking:
+        return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
+    return "frozen", (f"auto uses frozen because stage(s) {', '.join(lacking)} have no "
+                      "training data (data:), which unrolled needs for curvature")
+
+
+def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None):
     """Yield (stage index, v_k) one stage at a time."""
     if estimator not in ESTIMATORS:
         raise AcctattrError(f"unknown estimator {estimator!r}",
                             f"choose one of {', '.join(ESTIMATORS)}")
     embedder = Embedder(loaded.runs, loaded.info.trainable)
+    unrolled = None
+    if estimator == "unrolled":
+        unrolled = Unrolled(embedder, _curvatures(loaded, config or UnrolledConfig()),
+                            config or UnrolledConfig())
     for k in range(len(loaded.runs)):
-        yield k, (embedder.naive(k) if estimator == "naive" else embedder.frozen(k))
+        if estimator == "naive":
+            yield k, embedder.naive(k)
+        elif unrolled is not None:
+            yield k, unrolled.embedding(k)
+        else:
+            yield k, embedder.frozen(k)
 
 
-def run(path: str | Path, estimator: str = "frozen", evaluate: str = "linear",
-        per_example: bool = False, progress: Progress | None = None) -> Result:
-    """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5)."""
-    if evaluate not in EVALUATIONS:
+def _curvatures(loaded: Loaded, config: UnrolledConfig):
+    """Stage index -> Curvature of that stage's training loss (built on first use)."""
+    spec = loaded.manifest.eval
+    loss = resolve_metric(loaded.manifest.train_loss, None, "train.loss")
+    cache: dict[int, Curvature] = {}
+
+    def get(j: int) -> Curvature:
+        if j not in cache:
+            run = loaded.runs[j]
+            if run.data is None:
+                raise AcctattrError(
+                    f"stage '{run.name}': the unrolled estimator needs the stage's training "
+                    "data (key 'data') to measure its curvature",
+                    "add data: to every stage after the first, or use --estimator frozen")
+            sample = load_stage_sample(run.data, (*spec.inputs, spec.target),
+                                       config.sample_size, run.name)
+            ev = loaded.evaluator
+            cache[j] = Curvature(loaded.model, ev.fixed, loss, sample, spec.inputs, spec.target)
+        return cache[j]
+
+    return get
+
+
+def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
+        per_example: bool = False, progress: Progress | None = None,
+        config: UnrolledConfig | None = None) -> Result:
+    """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5).
+
+    Args:
+        estimator: naive | frozen | unrolled | auto (unrolled where every later stage has
+            training data, else frozen).
+        evaluate: linear | direct; None takes the estimator's default (DEFAULT_EVALUATE).
+    """
+    if estimator not in (*ESTIMATORS, "auto"):
+        raise AcctattrError(f"unknown estimator {estimator!r}",
+                            f"choose one of {', '.join(ESTIMATORS)} or auto")
+    if evaluate is not None and evaluate not in EVALUATIONS:
         raise AcctattrError(f"unknown evaluation {evaluate!r}",
                             f"choose one of {', '.join(EVALUATIONS)}")
-    if estimator not in ESTIMATORS:
-        raise AcctattrError(f"unknown estimator {estimator!r}",
-                            f"choose one of {', '.join(ESTIMATORS)}")
     loaded = check(path)
+    chosen, why = choose_estimator(loaded, estimator)
+    evaluate = evaluate or DEFAULT_EVALUATE[chosen]
     ev = loaded.evaluator
     base, groups = ev.values()
     names = [r.name for r in loaded.runs]
     per_stage: list[torch.Tensor] = []
-    for k, v in embeddings(loaded, estimator):
+    for k, v in embeddings(loaded, chosen, config):
         if progress:
             progress(f"stage {names[k]}", k, len(names))
         per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
     if progress:
         progress("done", len(names), len(names))
-    return summarize(loaded, estimator, evaluate, base, groups, per_stage, per_example)
+    return summarize(loaded, chosen, evaluate, base, groups, per_stage, per_example, why)
 
 
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
               groups: torch.Tensor | None, per_stage: list[torch.Tensor],
-              per_example: bool) -> Result:
+              per_example: bool, estimator_note: str | None = None) -> Result:
     """Per-example effects [K][N] -> ranked stage effects (and per-example rows)."""
     metric = loaded.evaluator.metric
     names = [r.name for r in loaded.runs]
@@ -337,4 +394,4 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
     return Result(metric=metric.name, higher_is_better=metric.higher_is_better,
                   estimator=estimator, evaluate=evaluate, n_examples=int(base.shape[0]),
                   final_value=final, stages=tuple(stages), examples=examples,
-                  warnings=tuple(loaded.warnings))
+                  warnings=tuple(loaded.warnings), estimator_note=estimator_note)

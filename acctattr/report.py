@@ -87,7 +87,7 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
     for s in result.stages:
         style = {"hurt": "red", "helped": "green"}.get(s.verdict, "")
         bar = Text("█" * max(1, round(s.share * _BAR)) if s.share > 0 else "", style=style)
-        cells = [str(s.rank), s.name, _fmt(s.effect), f"{s.share:.0%}",
+        cells: list[str | Text] = [str(s.rank), s.name, _fmt(s.effect), f"{s.share:.0%}",
                  Text(s.verdict, style=style), bar]
         cells += [_fmt((s.groups or {})[g]) for g in group_names]
         table.add_row(*cells)

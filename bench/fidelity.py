@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from acctattr import pipeline
+from acctattr.estimators import UnrolledConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 
@@ -44,11 +45,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return pearson(ranks(a), ranks(b))
 
 
-def fidelity(run: str, estimator: str, evaluate: str) -> dict:
+def fidelity(run: str, estimator: str, evaluate: str, config=None) -> dict:
     folder = ROOT / run
     truth = json.loads((folder / "truth.json").read_text())
     t0 = time.perf_counter()
-    result = pipeline.run(folder / "manifest.yaml", estimator, evaluate, per_example=True)
+    result = pipeline.run(folder / "manifest.yaml", estimator, evaluate, per_example=True,
+                          config=config)
     seconds = time.perf_counter() - t0
     assert result.examples is not None
     rows = []
@@ -72,16 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted(p.name for p in ROOT.iterdir() if (p / "truth.json").is_file())
     ap.add_argument("--runs", nargs="+", default=runs)
     ap.add_argument("--estimators", nargs="+", default=list(pipeline.ESTIMATORS))
+    ap.add_argument("--hessian-at", default=None)
+    ap.add_argument("--secant-points", type=int, default=None)
+    ap.add_argument("--substeps", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--sample", type=int, default=None)
     ap.add_argument("--evaluate", nargs="+", default=list(pipeline.EVALUATIONS))
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
+    kw = {}
+    if args.hessian_at:
+        kw["hessian_at"] = args.hessian_at
+    if args.secant_points is not None:
+        kw["secant_points"] = args.secant_points
+    if args.substeps:
+        kw["substeps"] = args.substeps
+    if args.iters:
+        kw["lanczos_iters"] = args.iters
+    if args.sample:
+        kw["sample_size"] = args.sample
+    config = UnrolledConfig(**kw)
     out = []
     print(f"{'run':<10} {'estimator':<9} {'eval':<6} {'stage':<18} {'pearson':>8} "
           f"{'spearman':>8} {'effect':>9} {'truth':>9} sign rank")
     for run in args.runs:
         for est in args.estimators:
             for ev in args.evaluate:
-                f = fidelity(run, est, ev)
+                f = fidelity(run, est, ev, config)
                 out.append(f)
                 for i, r in enumerate(f["stages"]):
                     print(f"{run:<10} {est:<9} {ev:<6} {r['stage']:<18} {r['pearson']:8.3f} "

@@ -90,8 +90,12 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not stage.no_decay_groups:
         return [{"params": [p for _, p in named], "weight_decay": stage.weight_decay}]
-    # Hugging Face Trainer rule: no decay for biases and LayerNorm (norm) weights.
-    no_decay = {n for n, _ in named if n.endswith("bias") or "norm" in n.lower()}
+    # Hugging Face Trainer rule: no decay for biases and for LayerNorm parameters.
+    no_decay = {n for n, _ in named if "bias" in n}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            prefix = f"{module_name}." if module_name else ""
+            no_decay |= {prefix + n for n, _ in module.named_parameters(recurse=False)}
     return [
         {"params": [p for n, p in named if n not in no_decay], "weight_decay": stage.weight_decay},
         {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
@@ -322,7 +326,10 @@ def manifest_text(
         )
         for key, val in _group_hparams(st).items():
             lines.append(f"      {key}: {_yaml_value(val)}")
-        lines.append(f"      weight_decay: {_yaml_float(st.weight_decay)}")
+        decay = f"      weight_decay: {_yaml_float(st.weight_decay)}"
+        if st.no_decay_groups:
+            decay += "  # decay group; no-decay group (biases, LayerNorm): 0.0 (optimizer.pt)"
+        lines.append(decay)
         lines.append(f"      state: ckpt/{st.name}/optimizer.pt")
         lines.append(f"      continues: {_yaml_value(st.continues)}")
         lines.append(f"    data: data/{st.name}.safetensors")

@@ -15,8 +15,6 @@ classes with the patch stamped on, which the shortcut pulls toward ``PATCH_CLASS
     python make_run.py --truth    # ... and retrain with each stage skipped -> truth.json
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import os

@@ -1,0 +1,273 @@
+"""Model, eval data, metrics and the two evaluations of a stage embedding (acctattr/behavior.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from acctattr import pipeline
+from acctattr.behavior import EvalData, Evaluator, resolve_metric
+from acctattr.manifest import EvalSpec, Ref
+
+N, D_IN, D_OUT = 23, 5, 4  # 23 examples in batches of 7: the last batch is ragged
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_OUT)).double()
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def direction(params: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+
+
+@pytest.fixture
+def eval_file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path / "eval.safetensors"
+    save_file({"x": torch.randn(N, D_IN, generator=g, dtype=torch.float64),
+               "y": torch.randint(0, D_OUT, (N,), generator=g),
+               "y_real": torch.randn(N, D_OUT, generator=g, dtype=torch.float64),
+               "grp": torch.arange(N) % 3}, path)
+    return path
+
+
+def evaluator(model, params, eval_file, metric, target="y", group=None) -> Evaluator:
+    spec = EvalSpec(inputs=("x",), target=target, metric=metric, data=eval_file, group=group,
+                    batch_size=7)
+    return Evaluator(model, params, {}, EvalData(spec), resolve_metric(metric, None, "m"))
+
+
+def shifted(params, v, h):
+    return {n: p + h * v[n] for n, p in params.items()}
+
+
+@pytest.mark.parametrize("metric", ["cross_entropy", "margin", "logprob", "mse"])
+def test_jvp_equals_central_finite_differences(eval_file, metric):
+    """Evaluator.linear equals float64 central finite differences of f_i along v, per example."""
+    model = mlp()
+    params = params_of(model)
+    v = direction(params)
+    target = "y_real" if metric == "mse" else "y"
+    ev = evaluator(model, params, eval_file, metric, target)
+    jvp = ev.linear(v)
+    assert jvp.shape == (N,) and jvp.dtype == torch.float64
+    h = 1e-6
+    plus, _ = evaluator(model, shifted(params, v, h), eval_file, metric, target).values()
+    minus, _ = evaluator(model, shifted(params, v, -h), eval_file, metric, target).values()
+    fd = (plus - minus) / (2 * h)
+    assert fd.abs().max() > 1e-2, "the direction must move the metric"
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-8)
+    assert float(jvp.mean()) == pytest.approx(float(fd.mean()), rel=1e-6, abs=1e-9)
+
+
+def test_direct_is_the_difference_of_two_forward_passes(eval_file):
+    """Evaluator.direct(v) equals f_i(theta) - f_i(theta - v) computed by hand."""
+    model = mlp()
+    params = params_of(model)
+    v = direction(params, seed=4)
+    ev = evaluator(model, params, eval_file, "cross_entropy")
+    base, _ = ev.values()
+    got = ev.direct(v, base)
+
+    from safetensors.torch import load_file
+
+    data = load_file(eval_file)
+    by_hand = mlp()
+    f_theta = F.cross_entropy(by_hand(data["x"]), data["y"], reduction="none")
+    by_hand.load_state_dict({n: p - v[n] for n, p in params.items()})
+    f_minus = F.cross_entropy(by_hand(data["x"]), data["y"], reduction="none")
+    torch.testing.assert_close(base, f_theta.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, (f_theta - f_minus).detach(), rtol=1e-10, atol=1e-12)
+    assert got.abs().max() > 1e-2
+
+
+def test_group_ids_are_returned_in_example_order(eval_file):
+    """values() returns each example's group id alongside its metric value."""
+    model = mlp()
+    _, groups = evaluator(model, params_of(model), eval_file, "cross_entropy",
+                          group="grp").values()
+    assert groups is not None and groups.tolist() == [i % 3 for i in range(N)]
+    _, none = evaluator(model, params_of(model), eval_file, "cross_entropy").values()
+    assert none is None
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.la = nn.Linear(3, 2)
+        self.lb = nn.Linear(5, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.la(a) - 2 * self.lb(b)
+
+
+def test_several_inputs_are_passed_by_name(tmp_path):
+    """With several eval.inputs the model is called as model(**named), in any listed order."""
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    g = torch.Generator().manual_seed(5)
+    data = {"b": torch.randn(9, 5, generator=g, dtype=torch.float64),
+            "a": torch.randn(9, 3, generator=g, dtype=torch.float64),
+            "y": torch.randint(0, 2, (9,), generator=g)}
+    save_file(data, tmp_path / "eval.safetensors")
+    spec = EvalSpec(inputs=("b", "a"), target="y", metric="logprob",
+                    data=tmp_path / "eval.safetensors", batch_size=4)
+    params = params_of(model)
+    ev = Evaluator(model, params, {}, EvalData(spec), resolve_metric("logprob", None, "m"))
+    vals, _ = ev.values()
+    want = -F.cross_entropy(model(a=data["a"], b=data["b"]), data["y"], reduction="none")
+    torch.testing.assert_close(vals, want.detach())
+    v = direction(params)
+    h = 1e-6
+    fd = (Evaluator(model, shifted(params, v, h), {}, EvalData(spec), ev.metric).values()[0]
+          - Evaluator(model, shifted(params, v, -h), {}, EvalData(spec), ev.metric).values()[0]
+          ) / (2 * h)
+    torch.testing.assert_close(ev.linear(v), fd, rtol=1e-6, atol=1e-8)
+
+
+USER_METRIC = '''
+import torch
+
+
+def closeness(out, y):
+    """Minus the squared error of the first output against the target's first column."""
+    return -(out[:, 0] - y[:, 0].to(out.dtype)) ** 2
+
+
+closeness.higher_is_better = True
+
+
+def plain(out, y):
+    return out[:, 0]
+'''
+
+
+def test_user_metric_from_file(tmp_path, eval_file):
+    """A FILE.py:FUNC metric is imported, takes its direction from higher_is_better, and is used."""
+    (tmp_path / "metrics.py").write_text(USER_METRIC)
+    ref = Ref("metrics.py:closeness", tmp_path / "metrics.py", None, "closeness")
+    metric = resolve_metric(ref, None, "eval.metric")
+    assert metric.name == "metrics.py:closeness" and metric.higher_is_better is True
+    assert resolve_metric(ref, False, "eval.metric").higher_is_better is False
+    plain = Ref("metrics.py:plain", tmp_path / "metrics.py", None, "plain")
+    assert resolve_metric(plain, None, "eval.metric").higher_is_better is False
+
+    model = mlp()
+    params = params_of(model)
+    spec = EvalSpec(inputs=("x",), target="y_real", metric=ref, data=eval_file, batch_size=7)
+    ev = Evaluator(model, params, {}, EvalData(spec), metric)
+    from safetensors.torch import load_file
+
+    data = load_file(eval_file)
+    want = -(model(data["x"])[:, 0] - data["y_real"][:, 0]) ** 2
+    torch.testing.assert_close(ev.values()[0], want.detach())
+    v = direction(params)
+    h = 1e-6
+    fd = (Evaluator(model, shifted(params, v, h), {}, EvalData(spec), ev.metric).values()[0]
+          - Evaluator(model, shifted(params, v, -h), {}, EvalData(spec), ev.metric).values()[0]
+          ) / (2 * h)
+    torch.testing.assert_close(ev.linear(v), fd, rtol=1e-6, atol=1e-8)
+
+
+USER_DATA = '''
+import torch
+
+
+def batches():
+    g = torch.Generator().manual_seed(3)
+    for i in range(3):
+        yield {"x": torch.randn(4, 5, generator=g, dtype=torch.float64),
+               "y": torch.randint(0, 4, (4,), generator=g),
+               "grp": torch.full((4,), 10 + i)}
+'''
+
+
+def test_eval_data_from_a_generator_function(tmp_path):
+    """eval.data FILE.py:FUNC yields dict batches; values, JVPs and groups come from them."""
+    (tmp_path / "data.py").write_text(USER_DATA)
+    spec = EvalSpec(inputs=("x",), target="y", metric="cross_entropy", group="grp",
+                    data_fn=Ref("data.py:batches", tmp_path / "data.py", None, "batches"))
+    model = mlp()
+    params = params_of(model)
+    ev = Evaluator(model, params, {}, EvalData(spec),
+                   resolve_metric("cross_entropy", None, "m"))
+    vals, groups = ev.values()
+    assert groups is not None and groups.tolist() == [10] * 4 + [11] * 4 + [12] * 4
+    g = torch.Generator().manual_seed(3)
+    want = []
+    for _ in range(3):
+        x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (4,), generator=g)
+        want.append(F.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(vals, torch.cat(want).detach())
+    assert ev.linear(direction(params)).shape == (12,)  # the generator can be iterated again
+
+
+BN_MODEL = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+'''
+
+
+def test_buffers_come_from_the_final_checkpoint_in_eval_mode(tmp_path):
+    """BatchNorm running statistics are taken from theta_T and the model runs in eval mode."""
+    (tmp_path / "model.py").write_text(BN_MODEL)
+    ns: dict = {}
+    exec(BN_MODEL, ns)
+    model = ns["build"]()
+    (tmp_path / "init").mkdir()
+    save_file({k: v.clone() for k, v in model.state_dict().items()},
+              tmp_path / "init" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(5):  # shifts weights and running statistics far from their init
+        x = 3 + 2 * torch.randn(16, 3, generator=g, dtype=torch.float64)
+        loss = F.cross_entropy(model(x), torch.randint(0, 2, (16,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    (tmp_path / "end").mkdir()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(final, tmp_path / "end" / "model.safetensors")
+    ex = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    ey = torch.randint(0, 2, (10,), generator=g)
+    save_file({"x": ex, "y": ey}, tmp_path / "eval.safetensors")
+    doc = {"version": 1, "model": {"factory": "model.py:build"},
+           "stages": [{"name": "only", "start": "init", "end": "end",
+                       "optimizer": {"type": "sgd", "steps": 5, "lr": 0.1}}],
+           "eval": {"data": "eval.safetensors", "inputs": ["x"], "target": "y",
+                    "batch_size": 4}}
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(doc))
+
+    loaded = pipeline.check(tmp_path / "manifest.yaml")
+    vals, _ = loaded.evaluator.values()
+    assert not loaded.evaluator.model.training
+
+    model.eval()
+    want = F.cross_entropy(model(ex), ey, reduction="none").detach()
+    torch.testing.assert_close(vals, want)
+    # the two mistakes this guards against give different numbers
+    fresh = ns["build"]()
+    fresh.load_state_dict({k: v for k, v in final.items() if "running" not in k}, strict=False)
+    fresh.eval()
+    assert not torch.allclose(F.cross_entropy(fresh(ex), ey, reduction="none"), want)
+    model.train()
+    assert not torch.allclose(F.cross_entropy(model(ex), ey, reduction="none"), want)
