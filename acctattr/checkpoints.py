@@ -110,6 +110,13 @@ def resolve_checkpoint_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
+        if (path / ".metadata").is_file():
+            from acctattr.formats import DCP_HINT
+
+            raise CheckpointError(
+                f"{path}: a torch.distributed.checkpoint folder (it has .metadata); acctattr "
+                "does not read it in place",
+                DCP_HINT.format(src=path, dst=f"{path.as_posix().rstrip('/')}.pt"))
         for name in _FOLDER_FILES:
             if (path / name).is_file():
                 return path / name
@@ -182,8 +189,13 @@ def load_torch_file(file: Path) -> Any:
 
 def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside a loaded .pt object."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    # Lightning .ckpt files keep the weights under "state_dict", dcp_to_torch output and many
+    # training scripts under "model"; the rest of such a file (optimizer, loops) is not weights.
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not all(
+                isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
@@ -207,3 +219,40 @@ def read_trainer_state(path: Path) -> tuple[list[tuple[int, float]], int | None]
                               "lr as a schedule or a per-step list")
     step = doc.get("global_step")
     return points, int(step) if isinstance(step, int) else None
+
+
+class RenamedReader(StateDictReader):
+    """A view of another reader with a name prefix removed (``model.`` in Lightning files)."""
+
+    def __init__(self, inner: StateDictReader, prefix: str) -> None:
+        super().__init__(inner.path)
+        self.inner = inner
+        self.prefix = prefix
+
+    def names(self) -> list[str]:
+        n = len(self.prefix)
+        return sorted(k[n:] for k in self.inner.names() if k.startswith(self.prefix))
+
+    def __contains__(self, name: str) -> bool:
+        return (self.prefix + name) in self.inner
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(self.prefix + name)
+
+    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        return self.inner.get(self.prefix + name, check_finite=check_finite)
+
+
+def align_names(reader: StateDictReader, expected: list[str]) -> StateDictReader:
+    """The reader itself when it holds every expected name; else a view without the one
+    prefix (such as ``model.`` of a LightningModule attribute, or ``module.`` of DDP) under
+    which it does. Matching is by the model's own parameter names, never by guessing."""
+    if not expected or all(n in reader for n in expected):
+        return reader
+    first = expected[0]
+    prefixes = sorted({k[: -len(first)] for k in reader.names()
+                       if k.endswith("." + first)}, key=len)
+    for prefix in prefixes:
+        if all((prefix + n) in reader for n in expected):
+            return RenamedReader(reader, prefix)
+    return reader

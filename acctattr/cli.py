@@ -232,6 +232,37 @@ def check(manifest: ManifestArg) -> None:
     guarded(go)
 
 
+@app.command()
+def init(
+    paths: Annotated[list[Path], typer.Argument(
+        help="Each stage's end checkpoint, in training order: Hugging Face Trainer folders, "
+             "PEFT adapter folders, Lightning .ckpt files, weight folders.",
+        show_default=False)],
+    start: Annotated[Path | None, typer.Option(
+        help="The checkpoint before the first stage.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the manifest to FILE (atomically) instead of stdout.")]
+    = None,
+) -> None:
+    """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr)."""
+
+    def go() -> None:
+        from acctattr.scaffold import scaffold
+
+        root = output.resolve().parent if output is not None else Path.cwd()
+        text = scaffold(list(paths), start, root)
+        if output is not None:
+            write_atomic(output, text)
+            _err(f"wrote {output}")
+        else:
+            sys.stdout.write(text)
+        n = text.count("TODO(acctattr)")
+        if n:
+            _err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
+
+    guarded(go)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -47,6 +47,9 @@ class StageRun:
     state: OptimizerState
     data: Path | None = None
     checkpoints: list[tuple[int, StateDictReader]] = field(default_factory=list)
+    # parameters this stage's optimizer updated; None = every trainable parameter. An
+    # adapter stage trains none of the model's own weights (frozenset()).
+    trained: frozenset[str] | None = None
 
     @property
     def steps(self) -> int:
@@ -152,6 +155,10 @@ class Embedder:
         run = self.runs[j]
         if run.fresh:
             e = None
+        if run.trained is not None and name not in run.trained:
+            # the stage's optimizer never touched this parameter: no weight decay, no
+            # momentum, no update acts on its perturbation (a frozen base weight under LoRA)
+            return d, e
         group = self._groups[j][name]
         hp = run.state.groups[group]
         if run.opt_type == "adam" and hp.weight_decay > 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from acctattr import formats
 from acctattr.errors import ManifestError
 
 OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
@@ -67,6 +68,9 @@ class Stage:
     optimizer: OptimizerSpec
     data: Path | None = None
     checkpoints: tuple[CheckpointRef, ...] = ()
+    # the stage trained a PEFT LoRA adapter (``end: {adapter: DIR}``); ``end`` is that folder
+    # and the stage left every base weight it did not adapt untouched
+    adapter: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,13 @@ class EvalSpec:
 @dataclass(frozen=True)
 class Manifest:
     path: Path
-    factory: Ref
+    factory: Ref | None  # None when the model is a Hugging Face folder (``hf``)
     stages: tuple[Stage, ...]
     eval: EvalSpec
     train_loss: str | Ref = "cross_entropy"
     replay: Ref | None = None
+    hf: Path | None = None  # model: {hf: DIR}: built from DIR/config.json
+    hf_class: str | None = None  # model.class: the transformers class to build
 
     @property
     def root(self) -> Path:
@@ -112,7 +118,7 @@ class Manifest:
 
 
 _TOP_KEYS = {"version", "model", "stages", "eval", "train", "replay"}
-_MODEL_KEYS = {"factory"}
+_MODEL_KEYS = {"factory", "hf", "class"}
 _STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
 _OPT_KEYS = {
     "type", "steps", "lr", "momentum", "dampening", "nesterov", "betas", "eps",
@@ -259,14 +265,26 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
     """Validate an already-loaded YAML document. ``path`` anchors relative paths."""
+    placeholders = find_placeholders(raw)
+    if placeholders:
+        raise ManifestError(shown or str(path), [
+            f"{where}: still the placeholder {text!r} written by acctattr init; replace it"
+            for where, text in placeholders])
     c = _Collector(path.parent)
     top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages", "eval"})
     if "version" in top and top["version"] != 1:
         c.add("version", f"only version 1 is supported, got {top['version']!r}")
 
-    model = c.mapping(top.get("model", {}), "model", _MODEL_KEYS, {"factory"}) \
+    model = c.mapping(top.get("model", {}), "model", _MODEL_KEYS, set()) \
         if "model" in top else {}
     factory = c.ref(model["factory"], "model.factory") if "factory" in model else None
+    hf = c.path(model["hf"], "model.hf") if "hf" in model else None
+    hf_class = c.string(model["class"], "model.class") if "class" in model else None
+    if "model" in top and ("factory" in model) == ("hf" in model):
+        c.add("model", "give exactly one of 'factory' (FILE.py:FUNC) or 'hf' (a local folder "
+              "with a Hugging Face config.json)")
+    if "class" in model and "hf" not in model:
+        c.add("model.class", "'class' only goes with 'hf'")
 
     stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
     ev = _parse_eval(c, top["eval"]) if "eval" in top else None
@@ -278,10 +296,10 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
             train_loss = _metric(c, train["loss"], "train.loss") or "cross_entropy"
     replay = c.ref(top["replay"], "replay") if "replay" in top else None
 
-    if c.problems or factory is None or ev is None:
+    if c.problems or (factory is None and hf is None) or ev is None:
         raise ManifestError(shown or str(path), c.problems or ["incomplete manifest"])
     return Manifest(path=path, factory=factory, stages=stages, eval=ev,
-                    train_loss=train_loss, replay=replay)
+                    train_loss=train_loss, replay=replay, hf=hf, hf_class=hf_class)
 
 
 def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
@@ -291,9 +309,12 @@ def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
     out: list[Stage] = []
     seen: set[str] = set()
     prev_end: Path | None = None
+    prev_adapter = False
     for i, item in enumerate(value):
         where = f"stages[{i}]"
-        st = c.mapping(item, where, _STAGE_KEYS, {"name", "end", "optimizer"})
+        is_adapter = isinstance(item, dict) and isinstance(item.get("end"), dict)
+        st = c.mapping(item, where, _STAGE_KEYS,
+                       {"name", "end"} if is_adapter else {"name", "end", "optimizer"})
         name = c.string(st["name"], f"{where}.name") if "name" in st else None
         if name is not None:
             if name in seen:
@@ -304,18 +325,40 @@ def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
         if "start" not in st and i == 0:
             c.add(f"{where}: start", "the first stage needs a start checkpoint "
                   "(the weights before any of its updates)")
-        end = c.path(st["end"], f"{where}: end") if "end" in st else None
-        opt = _parse_optimizer(c, st["optimizer"], f"{where}: optimizer") \
-            if "optimizer" in st else None
+        if is_adapter:
+            em = c.mapping(st["end"], f"{where}: end", {"adapter"}, {"adapter"})
+            end = c.path(em["adapter"], f"{where}: end.adapter") if "adapter" in em else None
+            if end is not None and formats.kind(end) != "peft-adapter":
+                c.add(f"{where}: end.adapter", f"{end} has no {formats.ADAPTER_CONFIG}; "
+                      "name the folder PEFT's save_pretrained() wrote")
+                end = None
+        else:
+            end = c.path(st["end"], f"{where}: end") if "end" in st else None
+        trainer = end if end is not None and (end / formats.TRAINER_STATE).is_file() else None
+        if "optimizer" in st:
+            opt = _parse_optimizer(c, st["optimizer"], f"{where}: optimizer",
+                                   (start, trainer) if trainer else None)
+        elif is_adapter:
+            # the adapter's own optimizer never acts on base weights: nothing to follow
+            steps = _trainer_steps(c, start, trainer, f"{where}: optimizer.steps") \
+                if trainer else 0
+            opt = OptimizerSpec(type="adamw", steps=steps or 0, lr=LrSpec(value=0.0))
+        else:
+            opt = None
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")
+        if opt is not None and opt.continues and (is_adapter or prev_adapter):
+            c.add(f"{where}: optimizer.continues", "an adapter stage's optimizer holds the "
+                  "adapter's matrices, not the model's weights; a stage cannot continue it, "
+                  "nor can an adapter stage continue an earlier optimizer; set continues: false")
         data = c.path(st["data"], f"{where}: data") if "data" in st else None
         ckpts = _parse_checkpoints(c, st.get("checkpoints", []), where,
                                    opt.steps if opt else None)
         prev_end = end
+        prev_adapter = is_adapter
         if name is not None and start is not None and end is not None and opt is not None:
-            out.append(Stage(name, start, end, opt, data, ckpts))
+            out.append(Stage(name, start, end, opt, data, ckpts, adapter=is_adapter))
     return tuple(out)
 
 
@@ -342,8 +385,25 @@ def _parse_checkpoints(c: _Collector, value: Any, where: str,
     return tuple(out)
 
 
-def _parse_optimizer(c: _Collector, value: Any, where: str) -> OptimizerSpec | None:
-    o = c.mapping(value, where, _OPT_KEYS, {"type", "steps", "lr"})
+def _trainer_steps(c: _Collector, start: Path | None, end: Path, where: str) -> int | None:
+    """Steps from the Trainer's global_step (see formats.trainer_stage_steps)."""
+    try:
+        steps = formats.trainer_stage_steps(start, end)
+    except formats.FormatError as e:
+        c.add(where, f"cannot read the steps from the end folder's trainer_state.json: {e}")
+        return None
+    if steps < 1:
+        c.add(where, f"{end / formats.TRAINER_STATE} says the stage took {steps} steps; "
+              "give optimizer.steps")
+        return None
+    return steps
+
+
+def _parse_optimizer(c: _Collector, value: Any, where: str,
+                     trainer: tuple[Path | None, Path] | None = None) -> OptimizerSpec | None:
+    """One stage's optimizer. With ``trainer`` = (start, end folder holding a Hugging Face
+    trainer_state.json), steps, lr and state default to what that folder records."""
+    o = c.mapping(value, where, _OPT_KEYS, {"type"} if trainer else {"type", "steps", "lr"})
     typ = o.get("type")
     if "type" in o and typ not in OPTIMIZER_TYPES:
         c.add(f"{where}.type", f"expected one of {', '.join(OPTIMIZER_TYPES)}, got {_kind(typ)}")
@@ -355,7 +415,11 @@ def _parse_optimizer(c: _Collector, value: Any, where: str) -> OptimizerSpec | N
         for key in sorted(_SGD_ONLY & o.keys()):
             c.add(f"{where}.{key}", f"'{key}' belongs to sgd, not {typ}")
     steps = c.integer(o["steps"], f"{where}.steps", lo=1) if "steps" in o else None
+    if trainer is not None and "steps" not in o:
+        steps = _trainer_steps(c, trainer[0], trainer[1], f"{where}.steps")
     lr = _parse_lr(c, o["lr"], f"{where}.lr", steps) if "lr" in o else None
+    if trainer is not None and "lr" not in o:
+        lr = LrSpec(trainer_state=trainer[1] / formats.TRAINER_STATE)
 
     def opt_num(key: str, **kw: Any) -> float | None:
         return c.number(o[key], f"{where}.{key}", **kw) if key in o else None
@@ -379,6 +443,8 @@ def _parse_optimizer(c: _Collector, value: Any, where: str) -> OptimizerSpec | N
             if b1 is not None and b2 is not None:
                 betas = (b1, b2)
     state = c.path(o["state"], f"{where}.state") if "state" in o else None
+    if trainer is not None and "state" not in o and (trainer[1] / "optimizer.pt").is_file():
+        state = trainer[1] / "optimizer.pt"
     param_names = _parse_param_names(c, o["param_names"], f"{where}.param_names") \
         if "param_names" in o else None
     if typ is None or steps is None or lr is None:
@@ -484,3 +550,42 @@ def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
         return None
     return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
                     group=group, batch_size=batch, higher_is_better=hib)
+
+
+PLACEHOLDER = "TODO(acctattr)"
+
+
+def find_placeholders(raw: Any) -> list[tuple[str, str]]:
+    """(where, text) of every ``TODO(acctattr): ...`` string ``acctattr init`` left behind.
+
+    ``where`` names the key the way other problems do: ``model.factory``,
+    ``stage 'sft': optimizer.steps``, ``eval.data``.
+    """
+    out: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, str) and value.startswith(PLACEHOLDER):
+            out.append((where, value))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where and not where.endswith(": ") else f"{where}{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+
+    if not isinstance(raw, dict):
+        return out
+    for key, value in raw.items():
+        if key == "stages" and isinstance(value, list):
+            for i, st in enumerate(value):
+                name = st.get("name") if isinstance(st, dict) else None
+                label = f"stage '{name}': " if isinstance(name, str) and \
+                    not name.startswith(PLACEHOLDER) else f"stages[{i}]."
+                if isinstance(st, dict):
+                    for k, v in st.items():
+                        walk(v, f"{label}{k}")
+                else:
+                    walk(st, f"stages[{i}]")
+        else:
+            walk(value, str(key))
+    return out

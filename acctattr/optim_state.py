@@ -135,6 +135,14 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
     assert file is not None
     sd = load_torch_file(file)
     where = f"stage '{stage}': optimizer.state {file}"
+    if isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list):
+        # a PyTorch Lightning .ckpt: one state_dict() per optimizer
+        if len(sd["optimizer_states"]) != 1:
+            raise CheckpointError(f"{where} holds {len(sd['optimizer_states'])} optimizers' "
+                                  "states; acctattr follows a stage with one optimizer",
+                                  "save the state of the optimizer that trained the stage "
+                                  "with torch.save(optimizer.state_dict(), path)")
+        sd = sd["optimizer_states"][0]
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise CheckpointError(f"{where} is not a torch optimizer state_dict() "
                               "(no 'state' and 'param_groups')",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from acctattr import formats
 from acctattr.behavior import (
     Curvature,
     EvalData,
@@ -25,11 +27,11 @@ from acctattr.behavior import (
     model_info,
     resolve_metric,
 )
-from acctattr.checkpoints import StateDictReader, open_checkpoint, read_trainer_state
+from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
 from acctattr.estimators import Embedder, StageRun, Unrolled, UnrolledConfig
 from acctattr.manifest import Manifest, Stage, load_manifest
-from acctattr.optim_state import load_optimizer_state
+from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.schedules import interpolate_logged_lrs, lrs_from_spec
 
 ESTIMATORS = ("naive", "frozen", "unrolled")
@@ -102,9 +104,16 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> list[float]:
     steps = stage.optimizer.steps
     if spec.trainer_state is None:
         return lrs_from_spec(spec, steps)
-    points, global_step = read_trainer_state(spec.trainer_state)
-    last = global_step if global_step is not None else max(s for s, _ in points)
-    lrs, guessed = interpolate_logged_lrs(points, last - steps, steps)
+    try:
+        ts = formats.read_trainer_state(spec.trainer_state)
+    except formats.FormatError as e:
+        raise CheckpointError(f"stage '{stage.name}': optimizer.lr: {e}") from e
+    if not ts.lr_points:
+        raise CheckpointError(f"stage '{stage.name}': {spec.trainer_state}: log_history has no "
+                              "learning_rate entries",
+                              "set logging_steps so the Trainer logs the learning rate, or give "
+                              "optimizer.lr as a schedule or a per-step list")
+    lrs, guessed = interpolate_logged_lrs(ts.lr_points, ts.global_step - steps, steps)
     if guessed:
         warnings.append(f"stage '{stage.name}': {guessed} of {steps} learning rates were "
                         f"interpolated between the steps logged in {spec.trainer_state}")
@@ -112,15 +121,26 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> list[float]:
 
 
 class _Readers:
-    """One reader per checkpoint path, shared between a stage's end and the next's start."""
+    """One reader per checkpoint path, shared between a stage's end and the next's start.
 
-    def __init__(self) -> None:
+    Names are aligned to the model's (a ``model.`` prefix of a Lightning file is dropped).
+    """
+
+    def __init__(self, expected: list[str]) -> None:
         self._open: dict[Path, StateDictReader] = {}
+        self._expected = expected
 
     def __call__(self, path: Path) -> StateDictReader:
         if path not in self._open:
-            self._open[path] = open_checkpoint(path)
+            if formats.kind(path) == "peft-adapter":
+                raise CheckpointError(f"{path} is a PEFT adapter folder, not model weights",
+                                      "name it as the end of the stage that trained it: "
+                                      "end: {adapter: " + str(path) + "}")
+            self._open[path] = align_names(open_checkpoint(path), self._expected)
         return self._open[path]
+
+    def put(self, path: Path, reader: StateDictReader) -> None:
+        self._open[path] = reader
 
 
 def _check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str) -> None:
@@ -155,19 +175,33 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
             return None
 
     warnings: list[str] = []
-    model = build_model(manifest.factory)
+    if manifest.hf is not None:
+        from acctattr.hf import build_hf_model
+
+        model = build_hf_model(manifest.hf, manifest.hf_class)
+        source = f"model.hf {manifest.hf}"
+    else:
+        assert manifest.factory is not None
+        model = build_model(manifest.factory)
+        source = f"model.factory {manifest.factory.text}"
     info = model_info(model)
     if not info.trainable:
-        raise AcctattrError(f"model.factory {manifest.factory.text}: the model has no "
-                            "trainable parameters")
-    readers = _Readers()
+        raise AcctattrError(f"{source}: the model has no trainable parameters")
+    readers = _Readers(list(info.trainable))
     runs: list[StageRun] = []
     step0 = 0
     prev: Stage | None = None
     for stage in manifest.stages:
         opt = stage.optimizer
         start = attempt(lambda s=stage: readers(s.start))
-        end = attempt(lambda s=stage: readers(s.end))
+        if stage.adapter:
+            end = None
+            if isinstance(start, StateDictReader):
+                end = attempt(partial(_merged, start, stage, info))
+                if isinstance(end, StateDictReader):
+                    readers.put(stage.end, end)
+        else:
+            end = attempt(lambda s=stage: readers(s.end))
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
                 attempt(lambda r=reader, k=key, s=stage: _check_params(r, info, s.name, k))
@@ -183,8 +217,13 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
                 f"stage '{stage.name}': optimizer.continues is true but the previous stage "
                 f"'{prev.name}' used {prev.optimizer.type}, not {opt.type}",
                 "a stage can only continue the state of the same optimizer type"))
-        state = attempt(lambda s=stage: load_optimizer_state(
-            s.optimizer, s.name, info.trainable, set(info.no_decay)))
+        state: object
+        if stage.adapter:
+            # the adapter's optimizer held its own matrices: no base weight had any state
+            state = OptimizerState([GroupHparams(names=tuple(info.trainable))])
+        else:
+            state = attempt(lambda s=stage: load_optimizer_state(
+                s.optimizer, s.name, info.trainable, set(info.no_decay)))
         if state is not None:
             for g in state.groups:  # type: ignore[attr-defined]
                 if g.nesterov and (g.momentum <= 0 or g.dampening != 0):
@@ -197,7 +236,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
         if start is not None and end is not None and state is not None and lrs is not None:
             runs.append(StageRun(stage.name, start, end, opt.type, lrs,  # type: ignore[arg-type]
                                  not opt.continues, step0, state,  # type: ignore[arg-type]
-                                 stage.data, ckpts))
+                                 stage.data, ckpts,
+                                 trained=frozenset() if stage.adapter else None))
         step0 += opt.steps
         prev = stage
 
@@ -211,6 +251,12 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
         fixed = _fixed_tensors(model, final, info)
         evaluator = Evaluator(model, params, fixed, data, metric)  # type: ignore[arg-type]
     return Loaded(manifest, model, info, runs, evaluator, warnings)  # type: ignore[arg-type]
+
+
+def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictReader:
+    from acctattr.lora import LoraMergedReader
+
+    return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
 
 
 def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,

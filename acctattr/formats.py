@@ -1,0 +1,199 @@
+"""The checkpoint layouts people actually have, recognised from their files; no torch here.
+
+- Hugging Face Trainer folders (``checkpoint-N/``: weights, ``optimizer.pt``,
+  ``trainer_state.json``, ``training_args.bin``): steps and per-step learning rates come
+  from ``trainer_state.json``. ``training_args.bin`` is a pickle of arbitrary objects; it is
+  never opened.
+- PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``).
+- PyTorch Lightning ``.ckpt`` files and torch.distributed.checkpoint folders (``.metadata``).
+
+This module only reads JSON and file names, so ``manifest.py`` (which never imports torch)
+can use it to fill in what a Trainer folder already says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DCP_METADATA = ".metadata"
+# transformers >= 4.51 (PR #36973) logs the lr the step just used; older versions logged the
+# lr of the next step.
+_LR_FIX_VERSION = (4, 51)
+
+
+class FormatError(ValueError):
+    """A file of a known layout that cannot be read; the message names the file."""
+
+
+def kind(path: Path) -> str:
+    """What a checkpoint path is: one of ``hf-trainer``, ``peft-adapter``, ``lightning``,
+    ``dcp``, ``hf-model``, ``weights`` (any other folder or file), ``missing``."""
+    if not path.exists():
+        return "missing"
+    if path.is_file():
+        return "lightning" if path.suffix == ".ckpt" else "weights"
+    if (path / DCP_METADATA).is_file():
+        return "dcp"
+    if (path / ADAPTER_CONFIG).is_file():
+        return "peft-adapter"
+    if (path / TRAINER_STATE).is_file():
+        return "hf-trainer"
+    if (path / "config.json").is_file():
+        return "hf-model"
+    return "weights"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: not readable JSON ({e})") from e
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a Hugging Face ``trainer_state.json`` says about the run that wrote it."""
+
+    path: Path
+    global_step: int
+    log_history: tuple[dict, ...]
+    # (0-indexed global step whose update used this lr, lr), from log_history
+    lr_points: tuple[tuple[int, float], ...]
+    lr_convention: str  # "used" (transformers >= 4.51) or "next" (older, or unknown)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """Read ``trainer_state.json`` (a file, or the folder holding it).
+
+    The step a logged ``learning_rate`` belongs to depends on the transformers version that
+    wrote it (``config.json``'s ``transformers_version`` in the same folder): from 4.51 the
+    entry logged at global step N is the lr of 0-indexed step N-1 (the step just taken);
+    before, it was the lr of step N (the next one). Unknown versions take the older rule.
+    """
+    file = path / TRAINER_STATE if path.is_dir() else path
+    doc = _read_json(file)
+    if not isinstance(doc, dict):
+        raise FormatError(f"{file}: expected a JSON object")
+    step = doc.get("global_step")
+    history = doc.get("log_history", [])
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise FormatError(f"{file}: no integer global_step")
+    if not isinstance(history, list):
+        raise FormatError(f"{file}: log_history is not a list")
+    history = [h for h in history if isinstance(h, dict)]
+    convention = "next"
+    version = transformers_version(file.parent)
+    if version is not None and version >= _LR_FIX_VERSION:
+        convention = "used"
+    shift = 1 if convention == "used" else 0
+    points = []
+    for h in history:
+        if "learning_rate" in h and isinstance(h.get("step"), int):
+            try:
+                points.append((h["step"] - shift, float(h["learning_rate"])))
+            except (TypeError, ValueError) as e:
+                raise FormatError(f"{file}: learning_rate {h['learning_rate']!r} at step "
+                                  f"{h['step']} is not a number") from e
+    return TrainerState(file, step, tuple(history), tuple(points), convention)
+
+
+def transformers_version(folder: Path) -> tuple[int, int] | None:
+    """(major, minor) of ``transformers_version`` in ``folder/config.json``, if there is one."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        text = json.loads(cfg.read_text(encoding="utf-8")).get("transformers_version", "")
+        major, minor = (int(x) for x in str(text).split(".")[:2])
+        return major, minor
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def trainer_stage_steps(start: Path | None, end: Path) -> int:
+    """Optimizer steps a stage took, from its start and end ``trainer_state.json``.
+
+    A stage resumed from its start checkpoint (the end's log_history continues the start's)
+    took ``global_step(end) - global_step(start)`` steps; a stage run by a new Trainer starts
+    counting at 0 again and took ``global_step(end)`` steps.
+    """
+    last = read_trainer_state(end)
+    if start is None or not (start / TRAINER_STATE).is_file():
+        return last.global_step
+    first = read_trainer_state(start)
+    n = len(first.log_history)
+    resumed = (0 < first.global_step < last.global_step and n > 0
+               and list(last.log_history[:n]) == list(first.log_history))
+    return last.global_step - first.global_step if resumed else last.global_step
+
+
+def adapter_weights(folder: Path) -> Path:
+    for name in ADAPTER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FormatError(f"{folder}: an adapter folder needs {' or '.join(ADAPTER_WEIGHTS)}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The parts of a PEFT ``adapter_config.json`` that decide the merged delta."""
+
+    path: Path
+    r: int
+    alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+_MERGE_HINT = ("merge it into the model with peft's merge_and_unload(), save the merged model "
+               "(save_pretrained) and name that folder as the stage's end instead")
+
+
+def read_lora_config(folder: Path) -> LoraConfig:
+    """Read and check a PEFT LoRA adapter config; refuse what a merged delta cannot express."""
+    file = folder / ADAPTER_CONFIG
+    doc = _read_json(file)
+    if not isinstance(doc, dict):
+        raise FormatError(f"{file}: expected a JSON object")
+    peft_type = doc.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise FormatError(f"{file}: peft_type {peft_type!r} is not supported (only LORA); "
+                          f"{_MERGE_HINT}")
+    refuse = {
+        "use_dora": "DoRA rescales each merged weight by a learned magnitude",
+        "modules_to_save": "modules_to_save trains whole modules besides the adapter",
+        "lora_bias": "lora_bias trains a bias beside the adapter",
+        "target_parameters": "target_parameters puts LoRA on bare parameters",
+        "layer_replication": "layer_replication changes the model's layers",
+        "trainable_token_indices": "trainable_token_indices trains embedding rows",
+    }
+    for key, why in refuse.items():
+        if doc.get(key):
+            raise FormatError(f"{file}: {key} is set ({why}); acctattr reads plain LoRA "
+                              f"adapters only; {_MERGE_HINT}")
+    if doc.get("bias", "none") != "none":
+        raise FormatError(f"{file}: bias is {doc['bias']!r} (the adapter also trained biases); "
+                          f"acctattr reads plain LoRA adapters (bias: none) only; {_MERGE_HINT}")
+    try:
+        return LoraConfig(
+            path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha") or doc["r"]),
+            use_rslora=bool(doc.get("use_rslora", False)),
+            fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+            rank_pattern={str(k): int(v) for k, v in (doc.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v)
+                           for k, v in (doc.get("alpha_pattern") or {}).items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{file}: malformed LoRA config ({type(e).__name__}: {e})") from e
+
+
+DCP_HINT = ("convert it to a single file first (only for a checkpoint you trust: the converter "
+            "unpickles the .metadata file): python -m torch.distributed.checkpoint.format_utils "
+            "dcp_to_torch {src} {dst}, then name {dst} in the manifest")

@@ -1,0 +1,167 @@
+"""Staged runs written by the real tools: transformers.Trainer (+ PEFT LoRA) and Lightning.
+
+Everything is built from configs (no downloads) and trained for a few steps on tiny
+synthetic data, so a whole run takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+VOCAB, SEQ, N_EVAL = 32, 6, 40
+
+
+def token_data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, VOCAB, (n, SEQ), generator=g)  # 0 is the pad token
+    return x, (x[:, 0] % 2)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, seed: int, n: int = 32) -> None:
+        self.x, self.y = token_data(seed, n)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+def _args(out: Path, steps: int, lr: float, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, save_strategy="steps", save_steps=steps,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0, **kw)
+
+
+def write_hf_run(root: Path) -> dict:
+    """init/ -> 'sft' (full fine-tune, Trainer) -> 'lora' (PEFT LoRA adapter, Trainer).
+
+    Returns the recorded per-step lrs of 'sft' and the eval metric (cross entropy) of the
+    model with and without the adapter, computed by PEFT itself (the truth for the LoRA
+    stage's direct effect when it is the last stage).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainerCallback
+
+    class RecordLr(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=8,
+                     num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     summary_first_dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(cfg)
+    model.save_pretrained(root / "init")
+    rec = RecordLr()
+    Trainer(model=model, args=_args(root / "sft", 6, 1e-2, weight_decay=0.1, warmup_steps=2,
+                                    lr_scheduler_type="linear", logging_steps=1),
+            train_dataset=_Tokens(1), callbacks=[rec]).train()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                      fan_in_fan_out=True, lora_dropout=0.0, use_rslora=True,
+                      rank_pattern={"mlp.c_proj": 2}, alpha_pattern={"c_attn": 12})
+    peft_model = get_peft_model(model, lora)
+    Trainer(model=peft_model, args=_args(root / "lora", 4, 5e-2, logging_steps=2),
+            train_dataset=_Tokens(2)).train()
+    for f in root.rglob("training_args.bin"):  # acctattr must never unpickle these
+        f.write_bytes(b"not a pickle: opening this file is a bug")
+
+    x, y = token_data(3, N_EVAL)
+    save_file({"input_ids": x, "label": y, "group": x[:, 1] % 2},
+              root / "eval.safetensors")
+    peft_model.eval()
+    with torch.no_grad():
+        with_adapter = _ce(peft_model(input_ids=x).logits, y)
+        with peft_model.disable_adapter():
+            without = _ce(peft_model(input_ids=x).logits, y)
+    doc = {
+        "version": 1,
+        "model": {"hf": "init"},
+        "stages": [
+            {"name": "sft", "start": "init", "end": "sft/checkpoint-6",
+             "optimizer": {"type": "adamw"}},
+            {"name": "lora", "end": {"adapter": "lora/checkpoint-4"}},
+        ],
+        "eval": {"data": "eval.safetensors", "inputs": ["input_ids"], "target": "label",
+                 "group": "group", "batch_size": 16},
+    }
+    (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return {"manifest": root / "manifest.yaml", "sft_lrs": rec.lrs,
+            "with_adapter": with_adapter, "without_adapter": without}
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.double(), y, reduction="none")
+
+
+LIGHTNING_MODEL_PY = """import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+"""
+
+
+def write_lightning_run(root: Path) -> Path:
+    """Two stages trained by lightning.Trainer (SGD with momentum), saved as .ckpt files
+    whose keys carry the LightningModule's ``model.`` prefix."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self, net: torch.nn.Module, lr: float) -> None:
+            super().__init__()
+            self.model = net
+            self.lr = lr
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9,
+                                   weight_decay=1e-2)
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.py").write_text(LIGHTNING_MODEL_PY)
+    ns: dict = {}
+    exec(LIGHTNING_MODEL_PY, ns)
+    net = ns["build"]()
+    save_file(dict(net.state_dict()), root / "init.safetensors")
+    for k, (name, lr) in enumerate((("a", 0.1), ("b", 0.05))):
+        g = torch.Generator().manual_seed(10 + k)
+        ds = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
+                                            torch.randint(0, 3, (32,), generator=g))
+        trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(Module(net, lr), torch.utils.data.DataLoader(ds, batch_size=8))
+        trainer.save_checkpoint(root / f"{name}.ckpt")
+    g = torch.Generator().manual_seed(99)
+    save_file({"x": torch.randn(24, 4, generator=g), "y": torch.randint(0, 3, (24,), generator=g)},
+              root / "eval.safetensors")
+    doc = {
+        "version": 1,
+        "model": {"factory": "model.py:build"},
+        "stages": [
+            {"name": "a", "start": "init.safetensors", "end": "a.ckpt",
+             "optimizer": {"type": "sgd", "steps": 5, "lr": 0.1, "state": "a.ckpt"}},
+            {"name": "b", "end": "b.ckpt",
+             "optimizer": {"type": "sgd", "steps": 5, "lr": 0.05, "state": "b.ckpt"}},
+        ],
+        "eval": {"data": "eval.safetensors", "inputs": ["x"], "target": "y"},
+    }
+    (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root / "manifest.yaml"
