@@ -166,6 +166,12 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
                 attempt(lambda r=r, s=stage, st=ref.step: _check_params(
                     r, info, s.name, f"checkpoints step {st}"))
                 ckpts.append((ref.step, r))
+        if opt.continues and prev is not None and prev.optimizer.state is None:
+            report(CheckpointError(
+                f"stage '{stage.name}': optimizer.continues is true but the previous stage "
+                f"'{prev.name}' has no optimizer.state, so there is no state to continue",
+                f"add optimizer.state (its optimizer.pt at the end) to stage '{prev.name}', "
+                "or set continues: false if this stage started a fresh optimizer"))
         if opt.continues and prev is not None and prev.optimizer.type != opt.type:
             report(CheckpointError(
                 f"stage '{stage.name}': optimizer.continues is true but the previous stage "
@@ -218,6 +224,11 @@ def check(path: str | Path) -> Loaded:
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
+    if not problems and loaded.evaluator is not None:
+        try:  # one forward pass on the first batch: data the model cannot take shows here
+            loaded.evaluator.probe()
+        except AcctattrError as e:
+            problems.append(str(e))
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
