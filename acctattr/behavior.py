@@ -41,10 +41,13 @@ def load_ref(ref: Ref, what: str) -> Callable[..., Any]:
                     raise ImportError(f"cannot import {ref.file}")
                 module = importlib.util.module_from_spec(spec)
                 sys.path.insert(0, str(ref.file.parent))
+                # never write __pycache__ into the user's run folder: acctattr only reads it
+                dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
                 try:
                     spec.loader.exec_module(module)
                 finally:
                     sys.path.remove(str(ref.file.parent))
+                    sys.dont_write_bytecode = dont_write
                 sys.modules[name] = module
         else:
             assert ref.module is not None
