@@ -214,11 +214,13 @@ class EvalData:
             yield from self._user_batches()
             return
         bs = self.spec.batch_size
-        with safe_open(self.source, framework="pt") as f:
-            slices = {n: f.get_slice(n) for n in self.names}
-            for lo in range(0, self.n, bs):
-                hi = min(lo + bs, self.n)
-                yield {n: s[lo:hi] for n, s in slices.items()}
+        for lo in range(0, self.n, bs):
+            hi = min(lo + bs, self.n)
+            # A fresh memory map per batch: slices are views into it, and it is unmapped when
+            # the batch is dropped, so resident memory stays one batch deep however large the
+            # file (one long-lived map would keep every page it touched resident).
+            with safe_open(self.source, framework="pt") as f:
+                yield {n: f.get_slice(n)[lo:hi] for n in self.names}
 
     def _user_batches(self) -> Iterator[Batch]:
         assert self._fn is not None

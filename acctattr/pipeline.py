@@ -133,7 +133,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
     def report(err: AcctattrError) -> None:
         if collect is None:
             raise err
-        collect.append(str(err))
+        if str(err) not in collect:  # a file shared by two stages is reported once
+            collect.append(str(err))
 
     def attempt(fn: Callable[[], object]) -> object:
         try:
@@ -260,10 +261,16 @@ def run(path: str | Path, estimator: str = "frozen", evaluate: str = "linear",
     base, groups = ev.values()
     names = [r.name for r in loaded.runs]
     per_stage: list[torch.Tensor] = []
-    for k, v in embeddings(loaded, estimator):
-        if progress:
-            progress(f"stage {names[k]}", k, len(names))
-        per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
+    try:
+        for k, v in embeddings(loaded, estimator):
+            if progress:
+                progress(f"stage {names[k]}", k, len(names))
+            per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
+    except AcctattrError as e:  # say which stage was being estimated (checkpoints are shared)
+        if isinstance(e, ManifestError):
+            raise
+        stage = names[len(per_stage)]
+        raise type(e)(f"while estimating stage '{stage}': {e.message}", e.hint) from e
     if progress:
         progress("done", len(names), len(names))
     return summarize(loaded, estimator, evaluate, base, groups, per_stage, per_example)

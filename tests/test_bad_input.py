@@ -283,7 +283,8 @@ def test_corrupted_safetensors_checkpoint(run_dir, damage):
         body = b"[1, 2, 3]".ljust(n)
         new = raw[:8] + body + raw[8 + n:]
     file.write_bytes(new)
-    run_and_check(run_dir / "manifest.yaml", str(file), "re-save")
+    err = run_and_check(run_dir / "manifest.yaml", str(file), "re-save")
+    assert err.count(str(file)) == 1, "a file shared by two stages is reported once"
 
 
 def test_corrupted_eval_data(run_dir):
@@ -319,7 +320,9 @@ def test_pickle_that_would_run_code_is_refused(run_dir, tmp_path, where):
     with open(file, "wb") as fh:
         pickle.dump(payload, fh)
     os.environ.pop("ACCTATTR_PWNED", None)
-    run_and_check(run_dir / "manifest.yaml", str(file), "refused to load", "could run code")
+    err = run_and_check(run_dir / "manifest.yaml", str(file), "refused to load",
+                        "could run code")
+    assert err.startswith("error: ")  # nothing before it (torch's pickle warnings are muted)
     assert not marker.exists() and "ACCTATTR_PWNED" not in os.environ
 
 
@@ -329,7 +332,8 @@ def test_nan_in_checkpoint_names_the_tensor(run_dir):
     sd = load_file(file)
     sd["weight"][1, 2] = float("nan")
     save_file(sd, file)
-    refused(cli("run", run_dir / "manifest.yaml", "-q"), str(file), "tensor 'weight'",
+    refused(cli("run", run_dir / "manifest.yaml", "-q"), "while estimating stage 'b'", str(file),
+            "tensor 'weight'",
             "NaN or Inf", "earlier, finite checkpoint")
 
 
