@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from acctattr.errors import AcctattrError
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+
+    The text goes to ``.NAME.XXXX.tmp`` in the same folder, is fsynced, then renamed over
+    ``path`` (atomic on POSIX). An exception or Ctrl-C removes the temporary file; a SIGKILL
+    (or power loss) between its creation and the rename cannot, and leaves it behind, while
+    ``path`` itself is always the old file or the complete new one.
+    """
     folder = path.resolve().parent
     if not folder.is_dir():
         raise AcctattrError(f"--output {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            slow = _test_slow_write()
+            if slow:  # test-only: stop halfway through, so a test can kill us mid-write
+                fh.write(text[: len(text) // 2])
+                fh.flush()
+                time.sleep(slow)
+                text = text[len(text) // 2:]
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -26,3 +39,11 @@ def write_atomic(path: Path, text: str) -> None:
         if isinstance(e, OSError):
             raise AcctattrError(f"--output {path}: cannot write ({e.strerror})") from e
         raise
+
+
+def _test_slow_write() -> float:
+    """Seconds to pause halfway through a write; from ACCTATTR_TEST_SLOW_WRITE, for tests only."""
+    try:
+        return max(0.0, float(os.environ.get("ACCTATTR_TEST_SLOW_WRITE", "0")))
+    except ValueError:
+        return 0.0

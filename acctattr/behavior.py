@@ -41,10 +41,13 @@ def load_ref(ref: Ref, what: str) -> Callable[..., Any]:
                     raise ImportError(f"cannot import {ref.file}")
                 module = importlib.util.module_from_spec(spec)
                 sys.path.insert(0, str(ref.file.parent))
+                # never write __pycache__ into the user's run folder: acctattr only reads it
+                dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
                 try:
                     spec.loader.exec_module(module)
                 finally:
                     sys.path.remove(str(ref.file.parent))
+                    sys.dont_write_bytecode = dont_write
                 sys.modules[name] = module
         else:
             assert ref.module is not None
@@ -120,6 +123,9 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (diff * diff).mean(dim=1)
 
 
+# Builtin metrics whose target is a class id: a float target would be silently truncated.
+CLASS_METRICS = ("cross_entropy", "logprob", "margin")
+
 BUILTIN: dict[str, tuple[MetricFn, bool]] = {
     "cross_entropy": (_cross_entropy, False),
     "logprob": (_logprob, True),
@@ -191,6 +197,13 @@ class EvalData:
         if not self.n:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
+        target_dtype = handle.get_slice(self.spec.target).get_dtype()
+        if self.spec.metric in CLASS_METRICS and target_dtype not in _INT_DTYPES:
+            raise DataError(f"eval.data {self.source}: eval.target tensor '{self.spec.target}' "
+                            f"has dtype {target_dtype}, but eval.metric {self.spec.metric} "
+                            "needs integer class ids",
+                            "save the target as an integer tensor (e.g. torch.long), or use "
+                            "metric: mse for real-valued targets")
         group = self.spec.group
         if group and handle.get_slice(group).get_dtype() not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has dtype "
@@ -201,11 +214,13 @@ class EvalData:
             yield from self._user_batches()
             return
         bs = self.spec.batch_size
-        with safe_open(self.source, framework="pt") as f:
-            slices = {n: f.get_slice(n) for n in self.names}
-            for lo in range(0, self.n, bs):
-                hi = min(lo + bs, self.n)
-                yield {n: s[lo:hi] for n, s in slices.items()}
+        for lo in range(0, self.n, bs):
+            hi = min(lo + bs, self.n)
+            # A fresh memory map per batch: slices are views into it, and it is unmapped when
+            # the batch is dropped, so resident memory stays one batch deep however large the
+            # file (one long-lived map would keep every page it touched resident).
+            with safe_open(self.source, framework="pt") as f:
+                yield {n: f.get_slice(n)[lo:hi] for n in self.names}
 
     def _user_batches(self) -> Iterator[Batch]:
         assert self._fn is not None
@@ -258,17 +273,55 @@ class Evaluator:
         return (), {n: batch[n] for n in spec.inputs}
 
     def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
+        spec = self.data.spec
         args, kwargs = self._args(batch)
-        out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
+        try:
+            out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
+        except AcctattrError:
+            raise
+        except Exception as e:  # a forward error here is (almost always) data the model can't take
+            raise DataError(
+                f"eval.data {self.data.source}: model forward failed on a batch with "
+                f"{_describe(batch, spec.inputs)}: {type(e).__name__}: {_first_line(e)}",
+                f"check that eval.inputs ({', '.join(spec.inputs)}) hold what the model's "
+                "forward takes (names, shapes, dtypes)") from e
         if isinstance(out, dict) and "logits" in out:
             out = out["logits"]
         elif hasattr(out, "logits"):
             out = out.logits
-        vals = self.metric.fn(out, batch[self.data.spec.target])
+        target = batch[spec.target]
+        if self.metric.name in CLASS_METRICS and target.is_floating_point():
+            raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
+                            f"{target.dtype}, but eval.metric {self.metric.name} needs integer "
+                            "class ids", "give the target as an integer tensor")
+        try:
+            vals = self.metric.fn(out, target)
+        except AcctattrError:
+            raise
+        except Exception as e:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(
+                f"eval.metric {self.metric.name} failed on eval.data {self.data.source} "
+                f"(model outputs {shape}, {_describe(batch, (spec.target,))}): "
+                f"{type(e).__name__}: {_first_line(e)}",
+                "check that eval.target holds what the metric expects (class ids below the "
+                "number of model outputs for cross_entropy, margin and logprob)") from e
+        if not isinstance(vals, torch.Tensor):
+            raise DataError(f"eval.metric {self.metric.name} returned "
+                            f"{type(vals).__name__}, not a tensor",
+                            "return one value per example as a tensor")
         if vals.ndim != 1 or vals.shape[0] != out.shape[0]:
             raise AcctattrError(f"metric {self.metric.name} returned shape {tuple(vals.shape)}; "
                                 "it must return one value per example")
         return vals
+
+    def probe(self) -> None:
+        """Run the metric on the first eval batch at theta_T, so `check` finds data the model
+        cannot take without computing any effect."""
+        with torch.no_grad():
+            for batch in self.data.batches():
+                self._metric(self.params, self._floats(batch))
+                return
 
     def _floats(self, batch: Batch) -> Batch:
         return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
@@ -311,6 +364,17 @@ class Evaluator:
             for batch in self.data.batches():
                 out.append(self._metric(shifted, self._floats(batch)).double())
         return base - torch.cat(out)
+
+
+def _describe(batch: Batch, names: Iterable[str]) -> str:
+    """'x [16, 7] float64' for each named tensor of a batch, for error messages."""
+    return ", ".join(f"{n} {list(batch[n].shape)} {str(batch[n].dtype).replace('torch.', '')}"
+                     for n in names if isinstance(batch.get(n), torch.Tensor))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 # ---------------------------------------------------------------- training loss curvature

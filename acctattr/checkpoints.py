@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,9 @@ def _open_index(index: Path) -> StateDictReader:
 def load_torch_file(file: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (memory-mapped where the format allows)."""
     try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes are noise to a user
+            warnings.simplefilter("ignore")
+            return _torch_load(file)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{file}: refused to load: the pickle holds objects that are not plain tensors "
@@ -185,6 +183,15 @@ def load_torch_file(file: Path) -> Any:
     except Exception as e:
         raise CheckpointError(f"{file}: not a readable PyTorch file ({type(e).__name__}: {e})",
                               "the file is truncated or corrupted; re-save it") from e
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:

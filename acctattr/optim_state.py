@@ -15,6 +15,7 @@ to state the mapping in the manifest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,8 +199,56 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                     raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
                                           "values", "use a state file from before divergence")
                 tensors.setdefault(name, {})[key] = value.float()
+    _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg) for g, pg in zip(groups, pgs, strict=True)]
     return OptimizerState(groups_h, tensors, step, file)
+
+
+# key -> (low, low is open, high, high is open) for hyperparameters read from param_groups.
+_RANGES = {"weight_decay": (0.0, False, None, False), "momentum": (0.0, False, 1.0, True),
+           "dampening": (0.0, False, 1.0, False), "eps": (0.0, True, None, False)}
+
+
+def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> None:
+    """Refuse negative, out-of-range or non-finite hyperparameters that the run would use.
+
+    Only values the manifest does not override are checked (the manifest's own are checked
+    when it is parsed); every bad value of every group is listed at once.
+    """
+    problems: list[str] = []
+
+    def check(key: str, value: object, rng: tuple[float, bool, float | None, bool]) -> None:
+        lo, lo_open, hi, hi_open = rng
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key} is {value!r}, expected a number")
+            return
+        x = float(value)
+        if not math.isfinite(x) or x < lo or (lo_open and x == lo) or (
+                hi is not None and (x >= hi if hi_open else x > hi)):
+            if hi is None:
+                want = f"{'>' if lo_open else '>='} {lo:g}"
+            else:
+                want = f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            problems.append(f"{key} is {value!r}, must be finite and {want}")
+
+    for i, pg in enumerate(pgs):
+        for key, rng in _RANGES.items():
+            if key in pg and getattr(spec, key) is None:
+                check(f"param_groups[{i}].{key}", pg[key], rng)
+        if "betas" in pg and spec.betas is None:
+            b = pg["betas"]
+            if not isinstance(b, (list, tuple)) or len(b) != 2:
+                problems.append(f"param_groups[{i}].betas is {b!r}, expected two numbers")
+            else:
+                for j, bj in enumerate(b):
+                    check(f"param_groups[{i}].betas[{j}]", bj, (0.0, False, 1.0, True))
+    if problems:
+        raise CheckpointError(
+            f"{where}: " + "; ".join(problems),
+            "the state file's hyperparameters are used where the manifest gives none: fix "
+            "the file, or set the value in the stage's optimizer section of the manifest")
 
 
 def _check_type(spec: OptimizerSpec, stage: str, file: Path, pgs: list[dict],

@@ -165,7 +165,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
     def report(err: AcctattrError) -> None:
         if collect is None:
             raise err
-        collect.append(str(err))
+        if str(err) not in collect:  # a file shared by two stages is reported once
+            collect.append(str(err))
 
     def attempt(fn: Callable[..., object]) -> object:
         try:
@@ -212,6 +213,12 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
                 attempt(lambda r=r, s=stage, st=ref.step: _check_params(
                     r, info, s.name, f"checkpoints step {st}"))
                 ckpts.append((ref.step, r))
+        if opt.continues and prev is not None and prev.optimizer.state is None:
+            report(CheckpointError(
+                f"stage '{stage.name}': optimizer.continues is true but the previous stage "
+                f"'{prev.name}' has no optimizer.state, so there is no state to continue",
+                f"add optimizer.state (its optimizer.pt at the end) to stage '{prev.name}', "
+                "or set continues: false if this stage started a fresh optimizer"))
         if opt.continues and prev is not None and prev.optimizer.type != opt.type:
             report(CheckpointError(
                 f"stage '{stage.name}': optimizer.continues is true but the previous stage "
@@ -276,6 +283,11 @@ def check(path: str | Path) -> Loaded:
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
+    if not problems and loaded.evaluator is not None:
+        try:  # one forward pass on the first batch: data the model cannot take shows here
+            loaded.evaluator.probe()
+        except AcctattrError as e:
+            problems.append(str(e))
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
@@ -359,10 +371,16 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
     base, groups = ev.values()
     names = [r.name for r in loaded.runs]
     per_stage: list[torch.Tensor] = []
-    for k, v in embeddings(loaded, chosen, config):
-        if progress:
-            progress(f"stage {names[k]}", k, len(names))
-        per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
+    try:
+        for k, v in embeddings(loaded, chosen, config):
+            if progress:
+                progress(f"stage {names[k]}", k, len(names))
+            per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
+    except AcctattrError as e:  # say which stage was being estimated (checkpoints are shared)
+        if isinstance(e, ManifestError):
+            raise
+        stage = names[len(per_stage)]
+        raise type(e)(f"while estimating stage '{stage}': {e.message}", e.hint) from e
     if progress:
         progress("done", len(names), len(names))
     return summarize(loaded, chosen, evaluate, base, groups, per_stage, per_example, why)
