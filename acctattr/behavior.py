@@ -429,17 +429,38 @@ class Curvature:
         vals = self.loss.fn(out, batch[self.target])
         return self.sign * vals.sum() / self.n
 
-    def hvp(self, anchor: Params) -> Callable[[Params], Params]:
-        """v -> H(anchor) v, by forward-over-reverse differentiation."""
+    def gradient(self, params: Params) -> Params:
+        """The mean training loss's gradient at ``params``."""
         from torch.func import grad
 
+        total: Params | None = None
+        for batch in self.chunks:
+            g = grad(lambda p, b=batch: self._loss(p, b))(params)
+            total = g if total is None else {k: total[k] + g[k] for k in total}
+        assert total is not None
+        return total
+
+    def hvp(self, anchor: Params) -> Callable[[Params], Params]:
+        """v -> H(anchor) v by double backward: the gradient graph is built once per anchor
+        and every product is one more backward pass through it."""
+        names = list(anchor)
+        leaves = [anchor[n].detach().clone().requires_grad_(True) for n in names]
+        with torch.enable_grad():
+            params = dict(zip(names, leaves, strict=True))
+            grads = [torch.autograd.grad(self._loss(params, batch), leaves, create_graph=True,
+                                         allow_unused=True) for batch in self.chunks]
+
         def product(v: Params) -> Params:
-            total: Params | None = None
-            for batch in self.chunks:
-                g = grad(lambda p, b=batch: self._loss(p, b))
-                _, hv = jvp(g, (anchor,), (v,))
-                total = hv if total is None else {k: total[k] + hv[k] for k in total}
-            assert total is not None
-            return total
+            total = [torch.zeros_like(x) for x in leaves]
+            with torch.enable_grad():
+                for g in grads:
+                    dot = sum((gi * v[n].to(gi.dtype)).sum()
+                              for gi, n in zip(g, names, strict=True) if gi is not None)
+                    if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
+                        continue  # the loss is linear in every parameter here: H = 0
+                    hv = torch.autograd.grad(dot, leaves, retain_graph=True, allow_unused=True)
+                    total = [t + h if h is not None else t for t, h in zip(total, hv,
+                                                                            strict=True)]
+            return {n: t.detach() for n, t in zip(names, total, strict=True)}
 
         return product

@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -18,6 +19,9 @@ import typer
 
 from acctattr.atomic import write_atomic
 from acctattr.errors import AcctattrError
+from acctattr.options import UnrolledConfig
+
+UNROLLED = UnrolledConfig()
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,8 +37,20 @@ class Format(str, Enum):
 
 
 class Estimator(str, Enum):
+    auto = "auto"
     naive = "naive"
     frozen = "frozen"
+    unrolled = "unrolled"
+
+
+class HessianAt(str, Enum):
+    start = "start"
+    end = "end"
+    split = "split"
+    interpolate = "interpolate"
+
+
+_HESSIAN_AT_DEFAULT = HessianAt(UNROLLED.hessian_at)
 
 
 class Evaluate(str, Enum):
@@ -79,10 +95,13 @@ def run(
     Format.table,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the result to FILE (atomically) instead of stdout.")] = None,
-    estimator: Annotated[Estimator, typer.Option(help="How to estimate each stage's embedding.")]
-    = Estimator.frozen,
-    evaluate: Annotated[Evaluate, typer.Option(
-        help="linear: JVP along v_k; direct: f(theta_T) - f(theta_T - v_k).")] = Evaluate.linear,
+    estimator: Annotated[Estimator, typer.Option(
+        help="How to estimate each stage's embedding. auto: unrolled when every later stage "
+             "has training data (data:), else frozen.")] = Estimator.auto,
+    evaluate: Annotated[Evaluate | None, typer.Option(
+        help="linear: JVP along v_k; direct: f(theta_T) - f(theta_T - v_k). Default: the "
+             "estimator's best on the fidelity bench (naive/frozen: linear, unrolled: direct).",
+        show_default=False)] = None,
     per_example: Annotated[bool, typer.Option(
         "--per-example", help="Include every eval example's effects (JSON).")] = False,
     fail_on_harm: Annotated[float | None, typer.Option(
@@ -105,6 +124,18 @@ def run(
         "--plot", metavar="FILE.png|FILE.svg",
         help="Also draw the effects (needs acctattr[plot]).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    lanczos_iters: Annotated[int, typer.Option(
+        min=1, help="unrolled: Lanczos iterations (HVPs) per propagation.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
+    sample_size: Annotated[int, typer.Option(
+        min=1, help="unrolled: training examples per later stage for its curvature.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
+    hessian_at: Annotated[HessianAt, typer.Option(
+        help="unrolled: where along a segment the Hessian is taken.",
+        rich_help_panel="Unrolled estimator")] = _HESSIAN_AT_DEFAULT,
+    substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled: integrator substeps per segment (with --hessian-at "
+                    "interpolate).", rich_help_panel="Unrolled estimator")] = UNROLLED.substeps,
 ) -> None:
     """Estimate every stage's effect on the eval set and print them ranked."""
 
@@ -117,8 +148,13 @@ def run(
 
             plots.check_target(plot)
         with report.progress_bar(not quiet) as progress:
-            result = pipeline.run(manifest, estimator.value, evaluate.value, per_example,
-                                  progress)
+            config = replace(UNROLLED, lanczos_iters=lanczos_iters, sample_size=sample_size,
+                             hessian_at=hessian_at.value, substeps=substeps)
+            result = pipeline.run(manifest, estimator.value,
+                                  evaluate.value if evaluate else None, per_example, progress,
+                                  config)
+        if result.estimator_note:
+            _err(f"estimator: {result.estimator} ({result.estimator_note})")
         for w in result.warnings:
             _err(f"warning: {w}")
         gate = None

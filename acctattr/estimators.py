@@ -27,6 +27,7 @@ from acctattr.dynamics import (
 )
 from acctattr.errors import CheckpointError
 from acctattr.optim_state import OptimizerState
+from acctattr.options import SECANT_RULES, UnrolledConfig
 
 # The optimizer state that carries a parameter perturbation forward.
 FIRST_MOMENT = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
@@ -173,26 +174,6 @@ class Embedder:
 
 # ---------------------------------------------------------------- unrolled
 
-@dataclass(frozen=True)
-class UnrolledConfig:
-    """Knobs of the curvature-aware propagator (defaults chosen by bench/fidelity.py)."""
-
-    lanczos_iters: int = 20
-    sample_size: int = 512
-    # where along a segment H is taken: start | end | split (half the segment at each
-    # anchor) | interpolate (at each substep's midpoint on the line between the anchors)
-    hessian_at: str = "interpolate"
-    substeps: int = 4  # exponential-integrator substeps per segment (interpolate only)
-    # points on the line from the actual run to the counterfactual (theta - t*d) where H is
-    # averaged: 0 = at the actual run only, 1 = midpoint, 2 = two-point Gauss-Legendre
-    secant_points: int = 1
-
-
-HESSIAN_AT = ("start", "end", "split", "interpolate")
-_SECANT_T = {0: ([0.0], [1.0]), 1: ([0.5], [1.0]),
-             2: ([0.5 - 0.5 / 3**0.5, 0.5 + 0.5 / 3**0.5], [0.5, 0.5])}
-
-
 class Unrolled:
     """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
 
@@ -267,7 +248,7 @@ class Unrolled:
 
     def _hvp(self, j: int, anchor: Params, d: torch.Tensor):
         """x -> (H_bar + lam_coupled) x, H_bar averaged on the line anchor - t*d (secant)."""
-        ts, ws = _SECANT_T[self.config.secant_points]
+        ts, ws = SECANT_RULES[self.config.secant_points]
         curv = self.curvature(j)
         products = []
         for t, w in zip(ts, ws, strict=True):
@@ -305,16 +286,30 @@ class Unrolled:
         if e is not None:
             d = d + self._release(j, e)
         rate = self._rate(j)
-        root = rate.sqrt()
+        mask = self._trained_mask(j)
+        if mask is not None:
+            if not bool(mask.any()):
+                return d, None  # the stage trained none of these parameters (an adapter)
+            rate = rate * mask
+        total = float(sum(run.lrs))
         for a, b, s0, s1 in self._segments(j):
             lrs = run.lrs[s0:s1]
             scale = float(sum(lrs))
             if scale > 0:
-                for point, part in self._hessian_points(a, b):
+                n = max(1, round(self.config.substeps * scale / total)) if total > 0 else 1
+                for point, part in self._hessian_points(a, b, n):
+                    r = rate if run.opt_type == "sgd" else self._adam_rate(j, point, d, rate)
+                    root = r.sqrt()
+                    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
                     mv = self._hvp(j, point, d)
-                    y = lanczos_expm(lambda x, mv=mv: root * mv(root * x), d / root,
+                    y = lanczos_expm(lambda x, mv=mv, root=root: root * mv(root * x), d * inv,
                                      part * scale, self.config.lanczos_iters)
-                    d = root * y
+                    new = root * y + torch.where(root > 0, torch.zeros_like(d), d)
+                    cap = self.config.adam_cap
+                    if run.opt_type != "sgd" and cap is not None:
+                        limit = cap * part * scale
+                        new = d + (new - d).clamp(-limit, limit)
+                    d = new
             if run.opt_type == "adamw":
                 d = d * self._per_group(j, lambda g, lrs=lrs: _prod(1 - eta * g.weight_decay
                                                                     for eta in lrs))
@@ -326,8 +321,39 @@ class Unrolled:
                                               if g.momentum > 0 else 0.0)
         return d, steady
 
-    def _hessian_points(self, a: StateDictReader, b: StateDictReader):
+    def _trained_mask(self, j: int) -> torch.Tensor | None:
+        """1 for parameters stage j trained, 0 for those it left alone; None: all trained."""
+        trained = self.e.runs[j].trained
+        if trained is None:
+            return None
+        return torch.cat([torch.full((size,), 1.0 if n in trained else 0.0, dtype=torch.float64)
+                          for n, size in zip(self.names, self.sizes, strict=True)])
+
+    def _adam_rate(self, j: int, point: Params, d: torch.Tensor,
+                   rate: torch.Tensor) -> torch.Tensor:
+        """Adam's per-element rate at a propagation point (config.precond)."""
+        how = self.config.precond
+        if how == "actual":
+            return rate
+        curv = self.curvature(j)
+        shift = self.named(d)
+        g_act = self.flat(curv.gradient(point))
+        g_cf = self.flat(curv.gradient({n: point[n] - shift[n].to(point[n].dtype)
+                                        for n in self.names}))
+        eps = self._per_group(j, lambda g: g.eps)
+        positive = rate > 0
+        v = torch.where(positive, (1.0 / rate.clamp(min=1e-300) - eps).clamp(min=0) ** 2,
+                        torch.zeros_like(rate))
+        v_cf = v + (g_cf**2 - g_act**2).clamp(min=0)
+        v_use = v_cf if how == "counterfactual" else 0.5 * (v + v_cf)
+        return torch.where(positive, 1.0 / (v_use.sqrt() + eps), torch.zeros_like(rate))
+
+    def _hessian_points(self, a: StateDictReader, b: StateDictReader, n: int):
         """(parameters where H is taken, fraction of the segment it covers), in order.
+
+        With ``interpolate``, n substeps: a stage's ``substeps`` are shared among its
+        segments in proportion to their summed lr, so the cost does not grow with the
+        number of intermediate checkpoints.
 
         Built lazily so that each point is formed after the previous substep moved d.
         """
@@ -340,7 +366,6 @@ class Unrolled:
             yield self._anchor(a), 0.5
             yield self._anchor(b), 0.5
         else:
-            n = self.config.substeps
             for i in range(n):
                 yield self._point(a, b, (i + 0.5) / n), 1.0 / n
 

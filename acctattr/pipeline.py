@@ -29,9 +29,10 @@ from acctattr.behavior import (
 )
 from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
-from acctattr.estimators import Embedder, StageRun, Unrolled, UnrolledConfig
+from acctattr.estimators import Embedder, StageRun, Unrolled
 from acctattr.manifest import Manifest, Stage, load_manifest
 from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
+from acctattr.options import UnrolledConfig
 from acctattr.schedules import interpolate_logged_lrs, lrs_from_spec
 
 ESTIMATORS = ("naive", "frozen", "unrolled")

@@ -46,7 +46,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "metric": {"name": result.metric, "higher_is_better": result.higher_is_better},
-        "estimator": {"name": result.estimator, "evaluate": result.evaluate},
+        "estimator": {"name": result.estimator, "evaluate": result.evaluate,
+                      **({"reason": result.estimator_note} if result.estimator_note else {})},
         "n_examples": result.n_examples,
         "final_value": _num(result.final_value),
         "stages": [],

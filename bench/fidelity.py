@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from acctattr import pipeline
-from acctattr.estimators import UnrolledConfig
+from acctattr.options import UnrolledConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hessian-at", default=None)
     ap.add_argument("--secant-points", type=int, default=None)
     ap.add_argument("--substeps", type=int, default=None)
+    ap.add_argument("--precond", default=None)
+    ap.add_argument("--adam-cap", type=float, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--sample", type=int, default=None)
     ap.add_argument("--evaluate", nargs="+", default=list(pipeline.EVALUATIONS))
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         kw["secant_points"] = args.secant_points
     if args.substeps:
         kw["substeps"] = args.substeps
+    if args.precond:
+        kw["precond"] = args.precond
+    if args.adam_cap:
+        kw["adam_cap"] = args.adam_cap
     if args.iters:
         kw["lanczos_iters"] = args.iters
     if args.sample:

@@ -30,7 +30,7 @@ def manifest(tmp_path_factory) -> Path:
 
 def start(manifest: Path, out: Path, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "acctattr.cli", "run", str(manifest), "-q", "--format", "json",
-           "--output", str(out)]
+           "--estimator", "frozen", "--output", str(out)]
     # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
     # handler; restore the default so the Ctrl-C tests do not depend on how pytest was run.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -16,7 +16,7 @@ from acctattr.cli import app
 
 DIGITS = Path(__file__).resolve().parent.parent / "sample_runs" / "digits" / "manifest.yaml"
 ANSI = re.compile(r"\x1b\[")
-PROGRESS = re.compile(r"^\[\d+/\d+\] stage \S+$")
+PROGRESS = re.compile(r"^\[\d+/\d+\] stage \S+$|estimator: .*")
 TOP_FIELDS = ["schema", "metric", "estimator", "n_examples", "final_value", "stages"]
 STAGE_FIELDS = ["name", "rank", "effect", "verdict", "share", "counterfactual_value", "groups"]
 
@@ -57,9 +57,12 @@ def test_json_has_the_spec_fields_in_order(runner):
     assert list(doc) == TOP_FIELDS
     assert doc["schema"] == "acctattr.effects/1"
     assert doc["metric"] == {"name": "cross_entropy", "higher_is_better": False}
-    assert doc["estimator"] == {"name": "frozen", "evaluate": "linear"}
+    # the default estimator is auto: unrolled (every later stage has data) with its best
+    # evaluation, direct; the reason is said
+    assert doc["estimator"]["name"] == "unrolled" and doc["estimator"]["evaluate"] == "direct"
+    assert "auto uses unrolled" in doc["estimator"]["reason"]
     assert list(doc["metric"]) == ["name", "higher_is_better"]
-    assert list(doc["estimator"]) == ["name", "evaluate"]
+    assert list(doc["estimator"]) == ["name", "evaluate", "reason"]
     assert isinstance(doc["n_examples"], int) and doc["n_examples"] > 0
     stages = doc["stages"]
     assert [s["rank"] for s in stages] == [1, 2, 3]

@@ -63,3 +63,60 @@ def test_naive_misses_later_weight_decay(tmp_path):
     result = pipeline.run(manifest, "naive", "direct", per_example=True)
     est = torch.tensor([e.effects["a"] for e in result.examples], dtype=torch.float64)
     assert (est - ref).abs().max() / ref.abs().max() > 1e-3
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_unrolled_tracks_retraining_on_digits():
+    """unrolled+direct correlates >= 0.95 per example with retraining truth on every digits
+    stage, gets every sign right and ranks the stages as the truth does."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sample_runs" / "digits"
+    truth_doc = json.loads((root / "truth.json").read_text())["stages"]
+    result = pipeline.run(root / "manifest.yaml", "unrolled", "direct", per_example=True)
+    assert result.examples is not None
+    for s in result.stages:
+        est = torch.tensor([e.effects[s.name] for e in result.examples], dtype=torch.float64)
+        ref = torch.tensor(truth_doc[s.name]["examples"], dtype=torch.float64)
+        assert _pearson(est, ref) >= 0.95, s.name
+        assert (s.effect > 0) == (truth_doc[s.name]["effect"] > 0), s.name
+    ranked = [s.name for s in result.stages]
+    assert ranked == sorted(truth_doc, key=lambda n: -abs(truth_doc[n]["effect"]))
+
+
+def test_unrolled_beats_frozen_on_the_earliest_stage():
+    """On digits, curvature makes the earliest stage's estimate closer to retraining."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sample_runs" / "digits"
+    ref = torch.tensor(json.loads((root / "truth.json").read_text())["stages"]["pretrain"]
+                       ["examples"], dtype=torch.float64)
+    scores = {}
+    for est in ("frozen", "unrolled"):
+        r = pipeline.run(root / "manifest.yaml", est, "direct", per_example=True)
+        scores[est] = _pearson(torch.tensor([e.effects["pretrain"] for e in r.examples],
+                                            dtype=torch.float64), ref)
+    assert scores["unrolled"] > scores["frozen"] + 0.3, scores
+
+
+def test_auto_falls_back_to_frozen_without_stage_data_and_says_why(tmp_path):
+    """auto uses frozen when a later stage has no training data, and names that stage."""
+    manifest = write_run(tmp_path / "run", CASES["adamw_two_groups_fresh"])
+    result = pipeline.run(manifest)
+    assert result.estimator == "frozen" and result.evaluate == "linear"
+    assert result.estimator_note is not None and "b, c" in result.estimator_note
+
+
+def test_unrolled_without_stage_data_is_a_clear_error(tmp_path):
+    """Asking for unrolled when a later stage has no data names the stage and the key."""
+    from acctattr.errors import AcctattrError
+
+    manifest = write_run(tmp_path / "run", CASES["adamw_two_groups_fresh"])
+    with pytest.raises(AcctattrError, match="stage 'b'.*data"):
+        pipeline.run(manifest, "unrolled")

@@ -1,0 +1,32 @@
+"""Estimator options, kept free of torch so the command line starts fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UnrolledConfig:
+    """Knobs of the curvature-aware propagator (defaults chosen by bench/fidelity.py)."""
+
+    lanczos_iters: int = 16
+    sample_size: int = 2048
+    # where along a segment H is taken: start | end | split (half the segment at each
+    # anchor) | interpolate (at each substep's midpoint on the line between the anchors)
+    hessian_at: str = "interpolate"
+    substeps: int = 4  # exponential-integrator substeps per segment (interpolate only)
+    # points on the line from the actual run to the counterfactual (theta - t*d) where H is
+    # averaged: 0 = at the actual run only, 1 = midpoint, 2 = two-point Gauss-Legendre
+    secant_points: int = 2
+    # Adam's preconditioner in the propagator: "actual" (the stage's state file) or
+    # "counterfactual" (its second moment raised by the counterfactual run's larger mean
+    # gradient: v + max(g(theta - d)^2 - g(theta)^2, 0)), or "mean" of the two v's
+    precond: str = "counterfactual"
+    # Adam moves a coordinate at most ~lr per step (|m_hat / sqrt(v_hat)| <= 1 in steady
+    # state), so relearning in a substep is capped at adam_cap * (summed lr); None: no cap
+    adam_cap: float | None = 1.0
+
+
+HESSIAN_AT = ("start", "end", "split", "interpolate")
+SECANT_RULES = {0: ([0.0], [1.0]), 1: ([0.5], [1.0]),
+             2: ([0.5 - 0.5 / 3**0.5, 0.5 + 0.5 / 3**0.5], [0.5, 0.5])}
