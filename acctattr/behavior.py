@@ -249,6 +249,19 @@ class EvalData:
 Params = dict[str, torch.Tensor]
 
 
+def forward(model: nn.Module, state: Params, inputs: tuple[str, ...],
+            batch: Batch) -> torch.Tensor:
+    """The model's output tensor at ``state``: model(x) for one input, model(**named) for
+    several; a ``logits`` field is taken from dict-like outputs (Hugging Face models)."""
+    if len(inputs) == 1:
+        out = functional_call(model, state, (batch[inputs[0]],))
+    else:
+        out = functional_call(model, state, (), {n: batch[n] for n in inputs})
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    return out.logits if hasattr(out, "logits") else out
+
+
 class Evaluator:
     """Per-example metric of a model at theta_T and along stage embeddings."""
 
@@ -266,17 +279,10 @@ class Evaluator:
         self.metric = metric
         self.dtype = next(iter(params.values())).dtype if params else torch.float32
 
-    def _args(self, batch: Batch) -> tuple[tuple, dict]:
-        spec = self.data.spec
-        if len(spec.inputs) == 1:
-            return (batch[spec.inputs[0]],), {}
-        return (), {n: batch[n] for n in spec.inputs}
-
     def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
         spec = self.data.spec
-        args, kwargs = self._args(batch)
         try:
-            out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
+            out = forward(self.model, {**self.fixed, **params}, spec.inputs, batch)
         except AcctattrError:
             raise
         except Exception as e:  # a forward error here is (almost always) data the model can't take
@@ -285,10 +291,6 @@ class Evaluator:
                 f"{_describe(batch, spec.inputs)}: {type(e).__name__}: {_first_line(e)}",
                 f"check that eval.inputs ({', '.join(spec.inputs)}) hold what the model's "
                 "forward takes (names, shapes, dtypes)") from e
-        if isinstance(out, dict) and "logits" in out:
-            out = out["logits"]
-        elif hasattr(out, "logits"):
-            out = out.logits
         target = batch[spec.target]
         if self.metric.name in CLASS_METRICS and target.is_floating_point():
             raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
@@ -419,13 +421,7 @@ class Curvature:
         self.n = n
 
     def _loss(self, params: Params, batch: Batch) -> torch.Tensor:
-        if len(self.inputs) == 1:
-            args, kwargs = (batch[self.inputs[0]],), {}
-        else:
-            args, kwargs = (), {k: batch[k] for k in self.inputs}
-        out = functional_call(self.model, {**self.fixed, **params}, args, kwargs)
-        if hasattr(out, "logits"):
-            out = out.logits
+        out = forward(self.model, {**self.fixed, **params}, self.inputs, batch)
         vals = self.loss.fn(out, batch[self.target])
         return self.sign * vals.sum() / self.n
 

@@ -46,7 +46,7 @@ class Estimator(str, Enum):
 class HessianAt(str, Enum):
     start = "start"
     end = "end"
-    split = "split"
+    halves = "split"  # (a member named "split" would shadow str.split)
     interpolate = "interpolate"
 
 
@@ -209,6 +209,47 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
 
         names = [s.name for s in load_manifest(manifest).stages]
         gates.check_stage_name(gate_stage, names)
+
+
+@app.command()
+def validate(
+    manifest: ManifestArg,
+    estimator: Annotated[list[Estimator] | None, typer.Option(
+        "--estimator", help="Estimators to measure (repeat the option). Default: every one "
+        "the manifest allows.", show_default=False)] = None,
+    format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] =
+    Format.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the table to FILE (atomically) instead of stdout.")]
+    = None,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Where replay writes its checkpoints (default: a temporary folder, removed "
+             "afterwards).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
+
+    def go() -> None:
+        from acctattr import pipeline, report
+
+        if format is Format.markdown:
+            raise AcctattrError("validate writes table or json", "use --format table|json")
+        chosen = None
+        if estimator:
+            if Estimator.auto in estimator:
+                raise AcctattrError("validate measures concrete estimators, not auto",
+                                    "name naive, frozen or unrolled")
+            chosen = tuple(e.value for e in estimator)
+        with report.progress_bar(not quiet) as progress:
+            v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress)
+        if format is Format.json:
+            text = report.validation_to_json(v)
+        else:
+            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            text = report.validation_to_table(v, color=color, width=110)
+        _emit(text, output)
+
+    guarded(go)
 
 
 @app.command()

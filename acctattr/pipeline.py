@@ -9,6 +9,8 @@ Doubles as the Python API::
 from __future__ import annotations
 
 import math
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from acctattr import formats
+from acctattr import fidelity, formats
 from acctattr.behavior import (
     Curvature,
     EvalData,
     Evaluator,
     ModelInfo,
     build_model,
+    load_ref,
     load_stage_sample,
     model_info,
     resolve_metric,
@@ -30,6 +33,7 @@ from acctattr.behavior import (
 from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
 from acctattr.estimators import Embedder, StageRun, Unrolled
+from acctattr.fidelity import Fidelity
 from acctattr.manifest import Manifest, Stage, load_manifest
 from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.options import UnrolledConfig
@@ -432,3 +436,95 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
                   estimator=estimator, evaluate=evaluate, n_examples=int(base.shape[0]),
                   final_value=final, stages=tuple(stages), examples=examples,
                   warnings=tuple(loaded.warnings), estimator_note=estimator_note)
+
+
+# ---------------------------------------------------------------- validation against retraining
+
+@dataclass(frozen=True)
+class Validation:
+    """Every estimator's fidelity against retraining through the manifest's ``replay``."""
+
+    metric: str
+    n_examples: int
+    replay: str
+    retrain_seconds: float  # all the counterfactual retrainings together
+    results: tuple[Fidelity, ...]
+
+
+def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
+                 progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """Per-example true effects f_i(theta_T) - f_i(theta_T^(-k)) by calling ``replay``.
+
+    ``replay(skip, out_dir)`` retrains the pipeline with stage ``skip`` skipped, writes the
+    final checkpoint under ``out_dir`` and returns its path. Returns (effects, seconds).
+    """
+    ref = loaded.manifest.replay
+    if ref is None:
+        raise AcctattrError(f"{loaded.manifest.path}: no 'replay' key; validation needs a "
+                            "function that retrains the pipeline with one stage skipped",
+                            "add replay: FILE.py:FUNC, with FUNC(skip: str, out_dir: str) "
+                            "returning the final checkpoint's path")
+    replay = load_ref(ref, "replay")
+    ev = loaded.evaluator
+    truth: dict[str, torch.Tensor] = {}
+    seconds = 0.0
+    names = [r.name for r in loaded.runs]
+    for k, name in enumerate(names):
+        if progress:
+            progress(f"retraining without {name}", k, len(names))
+        out = workdir / f"without-{k}"
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            got = replay(name, str(out))
+        except Exception as e:
+            raise AcctattrError(f"replay {ref.text} raised {type(e).__name__} while retraining "
+                                f"without stage '{name}': {e}") from e
+        seconds += time.perf_counter() - t0
+        if not isinstance(got, (str, Path)):
+            raise AcctattrError(f"replay {ref.text} returned {type(got).__name__}, not the "
+                                "path of the final checkpoint")
+        reader = open_checkpoint(Path(got))
+        _check_params(reader, loaded.info, name, f"replay {ref.text} result")
+        params = {n: reader.get(n) for n in loaded.info.trainable}
+        fixed = _fixed_tensors(loaded.model, reader, loaded.info)
+        cf, _ = Evaluator(loaded.model, params, fixed, ev.data, ev.metric).values()
+        truth[name] = base - cf
+    return truth, seconds
+
+
+def validate(path: str | Path, estimators: tuple[str, ...] | None = None,
+             evaluations: tuple[str, ...] = EVALUATIONS, workdir: Path | None = None,
+             progress: Progress | None = None,
+             config: UnrolledConfig | None = None) -> Validation:
+    """Retrain with each stage skipped and measure every estimator against that truth.
+
+    Args:
+        estimators: default every estimator the manifest allows (unrolled needs data).
+        workdir: where ``replay`` writes its checkpoints; default a temporary folder that is
+            removed afterwards (never the run's own folders).
+    """
+    loaded = check(path)
+    if estimators is None:
+        estimators = tuple(e for e in ESTIMATORS
+                           if e != "unrolled" or all(r.data for r in loaded.runs[1:]))
+    base, _ = loaded.evaluator.values()
+    with tempfile.TemporaryDirectory(prefix="acctattr-validate-") as tmp:
+        truth, retrain = true_effects(loaded, base, workdir or Path(tmp), progress)
+    results: list[Fidelity] = []
+    names = [r.name for r in loaded.runs]
+    for est in estimators:
+        t0 = time.perf_counter()
+        vs = list(embeddings(loaded, est, config))
+        embed_seconds = time.perf_counter() - t0
+        for evaluate in evaluations:
+            if progress:
+                progress(f"{est} / {evaluate}", len(results), len(estimators) * len(evaluations))
+            t1 = time.perf_counter()
+            estimated = {names[k]: (loaded.evaluator.linear(v) if evaluate == "linear"
+                                    else loaded.evaluator.direct(v, base)) for k, v in vs}
+            seconds = embed_seconds + time.perf_counter() - t1
+            results.append(fidelity.compare(est, evaluate, estimated, truth, seconds))
+    return Validation(loaded.evaluator.metric.name, int(base.shape[0]),
+                      loaded.manifest.replay.text if loaded.manifest.replay else "",
+                      retrain, tuple(results))

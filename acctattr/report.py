@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from acctattr.pipeline import Progress as ProgressFn
-from acctattr.pipeline import Result, StageEffect
+from acctattr.pipeline import Result, StageEffect, Validation
 
 if TYPE_CHECKING:
     from acctattr.diff import Diff, StageDoc
@@ -329,6 +329,52 @@ def diff_to_markdown(d: Diff) -> str:
     for w in d.warnings:
         out += ["", f"> warning: {w}"]
     return "\n".join(out) + "\n"
+
+
+def validation_dict(v: Validation) -> dict[str, Any]:
+    return {
+        "schema": "acctattr.validation/1",
+        "metric": v.metric,
+        "n_examples": v.n_examples,
+        "replay": v.replay,
+        "retrain_seconds": _num(v.retrain_seconds),
+        "results": [
+            {"estimator": f.estimator, "evaluate": f.evaluate, "ranking_ok": f.ranking_ok,
+             "seconds": _num(f.seconds) if f.seconds is not None else None,
+             "stages": [{"name": s.stage, "pearson": _num(s.pearson),
+                         "spearman": _num(s.spearman), "effect": _num(s.effect),
+                         "true_effect": _num(s.true_effect), "sign_ok": s.sign_ok}
+                        for s in f.stages]}
+            for f in v.results],
+    }
+
+
+def validation_to_json(v: Validation) -> str:
+    return json.dumps(validation_dict(v), indent=2, allow_nan=False) + "\n"
+
+
+def validation_to_table(v: Validation, *, color: bool | None = None,
+                        width: int | None = None) -> str:
+    """One row per (estimator, evaluation, stage): correlations, effects, sign, ranking."""
+    table = Table(title=f"Fidelity against retraining ({v.replay}) on {v.metric}, "
+                        f"{v.n_examples} examples",
+                  caption=f"retraining every counterfactual took {v.retrain_seconds:.1f} s; "
+                          "seconds = estimator time for all stages")
+    for col, just in (("estimator", "left"), ("evaluate", "left"), ("stage", "left"),
+                      ("pearson", "right"), ("spearman", "right"), ("effect", "right"),
+                      ("truth", "right"), ("sign", "left"), ("ranking", "left"),
+                      ("seconds", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for f in v.results:
+        for i, s in enumerate(f.stages):
+            first = i == 0
+            table.add_row(f.estimator if first else "", f.evaluate if first else "", s.stage,
+                          f"{s.pearson:.3f}", f"{s.spearman:.3f}", _fmt(s.effect),
+                          _fmt(s.true_effect), "ok" if s.sign_ok else "WRONG",
+                          ("ok" if f.ranking_ok else "WRONG") if first else "",
+                          f"{f.seconds:.2f}" if first and f.seconds is not None else "")
+        table.add_section()
+    return _render(table, color, width)
 
 
 def stderr_console() -> Console:

@@ -1,10 +1,14 @@
-"""Fidelity of every estimator against retraining truth on the bundled sample runs (SPEC 6).
+"""Fidelity and cost of every estimator against retraining, on the bundled sample runs.
 
-For each sample run, estimator and evaluation mode: per stage, the Pearson and Spearman
-correlation of per-example effects with truth.json, whether the sign of the mean effect is
-right, and whether the ranking of stages by |effect| matches the truth's.
+For each sample run (SPEC section 6): retrain with each stage skipped through the run's
+``replay`` function, then per estimator and evaluation mode print, per stage, the Pearson
+and Spearman correlation of per-example effects with that truth, whether the sign of the
+mean effect is right, and whether the ranking of stages by |effect| matches. Then the cost:
+the wall time of ``acctattr run`` (the default, auto estimator, in process) divided by the
+time retraining took, both measured in this one run.
 
-    python bench/fidelity.py [--runs digits toxicity] [--estimators naive frozen]
+    python bench/fidelity.py [--runs digits toxicity] [--estimators naive frozen unrolled]
+                             [--lanczos-iters N] [--sample-size N] [--substeps N] ...
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
-
-import torch
 
 from acctattr import pipeline
 from acctattr.options import UnrolledConfig
@@ -23,99 +26,50 @@ from acctattr.options import UnrolledConfig
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(x, stable=True)
-    r = torch.empty_like(x)
-    r[order] = torch.arange(len(x), dtype=x.dtype)
-    # average ranks over ties
-    for v in torch.unique(x):
-        mask = x == v
-        if int(mask.sum()) > 1:
-            r[mask] = r[mask].mean()
-    return r
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(ranks(a), ranks(b))
-
-
-def fidelity(run: str, estimator: str, evaluate: str, config=None) -> dict:
-    folder = ROOT / run
-    truth = json.loads((folder / "truth.json").read_text())
-    t0 = time.perf_counter()
-    result = pipeline.run(folder / "manifest.yaml", estimator, evaluate, per_example=True,
-                          config=config)
-    seconds = time.perf_counter() - t0
-    assert result.examples is not None
-    rows = []
-    est_mean, true_mean = {}, {}
-    for s in result.stages:
-        est = torch.tensor([e.effects[s.name] for e in result.examples], dtype=torch.float64)
-        ref = torch.tensor(truth["stages"][s.name]["examples"], dtype=torch.float64)
-        est_mean[s.name], true_mean[s.name] = s.effect, truth["stages"][s.name]["effect"]
-        rows.append({"stage": s.name, "pearson": pearson(est, ref),
-                     "spearman": spearman(est, ref), "effect": s.effect,
-                     "true_effect": true_mean[s.name],
-                     "sign_ok": (s.effect > 0) == (true_mean[s.name] > 0)})
-    rank_est = sorted(est_mean, key=lambda n: -abs(est_mean[n]))
-    rank_true = sorted(true_mean, key=lambda n: -abs(true_mean[n]))
-    return {"run": run, "estimator": result.estimator, "evaluate": evaluate,
-            "seconds": seconds, "ranking_ok": rank_est == rank_true, "stages": rows}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    runs = sorted(p.name for p in ROOT.iterdir() if (p / "truth.json").is_file())
+    runs = sorted(p.name for p in ROOT.iterdir() if (p / "manifest.yaml").is_file())
     ap.add_argument("--runs", nargs="+", default=runs)
     ap.add_argument("--estimators", nargs="+", default=list(pipeline.ESTIMATORS))
-    ap.add_argument("--hessian-at", default=None)
-    ap.add_argument("--secant-points", type=int, default=None)
-    ap.add_argument("--substeps", type=int, default=None)
-    ap.add_argument("--precond", default=None)
-    ap.add_argument("--adam-cap", type=float, default=None)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--sample", type=int, default=None)
     ap.add_argument("--evaluate", nargs="+", default=list(pipeline.EVALUATIONS))
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    defaults = UnrolledConfig()
+    for f in fields(UnrolledConfig):
+        kind = type(getattr(defaults, f.name))
+        ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                        type=float if kind in (float, type(None)) else kind)
     args = ap.parse_args(argv)
-    kw = {}
-    if args.hessian_at:
-        kw["hessian_at"] = args.hessian_at
-    if args.secant_points is not None:
-        kw["secant_points"] = args.secant_points
-    if args.substeps:
-        kw["substeps"] = args.substeps
-    if args.precond:
-        kw["precond"] = args.precond
-    if args.adam_cap:
-        kw["adam_cap"] = args.adam_cap
-    if args.iters:
-        kw["lanczos_iters"] = args.iters
-    if args.sample:
-        kw["sample_size"] = args.sample
-    config = UnrolledConfig(**kw)
-    out = []
+    config = UnrolledConfig(**{f.name: getattr(args, f.name) for f in fields(UnrolledConfig)
+                               if getattr(args, f.name) is not None})
+    print(f"unrolled settings: {config}")
     print(f"{'run':<10} {'estimator':<9} {'eval':<6} {'stage':<18} {'pearson':>8} "
           f"{'spearman':>8} {'effect':>9} {'truth':>9} sign rank")
+    report = []
     for run in args.runs:
-        for est in args.estimators:
-            for ev in args.evaluate:
-                f = fidelity(run, est, ev, config)
-                out.append(f)
-                for i, r in enumerate(f["stages"]):
-                    print(f"{run:<10} {est:<9} {ev:<6} {r['stage']:<18} {r['pearson']:8.3f} "
-                          f"{r['spearman']:8.3f} {r['effect']:+9.4f} {r['true_effect']:+9.4f} "
-                          f"{'ok ' if r['sign_ok'] else 'BAD'}  "
-                          f"{('ok' if f['ranking_ok'] else 'BAD') if i == 0 else ''}")
-                sys.stdout.flush()
+        manifest = ROOT / run / "manifest.yaml"
+        v = pipeline.validate(manifest, tuple(args.estimators), tuple(args.evaluate),
+                              config=config)
+        for f in v.results:
+            for i, s in enumerate(f.stages):
+                rank = ("ok" if f.ranking_ok else "BAD") if i == 0 else ""
+                print(f"{run:<10} {f.estimator:<9} {f.evaluate:<6} {s.stage:<18} "
+                      f"{s.pearson:8.3f} {s.spearman:8.3f} {s.effect:+9.4f} "
+                      f"{s.true_effect:+9.4f} {'ok ' if s.sign_ok else 'BAD'}  {rank}")
+        t0 = time.perf_counter()
+        result = pipeline.run(manifest, config=config)
+        seconds = time.perf_counter() - t0
+        ratio = seconds / v.retrain_seconds
+        print(f"{run:<10} cost: acctattr run ({result.estimator}/{result.evaluate}) "
+              f"{seconds:.2f} s; retraining {len(v.results[0].stages)} counterfactuals "
+              f"{v.retrain_seconds:.2f} s; ratio {ratio:.1%}")
+        sys.stdout.flush()
+        report.append({"run": run, "run_seconds": seconds, "retrain_seconds":
+                       v.retrain_seconds, "results": [
+                           {"estimator": f.estimator, "evaluate": f.evaluate,
+                            "ranking_ok": f.ranking_ok, "stages": [s.__dict__ for s in f.stages]}
+                           for f in v.results]})
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
