@@ -5,40 +5,54 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from acctattr.errors import AcctattrError
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+@contextmanager
+def atomic_file(path: Path, option: str, binary: bool = False) -> Iterator[IO]:
+    """A file handle whose contents replace ``path`` atomically when the block ends.
 
-    The text goes to ``.NAME.XXXX.tmp`` in the same folder, is fsynced, then renamed over
+    The data goes to ``.NAME.XXXX.tmp`` in the same folder, is fsynced, then renamed over
     ``path`` (atomic on POSIX). An exception or Ctrl-C removes the temporary file; a SIGKILL
     (or power loss) between its creation and the rename cannot, and leaves it behind, while
     ``path`` itself is always the old file or the complete new one.
+
+    Args:
+        option: the command-line option that named ``path``, for messages (``--output``).
     """
     folder = path.resolve().parent
     if not folder.is_dir():
-        raise AcctattrError(f"--output {path}: folder {folder} does not exist")
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            slow = _test_slow_write()
-            if slow:  # test-only: stop halfway through, so a test can kill us mid-write
-                fh.write(text[: len(text) // 2])
-                fh.flush()
-                time.sleep(slow)
-                text = text[len(text) // 2:]
-            fh.write(text)
+        fh: IO = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        with fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise AcctattrError(f"--output {path}: cannot write ({e.strerror})") from e
+            raise AcctattrError(f"{option} {path}: cannot write ({e.strerror})") from e
         raise
+
+
+def write_atomic(path: Path, text: str, option: str = "--output") -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_file(path, option) as fh:
+        slow = _test_slow_write()
+        if slow:  # test-only: stop halfway through, so a test can kill us mid-write
+            fh.write(text[: len(text) // 2])
+            fh.flush()
+            time.sleep(slow)
+            text = text[len(text) // 2:]
+        fh.write(text)
 
 
 def _test_slow_write() -> float:

@@ -9,11 +9,10 @@ only when a plot is asked for; it renders with the Agg backend (no display neede
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from acctattr.atomic import atomic_file
 from acctattr.errors import AcctattrError
 from acctattr.pipeline import Result
 
@@ -159,18 +158,7 @@ def render(result: Result, path: Path, confidence: float = 0.95) -> None:
 
 def _save(fig: Any, path: Path) -> None:
     """Render to a temporary file in the target folder, then rename over ``path``."""
-    folder = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=path.suffix.lower().lstrip("."), dpi=DPI,
-                        metadata={"Software": None} if path.suffix.lower() == ".png" else
-                        {"Date": None, "Creator": None})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise AcctattrError(f"--plot {path}: cannot write ({e.strerror})") from e
-        raise
+    with atomic_file(path, "--plot", binary=True) as fh:
+        fig.savefig(fh, format=path.suffix.lower().lstrip("."), dpi=DPI,
+                    metadata={"Software": None} if path.suffix.lower() == ".png" else
+                    {"Date": None, "Creator": None})
