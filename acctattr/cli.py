@@ -7,6 +7,7 @@ Ctrl-C into 130. Results go to stdout; progress, warnings and errors to stderr.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -168,7 +169,7 @@ def run(
             text = report.to_markdown(result, gate)
         else:
             color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-            text = report.to_table(result, color=color)
+            text = report.to_table(result, color=color, width=_terminal_width(output))
         _emit(text, output)
         if plot is not None:
             plots.render(result, plot, confidence)
@@ -181,6 +182,13 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _terminal_width(output: Path | None) -> int | None:
+    """The terminal's width when the table goes to one, else None (the table's own width)."""
+    if output is None and sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def _emit(text: str, output: Path | None) -> None:

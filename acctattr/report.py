@@ -147,9 +147,11 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
 
 
 def _render(table: Table, color: bool | None, width: int | None) -> str:
+    """The table as text at its natural width (no wrapped cells), at most ``width``."""
+    natural = Console(file=StringIO(), width=1000).measure(table).maximum
     buf = StringIO()
     console = Console(file=buf, force_terminal=bool(color), no_color=not color,
-                      width=width or 100, highlight=False)
+                      width=min(natural, width) if width else natural, highlight=False)
     console.print(table)
     return buf.getvalue()
 
