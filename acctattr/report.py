@@ -127,7 +127,9 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
                 "error over eval examples",
     )
     table.add_column("rank", justify="right")
-    table.add_column("stage")
+    # a stage's name is never cut, however narrow the terminal
+    table.add_column("stage", no_wrap=True,
+                     min_width=max((len(s.name) for s in result.stages), default=5))
     table.add_column("effect", justify="right")
     table.add_column("±", justify="right")
     table.add_column("share", justify="right")
