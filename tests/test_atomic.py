@@ -134,3 +134,20 @@ def test_ctrl_c_while_computing_exits_130(manifest, tmp_path):
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["interrupted"] and stdout == ""
     assert not out.exists() and temps(out) == []
+
+
+def test_output_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """A result written through the temporary file ends with 0666 & ~umask, like any file."""
+    import os
+    import stat
+
+    from acctattr.atomic import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "r.json"
+        write_atomic(target, "{}\n")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        assert target.read_text() == "{}\n"
+    finally:
+        os.umask(old)
