@@ -10,6 +10,7 @@ An embedding depends only on checkpoints and optimizer state, never on the eval 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class Embedder:
     def __init__(self, runs: list[StageRun], trainable: dict[str, tuple[int, ...]]) -> None:
         self.runs = runs
         self.trainable = trainable
-        self._groups = [r.state.group_of() for r in runs]
+        self.groups = [r.state.group_of() for r in runs]
         self._transforms: dict[tuple[int, int], SgdTransform | AdamwTransform] = {}
         self._precond: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -122,7 +123,7 @@ class Embedder:
         key = (j, name)
         if key not in self._precond:
             run = self.runs[j]
-            hp = run.state.groups[self._groups[j][name]]
+            hp = run.state.groups[self.groups[j][name]]
             v = run.state.tensor(name, "exp_avg_sq")
             if v is None:
                 why = "there is none" if run.state.source is None else "it lacks that tensor"
@@ -160,7 +161,7 @@ class Embedder:
             # the stage's optimizer never touched this parameter: no weight decay, no
             # momentum, no update acts on its perturbation (a frozen base weight under LoRA)
             return d, e
-        group = self._groups[j][name]
+        group = self.groups[j][name]
         hp = run.state.groups[group]
         if run.opt_type == "adam" and hp.weight_decay > 0:
             return adam_l2_propagate(d, e, self.preconditioner(j, name), run.lrs, hp.beta1,
@@ -178,16 +179,20 @@ class Unrolled:
     """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
 
     Within a segment of a later stage between two checkpoints (anchors), with summed lr L,
-    per-element rate r (SGD: (1-dampening)/(1-momentum); Adam: the frozen preconditioner p)
-    and coupled weight decay lam:
+    per-element rate r (SGD: (1-dampening)/(1-momentum); Adam: the preconditioner p) and
+    coupled weight decay lam, each integrator substep applies
 
-        d <- r^(1/2) exp(-L * r^(1/2) (H + lam) r^(1/2)) r^(-1/2) d
+        d <- r^(1/2) exp(-L * r^(1/2) (H_bar + lam) r^(1/2)) r^(-1/2) d
 
-    applied by Lanczos (acctattr.dynamics.lanczos_expm) on HVPs of the stage's training loss
-    on a sample of its data; AdamW's decoupled decay is its own factor prod(1 - eta*lam).
-    A first-moment perturbation carried into a continuing stage is first released into d
-    with the frozen coefficient; the one handed on to the next continuing stage is the
-    steady-state response of the moment to the gradient change, (H + lam) d * r_sgd.
+    by Lanczos (acctattr.dynamics.lanczos_expm) on HVPs of the stage's training loss on a
+    sample of its data. H_bar is the secant Hessian, taken between the actual run
+    (interpolated between the anchors) and the counterfactual (theta - d/2), since skipping a
+    stage is a large perturbation. For Adam, r uses the counterfactual's larger second moment
+    and a substep moves a coordinate by at most its summed lr (UnrolledConfig.precond,
+    adam_cap). AdamW's decoupled decay is its own factor prod(1 - eta*lam). A first-moment
+    perturbation carried into a continuing stage is first released into d with the frozen
+    coefficient; the one handed on to the next continuing stage is the steady-state response
+    of the moment to the gradient change, (H_bar + lam) d * r_sgd.
     """
 
     def __init__(self, embedder: Embedder, curvature, config: UnrolledConfig) -> None:
@@ -215,7 +220,7 @@ class Unrolled:
     def _per_group(self, j: int, value) -> torch.Tensor:
         """A flat vector holding value(group hyperparameters) for each parameter's group."""
         run = self.e.runs[j]
-        groups = self.e._groups[j]
+        groups = self.e.groups[j]
         return torch.cat([torch.full((size,), float(value(run.state.groups[groups[n]])),
                                      dtype=torch.float64)
                           for n, size in zip(self.names, self.sizes, strict=True)])
@@ -311,8 +316,8 @@ class Unrolled:
                         new = d + (new - d).clamp(-limit, limit)
                     d = new
             if run.opt_type == "adamw":
-                d = d * self._per_group(j, lambda g, lrs=lrs: _prod(1 - eta * g.weight_decay
-                                                                    for eta in lrs))
+                d = d * self._per_group(j, lambda g, lrs=lrs: math.prod(
+                    1 - eta * g.weight_decay for eta in lrs))
         if not hand_on:
             return d, None
         steady = self._hvp(j, self._anchor(run.end), d)(d)
@@ -394,9 +399,3 @@ class Unrolled:
             d, e = self.propagate(j, d, e, hand_on)
         return self.named(d, torch.float64)
 
-
-def _prod(xs) -> float:
-    out = 1.0
-    for x in xs:
-        out *= x
-    return out
