@@ -14,6 +14,10 @@ synthetic two-stage run: a Linear(256 -> 10) float32 model, eval inputs [N, 256]
 The pipeline keeps N floats per stage (the per-example effects), not the data.
 
     python bench/memory.py            # prints a table and the 100k/10k ratios
+
+glibc raises its mmap threshold as large blocks are freed, so freed batch buffers may stay on
+the heap and show as up to ~1.2x anonymous memory at 100k in some runs. Pin the threshold
+(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use: 1.00x.
 """
 
 from __future__ import annotations
