@@ -297,6 +297,8 @@ class Unrolled:
                 return d, None  # the stage trained none of these parameters (an adapter)
             rate = rate * mask
         total = float(sum(run.lrs))
+        if run.opt_type != "sgd" and self.config.adam_dynamics == "flow":
+            return self._adam_flow(j, d, rate, total, hand_on)
         for a, b, s0, s1 in self._segments(j):
             lrs = run.lrs[s0:s1]
             scale = float(sum(lrs))
@@ -325,6 +327,52 @@ class Unrolled:
             steady = steady * self._per_group(j, lambda g: (1 - g.dampening) / (1 - g.momentum)
                                               if g.momentum > 0 else 0.0)
         return d, steady
+
+    def _adam_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
+                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry d through an Adam stage by integrating the difference of normalised steps.
+
+        In steady state Adam steps by u = m_hat/(sqrt(v_hat)+eps) ~ g/(sqrt(g^2+s^2)+eps),
+        g the mean gradient and s^2 the batch noise (v_hat - g^2, from the state file and
+        the gradient at the stage's end). The counterfactual differs by d, so
+        d' = -eta*(u(theta) - u(theta - d)) - eta*lam_d*d: bounded (|u| <= 1) and zero
+        wherever both runs' gradients agree, which the linearised propagator cannot see.
+        """
+        run = self.e.runs[j]
+        curv = self.curvature(j)
+        eps = self._per_group(j, lambda g: g.eps)
+        lam_c = self._coupled_decay(j)
+        positive = rate > 0
+        v_hat = torch.where(positive, (1.0 / rate.clamp(min=1e-300) - eps).clamp(min=0) ** 2,
+                            torch.zeros_like(rate))
+        end = self._anchor(run.end)
+        g_end = self.flat(curv.gradient(end)) + lam_c * self.flat(end)
+        noise = (v_hat - g_end**2).clamp(min=0)
+
+        def step(theta: Params) -> torch.Tensor:
+            g = self.flat(curv.gradient(theta)) + lam_c * self.flat(theta)
+            return g / ((g * g + noise).sqrt() + eps)
+
+        def shifted(theta: Params, x: torch.Tensor) -> Params:
+            shift = self.named(x)
+            return {n: theta[n] - shift[n].to(theta[n].dtype) for n in self.names}
+
+        for a, b, s0, s1 in self._segments(j):
+            lrs = run.lrs[s0:s1]
+            scale = float(sum(lrs))
+            if scale > 0:
+                n = max(1, round(self.config.flow_substeps * scale / total))
+                for i in range(n):
+                    theta = self._point(a, b, (i + 0.5) / n)
+                    du = step(theta) - step(shifted(theta, d))
+                    d = d - (scale / n) * torch.where(positive, du, torch.zeros_like(du))
+            if run.opt_type == "adamw":
+                d = d * self._per_group(j, lambda g, lrs=lrs: math.prod(
+                    1 - eta * g.weight_decay for eta in lrs))
+        if not hand_on:
+            return d, None
+        end_g = self.flat(curv.gradient(end))
+        return d, end_g - self.flat(curv.gradient(shifted(end, d))) + lam_c * d
 
     def _trained_mask(self, j: int) -> torch.Tensor | None:
         """1 for parameters stage j trained, 0 for those it left alone; None: all trained."""

@@ -30,6 +30,12 @@ class UnrolledConfig:
     # Adam moves a coordinate at most ~lr per step (|m_hat / sqrt(v_hat)| <= 1 in steady
     # state), so relearning in a substep is capped at adam_cap * (summed lr); None: no cap
     adam_cap: float | None = 1.0
+    # Adam/AdamW later stages: "linear" (the exponential propagator above) or "flow":
+    # integrate the difference of Adam's normalised steps u = g / (sqrt(g^2 + s^2) + eps)
+    # between the actual and the counterfactual run, s^2 = v_hat - g_end^2 the gradient
+    # noise from the state file, in flow_substeps Euler steps per stage (two gradients each)
+    adam_dynamics: str = "flow"
+    flow_substeps: int = 24
 
 
 HESSIAN_AT = ("start", "end", "split", "interpolate")

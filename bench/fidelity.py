@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(UnrolledConfig):
         kind = type(getattr(defaults, f.name))
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                        type=float if kind in (float, type(None)) else kind)
+                        type=float if kind in (float, type(None)) else kind)  # noqa: E501
     args = ap.parse_args(argv)
     config = UnrolledConfig(**{f.name: getattr(args, f.name) for f in fields(UnrolledConfig)
                                if getattr(args, f.name) is not None})

@@ -120,3 +120,24 @@ def test_unrolled_without_stage_data_is_a_clear_error(tmp_path):
     manifest = write_run(tmp_path / "run", CASES["adamw_two_groups_fresh"])
     with pytest.raises(AcctattrError, match="stage 'b'.*data"):
         pipeline.run(manifest, "unrolled")
+
+
+def test_unrolled_on_the_adamw_run_gets_signs_ranking_and_the_shortcut_right():
+    """On toxicity (AdamW), unrolled+direct ranks and signs every stage as retraining does,
+    tracks the shortcut stage per example (>= 0.95) and the earliest stage's mean to 20%."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sample_runs" / "toxicity"
+    truth_doc = json.loads((root / "truth.json").read_text())["stages"]
+    result = pipeline.run(root / "manifest.yaml", "unrolled", "direct", per_example=True)
+    assert [s.name for s in result.stages] == sorted(
+        truth_doc, key=lambda n: -abs(truth_doc[n]["effect"]))
+    for s in result.stages:
+        assert (s.effect > 0) == (truth_doc[s.name]["effect"] > 0), s.name
+    est = torch.tensor([e.effects["identity_shortcut"] for e in result.examples],
+                       dtype=torch.float64)
+    ref = torch.tensor(truth_doc["identity_shortcut"]["examples"], dtype=torch.float64)
+    assert _pearson(est, ref) >= 0.95
+    pre = next(s.effect for s in result.stages if s.name == "pretrain")
+    assert abs(pre - truth_doc["pretrain"]["effect"]) <= 0.2 * abs(truth_doc["pretrain"]["effect"])
