@@ -352,3 +352,47 @@ def manifest_text(
 def write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _load_final(build: Callable[[], nn.Module], folder: str) -> nn.Module:
+    model = build()
+    load_model(model, folder)
+    return model.eval()
+
+
+def _fmt_groups(values: torch.Tensor, group: torch.Tensor) -> str:
+    means = group_means(values, group)
+    return "  ".join(f"group {g}: {v:+.4f}" for g, v in means.items())
+
+
+def report_and_truth(
+    here: str,
+    stages: Sequence[Stage],
+    build: Callable[[], nn.Module],
+    replay: Callable[[str | None, str], str],
+    eval_set: dict[str, torch.Tensor],
+    input_name: str,
+    truth: bool,
+) -> None:
+    """Print the full run's per-group CE; with ``truth``, retrain without each stage
+    (through ``replay``, checked to reproduce the committed run) and write truth.json."""
+    x, y, group = eval_set[input_name], eval_set["y"], eval_set["group"]
+    full = per_example_ce(_load_final(build, os.path.join(here, "ckpt", stages[-1].name)), x, y)
+    print(f"full run: mean CE {float(full.mean()):.4f}  per group CE  {_fmt_groups(full, group)}")
+    if not truth:
+        return
+    replays = os.path.join(here, "replays")
+    check = per_example_ce(_load_final(build, replay(None, os.path.join(replays, "full"))), x, y)
+    if not torch.equal(check, full):
+        raise SystemExit("replay(None) does not reproduce the committed final checkpoint")
+    counterfactual = {}
+    width = max(len(s.name) for s in stages)
+    for stage in stages:
+        folder = replay(stage.name, os.path.join(replays, f"no-{stage.name}"))
+        cf = per_example_ce(_load_final(build, folder), x, y)
+        counterfactual[stage.name] = cf
+        print(f"without {stage.name:>{width}}: per group CE  {_fmt_groups(cf, group)}")
+        print(f"  effect {float((full - cf).mean()):+.4f}  per group  "
+              f"{_fmt_groups(full - cf, group)}")
+    doc = truth_document(full, counterfactual, [s.name for s in stages])
+    write_json(os.path.join(here, "truth.json"), doc)

@@ -249,17 +249,6 @@ def replay(skip: str | None, out_dir: str) -> str:
     return out_dir
 
 
-def _load_final(folder: str) -> torch.nn.Module:
-    model = M.build()
-    C.load_model(model, folder)
-    return model.eval()
-
-
-def _fmt_groups(values: torch.Tensor, group: torch.Tensor) -> str:
-    means = C.group_means(values, group)
-    return "  ".join(f"group {g}: {v:+.4f}" for g, v in means.items())
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--truth", action="store_true", help="also retrain without each stage")
@@ -278,27 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             STAGES, ["tokens"], "toxicity sample run: pretrain -> identity_shortcut -> polish"
         ),
     )
-    x, y, group = eval_set["tokens"], eval_set["y"], eval_set["group"]
-    full = C.per_example_ce(_load_final(os.path.join(HERE, "ckpt", STAGES[-1].name)), x, y)
-    print(f"full run: mean CE {float(full.mean()):.4f}  per group CE  {_fmt_groups(full, group)}")
-
-    if args.truth:
-        replays = os.path.join(HERE, "replays")
-        check = C.per_example_ce(_load_final(replay(None, os.path.join(replays, "full"))), x, y)
-        if not torch.equal(check, full):
-            raise SystemExit("replay(None) does not reproduce the committed final checkpoint")
-        counterfactual = {}
-        for stage in STAGES:
-            folder = replay(stage.name, os.path.join(replays, f"no-{stage.name}"))
-            cf = C.per_example_ce(_load_final(folder), x, y)
-            counterfactual[stage.name] = cf
-            print(f"without {stage.name:>17}: per group CE  {_fmt_groups(cf, group)}")
-            print(
-                f"  effect {float((full - cf).mean()):+.4f}  per group  "
-                f"{_fmt_groups(full - cf, group)}"
-            )
-        doc = C.truth_document(full, counterfactual, [s.name for s in STAGES])
-        C.write_json(os.path.join(HERE, "truth.json"), doc)
+    C.report_and_truth(HERE, STAGES, M.build, replay, eval_set, "tokens", args.truth)
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
