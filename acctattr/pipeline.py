@@ -513,18 +513,24 @@ def validate(path: str | Path, estimators: tuple[str, ...] | None = None,
         truth, retrain = true_effects(loaded, base, workdir or Path(tmp), progress)
     results: list[Fidelity] = []
     names = [r.name for r in loaded.runs]
+    ev = loaded.evaluator
     for est in estimators:
+        if progress:
+            progress(est, len(results), len(estimators) * len(evaluations))
+        # one embedding in memory at a time, evaluated in every mode as it comes
+        estimated: dict[str, dict[str, torch.Tensor]] = {e: {} for e in evaluations}
+        seconds = dict.fromkeys(evaluations, 0.0)
         t0 = time.perf_counter()
-        vs = list(embeddings(loaded, est, config))
-        embed_seconds = time.perf_counter() - t0
-        for evaluate in evaluations:
-            if progress:
-                progress(f"{est} / {evaluate}", len(results), len(estimators) * len(evaluations))
-            t1 = time.perf_counter()
-            estimated = {names[k]: (loaded.evaluator.linear(v) if evaluate == "linear"
-                                    else loaded.evaluator.direct(v, base)) for k, v in vs}
-            seconds = embed_seconds + time.perf_counter() - t1
-            results.append(fidelity.compare(est, evaluate, estimated, truth, seconds))
+        for k, v in embeddings(loaded, est, config):
+            embed = time.perf_counter() - t0
+            for evaluate in evaluations:
+                t1 = time.perf_counter()
+                estimated[evaluate][names[k]] = (ev.linear(v) if evaluate == "linear"
+                                                 else ev.direct(v, base))
+                seconds[evaluate] += embed + time.perf_counter() - t1
+            t0 = time.perf_counter()
+        results += [fidelity.compare(est, e, estimated[e], truth, seconds[e])
+                    for e in evaluations]
     return Validation(loaded.evaluator.metric.name, int(base.shape[0]),
                       loaded.manifest.replay.text if loaded.manifest.replay else "",
                       retrain, tuple(results))

@@ -49,6 +49,13 @@ def evaluator(model, params, eval_file, metric, target="y", group=None) -> Evalu
     return Evaluator(model, params, {}, EvalData(spec), resolve_metric(metric, None, "m"))
 
 
+def central_difference(model, params, v, spec, metric, h: float = 1e-6) -> torch.Tensor:
+    """(f(params + h v) - f(params - h v)) / 2h per example, through the Evaluator."""
+    plus = Evaluator(model, shifted(params, v, h), {}, EvalData(spec), metric).values()[0]
+    minus = Evaluator(model, shifted(params, v, -h), {}, EvalData(spec), metric).values()[0]
+    return (plus - minus) / (2 * h)
+
+
 def shifted(params, v, h):
     return {n: p + h * v[n] for n, p in params.items()}
 
@@ -130,10 +137,7 @@ def test_several_inputs_are_passed_by_name(tmp_path):
     want = -F.cross_entropy(model(a=data["a"], b=data["b"]), data["y"], reduction="none")
     torch.testing.assert_close(vals, want.detach())
     v = direction(params)
-    h = 1e-6
-    fd = (Evaluator(model, shifted(params, v, h), {}, EvalData(spec), ev.metric).values()[0]
-          - Evaluator(model, shifted(params, v, -h), {}, EvalData(spec), ev.metric).values()[0]
-          ) / (2 * h)
+    fd = central_difference(model, params, v, spec, ev.metric)
     torch.testing.assert_close(ev.linear(v), fd, rtol=1e-6, atol=1e-8)
 
 
@@ -174,10 +178,7 @@ def test_user_metric_from_file(tmp_path, eval_file):
     want = -(model(data["x"])[:, 0] - data["y_real"][:, 0]) ** 2
     torch.testing.assert_close(ev.values()[0], want.detach())
     v = direction(params)
-    h = 1e-6
-    fd = (Evaluator(model, shifted(params, v, h), {}, EvalData(spec), ev.metric).values()[0]
-          - Evaluator(model, shifted(params, v, -h), {}, EvalData(spec), ev.metric).values()[0]
-          ) / (2 * h)
+    fd = central_difference(model, params, v, spec, ev.metric)
     torch.testing.assert_close(ev.linear(v), fd, rtol=1e-6, atol=1e-8)
 
 
