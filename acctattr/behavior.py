@@ -436,6 +436,41 @@ class Curvature:
         assert total is not None
         return total
 
+    def gradient_and_noise(self, params: Params, parts: int) -> tuple[Params, Params]:
+        """The mean gradient and the per-example gradient variance, per element.
+
+        The sample is cut into ``parts`` near-equal groups; with g_k the mean gradient of
+        group k (m_k examples) and g their weighted mean, the per-example variance is
+        estimated as sum_k m_k (g_k - g)^2 / (parts - 1). One forward and backward pass per
+        group: the whole sample once, as for the gradient alone.
+        """
+        parts = min(parts, self.n)
+        if parts < 2:
+            raise ValueError(f"the gradient noise needs at least 2 examples (have {self.n})")
+        whole = {k: torch.cat([c[k] for c in self.chunks]) for k in self.chunks[0]} \
+            if len(self.chunks) > 1 else self.chunks[0]
+        names = list(params)
+        leaves = [params[n].detach().requires_grad_(True) for n in names]
+        state = {**self.fixed, **dict(zip(names, leaves, strict=True))}
+        sizes, grads = [], []
+        with torch.enable_grad():
+            for cols in zip(*(torch.tensor_split(v, parts) for v in whole.values()),
+                            strict=True):
+                batch = dict(zip(whole, cols, strict=True))
+                vals = self.loss.fn(forward(self.model, state, self.inputs, batch),
+                                    batch[self.target])
+                g = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
+                sizes.append(vals.shape[0])
+                grads.append([torch.zeros_like(x) if gi is None else gi
+                              for x, gi in zip(leaves, g, strict=True)])
+        mean, var = {}, {}
+        for i, n in enumerate(names):
+            mu = sum(m * g[i].double() for m, g in zip(sizes, grads, strict=True)) / self.n
+            mean[n] = mu.to(params[n].dtype)
+            var[n] = sum(m * (g[i].double() - mu) ** 2 for m, g in zip(sizes, grads,
+                                                                       strict=True)) / (parts - 1)
+        return mean, var
+
     def hvp(self, anchor: Params) -> Callable[[Params], Params]:
         """v -> H(anchor) v by double backward: the gradient graph is built once per anchor
         and every product is one more backward pass through it."""

@@ -207,6 +207,9 @@ class Unrolled:
         self.shapes = [embedder.trainable[n] for n in self.names]
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         self._anchors: dict[int, Params] = {}
+        # stage index -> fitted batch-noise scale c (~ 1/batch size) of its Adam flow
+        self.noise_scale: dict[int, float] = {}
+        self._flows: dict[int, tuple] = {}
 
     # flat <-> named
     def flat(self, named: Params) -> torch.Tensor:
@@ -330,49 +333,115 @@ class Unrolled:
 
     def _adam_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                    hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Carry d through an Adam stage by integrating the difference of normalised steps.
+        """Carry d through an Adam stage by integrating the difference of Adam's steps.
 
-        In steady state Adam steps by u = m_hat/(sqrt(v_hat)+eps) ~ g/(sqrt(g^2+s^2)+eps),
-        g the mean gradient and s^2 the batch noise (v_hat - g^2, from the state file and
-        the gradient at the stage's end). The counterfactual differs by d, so
-        d' = -eta*(u(theta) - u(theta - d)) - eta*lam_d*d: bounded (|u| <= 1) and zero
-        wherever both runs' gradients agree, which the linearised propagator cannot see.
+        Adam steps by u = m_hat / (sqrt(v_hat) + eps). In expectation over batches
+        m_hat ~ g, the mean gradient, and v is the running average of g^2 + c*S, where
+        S is the per-example gradient variance and c ~ 1/batch size (the batch noise).
+        Both runs are integrated in flow_substeps Euler steps, each with its own v:
+        the actual run on the line between the checkpoints, the counterfactual at theta - d;
+        d' = -eta*(u - u_cf) - eta*lam_d*d. This is bounded (|u| <= 1), zero wherever both
+        runs' gradients agree, and follows a counterfactual whose larger gradients and
+        noise raise its own second moment. c is fitted once per stage so that the actual
+        run's integrated v equals the state file's exp_avg_sq at the stage's end.
         """
         run = self.e.runs[j]
         curv = self.curvature(j)
+        parts = self.config.noise_chunks
         eps = self._per_group(j, lambda g: g.eps)
+        beta2 = self._per_group(j, lambda g: g.beta2)
         lam_c = self._coupled_decay(j)
         positive = rate > 0
-        v_hat = torch.where(positive, (1.0 / rate.clamp(min=1e-300) - eps).clamp(min=0) ** 2,
-                            torch.zeros_like(rate))
-        end = self._anchor(run.end)
-        g_end = self.flat(curv.gradient(end)) + lam_c * self.flat(end)
-        noise = (v_hat - g_end**2).clamp(min=0)
+        v_end = self.flat({n: self._second_moment(j, n) for n in self.names})
+        v_start = self._start_second_moment(j, v_end)
+        step0 = 0 if run.fresh else run.step0
 
-        def step(theta: Params) -> torch.Tensor:
-            g = self.flat(curv.gradient(theta)) + lam_c * self.flat(theta)
-            return g / ((g * g + noise).sqrt() + eps)
+        def moments(theta: Params) -> tuple[torch.Tensor, torch.Tensor]:
+            g, noise = curv.gradient_and_noise(theta, parts)
+            return self.flat(g) + lam_c * self.flat(theta), self.flat(noise)
 
         def shifted(theta: Params, x: torch.Tensor) -> Params:
             shift = self.named(x)
             return {n: theta[n] - shift[n].to(theta[n].dtype) for n in self.names}
 
-        for a, b, s0, s1 in self._segments(j):
-            lrs = run.lrs[s0:s1]
-            scale = float(sum(lrs))
-            if scale > 0:
-                n = max(1, round(self.config.flow_substeps * scale / total))
-                for i in range(n):
-                    theta = self._point(a, b, (i + 0.5) / n)
-                    du = step(theta) - step(shifted(theta, d))
-                    d = d - (scale / n) * torch.where(positive, du, torch.zeros_like(du))
+        subs, actual, c = self._actual_flow(j, total, moments, v_end, v_start)
+        v_act = v_start.clone()
+        v_cf = v_start.clone()
+        for (a, b, t, k0, k1), (g_act, n_act) in zip(subs, actual, strict=True):
+            theta = self._point(a, b, t)
+            g_cf, n_cf = moments(shifted(theta, d))
+            keep = beta2 ** (k1 - k0)
+            v_act = keep * v_act + (1 - keep) * (g_act * g_act + c * n_act)
+            v_cf = keep * v_cf + (1 - keep) * (g_cf * g_cf + c * n_cf)
+            correction = 1 - beta2 ** (step0 + k1)
+            u_act = g_act / ((v_act / correction).sqrt() + eps)
+            u_cf = g_cf / ((v_cf / correction).sqrt() + eps)
+            lrs = run.lrs[k0:k1]
+            du = float(sum(lrs)) * (u_act - u_cf)
+            d = d - torch.where(positive, du, torch.zeros_like(du))
             if run.opt_type == "adamw":
                 d = d * self._per_group(j, lambda g, lrs=lrs: math.prod(
                     1 - eta * g.weight_decay for eta in lrs))
         if not hand_on:
             return d, None
+        end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
         return d, end_g - self.flat(curv.gradient(shifted(end, d))) + lam_c * d
+
+    def _actual_flow(self, j: int, total: float, moments, v_end: torch.Tensor,
+                     v_start: torch.Tensor):
+        """Stage j's flow substeps, the actual run's gradient and noise at each, and the
+        fitted noise scale c; the same for every stage carried through j, so kept."""
+        if j in self._flows:
+            return self._flows[j]
+        run = self.e.runs[j]
+        beta2 = self._per_group(j, lambda g: g.beta2)
+        positive = self._rate(j) > 0
+        # substeps: (anchor a, anchor b, fraction of the way, first step, end step)
+        subs = []
+        for a, b, s0, s1 in self._segments(j):
+            scale = float(sum(run.lrs[s0:s1]))
+            if scale > 0 and s1 > s0:
+                n = max(1, round(self.config.flow_substeps * scale / total))
+                cuts = [s0 + round((s1 - s0) * i / n) for i in range(n + 1)]
+                subs += [(a, b, ((k0 + k1) / 2 - s0) / (s1 - s0), k0, k1)
+                         for k0, k1 in zip(cuts, cuts[1:], strict=False) if k1 > k0]
+            elif s1 > s0:
+                subs.append((a, b, 1.0, s0, s1))  # no lr: only the second moment decays
+        steps = run.steps
+        # the actual run, once: its gradients, noise and their weight in v at the end
+        actual = [moments(self._point(a, b, t)) for a, b, t, _, _ in subs]
+        weight = [(beta2 ** (steps - k1)) * (1 - beta2 ** (k1 - k0)) for _, _, _, k0, k1 in subs]
+        explained = beta2**steps * v_start + sum(w * g * g for w, (g, _) in zip(weight, actual,
+                                                                               strict=True))
+        spread = sum(w * noise for w, (_, noise) in zip(weight, actual, strict=True))
+        use = positive & (spread > 0)
+        c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum()) \
+            if bool(use.any()) else 0.0
+        c = max(c, 0.0)
+        self._flows = {j: (subs, actual, c)}  # one stage's at a time
+        self.noise_scale[j] = c
+        return subs, actual, c
+
+    def _second_moment(self, j: int, name: str) -> torch.Tensor:
+        """Stage j's exp_avg_sq for one parameter at its end, from its state file."""
+        self.e.preconditioner(j, name)  # raises the clear error when the state lacks it
+        v = self.e.runs[j].state.tensor(name, "exp_avg_sq")
+        return v.double()
+
+    def _start_second_moment(self, j: int, v_end: torch.Tensor) -> torch.Tensor:
+        """The actual run's exp_avg_sq as stage j starts: zero when fresh; else the
+        previous stage's, or, when that state file is absent, v_end (stationary)."""
+        run = self.e.runs[j]
+        if run.fresh:
+            return torch.zeros_like(v_end)
+        prev = self.e.runs[j - 1] if j > 0 else None
+        if prev is None or prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
+            return v_end
+        parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
+        if any(p is None for p in parts):
+            return v_end
+        return torch.cat([p.reshape(-1).double() for p in parts])
 
     def _trained_mask(self, j: int) -> torch.Tensor | None:
         """1 for parameters stage j trained, 0 for those it left alone; None: all trained."""

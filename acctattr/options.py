@@ -31,11 +31,14 @@ class UnrolledConfig:
     # state), so relearning in a substep is capped at adam_cap * (summed lr); None: no cap
     adam_cap: float | None = 1.0
     # Adam/AdamW later stages: "linear" (the exponential propagator above) or "flow":
-    # integrate the difference of Adam's normalised steps u = g / (sqrt(g^2 + s^2) + eps)
-    # between the actual and the counterfactual run, s^2 = v_hat - g_end^2 the gradient
-    # noise from the state file, in flow_substeps Euler steps per stage (two gradients each)
+    # integrate the difference of Adam's steps u = g / (sqrt(v_hat) + eps) between the actual
+    # and the counterfactual run, each with its own second moment v, the running average of
+    # g^2 + c*S (S the per-example gradient variance, c fitted to the state file's
+    # exp_avg_sq), in flow_substeps Euler steps per stage (two gradient passes each)
     adam_dynamics: str = "flow"
-    flow_substeps: int = 24
+    flow_substeps: int = 16
+    # groups the stage's data sample is cut into to estimate S (flow only)
+    noise_chunks: int = 8
 
 
 HESSIAN_AT = ("start", "end", "split", "interpolate")

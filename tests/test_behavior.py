@@ -79,6 +79,38 @@ def test_jvp_equals_central_finite_differences(eval_file, metric):
     assert float(jvp.mean()) == pytest.approx(float(fd.mean()), rel=1e-6, abs=1e-9)
 
 
+def test_gradient_noise_is_the_per_example_gradient_variance():
+    """Curvature.gradient_and_noise: with one example per group the noise is exactly the
+    unbiased per-example variance of the loss gradient; with fewer groups the mean is still
+    the full gradient and the noise an estimate of the same variance."""
+    from torch.func import grad
+
+    from acctattr.behavior import Curvature
+
+    model, g = mlp(), torch.Generator().manual_seed(5)
+    params = params_of(model)
+    sample = {"x": torch.randn(N, D_IN, generator=g, dtype=torch.float64),
+              "y": torch.randint(0, D_OUT, (N,), generator=g)}
+    curv = Curvature(model, {}, resolve_metric("cross_entropy", None, "train.loss"), sample,
+                     ("x",), "y", chunk=10)  # three memory chunks
+    per_example = [grad(lambda p, i=i: F.cross_entropy(
+        torch.func.functional_call(model, p, (sample["x"][i:i + 1],)), sample["y"][i:i + 1]))(
+        params) for i in range(N)]
+    full = curv.gradient(params)
+    mean, noise = curv.gradient_and_noise(params, N)
+    for n in params:
+        stacked = torch.stack([e[n] for e in per_example])
+        torch.testing.assert_close(mean[n], full[n])
+        torch.testing.assert_close(noise[n], stacked.var(0))
+    mean4, noise4 = curv.gradient_and_noise(params, 4)
+    for n in params:
+        torch.testing.assert_close(mean4[n], full[n])
+        assert noise4[n].shape == params[n].shape and bool((noise4[n] >= 0).all())
+    ratio = sum(float(noise4[n].sum()) for n in params) / sum(float(noise[n].sum())
+                                                               for n in params)
+    assert 0.3 < ratio < 3.0, ratio
+
+
 def test_direct_is_the_difference_of_two_forward_passes(eval_file):
     """Evaluator.direct(v) equals f_i(theta) - f_i(theta - v) computed by hand."""
     model = mlp()
