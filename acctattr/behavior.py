@@ -463,12 +463,15 @@ class Curvature:
                 sizes.append(vals.shape[0])
                 grads.append([torch.zeros_like(x) if gi is None else gi
                               for x, gi in zip(leaves, g, strict=True)])
+        flat = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads]).double()
+        m = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
+        mu = (m * flat).sum(0) / self.n
+        spread = (m * (flat - mu) ** 2).sum(0) / (parts - 1)
         mean, var = {}, {}
-        for i, n in enumerate(names):
-            mu = sum(m * g[i].double() for m, g in zip(sizes, grads, strict=True)) / self.n
-            mean[n] = mu.to(params[n].dtype)
-            var[n] = sum(m * (g[i].double() - mu) ** 2 for m, g in zip(sizes, grads,
-                                                                       strict=True)) / (parts - 1)
+        for n, x, mu_n, var_n in zip(names, leaves, mu.split([x.numel() for x in leaves]),
+                                     spread.split([x.numel() for x in leaves]), strict=True):
+            mean[n] = mu_n.reshape(x.shape).to(params[n].dtype)
+            var[n] = var_n.reshape(x.shape)
         return mean, var
 
     def hvp(self, anchor: Params) -> Callable[[Params], Params]:
