@@ -175,6 +175,18 @@ class Embedder:
 
 # ---------------------------------------------------------------- unrolled
 
+@dataclass
+class _ActualPath:
+    """The simulated actual run through one Adam stage: per substep its (first, end) optimizer
+    step, the point it starts from, the step it takes; the noise scale; exp_avg_sq at the end."""
+
+    spans: list[tuple[int, int]]
+    points: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    c: float
+    v_end: torch.Tensor
+
+
 class Unrolled:
     """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
 
@@ -209,7 +221,7 @@ class Unrolled:
         self._anchors: dict[int, Params] = {}
         # stage index -> fitted batch-noise scale c (~ 1/batch size) of its Adam flow
         self.noise_scale: dict[int, float] = {}
-        self._flows: dict[int, tuple] = {}
+        self._paths: dict[int, _ActualPath] = {}
 
     # flat <-> named
     def flat(self, named: Params) -> torch.Tensor:
@@ -333,95 +345,148 @@ class Unrolled:
 
     def _adam_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                    hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Carry d through an Adam stage by integrating the difference of Adam's steps.
+        """Carry d through an Adam stage by simulating Adam's expected steps in both runs.
 
         Adam steps by u = m_hat / (sqrt(v_hat) + eps). In expectation over batches
         m_hat ~ g, the mean gradient, and v is the running average of g^2 + c*S, where
-        S is the per-example gradient variance and c ~ 1/batch size (the batch noise).
-        Both runs are integrated in flow_substeps Euler steps, each with its own v:
-        the actual run on the line between the checkpoints, the counterfactual at theta - d;
-        d' = -eta*(u - u_cf) - eta*lam_d*d. This is bounded (|u| <= 1), zero wherever both
-        runs' gradients agree, and follows a counterfactual whose larger gradients and
-        noise raise its own second moment. c is fitted once per stage so that the actual
-        run's integrated v equals the state file's exp_avg_sq at the stage's end.
+        S is the per-example gradient variance and c ~ 1/batch size (the batch noise). From
+        each checkpoint (anchor) the actual run is simulated forward to the next in Euler
+        substeps, and the counterfactual alongside it at theta - d, each with its own v;
+        d changes by the difference of their steps. The difference is bounded (|u| <= 1),
+        zero wherever both runs' gradients agree, and follows a counterfactual whose larger
+        gradients and noise raise its own second moment.
+
+        A substep spans many optimizer steps, so near a minimum a plain Euler step would
+        jump past it where Adam, step by step, settles: each run's step is cut, per
+        coordinate, to the secant estimate of where its gradient changes sign (one more
+        gradient at the proposed point). c is fitted per stage so that the simulated actual
+        run's v at the stage's end equals the state file's exp_avg_sq.
         """
         run = self.e.runs[j]
         curv = self.curvature(j)
-        parts = self.config.noise_chunks
         eps = self._per_group(j, lambda g: g.eps)
         beta2 = self._per_group(j, lambda g: g.beta2)
         lam_c = self._coupled_decay(j)
         positive = rate > 0
-        v_end = self.flat({n: self._second_moment(j, n) for n in self.names})
-        v_start = self._start_second_moment(j, v_end)
+        path = self._actual_path(j, total)
+        v_cf = self._start_second_moment(j, path.v_end)
         step0 = 0 if run.fresh else run.step0
-
-        def moments(theta: Params) -> tuple[torch.Tensor, torch.Tensor]:
-            g, noise = curv.gradient_and_noise(theta, parts)
-            return self.flat(g) + lam_c * self.flat(theta), self.flat(noise)
-
-        def shifted(theta: Params, x: torch.Tensor) -> Params:
-            shift = self.named(x)
-            return {n: theta[n] - shift[n].to(theta[n].dtype) for n in self.names}
-
-        subs, actual, c = self._actual_flow(j, total, moments, v_end, v_start)
-        v_act = v_start.clone()
-        v_cf = v_start.clone()
-        for (a, b, t, k0, k1), (g_act, n_act) in zip(subs, actual, strict=True):
-            theta = self._point(a, b, t)
-            g_cf, n_cf = moments(shifted(theta, d))
+        for (k0, k1), theta, s_act in zip(path.spans, path.points, path.steps, strict=True):
+            cf = theta - d
+            g_cf, n_cf = self._moments(j, cf)
             keep = beta2 ** (k1 - k0)
-            v_act = keep * v_act + (1 - keep) * (g_act * g_act + c * n_act)
-            v_cf = keep * v_cf + (1 - keep) * (g_cf * g_cf + c * n_cf)
-            correction = 1 - beta2 ** (step0 + k1)
-            u_act = g_act / ((v_act / correction).sqrt() + eps)
-            u_cf = g_cf / ((v_cf / correction).sqrt() + eps)
-            lrs = run.lrs[k0:k1]
-            du = float(sum(lrs)) * (u_act - u_cf)
-            d = d - torch.where(positive, du, torch.zeros_like(du))
+            v_cf = keep * v_cf + (1 - keep) * (g_cf * g_cf + path.c * n_cf)
+            u_cf = g_cf / ((v_cf / (1 - beta2 ** (step0 + k1))).sqrt() + eps)
+            s_cf = self._settled_step(j, cf, g_cf, -float(sum(run.lrs[k0:k1])) * u_cf,
+                                      positive, lam_c)
+            d = d + s_act - s_cf
             if run.opt_type == "adamw":
-                d = d * self._per_group(j, lambda g, lrs=lrs: math.prod(
-                    1 - eta * g.weight_decay for eta in lrs))
+                d = d * self._decay(j, k0, k1)
         if not hand_on:
             return d, None
         end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
-        return d, end_g - self.flat(curv.gradient(shifted(end, d))) + lam_c * d
+        return d, end_g - self.flat(curv.gradient(self.named(self.flat(end) - d))) + lam_c * d
 
-    def _actual_flow(self, j: int, total: float, moments, v_end: torch.Tensor,
-                     v_start: torch.Tensor):
-        """Stage j's flow substeps, the actual run's gradient and noise at each, and the
-        fitted noise scale c; the same for every stage carried through j, so kept."""
-        if j in self._flows:
-            return self._flows[j]
+    def _moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage j's mean training-loss gradient (with coupled decay) and per-example
+        gradient variance at flat parameters theta."""
+        g, noise = self.curvature(j).gradient_and_noise(self.named(theta),
+                                                        self.config.noise_chunks)
+        return self.flat(g) + self._coupled_decay(j) * theta, self.flat(noise)
+
+    def _settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
+                      positive: torch.Tensor, lam_c: torch.Tensor) -> torch.Tensor:
+        """``step`` from theta, cut per coordinate where the gradient would change sign to
+        the secant estimate of the zero: g / (g - g_after) of the way."""
+        step = torch.where(positive, step, torch.zeros_like(step))
+        after = theta + step
+        g_after = self.flat(self.curvature(j).gradient(self.named(after))) + lam_c * after
+        flip = (g * g_after) < 0
+        fraction = torch.where(flip, g / torch.where(flip, g - g_after, torch.ones_like(g)),
+                               torch.ones_like(g))
+        return step * fraction
+
+    def _decay(self, j: int, k0: int, k1: int) -> torch.Tensor:
+        """AdamW's decoupled weight decay over steps k0..k1 of stage j, per element."""
+        lrs = self.e.runs[j].lrs[k0:k1]
+        return self._per_group(j, lambda g: math.prod(1 - eta * g.weight_decay for eta in lrs))
+
+    def _spans(self, j: int, total: float) -> list[tuple[int, int, int]]:
+        """Stage j's flow substeps as (segment index, first step, end step): flow_substeps
+        shared among the segments by summed lr, at least one each."""
         run = self.e.runs[j]
-        beta2 = self._per_group(j, lambda g: g.beta2)
-        positive = self._rate(j) > 0
-        # substeps: (anchor a, anchor b, fraction of the way, first step, end step)
-        subs = []
-        for a, b, s0, s1 in self._segments(j):
+        spans = []
+        for i, (_, _, s0, s1) in enumerate(self._segments(j)):
+            if s1 <= s0:
+                continue
             scale = float(sum(run.lrs[s0:s1]))
-            if scale > 0 and s1 > s0:
-                n = max(1, round(self.config.flow_substeps * scale / total))
-                cuts = [s0 + round((s1 - s0) * i / n) for i in range(n + 1)]
-                subs += [(a, b, ((k0 + k1) / 2 - s0) / (s1 - s0), k0, k1)
-                         for k0, k1 in zip(cuts, cuts[1:], strict=False) if k1 > k0]
-            elif s1 > s0:
-                subs.append((a, b, 1.0, s0, s1))  # no lr: only the second moment decays
-        steps = run.steps
-        # the actual run, once: its gradients, noise and their weight in v at the end
-        actual = [moments(self._point(a, b, t)) for a, b, t, _, _ in subs]
-        weight = [(beta2 ** (steps - k1)) * (1 - beta2 ** (k1 - k0)) for _, _, _, k0, k1 in subs]
-        explained = beta2**steps * v_start + sum(w * g * g for w, (g, _) in zip(weight, actual,
-                                                                               strict=True))
-        spread = sum(w * noise for w, (_, noise) in zip(weight, actual, strict=True))
-        use = positive & (spread > 0)
-        c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum()) \
-            if bool(use.any()) else 0.0
-        c = max(c, 0.0)
-        self._flows = {j: (subs, actual, c)}  # one stage's at a time
+            n = max(1, round(self.config.flow_substeps * scale / total)) if total > 0 else 1
+            cuts = [s0 + round((s1 - s0) * q / n) for q in range(n + 1)]
+            spans += [(i, k0, k1) for k0, k1 in zip(cuts, cuts[1:], strict=False) if k1 > k0]
+        return spans
+
+    def _actual_path(self, j: int, total: float) -> _ActualPath:
+        """The actual run through stage j simulated from each checkpoint to the next; the
+        same for every earlier stage carried through j, so kept (one stage at a time)."""
+        if j in self._paths:
+            return self._paths[j]
+        run = self.e.runs[j]
+        eps = self._per_group(j, lambda g: g.eps)
+        beta2 = self._per_group(j, lambda g: g.beta2)
+        lam_c = self._coupled_decay(j)
+        positive = self._rate(j) > 0
+        v_end = self.flat({n: self._second_moment(j, n) for n in self.names})
+        v_start = self._start_second_moment(j, v_end)
+        step0 = 0 if run.fresh else run.step0
+        segments = self._segments(j)
+        spans = self._spans(j, total)
+
+        def simulate(c: float):
+            v = v_start.clone()
+            points, steps, grads = [], [], []
+            segment, theta = -1, None
+            for i, k0, k1 in spans:
+                if i != segment:  # back on the run's own checkpoint
+                    segment, theta = i, self.flat(self._anchor(segments[i][0]))
+                g, noise = self._moments(j, theta)
+                keep = beta2 ** (k1 - k0)
+                v = keep * v + (1 - keep) * (g * g + c * noise)
+                u = g / ((v / (1 - beta2 ** (step0 + k1))).sqrt() + eps)
+                step = self._settled_step(j, theta, g, -float(sum(run.lrs[k0:k1])) * u,
+                                          positive, lam_c)
+                points.append(theta)
+                steps.append(step)
+                grads.append((g, noise))
+                theta = theta + step
+                if run.opt_type == "adamw":
+                    theta = theta * self._decay(j, k0, k1)
+            return points, steps, grads
+
+        c = self.config.noise_scale
+        points, steps, grads = simulate(0.0 if c is None else c)
+        if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
+            c = self._fit_noise(j, spans, grads, v_start, v_end, positive)
+            points, steps, grads = simulate(c)
+        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, c, v_end)
+        self._paths = {j: path}
         self.noise_scale[j] = c
-        return subs, actual, c
+        return path
+
+    def _fit_noise(self, j: int, spans, grads, v_start: torch.Tensor, v_end: torch.Tensor,
+                   positive: torch.Tensor) -> float:
+        """c >= 0 by least squares: v_end ~ beta2^T v_start + sum_i w_i (g_i^2 + c S_i)."""
+        beta2 = self._per_group(j, lambda g: g.beta2)
+        steps = self.e.runs[j].steps
+        weight = [(beta2 ** (steps - k1)) * (1 - beta2 ** (k1 - k0)) for _, k0, k1 in spans]
+        explained = beta2**steps * v_start + sum(w * g * g for w, (g, _) in zip(
+            weight, grads, strict=True))
+        spread = sum(w * noise for w, (_, noise) in zip(weight, grads, strict=True))
+        use = positive & (spread > 0)
+        if not bool(use.any()):
+            return 0.0
+        c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum())
+        return max(c, 0.0)
 
     def _second_moment(self, j: int, name: str) -> torch.Tensor:
         """Stage j's exp_avg_sq for one parameter at its end, from its state file."""

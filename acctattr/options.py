@@ -39,6 +39,8 @@ class UnrolledConfig:
     flow_substeps: int = 16
     # groups the stage's data sample is cut into to estimate S (flow only)
     noise_chunks: int = 8
+    # the batch-noise scale c (~ 1/batch size); None: fitted to the state file's exp_avg_sq
+    noise_scale: float | None = None
 
 
 HESSIAN_AT = ("start", "end", "split", "interpolate")

@@ -305,10 +305,16 @@ def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
     if estimator != "auto":
         return estimator, None
     lacking = [r.name for r in loaded.runs[1:] if r.data is None]
-    if not lacking:
-        return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
-    return "frozen", (f"auto uses frozen because stage(s) {', '.join(lacking)} have no "
-                      "training data (data:), which unrolled needs for curvature")
+    if lacking:
+        return "frozen", (f"auto uses frozen because stage(s) {', '.join(lacking)} have no "
+                          "training data (data:), which unrolled needs for curvature")
+    stateless = [r.name for r in loaded.runs[1:]
+                 if r.opt_type in ("adam", "adamw") and r.trained != frozenset()
+                 and r.state.source is None]
+    if stateless:
+        return "frozen", (f"auto uses frozen because Adam stage(s) {', '.join(stateless)} "
+                          "have no optimizer.state, whose second moment unrolled needs")
+    return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
 
 
 def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None):

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,15 @@ class Stage:
         return lr_schedule(
             self.steps, self.lr["schedule"], self.lr["base"], self.lr["warmup"], self.lr["min"]
         )
+
+
+def scaled(stages: Sequence[Stage], factor: int) -> tuple[Stage, ...]:
+    """The same stages trained ``factor`` times as many steps (same data, more epochs):
+    steps, warmup and intermediate checkpoints multiplied, the schedule's shape kept."""
+    return tuple(replace(st, steps=st.steps * factor,
+                         lr={**st.lr, "warmup": st.lr["warmup"] * factor},
+                         checkpoints=tuple(c * factor for c in st.checkpoints))
+                 for st in stages)
 
 
 def param_groups(model: nn.Module, stage: Stage) -> list[dict]:

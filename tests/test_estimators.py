@@ -161,3 +161,24 @@ def test_adam_flow_fits_a_batch_noise_that_matches_the_batch_size():
     assert set(unrolled.noise_scale) == {1, 2}
     for j, c in unrolled.noise_scale.items():
         assert 16 <= 1 / c <= 64, (j, c)
+
+
+def test_auto_falls_back_to_frozen_when_an_adam_stage_has_no_state(tmp_path):
+    """unrolled needs each later Adam stage's second moment; without the state file auto
+    takes frozen and names the stage, instead of failing."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    src = Path(__file__).resolve().parents[1] / "sample_runs" / "toxicity"
+    run = tmp_path / "toxicity"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("replays", "__pycache__"))
+    doc = yaml.safe_load((run / "manifest.yaml").read_text())
+    polish = next(s for s in doc["stages"] if s["name"] == "polish")
+    del polish["optimizer"]["state"]
+    polish["optimizer"]["continues"] = False
+    (run / "manifest.yaml").write_text(yaml.safe_dump(doc))
+    result = pipeline.run(run / "manifest.yaml")
+    assert result.estimator == "frozen"
+    assert "polish" in result.estimator_note and "optimizer.state" in result.estimator_note

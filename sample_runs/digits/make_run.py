@@ -132,13 +132,14 @@ def make_data() -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str,
     return stage_data, eval_set
 
 
-def replay(skip: str | None, out_dir: str) -> str:
-    """Retrain the whole run with stage ``skip`` skipped (None: skip nothing).
+def replay(skip: str | None, out_dir: str, stages: tuple[C.Stage, ...] = STAGES) -> str:
+    """Retrain the whole run (or ``stages``, e.g. C.scaled(STAGES, 4)) with stage ``skip``
+    skipped (None: skip nothing).
 
     Writes the final checkpoint to ``<out_dir>/model.safetensors`` and returns ``out_dir``.
     """
     stage_data, _ = make_data()
-    model = C.train_pipeline(C.build_seeded(M.build, INIT_SEED), STAGES, stage_data, skip=skip)
+    model = C.train_pipeline(C.build_seeded(M.build, INIT_SEED), stages, stage_data, skip=skip)
     C.save_model(model, out_dir)
     return out_dir
 

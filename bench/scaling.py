@@ -1,0 +1,134 @@
+"""Cost and fidelity of acctattr's default estimator as the sample runs train longer.
+
+The sample runs retrain in about a second, so a fixed cost weighs heavily against them;
+real runs train far longer. For each sample run and each factor s in --scales, this writes
+the run again with every stage trained s times as many steps (same data, more epochs;
+warmup and intermediate checkpoints scaled with it) into a temporary folder, then reports,
+all measured in this one run:
+
+- fidelity of `acctattr run`'s default (auto) estimator against retraining that scaled run
+  without each stage (per-example Pearson, sign, ranking; SPEC section 6). The defaults
+  were chosen on the s = 1 runs, so s > 1 are runs they were not tuned on;
+- cost: `acctattr run` time / time to retrain its counterfactuals, the median of --repeat
+  interleaved pairs.
+
+    python bench/scaling.py [--runs digits toxicity] [--scales 1 4 16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+from acctattr import pipeline
+
+ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
+
+# written next to a scaled run's manifest: its model factory and replay, scaled
+WRAPPER = '''"""Scaled copy of sample_runs/{run} (x{scale}), written by bench/scaling.py."""
+import importlib.util
+import sys
+
+_spec = importlib.util.spec_from_file_location("acctattr_scaled_{run}", {make_run!r})
+MR = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = MR
+_spec.loader.exec_module(MR)
+STAGES = MR.C.scaled(MR.STAGES, {scale})
+build = MR.M.build
+
+
+def replay(skip, out_dir):
+    return MR.replay(skip, out_dir, STAGES)
+'''
+
+
+def load_make_run(run: str) -> ModuleType:
+    name = f"acctattr_bench_{run}_make_run"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / run / "make_run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_scaled(run: str, scale: int, folder: Path) -> Path:
+    """The sample run trained ``scale`` times longer, laid out as make_run.py does."""
+    mr = load_make_run(run)
+    c = mr.C
+    stages = c.scaled(mr.STAGES, scale)
+    stage_data, eval_set = mr.make_data()
+    inputs = [k for k in eval_set if k not in ("y", "group")]
+    for name, (x, y) in stage_data.items():
+        c.save_data(str(folder / "data" / f"{name}.safetensors"), {inputs[0]: x, "y": y})
+    c.save_data(str(folder / "data" / "eval.safetensors"), eval_set)
+    c.train_pipeline(c.build_seeded(mr.M.build, mr.INIT_SEED), stages, stage_data,
+                     out_dir=str(folder))
+    (folder / "scaled.py").write_text(WRAPPER.format(
+        run=run, scale=scale, make_run=str(ROOT / run / "make_run.py")))
+    text = c.manifest_text(stages, inputs, f"{run} x{scale}")
+    text = text.replace("factory: model.py:build", "factory: scaled.py:build")
+    text = text.replace("replay: make_run.py:replay", "replay: scaled.py:replay")
+    manifest = folder / "manifest.yaml"
+    manifest.write_text(text)
+    return manifest
+
+
+def measure(manifest: Path, repeat: int) -> dict:
+    chosen = pipeline.run(manifest)
+    v = pipeline.validate(manifest, (chosen.estimator,), (chosen.evaluate,))
+    fid = v.results[0]
+    loaded = pipeline.check(manifest)
+    base, _ = loaded.evaluator.values()
+    pairs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pipeline.run(manifest)
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="acctattr-bench-") as tmp:
+            _, retrain = pipeline.true_effects(loaded, base, Path(tmp))
+        pairs.append((seconds / retrain, seconds, retrain))
+    pairs.sort()
+    ratio, seconds, retrain = pairs[len(pairs) // 2]
+    return {"estimator": f"{chosen.estimator}/{chosen.evaluate}",
+            "stages": [s.__dict__ for s in fid.stages], "ranking_ok": fid.ranking_ok,
+            "run_seconds": seconds, "retrain_seconds": retrain, "cost_ratio": ratio,
+            "ratio_range": [pairs[0][0], pairs[-1][0]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", default=["digits", "toxicity"])
+    ap.add_argument("--scales", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    print(f"{'run':<10} {'x':>3} {'estimator':<16} {'pearson per stage':<26} {'sign':<5} "
+          f"{'rank':<5} {'run s':>6} {'retrain s':>9} {'ratio':>7}")
+    report = []
+    for run in args.runs:
+        for scale in args.scales:
+            with tempfile.TemporaryDirectory(prefix=f"acctattr-{run}-x{scale}-") as tmp:
+                m = measure(write_scaled(run, scale, Path(tmp)), args.repeat)
+            pearson = " ".join(f"{s['pearson']:.3f}" for s in m["stages"])
+            signs = "ok" if all(s["sign_ok"] for s in m["stages"]) else "BAD"
+            print(f"{run:<10} {scale:>3} {m['estimator']:<16} {pearson:<26} {signs:<5} "
+                  f"{'ok' if m['ranking_ok'] else 'BAD':<5} {m['run_seconds']:6.2f} "
+                  f"{m['retrain_seconds']:9.2f} {m['cost_ratio']:7.1%}")
+            sys.stdout.flush()
+            report.append({"run": run, "scale": scale, **m})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
