@@ -425,6 +425,11 @@ class Curvature:
         vals = self.loss.fn(out, batch[self.target])
         return self.sign * vals.sum() / self.n
 
+    @torch.no_grad()
+    def value(self, params: Params) -> float:
+        """The mean training loss at ``params`` (sign-flipped for a score)."""
+        return float(sum(self._loss(params, batch) for batch in self.chunks))
+
     def gradient(self, params: Params) -> Params:
         """The mean training loss's gradient at ``params``."""
         from torch.func import grad

@@ -142,25 +142,46 @@ def adam_preconditioner(exp_avg_sq: torch.Tensor, step: int, beta2: float,
 
 def lanczos_expm(matvec, d: torch.Tensor, scale: float, iters: int = 20,
                  tol: float = 1e-10) -> torch.Tensor:
-    """exp(-scale * A) @ d for a symmetric operator A given only by products A @ x.
+    """exp(-scale * A_+) @ d (lanczos_apply with f(x) = exp(-scale * x))."""
+    if scale == 0.0:
+        return d.double().clone()
+    return lanczos_apply(matvec, d, lambda x: torch.exp(-scale * x), iters, tol)
+
+
+def lanczos_phi(matvec, d: torch.Tensor, scale: float, iters: int = 20,
+                tol: float = 1e-10) -> torch.Tensor:
+    """(I - exp(-scale * A_+)) A_+^-1 @ d, i.e. scale * phi_1(-scale * A_+) d: how far
+    gradient flow x' = -(A x + b) moves in time ``scale`` is -this applied to b (the
+    exponential Euler step, exact for a quadratic, stable at any step size)."""
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        z = scale * x
+        small = z < 1e-8
+        return torch.where(small, torch.full_like(x, scale),
+                           -torch.expm1(-z) / torch.where(small, torch.ones_like(x), x))
+    return lanczos_apply(matvec, d, phi, iters, tol)
+
+
+def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
+                  tol: float = 1e-10) -> torch.Tensor:
+    """f(A_+) @ d for a symmetric operator A given only by products A @ x.
 
     Lanczos with full reorthogonalisation builds an orthonormal Krylov basis Q (n x m) and
-    the tridiagonal T = Q^T A Q; then exp(-scale*A) d ~ |d| Q exp(-scale*T_+) e_1, where T_+
+    the tridiagonal T = Q^T A Q; then f(A) d ~ |d| Q f(T_+) e_1, where T_+
     clamps T's negative eigenvalues to zero (negative curvature does not grow a perturbation
     in training; it is treated as flat).
 
     Args:
         matvec: x [n] -> A x [n], float64.
         d: the vector to propagate [n].
-        scale: the summed effective step L >= 0.
+        fn: eigenvalues (>= 0) -> f(eigenvalues), elementwise.
         iters: Krylov dimension m (stops early on an invariant subspace).
     Returns:
-        exp(-scale * A_+) d, shape [n], float64.
+        f(A_+) d, shape [n], float64.
     """
     d = d.double()
     beta0 = float(d.norm())
-    if beta0 == 0.0 or scale == 0.0:
-        return d.clone()
+    if beta0 == 0.0:
+        return fn(torch.zeros(1, dtype=torch.float64)) * d
     n = d.numel()
     m = min(iters, n)
     Q = torch.zeros(m, n, dtype=torch.float64)
@@ -186,5 +207,5 @@ def lanczos_expm(matvec, d: torch.Tensor, scale: float, iters: int = 20,
         off = torch.tensor(betas[: k - 1], dtype=torch.float64)
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     evals, evecs = torch.linalg.eigh(T)
-    coeffs = evecs @ (torch.exp(-scale * evals.clamp(min=0.0)) * evecs[0])
+    coeffs = evecs @ (fn(evals.clamp(min=0.0)) * evecs[0])
     return beta0 * (Q[:k].T @ coeffs)

@@ -24,6 +24,7 @@ from acctattr.dynamics import (
     adam_preconditioner,
     adamw_transform,
     lanczos_expm,
+    lanczos_phi,
     sgd_transform,
 )
 from acctattr.errors import CheckpointError
@@ -190,21 +191,30 @@ class _ActualPath:
 class Unrolled:
     """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
 
-    Within a segment of a later stage between two checkpoints (anchors), with summed lr L,
-    per-element rate r (SGD: (1-dampening)/(1-momentum); Adam: the preconditioner p) and
-    coupled weight decay lam, each integrator substep applies
+    Default (``flow``, both optimizers): from each checkpoint of a later stage to the next
+    (its anchors: start, intermediate checkpoints, end) the actual run is simulated forward
+    and the counterfactual alongside it at theta - d, on the stage's training loss over a
+    sample of its data; d changes by the difference of the two runs' steps. This keeps
+    what linearisation loses when skipping a stage is a large perturbation: re-learning
+    stops where the counterfactual has caught up. SGD (_sgd_flow): gradient flow with rate
+    r = (1-dampening)/(1-momentum), exponential Euler substeps (Lanczos on HVPs). Adam
+    (_adam_flow): expected normalised steps g / (sqrt(v_hat) + eps), each run with its own
+    second moment including the batch noise; steps cut where the gradient changes sign.
+
+    ``linear`` (sgd_dynamics / adam_dynamics): within a segment with summed lr L, rate r
+    (Adam: the preconditioner p) and coupled weight decay lam, each substep applies
 
         d <- r^(1/2) exp(-L * r^(1/2) (H_bar + lam) r^(1/2)) r^(-1/2) d
 
-    by Lanczos (acctattr.dynamics.lanczos_expm) on HVPs of the stage's training loss on a
-    sample of its data. H_bar is the secant Hessian, taken between the actual run
-    (interpolated between the anchors) and the counterfactual (theta - d/2), since skipping a
-    stage is a large perturbation. For Adam, r uses the counterfactual's larger second moment
-    and a substep moves a coordinate by at most its summed lr (UnrolledConfig.precond,
-    adam_cap). AdamW's decoupled decay is its own factor prod(1 - eta*lam). A first-moment
+    by Lanczos (acctattr.dynamics.lanczos_expm), H_bar the secant Hessian between the actual
+    run (interpolated between the anchors) and the counterfactual (theta - d/2); for Adam,
+    r uses the counterfactual's larger second moment and a substep moves a coordinate by at
+    most its summed lr (UnrolledConfig.precond, adam_cap).
+
+    Either way AdamW's decoupled decay is its own factor prod(1 - eta*lam). A first-moment
     perturbation carried into a continuing stage is first released into d with the frozen
     coefficient; the one handed on to the next continuing stage is the steady-state response
-    of the moment to the gradient change, (H_bar + lam) d * r_sgd.
+    of the moment to the gradient change between the runs at the stage's end.
     """
 
     def __init__(self, embedder: Embedder, curvature, config: UnrolledConfig) -> None:
@@ -314,6 +324,8 @@ class Unrolled:
         total = float(sum(run.lrs))
         if run.opt_type != "sgd" and self.config.adam_dynamics == "flow":
             return self._adam_flow(j, d, rate, total, hand_on)
+        if run.opt_type == "sgd" and self.config.sgd_dynamics == "flow":
+            return self._sgd_flow(j, d, rate, total, hand_on)
         for a, b, s0, s1 in self._segments(j):
             lrs = run.lrs[s0:s1]
             scale = float(sum(lrs))
@@ -387,6 +399,87 @@ class Unrolled:
         end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
         return d, end_g - self.flat(curv.gradient(self.named(self.flat(end) - d))) + lam_c * d
+
+    def _sgd_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
+                  hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry d through an SGD stage by simulating both runs' gradient flow.
+
+        In expectation (and in steady state for momentum) SGD steps by -eta * r * g, r =
+        (1 - dampening)/(1 - momentum). As for Adam (_adam_flow), the actual run is
+        simulated from each checkpoint and the counterfactual alongside it at theta - d; d
+        changes by the difference of their steps. A substep spans many optimizer steps, so
+        each is an exponential Euler step (_gd_step): stable at any length, exact on a
+        quadratic, and halved where it would raise the loss.
+        """
+        run = self.e.runs[j]
+        path = self._sgd_path(j, total, rate)
+        for (k0, k1), theta, s_act in zip(path.spans, path.points, path.steps, strict=True):
+            cf = theta - d
+            g_cf = self._gradient(j, cf)
+            s_cf = self._gd_step(j, cf, g_cf, float(sum(run.lrs[k0:k1])), rate)
+            d = d + s_act - s_cf
+        if not hand_on:
+            return d, None
+        end = self.flat(self._anchor(run.end))
+        steady = self._gradient(j, end) - self._gradient(j, end - d)
+        return d, steady * self._per_group(j, lambda g: (1 - g.dampening) / (1 - g.momentum)
+                                           if g.momentum > 0 else 0.0)
+
+    def _sgd_path(self, j: int, total: float, rate: torch.Tensor) -> _ActualPath:
+        """The actual run through SGD stage j simulated from each checkpoint to the next."""
+        if j in self._paths:
+            return self._paths[j]
+        run = self.e.runs[j]
+        segments = self._segments(j)
+        spans = self._spans(j, total)
+        points, steps = [], []
+        segment, theta = -1, None
+        for i, k0, k1 in spans:
+            if i != segment:
+                segment, theta = i, self.flat(self._anchor(segments[i][0]))
+            g = self._gradient(j, theta)
+            step = self._gd_step(j, theta, g, float(sum(run.lrs[k0:k1])), rate)
+            points.append(theta)
+            steps.append(step)
+            theta = theta + step
+        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, 0.0,
+                           torch.zeros(0))
+        self._paths = {j: path}
+        return path
+
+    def _gd_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, lr: float,
+                 rate: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """Gradient flow theta' = -r g for summed lr ``lr`` from theta, by one exponential
+        Euler step: -r^(1/2) phi(L r^(1/2) (H + lam) r^(1/2)) r^(1/2) g, H at theta (Lanczos);
+        exact on a quadratic and stable however many optimizer steps it spans. Where the
+        step raises the training loss (the quadratic model does not hold that far), it is
+        taken as two half steps, at most max_halvings deep."""
+        root = rate.sqrt()
+        product = self.curvature(j).hvp(self.named(theta))
+        lam = self._coupled_decay(j)
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            y = root * x
+            return root * (self.flat(product(self.named(y))) + lam * y)
+
+        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters)
+        if depth < self.config.max_halvings:
+            curv = self.curvature(j)
+            before = curv.value(self.named(theta)) + 0.5 * float((lam * theta * theta).sum())
+            after_theta = theta + step
+            after = curv.value(self.named(after_theta)) + 0.5 * float(
+                (lam * after_theta * after_theta).sum())
+            if not after <= before:  # gradient flow never raises the loss: two half steps
+                first = self._gd_step(j, theta, g, lr / 2, rate, depth + 1)
+                mid = theta + first
+                return first + self._gd_step(j, mid, self._gradient(j, mid), lr / 2, rate,
+                                             depth + 1)
+        return step
+
+    def _gradient(self, j: int, theta: torch.Tensor) -> torch.Tensor:
+        """Stage j's mean training-loss gradient plus coupled decay at flat theta."""
+        return self.flat(self.curvature(j).gradient(self.named(theta))) + \
+            self._coupled_decay(j) * theta
 
     def _moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage j's mean training-loss gradient (with coupled decay) and per-example

@@ -11,7 +11,9 @@ class UnrolledConfig:
 
     The defaults were chosen with bench/fidelity.py on both sample runs (README, "Fidelity"):
     fewer Lanczos iterations lost fidelity (6: digits pretrain Pearson 0.87), more iterations,
-    substeps, secant points or samples cost 2-6x the time without a consistent gain.
+    substeps, secant points or samples cost 2-6x the time without a consistent gain. The
+    Adam flow is converged at 16 substeps (32 agree to 0.01 on toxicity trained 1x, 2x and
+    4x as long, bench/scaling.py); 8 are not enough at 4x.
     """
 
     lanczos_iters: int = 8
@@ -31,15 +33,24 @@ class UnrolledConfig:
     # state), so relearning in a substep is capped at adam_cap * (summed lr); None: no cap
     adam_cap: float | None = 1.0
     # Adam/AdamW later stages: "linear" (the exponential propagator above) or "flow":
-    # integrate the difference of Adam's steps u = g / (sqrt(v_hat) + eps) between the actual
-    # and the counterfactual run, each with its own second moment v, the running average of
-    # g^2 + c*S (S the per-example gradient variance, c fitted to the state file's
-    # exp_avg_sq), in flow_substeps Euler steps per stage (two gradient passes each)
+    # simulate both runs' expected Adam steps u = g / (sqrt(v_hat) + eps), the actual run
+    # from each checkpoint, the counterfactual at theta - d, each with its own second moment
+    # v (running average of g^2 + c*S, S the per-example gradient variance), in
+    # flow_substeps Euler steps per stage, each cut where the gradient would change sign
+    # (estimators.Unrolled._adam_flow). Per substep: two gradient passes per run.
     adam_dynamics: str = "flow"
+    # SGD later stages: "linear" (the exponential propagator above, substeps and
+    # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
+    # flow_substeps exponential Euler steps (lanczos_iters HVPs each), a step that would
+    # raise the training loss halved, at most max_halvings deep
+    sgd_dynamics: str = "flow"
+    max_halvings: int = 5
     flow_substeps: int = 16
     # groups the stage's data sample is cut into to estimate S (flow only)
     noise_chunks: int = 8
-    # the batch-noise scale c (~ 1/batch size); None: fitted to the state file's exp_avg_sq
+    # the batch-noise scale c (~ 1/batch size); None: fitted so that the simulated actual
+    # run's v at each stage's end equals its state file's exp_avg_sq (costs one more
+    # simulation of the actual run per stage)
     noise_scale: float | None = None
 
 
