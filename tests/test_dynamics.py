@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from acctattr.dynamics import lanczos_expm, sgd_transform
+from acctattr.dynamics import lanczos_expm, lanczos_phi, sgd_transform
 
 
 def _sym(n: int, eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -47,6 +47,34 @@ def test_lanczos_few_iterations_accurate_for_large_scale():
     ref = torch.linalg.matrix_exp(-0.5 * a) @ d
     got = lanczos_expm(lambda x: a @ x, d, 0.5, iters=30)
     assert (got - ref).norm() / ref.norm() < 1e-3
+
+
+def test_lanczos_phi_is_the_exact_gradient_flow_step_on_a_quadratic():
+    """lanczos_phi(A, b, L) = (I - exp(-L A)) A^-1 b: on f(x) = x'Ax/2 + b'x, gradient flow
+    from 0 for time L ends at -this; a zero eigenvalue moves by L b (plain Euler) and a
+    negative one is treated as flat. Checked against matrix_exp and a fine Euler run."""
+    n = 9
+    eigs = torch.tensor([-1.0, 0.0, 1e-12, 0.05, 0.3, 1.0, 2.0, 5.0, 40.0], dtype=torch.float64)
+    a = _sym(n, eigs, seed=7)
+    a_plus = _sym(n, eigs.clamp(min=0.0), seed=7)
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    evals, evecs = torch.linalg.eigh(a_plus)
+    scale = 3.0
+    weight = torch.where(evals > 1e-9, -torch.expm1(-scale * evals) / evals.clamp(min=1e-300),
+                         torch.full_like(evals, scale))
+    ref = evecs @ (weight * (evecs.T @ b))
+    got = lanczos_phi(lambda x: a @ x, b, scale, iters=n)
+    assert torch.allclose(got, ref, rtol=1e-8, atol=1e-9)
+    # gradient flow x' = -(A+ x + b) by 30000 small Euler steps lands on -ref
+    x = torch.zeros(n, dtype=torch.float64)
+    h = scale / 30000
+    for _ in range(30):
+        for _ in range(1000):
+            x = x - h * (a_plus @ x + b)
+    assert torch.allclose(x, -ref, rtol=1e-3, atol=1e-4)
+    # stiff direction (40 * 3 = 120): one step lands on its minimum, no overshoot
+    stiff = evecs[:, -1]
+    assert abs(float(stiff @ got) - float(stiff @ b) / 40.0) < 1e-8
 
 
 def test_sgd_transform_matches_manual_recurrence():
