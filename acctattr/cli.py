@@ -54,6 +54,14 @@ class HessianAt(str, Enum):
 _HESSIAN_AT_DEFAULT = HessianAt(UNROLLED.hessian_at)
 
 
+class Dynamics(str, Enum):
+    flow = "flow"
+    linear = "linear"
+
+
+_DYNAMICS_DEFAULT = Dynamics(UNROLLED.sgd_dynamics)
+
+
 class Evaluate(str, Enum):
     linear = "linear"
     direct = "direct"
@@ -131,12 +139,21 @@ def run(
     sample_size: Annotated[int, typer.Option(
         min=1, help="unrolled: training examples per later stage for its curvature.",
         rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
-    hessian_at: Annotated[HessianAt, typer.Option(
-        help="unrolled: where along a segment the Hessian is taken.",
-        rich_help_panel="Unrolled estimator")] = _HESSIAN_AT_DEFAULT,
-    substeps: Annotated[int, typer.Option(
-        min=1, help="unrolled: integrator substeps per segment (with --hessian-at "
-                    "interpolate).", rich_help_panel="Unrolled estimator")] = UNROLLED.substeps,
+    dynamics: Annotated[Dynamics, typer.Option(
+        help="unrolled: simulate both runs through each later stage (flow) or propagate "
+             "by the linearised dynamics (linear).",
+        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+    flow_substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled, flow: substeps per later stage.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
+    hessian_at: Annotated[HessianAt | None, typer.Option(
+        help=f"unrolled, linear: where along a segment the Hessian is taken "
+             f"(default {UNROLLED.hessian_at}).",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    substeps: Annotated[int | None, typer.Option(
+        min=1, help=f"unrolled, linear: integrator substeps per segment (with --hessian-at "
+                    f"interpolate; default {UNROLLED.substeps}).",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
 ) -> None:
     """Estimate every stage's effect on the eval set and print them ranked."""
 
@@ -149,8 +166,8 @@ def run(
 
             plots.check_target(plot)
         with report.progress_bar(not quiet) as progress:
-            config = replace(UNROLLED, lanczos_iters=lanczos_iters, sample_size=sample_size,
-                             hessian_at=hessian_at.value, substeps=substeps)
+            config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                      hessian_at, substeps)
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config)
@@ -199,6 +216,21 @@ def _emit(text: str, output: Path | None) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def _unrolled_config(lanczos_iters: int, sample_size: int, dynamics: Dynamics,
+                     flow_substeps: int, hessian_at: HessianAt | None,
+                     substeps: int | None) -> UnrolledConfig:
+    """The unrolled options as a config; linear-only options with flow are an error."""
+    if dynamics is Dynamics.flow and (hessian_at is not None or substeps is not None):
+        given = "--hessian-at" if hessian_at is not None else "--substeps"
+        raise AcctattrError(f"{given} applies to --dynamics linear, not flow",
+                            f"drop {given}, or add --dynamics linear")
+    return replace(UNROLLED, lanczos_iters=lanczos_iters, sample_size=sample_size,
+                   sgd_dynamics=dynamics.value, adam_dynamics=dynamics.value,
+                   flow_substeps=flow_substeps,
+                   hessian_at=(hessian_at or _HESSIAN_AT_DEFAULT).value,
+                   substeps=substeps if substeps is not None else UNROLLED.substeps)
 
 
 def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: float,

@@ -227,3 +227,17 @@ def test_debug_env_shows_the_traceback(runner, tmp_path):
     result = invoke(runner, "run", bad, env={"ACCTATTR_DEBUG": "1"})
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
+
+
+def test_linear_only_unrolled_options_are_refused_with_the_flow(runner):
+    """--hessian-at and --substeps shape the linear propagator only: with the default flow
+    dynamics they would change nothing, so they are an error (exit 2) naming the fix; with
+    --dynamics linear they are used, and change the estimate."""
+    bad = invoke(runner, "run", DIGITS, "-q", "--hessian-at", "end")
+    assert bad.exit_code == 2
+    assert "--hessian-at applies to --dynamics linear" in bad.output
+    flow = json.loads(invoke(runner, "run", DIGITS, "-q", "--format", "json").stdout)
+    outs = [json.loads(invoke(runner, "run", DIGITS, "-q", "--format", "json", "--dynamics",
+                              "linear", "--hessian-at", at).stdout) for at in ("end", "start")]
+    effects = [[s["effect"] for s in o["stages"]] for o in (flow, *outs)]
+    assert effects[0] != effects[1] != effects[2]
