@@ -232,6 +232,7 @@ class Unrolled:
         # stage index -> fitted batch-noise scale c (~ 1/batch size) of its Adam flow
         self.noise_scale: dict[int, float] = {}
         self._paths: dict[int, _ActualPath] = {}
+        self._dtypes: dict[str, torch.dtype] | None = None
 
     # flat <-> named
     def flat(self, named: Params) -> torch.Tensor:
@@ -241,6 +242,14 @@ class Unrolled:
         parts = torch.split(flat, self.sizes)
         return {n: p.reshape(s).to(dtype) for n, p, s in zip(self.names, parts, self.shapes,
                                                              strict=True)}
+
+    def _at(self, j: int, theta: torch.Tensor) -> Params:
+        """Flat parameters as the model's own tensors (its dtypes), to evaluate it at."""
+        if self._dtypes is None:
+            self._dtypes = {n: p.dtype for n, p in self.curvature(j).model.named_parameters()}
+        parts = torch.split(theta, self.sizes)
+        return {n: p.reshape(s).to(self._dtypes.get(n, torch.float32))
+                for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def _per_group(self, j: int, value) -> torch.Tensor:
         """A flat vector holding value(group hyperparameters) for each parameter's group."""
@@ -254,7 +263,9 @@ class Unrolled:
         """Per-element effective step multiplier of stage j."""
         run = self.e.runs[j]
         if run.opt_type == "sgd":
-            return self._per_group(j, lambda g: 1.0 / (1.0 - g.momentum) if g.nesterov
+            # without momentum torch keeps no buffer and ignores dampening
+            return self._per_group(j, lambda g: 1.0 if g.momentum == 0.0 else
+                                   1.0 / (1.0 - g.momentum) if g.nesterov
                                    else (1.0 - g.dampening) / (1.0 - g.momentum))
         return self.flat({n: self.e.preconditioner(j, n) for n in self.names})
 
@@ -398,7 +409,7 @@ class Unrolled:
             return d, None
         end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
-        return d, end_g - self.flat(curv.gradient(self.named(self.flat(end) - d))) + lam_c * d
+        return d, end_g - self.flat(curv.gradient(self._at(j, self.flat(end) - d))) + lam_c * d
 
     def _sgd_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -416,8 +427,16 @@ class Unrolled:
         for (k0, k1), theta, s_act in zip(path.spans, path.points, path.steps, strict=True):
             cf = theta - d
             g_cf = self._gradient(j, cf)
-            s_cf = self._gd_step(j, cf, g_cf, float(sum(run.lrs[k0:k1])), rate)
-            d = d + s_act - s_cf
+            s_cf = self._gd_step(j, cf, g_cf, float(sum(run.lrs[k0:k1])),
+                                 self._sgd_rate(j, k0, k1, rate))
+            if run.fresh:
+                d = d + s_act - s_cf
+            else:
+                # both runs' buffers are warm, but their difference only builds up from the
+                # stage's start (what they held before is the released e)
+                ramp = self._sgd_rate(j, k0, k1, rate, since_start=True)
+                d = d + (s_act - s_cf) * torch.where(rate > 0, ramp / rate.clamp(min=1e-300),
+                                                     torch.ones_like(rate))
         if not hand_on:
             return d, None
         end = self.flat(self._anchor(run.end))
@@ -438,7 +457,8 @@ class Unrolled:
             if i != segment:
                 segment, theta = i, self.flat(self._anchor(segments[i][0]))
             g = self._gradient(j, theta)
-            step = self._gd_step(j, theta, g, float(sum(run.lrs[k0:k1])), rate)
+            step = self._gd_step(j, theta, g, float(sum(run.lrs[k0:k1])),
+                                 self._sgd_rate(j, k0, k1, rate))
             points.append(theta)
             steps.append(step)
             theta = theta + step
@@ -446,6 +466,39 @@ class Unrolled:
                            torch.zeros(0))
         self._paths = {j: path}
         return path
+
+    def _sgd_rate(self, j: int, k0: int, k1: int, rate: torch.Tensor,
+                  since_start: bool = False) -> torch.Tensor:
+        """SGD's step per unit lr over steps k0..k1 for a steady gradient, per element.
+
+        A buffer that has been accumulating the gradient since before the stage (a
+        continued one) is taken as warm: the steady (1-dampening)/(1-momentum) (``rate``).
+        One that starts at the stage ramps up, holding at step s mu^s + (1-tau)(1-mu^s)/
+        (1-mu) gradients (torch's first step of a fresh buffer is undamped) or, for a
+        gradient *difference* entering a continued buffer (``since_start``),
+        (1-tau)(1-mu^(s+1))/(1-mu); nesterov steps by 1 + mu times that. Weighted by the
+        lrs of k0..k1.
+        """
+        run = self.e.runs[j]
+        lrs = run.lrs[k0:k1]
+        total = float(sum(lrs))
+        if (not run.fresh and not since_start) or total == 0.0:
+            return rate
+
+        def ramp(g) -> float:
+            mu, tau = g.momentum, g.dampening
+            if mu == 0.0:  # torch keeps no buffer: the step is the gradient
+                return 1.0
+            if run.fresh:
+                held = [mu**s + (1 - tau) * (1 - mu**s) / (1 - mu) for s in range(k0, k1)]
+            else:
+                held = [(1 - tau) * (1 - mu ** (s + 1)) / (1 - mu) for s in range(k0, k1)]
+            if g.nesterov:
+                held = [1.0 + mu * h for h in held]
+            return sum(eta * h for eta, h in zip(lrs, held, strict=True)) / total
+
+        mask = (rate > 0).to(rate.dtype)
+        return self._per_group(j, ramp) * mask
 
     def _gd_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, lr: float,
                  rate: torch.Tensor, depth: int = 0) -> torch.Tensor:
@@ -455,7 +508,7 @@ class Unrolled:
         step raises the training loss (the quadratic model does not hold that far), it is
         taken as two half steps, at most max_halvings deep."""
         root = rate.sqrt()
-        product = self.curvature(j).hvp(self.named(theta))
+        product = self.curvature(j).hvp(self._at(j, theta))
         lam = self._coupled_decay(j)
 
         def matvec(x: torch.Tensor) -> torch.Tensor:
@@ -465,9 +518,9 @@ class Unrolled:
         step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters)
         if depth < self.config.max_halvings:
             curv = self.curvature(j)
-            before = curv.value(self.named(theta)) + 0.5 * float((lam * theta * theta).sum())
+            before = curv.value(self._at(j, theta)) + 0.5 * float((lam * theta * theta).sum())
             after_theta = theta + step
-            after = curv.value(self.named(after_theta)) + 0.5 * float(
+            after = curv.value(self._at(j, after_theta)) + 0.5 * float(
                 (lam * after_theta * after_theta).sum())
             if not after <= before:  # gradient flow never raises the loss: two half steps
                 first = self._gd_step(j, theta, g, lr / 2, rate, depth + 1)
@@ -478,13 +531,13 @@ class Unrolled:
 
     def _gradient(self, j: int, theta: torch.Tensor) -> torch.Tensor:
         """Stage j's mean training-loss gradient plus coupled decay at flat theta."""
-        return self.flat(self.curvature(j).gradient(self.named(theta))) + \
+        return self.flat(self.curvature(j).gradient(self._at(j, theta))) + \
             self._coupled_decay(j) * theta
 
     def _moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage j's mean training-loss gradient (with coupled decay) and per-example
         gradient variance at flat parameters theta."""
-        g, noise = self.curvature(j).gradient_and_noise(self.named(theta),
+        g, noise = self.curvature(j).gradient_and_noise(self._at(j, theta),
                                                         self.config.noise_chunks)
         return self.flat(g) + self._coupled_decay(j) * theta, self.flat(noise)
 
@@ -494,7 +547,7 @@ class Unrolled:
         the secant estimate of the zero: g / (g - g_after) of the way."""
         step = torch.where(positive, step, torch.zeros_like(step))
         after = theta + step
-        g_after = self.flat(self.curvature(j).gradient(self.named(after))) + lam_c * after
+        g_after = self.flat(self.curvature(j).gradient(self._at(j, after))) + lam_c * after
         flip = (g * g_after) < 0
         fraction = torch.where(flip, g / torch.where(flip, g - g_after, torch.ones_like(g)),
                                torch.ones_like(g))

@@ -125,8 +125,17 @@ def eval_set(n: int = 40) -> dict[str, torch.Tensor]:
             "group": torch.arange(n) % 2}
 
 
-def write_run(root: Path, stages: list[StageCfg], metric: str = "cross_entropy") -> Path:
-    """Train and write a complete run (checkpoints, optimizer.pt, eval data, manifest)."""
+LOSS_PY = """def minus_target_logit(out, y):
+    return -out.gather(1, y[:, None]).squeeze(1)
+"""
+
+
+def write_run(root: Path, stages: list[StageCfg], metric: str = "cross_entropy",
+              with_data: bool = False) -> Path:
+    """Train and write a complete run (checkpoints, optimizer.pt, eval data, manifest).
+
+    With ``with_data`` each stage's training data and the training loss go in too, so the
+    unrolled estimator can run."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "model.py").write_text(MODEL_PY)
     train(stages, out=root)
@@ -143,7 +152,14 @@ def write_run(root: Path, stages: list[StageCfg], metric: str = "cross_entropy")
                                             "continues": cfg.continues}}
         if k == 0:
             st["start"] = "ckpt/init"
+        if with_data:
+            x, y = stage_data(k, cfg)
+            save_file({"x": x, "y": y}, root / "data" / f"{cfg.name}.safetensors")
+            st["data"] = f"data/{cfg.name}.safetensors"
         doc["stages"].append(st)
+    if with_data:
+        (root / "loss.py").write_text(LOSS_PY)
+        doc["train"] = {"loss": "loss.py:minus_target_logit"}
     path = root / "manifest.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -55,6 +55,21 @@ def test_frozen_direct_equals_retraining_on_linear_loss(tmp_path, case):
         assert abs(mean - float(ref.mean())) <= 1e-4 * max(abs(float(ref.mean())), 1e-6)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unrolled_reduces_to_the_exact_answer_on_linear_loss(tmp_path, case):
+    """On a linear loss only weight decay and momentum act on d, so the simulated flows must
+    land on the truth too: within 2% per example (the flows are continuous in time and
+    take momentum's ramp in expectation; frozen composes the exact steps)."""
+    stages = CASES[case]
+    manifest = write_run(tmp_path / case, stages, with_data=True)
+    true = truth(stages)
+    result = pipeline.run(manifest, "unrolled", "direct", per_example=True)
+    for cfg in stages:
+        est = torch.tensor([e.effects[cfg.name] for e in result.examples], dtype=torch.float64)
+        err = float((est - true[cfg.name]).norm() / true[cfg.name].norm())
+        assert err < 0.02, f"{case} stage {cfg.name}: relative error {err:.2e}"
+
+
 def test_naive_misses_later_weight_decay(tmp_path):
     """naive ignores later stages, so under later weight decay it is measurably off."""
     stages = CASES["adamw_two_groups_fresh"]
