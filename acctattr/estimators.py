@@ -182,10 +182,15 @@ class _ActualPath:
     step, the point it starts from, the step it takes; the noise scale; exp_avg_sq at the end."""
 
     spans: list[tuple[int, int]]
-    points: list[torch.Tensor]
-    steps: list[torch.Tensor]
+    points: list[torch.Tensor]  # float32
+    steps: list[torch.Tensor]  # float32
     c: float
     v_end: torch.Tensor
+
+    def __iter__(self):
+        """(first step, end step), start point, step; the tensors in float64."""
+        for span, point, step in zip(self.spans, self.points, self.steps, strict=True):
+            yield span, point.double(), step.double()
 
 
 class Unrolled:
@@ -394,7 +399,7 @@ class Unrolled:
         path = self._actual_path(j, total)
         v_cf = self._start_second_moment(j, path.v_end)
         step0 = 0 if run.fresh else run.step0
-        for (k0, k1), theta, s_act in zip(path.spans, path.points, path.steps, strict=True):
+        for (k0, k1), theta, s_act in path:
             cf = theta - d
             g_cf, n_cf = self._moments(j, cf)
             keep = beta2 ** (k1 - k0)
@@ -424,7 +429,7 @@ class Unrolled:
         """
         run = self.e.runs[j]
         path = self._sgd_path(j, total, rate)
-        for (k0, k1), theta, s_act in zip(path.spans, path.points, path.steps, strict=True):
+        for (k0, k1), theta, s_act in path:
             cf = theta - d
             g_cf = self._gradient(j, cf)
             s_cf = self._gd_step(j, cf, g_cf, float(sum(run.lrs[k0:k1])),
@@ -459,8 +464,8 @@ class Unrolled:
             g = self._gradient(j, theta)
             step = self._gd_step(j, theta, g, float(sum(run.lrs[k0:k1])),
                                  self._sgd_rate(j, k0, k1, rate))
-            points.append(theta)
-            steps.append(step)
+            points.append(theta.float())  # kept for every earlier stage: half the memory
+            steps.append(step.float())
             theta = theta + step
         path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, 0.0,
                            torch.zeros(0))
@@ -601,8 +606,8 @@ class Unrolled:
                 u = g / ((v / (1 - beta2 ** (step0 + k1))).sqrt() + eps)
                 step = self._settled_step(j, theta, g, -float(sum(run.lrs[k0:k1])) * u,
                                           positive, lam_c)
-                points.append(theta)
-                steps.append(step)
+                points.append(theta.float())  # kept for every earlier stage: half the memory
+                steps.append(step.float())
                 grads.append((g, noise))
                 theta = theta + step
                 if run.opt_type == "adamw":
