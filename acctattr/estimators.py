@@ -186,6 +186,7 @@ class _ActualPath:
     steps: list[torch.Tensor]  # float32
     c: float
     v_end: torch.Tensor
+    v_sim: torch.Tensor | None = None  # Adam: the simulated actual run's v at the end
 
     def __iter__(self):
         """(first step, end step), start point, step; the tensors in float64."""
@@ -238,6 +239,9 @@ class Unrolled:
         self.noise_scale: dict[int, float] = {}
         self._paths: dict[int, _ActualPath] = {}
         self._dtypes: dict[str, torch.dtype] | None = None
+        # the counterfactual's Adam state as a stage starts (set per stage by embedding)
+        self._cf_start: tuple[str, object] = ("carry", None)
+        self._carry: tuple[torch.Tensor, int] | None = None
 
     # flat <-> named
     def flat(self, named: Params) -> torch.Tensor:
@@ -397,8 +401,7 @@ class Unrolled:
         lam_c = self._coupled_decay(j)
         positive = rate > 0
         path = self._actual_path(j, total)
-        v_cf = self._start_second_moment(j, path.v_end)
-        step0 = 0 if run.fresh else run.step0
+        v_cf, step0 = self._cf_second_moment(j, path)
         for (k0, k1), theta, s_act in path:
             cf = theta - d
             g_cf, n_cf = self._moments(j, cf)
@@ -412,9 +415,46 @@ class Unrolled:
                 d = d * self._decay(j, k0, k1)
         if not hand_on:
             return d, None
+        # the next stage continues this one's state: hand on how the runs' v differ
+        self._carry = (v_cf - path.v_sim, (0 if run.fresh else run.step0) - step0)
         end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
         return d, end_g - self.flat(curv.gradient(self._at(j, self.flat(end) - d))) + lam_c * d
+
+    def _cf_second_moment(self, j: int, path: _ActualPath) -> tuple[torch.Tensor, int]:
+        """The counterfactual's exp_avg_sq and step count as Adam stage j starts.
+
+        Fresh: zero, 0. Continuing the skipped stage's state: the counterfactual continues
+        the stage before it instead (its state file; fresh if there is none). Continuing a
+        later stage's: the actual run's, plus the difference the flow handed on.
+        """
+        run = self.e.runs[j]
+        if run.fresh:
+            return torch.zeros_like(path.v_end), 0
+        how, value = self._cf_start
+        if how == "state":
+            if value is None:
+                return torch.zeros_like(path.v_end), 0
+            return value
+        v = self._start_second_moment(j, path.v_end)
+        if how == "carry" and value is not None:
+            dv, offset = value
+            return (v + dv).clamp(min=0.0), max(run.step0 - offset, 0)
+        return v, run.step0
+
+    def _state_before(self, k: int) -> tuple[torch.Tensor, int] | None:
+        """exp_avg_sq and step count at the end of the stage before k (what a stage
+        continuing k's state continues when k is skipped); None: a fresh optimizer."""
+        if k == 0:
+            return None
+        prev = self.e.runs[k - 1]
+        if prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
+            return None
+        parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
+        if any(p is None for p in parts):
+            return None
+        step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
+        return torch.cat([p.reshape(-1).double() for p in parts]), step
 
     def _sgd_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -612,14 +652,14 @@ class Unrolled:
                 theta = theta + step
                 if run.opt_type == "adamw":
                     theta = theta * self._decay(j, k0, k1)
-            return points, steps, grads
+            return points, steps, grads, v
 
         c = self.config.noise_scale
-        points, steps, grads = simulate(0.0 if c is None else c)
+        points, steps, grads, v_sim = simulate(0.0 if c is None else c)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
             c = self._fit_noise(j, spans, grads, v_start, v_end, positive)
-            points, steps, grads = simulate(c)
-        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, c, v_end)
+            points, steps, grads, v_sim = simulate(c)
+        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, c, v_end, v_sim)
         self._paths = {j: path}
         self.noise_scale[j] = c
         return path
@@ -727,8 +767,14 @@ class Unrolled:
             if any(p is not None for p in parts.values()):
                 e = self.flat({n: (p if p is not None else torch.zeros(self.e.trainable[n]))
                                for n, p in parts.items()})
+        self._carry = None
         for j in range(k + 1, len(runs)):
             hand_on = j + 1 < len(runs) and not runs[j + 1].fresh
+            if j == k + 1:
+                self._cf_start = ("state", self._state_before(k))
+            else:
+                self._cf_start = ("carry", self._carry)
+            self._carry = None
             d, e = self.propagate(j, d, e, hand_on)
         return self.named(d, torch.float64)
 
