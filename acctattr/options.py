@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class UnrolledConfig:
-    """Knobs of the curvature-aware propagator.
+    """Knobs of the unrolled estimator (acctattr.estimators.Unrolled).
 
-    The defaults were chosen with bench/fidelity.py on both sample runs (README, "Fidelity"):
-    fewer Lanczos iterations lost fidelity (6: digits pretrain Pearson 0.87), more iterations,
-    substeps, secant points or samples cost 2-6x the time without a consistent gain. The
-    Adam flow is converged at 16 substeps (32 agree to 0.01 on toxicity trained 1x, 2x and
-    4x as long, bench/scaling.py); 8 are not enough at 4x.
+    The defaults were chosen with bench/fidelity.py and bench/scaling.py (README,
+    "Fidelity"). Both flows are converged at 16 substeps: 32 agree to 0.01 on both sample
+    runs trained 1x, 2x and 4x as long; 8 are not enough at 4x. For the linear propagator,
+    fewer Lanczos iterations lost fidelity (6: digits pretrain 0.87), while more iterations,
+    substeps, secant points or samples cost 2-6x the time without a consistent gain.
     """
 
     lanczos_iters: int = 8
