@@ -27,6 +27,28 @@ from acctattr.options import UnrolledConfig
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 
 
+def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None):
+    """`acctattr run` (default estimator) against retraining its counterfactuals,
+    interleaved ``repeat`` times each (this machine is shared and noisy).
+
+    Returns (the run's result, median ratio, its run seconds, its retraining seconds,
+    (lowest ratio, highest ratio)).
+    """
+    loaded = pipeline.check(manifest)
+    base, _ = loaded.evaluator.values()
+    pairs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = pipeline.run(manifest, config=config)
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="acctattr-bench-") as tmp:
+            _, retrain = pipeline.true_effects(loaded, base, Path(tmp))
+        pairs.append((seconds / retrain, seconds, retrain))
+    pairs.sort()
+    ratio, seconds, retrain = pairs[len(pairs) // 2]
+    return result, ratio, seconds, retrain, (pairs[0][0], pairs[-1][0])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs = sorted(p.name for p in ROOT.iterdir() if (p / "manifest.yaml").is_file())
@@ -57,24 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run:<10} {f.estimator:<9} {f.evaluate:<6} {s.stage:<18} "
                       f"{s.pearson:8.3f} {s.spearman:8.3f} {s.effect:+9.4f} "
                       f"{s.true_effect:+9.4f} {'ok ' if s.sign_ok else 'BAD'}  {rank}")
-        # cost: acctattr run and the retraining, interleaved, args.repeat times each;
-        # the median of the paired ratios (this machine is shared and noisy)
-        loaded = pipeline.check(manifest)
-        base, _ = loaded.evaluator.values()
-        pairs = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            result = pipeline.run(manifest, config=config)
-            seconds = time.perf_counter() - t0
-            with tempfile.TemporaryDirectory(prefix="acctattr-bench-") as tmp:
-                _, retrain = pipeline.true_effects(loaded, base, Path(tmp))
-            pairs.append((seconds / retrain, seconds, retrain))
-        pairs.sort()
-        ratio, seconds, retrain = pairs[len(pairs) // 2]
+        result, ratio, seconds, retrain, spread = cost(manifest, args.repeat, config)
         print(f"{run:<10} cost: acctattr run ({result.estimator}/{result.evaluate}) "
               f"{seconds:.2f} s; retraining {len(v.results[0].stages)} counterfactuals "
-              f"{retrain:.2f} s; ratio {ratio:.1%} (median of {len(pairs)}; "
-              f"{pairs[0][0]:.1%}-{pairs[-1][0]:.1%})")
+              f"{retrain:.2f} s; ratio {ratio:.1%} (median of {args.repeat}; "
+              f"{spread[0]:.1%}-{spread[1]:.1%})")
         if ratio > 0.05:
             # the estimators' work does not grow with the number of training steps
             print(f"{run:<10} cost: under 5% once training runs {ratio / 0.05:.1f}x "
