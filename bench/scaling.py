@@ -13,6 +13,11 @@ all measured in this one run:
   interleaved pairs.
 
     python bench/scaling.py [--runs digits toxicity] [--scales 1 2 4] [--repeat 3]
+                            [--variants digits-adamw toxicity-sgd ...]
+
+--variants also runs the sample runs with other optimizers and hyperparameters (VARIANTS:
+digits with AdamW, digits with fresh nesterov stages, toxicity with SGD, toxicity with
+other Adam betas and eps), the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib.util
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -30,16 +36,35 @@ from acctattr import pipeline
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8}
+# Other optimizers and hyperparameters for the same runs (--variants): name -> (run,
+# stage index and stage -> the variant's stage). Learning rates are rescaled so that
+# each run still trains.
+VARIANTS = {
+    "digits-adamw": ("digits", lambda i, st: replace(
+        st, optimizer="adamw", hparams=ADAMW, weight_decay=0.01,
+        lr={**st.lr, "base": st.lr["base"] * 0.03})),
+    "digits-nesterov-fresh": ("digits", lambda i, st: replace(
+        st, hparams={"momentum": 0.8, "dampening": 0.0, "nesterov": True}, continues=False)),
+    "toxicity-sgd": ("toxicity", lambda i, st: replace(
+        st, optimizer="sgd", hparams={"momentum": 0.9, "dampening": 0.0, "nesterov": False},
+        weight_decay=1e-4, lr={**st.lr, "base": st.lr["base"] * 20})),
+    "toxicity-adam-betas": ("toxicity", lambda i, st: replace(
+        st, hparams={"betas": (0.8, 0.99), "eps": 1e-6},
+        lr={**st.lr, "base": st.lr["base"] * 0.5})),
+}
+
 # written next to a scaled run's manifest: its model factory and replay, scaled
-WRAPPER = '''"""Scaled copy of sample_runs/{run} (x{scale}), written by bench/scaling.py."""
+WRAPPER = '''"""sample_runs/{run} x{scale}, variant {variant}: written by bench/scaling.py."""
 import importlib.util
 import sys
 
-_spec = importlib.util.spec_from_file_location("acctattr_scaled_{run}", {make_run!r})
-MR = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = MR
-_spec.loader.exec_module(MR)
-STAGES = MR.C.scaled(MR.STAGES, {scale})
+_spec = importlib.util.spec_from_file_location("acctattr_bench_scaling", {bench!r})
+B = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = B
+_spec.loader.exec_module(B)
+MR = B.load_make_run({run!r})
+STAGES = B.stages_of({run!r}, {scale}, {variant!r})
 build = MR.M.build
 
 
@@ -60,11 +85,24 @@ def load_make_run(run: str) -> ModuleType:
     return module
 
 
-def write_scaled(run: str, scale: int, folder: Path) -> Path:
-    """The sample run trained ``scale`` times longer, laid out as make_run.py does."""
+def stages_of(run: str, scale: int, variant: str | None = None) -> tuple:
+    """The sample run's stages, trained ``scale`` times longer, as ``variant`` changes them."""
+    mr = load_make_run(run)
+    stages = mr.C.scaled(mr.STAGES, scale)
+    if variant is not None:
+        vrun, change = VARIANTS[variant]
+        if vrun != run:
+            raise ValueError(f"variant {variant} is of run {vrun}, not {run}")
+        stages = tuple(change(i, st) for i, st in enumerate(stages))
+    return stages
+
+
+def write_scaled(run: str, scale: int, folder: Path, variant: str | None = None) -> Path:
+    """The sample run trained ``scale`` times longer (and changed by ``variant``), laid out
+    as make_run.py does."""
     mr = load_make_run(run)
     c = mr.C
-    stages = c.scaled(mr.STAGES, scale)
+    stages = stages_of(run, scale, variant)
     stage_data, eval_set = mr.make_data()
     inputs = [k for k in eval_set if k not in ("y", "group")]
     for name, (x, y) in stage_data.items():
@@ -73,8 +111,8 @@ def write_scaled(run: str, scale: int, folder: Path) -> Path:
     c.train_pipeline(c.build_seeded(mr.M.build, mr.INIT_SEED), stages, stage_data,
                      out_dir=str(folder))
     (folder / "scaled.py").write_text(WRAPPER.format(
-        run=run, scale=scale, make_run=str(ROOT / run / "make_run.py")))
-    text = c.manifest_text(stages, inputs, f"{run} x{scale}")
+        run=run, scale=scale, variant=variant, bench=str(Path(__file__).resolve())))
+    text = c.manifest_text(stages, inputs, f"{run} x{scale} {variant or ''}".strip())
     text = text.replace("factory: model.py:build", "factory: scaled.py:build")
     text = text.replace("replay: make_run.py:replay", "replay: scaled.py:replay")
     manifest = folder / "manifest.yaml"
@@ -97,25 +135,28 @@ def measure(manifest: Path, repeat: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=["digits", "toxicity"])
+    ap.add_argument("--runs", nargs="*", default=["digits", "toxicity"])
     ap.add_argument("--scales", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                    help="also these changed runs, at scale 1")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
-    print(f"{'run':<10} {'x':>3} {'estimator':<16} {'pearson per stage':<26} {'sign':<5} "
+    print(f"{'run':<22} {'x':>3} {'estimator':<16} {'pearson per stage':<26} {'sign':<5} "
           f"{'rank':<5} {'run s':>6} {'retrain s':>9} {'ratio':>7}")
+    cases = [(run, scale, None) for run in args.runs for scale in args.scales]
+    cases += [(VARIANTS[v][0], 1, v) for v in args.variants]
     report = []
-    for run in args.runs:
-        for scale in args.scales:
-            with tempfile.TemporaryDirectory(prefix=f"acctattr-{run}-x{scale}-") as tmp:
-                m = measure(write_scaled(run, scale, Path(tmp)), args.repeat)
-            pearson = " ".join(f"{s['pearson']:.3f}" for s in m["stages"])
-            signs = "ok" if all(s["sign_ok"] for s in m["stages"]) else "BAD"
-            print(f"{run:<10} {scale:>3} {m['estimator']:<16} {pearson:<26} {signs:<5} "
-                  f"{'ok' if m['ranking_ok'] else 'BAD':<5} {m['run_seconds']:6.2f} "
-                  f"{m['retrain_seconds']:9.2f} {m['cost_ratio']:7.1%}")
-            sys.stdout.flush()
-            report.append({"run": run, "scale": scale, **m})
+    for run, scale, variant in cases:
+        with tempfile.TemporaryDirectory(prefix=f"acctattr-{run}-x{scale}-") as tmp:
+            m = measure(write_scaled(run, scale, Path(tmp), variant), args.repeat)
+        pearson = " ".join(f"{s['pearson']:.3f}" for s in m["stages"])
+        signs = "ok" if all(s["sign_ok"] for s in m["stages"]) else "BAD"
+        print(f"{variant or run:<22} {scale:>3} {m['estimator']:<16} {pearson:<26} "
+              f"{signs:<5} {'ok' if m['ranking_ok'] else 'BAD':<5} {m['run_seconds']:6.2f} "
+              f"{m['retrain_seconds']:9.2f} {m['cost_ratio']:7.1%}")
+        sys.stdout.flush()
+        report.append({"run": run, "scale": scale, "variant": variant, **m})
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
