@@ -239,8 +239,9 @@ class Unrolled:
         self.noise_scale: dict[int, float] = {}
         self._paths: dict[int, _ActualPath] = {}
         self._dtypes: dict[str, torch.dtype] | None = None
-        # the counterfactual's Adam state as a stage starts (set per stage by embedding)
-        self._cf_start: tuple[str, object] = ("carry", None)
+        # the counterfactual's Adam state as a stage starts (set per stage by embedding):
+        # ("state", (exp_avg_sq, step) or None for fresh) or ("carry", (dv, step offset))
+        self._cf_start: tuple[str, tuple[torch.Tensor, int] | None] = ("carry", None)
         self._carry: tuple[torch.Tensor, int] | None = None
 
     # flat <-> named
@@ -416,6 +417,7 @@ class Unrolled:
         if not hand_on:
             return d, None
         # the next stage continues this one's state: hand on how the runs' v differ
+        assert path.v_sim is not None  # an Adam path always has it
         self._carry = (v_cf - path.v_sim, (0 if run.fresh else run.step0) - step0)
         end = self._anchor(run.end)
         end_g = self.flat(curv.gradient(end))
@@ -451,10 +453,11 @@ class Unrolled:
         if prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
             return None
         parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
-        if any(p is None for p in parts):
+        found = [p for p in parts if p is not None]
+        if len(found) != len(parts):
             return None
         step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
-        return torch.cat([p.reshape(-1).double() for p in parts]), step
+        return torch.cat([p.reshape(-1).double() for p in found]), step
 
     def _sgd_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -497,7 +500,7 @@ class Unrolled:
         segments = self._segments(j)
         spans = self._spans(j, total)
         points, steps = [], []
-        segment, theta = -1, None
+        segment, theta = -1, torch.empty(0)  # set at the first span
         for i, k0, k1 in spans:
             if i != segment:
                 segment, theta = i, self.flat(self._anchor(segments[i][0]))
@@ -636,7 +639,7 @@ class Unrolled:
         def simulate(c: float):
             v = v_start.clone()
             points, steps, grads = [], [], []
-            segment, theta = -1, None
+            segment, theta = -1, torch.empty(0)  # set at the first span
             for i, k0, k1 in spans:
                 if i != segment:  # back on the run's own checkpoint
                     segment, theta = i, self.flat(self._anchor(segments[i][0]))
@@ -683,6 +686,7 @@ class Unrolled:
         """Stage j's exp_avg_sq for one parameter at its end, from its state file."""
         self.e.preconditioner(j, name)  # raises the clear error when the state lacks it
         v = self.e.runs[j].state.tensor(name, "exp_avg_sq")
+        assert v is not None  # preconditioner() raised otherwise
         return v.double()
 
     def _start_second_moment(self, j: int, v_end: torch.Tensor) -> torch.Tensor:
@@ -695,9 +699,10 @@ class Unrolled:
         if prev is None or prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
             return v_end
         parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
-        if any(p is None for p in parts):
+        found = [p for p in parts if p is not None]
+        if len(found) != len(parts):
             return v_end
-        return torch.cat([p.reshape(-1).double() for p in parts])
+        return torch.cat([p.reshape(-1).double() for p in found])
 
     def _trained_mask(self, j: int) -> torch.Tensor | None:
         """1 for parameters stage j trained, 0 for those it left alone; None: all trained."""

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(UnrolledConfig):
         kind = type(getattr(defaults, f.name))
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                        type=float if kind in (float, type(None)) else kind)  # noqa: E501
+                        type=float if kind in (float, type(None)) else kind)
     args = ap.parse_args(argv)
     config = UnrolledConfig(**{f.name: getattr(args, f.name) for f in fields(UnrolledConfig)
                                if getattr(args, f.name) is not None})
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest = ROOT / run / "manifest.yaml"
         v = pipeline.validate(manifest, tuple(args.estimators), tuple(args.evaluate),
                               config=config)
-        for f in v.results:
-            for i, s in enumerate(f.stages):
-                rank = ("ok" if f.ranking_ok else "BAD") if i == 0 else ""
-                print(f"{run:<10} {f.estimator:<9} {f.evaluate:<6} {s.stage:<18} "
+        for fid in v.results:
+            for i, s in enumerate(fid.stages):
+                rank = ("ok" if fid.ranking_ok else "BAD") if i == 0 else ""
+                print(f"{run:<10} {fid.estimator:<9} {fid.evaluate:<6} {s.stage:<18} "
                       f"{s.pearson:8.3f} {s.spearman:8.3f} {s.effect:+9.4f} "
                       f"{s.true_effect:+9.4f} {'ok ' if s.sign_ok else 'BAD'}  {rank}")
         result, ratio, seconds, retrain, spread = cost(manifest, args.repeat, config)
