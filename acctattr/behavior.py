@@ -449,9 +449,12 @@ class Curvature:
         estimated as sum_k m_k (g_k - g)^2 / (parts - 1). One forward and backward pass per
         group: the whole sample once, as for the gradient alone.
         """
-        parts = min(parts, self.n)
         if parts < 2:
-            raise ValueError(f"the gradient noise needs at least 2 examples (have {self.n})")
+            raise ValueError(f"the gradient noise needs at least 2 groups (asked for {parts})")
+        parts = min(parts, self.n)
+        if parts < 2:  # one example: every batch is the whole data, so there is no noise
+            g = self.gradient(params)
+            return g, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in g.items()}
         whole = {k: torch.cat([c[k] for c in self.chunks]) for k in self.chunks[0]} \
             if len(self.chunks) > 1 else self.chunks[0]
         names = list(params)
@@ -464,11 +467,11 @@ class Curvature:
                 batch = dict(zip(whole, cols, strict=True))
                 vals = self.loss.fn(forward(self.model, state, self.inputs, batch),
                                     batch[self.target])
-                g = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
+                got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
                 sizes.append(vals.shape[0])
                 grads.append([torch.zeros_like(x) if gi is None else gi
-                              for x, gi in zip(leaves, g, strict=True)])
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads]).double()
+                              for x, gi in zip(leaves, got, strict=True)])
+        flat = torch.stack([torch.cat([gi.reshape(-1) for gi in row]) for row in grads]).double()
         m = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
         mu = (m * flat).sum(0) / self.n
         spread = (m * (flat - mu) ** 2).sum(0) / (parts - 1)

@@ -109,6 +109,13 @@ def test_gradient_noise_is_the_per_example_gradient_variance():
     ratio = sum(float(noise4[n].sum()) for n in params) / sum(float(noise[n].sum())
                                                                for n in params)
     assert 0.3 < ratio < 3.0, ratio
+    # one example: every batch is the whole data, so there is no batch noise
+    one = Curvature(model, {}, resolve_metric("cross_entropy", None, "train.loss"),
+                    {k: v[:1] for k, v in sample.items()}, ("x",), "y")
+    g1, noise1 = one.gradient_and_noise(params, 8)
+    for n in params:
+        torch.testing.assert_close(g1[n], per_example[0][n])
+        assert not bool(noise1[n].any())
 
 
 def test_direct_is_the_difference_of_two_forward_passes(eval_file):
