@@ -37,6 +37,15 @@ ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8}
+
+
+def _short(stage, div: int):
+    """The stage trained ``div`` times fewer steps (at least 4), no intermediate checkpoints."""
+    steps = max(4, stage.steps // div)
+    return replace(stage, steps=steps, checkpoints=(),
+                   lr={**stage.lr, "warmup": min(stage.lr["warmup"] // div, steps - 1)})
+
+
 # Other optimizers and hyperparameters for the same runs (--variants): name -> (run,
 # stage index and stage -> the variant's stage). Learning rates are rescaled so that
 # each run still trains.
@@ -49,6 +58,8 @@ VARIANTS = {
     "toxicity-sgd": ("toxicity", lambda i, st: replace(
         st, optimizer="sgd", hparams={"momentum": 0.9, "dampening": 0.0, "nesterov": False},
         weight_decay=1e-4, lr={**st.lr, "base": st.lr["base"] * 20})),
+    "digits-short": ("digits", lambda i, st: _short(st, 16)),
+    "toxicity-short": ("toxicity", lambda i, st: _short(st, 16)),
     "toxicity-adam-betas": ("toxicity", lambda i, st: replace(
         st, hparams={"betas": (0.8, 0.99), "eps": 1e-6},
         lr={**st.lr, "base": st.lr["base"] * 0.5})),
