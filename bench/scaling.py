@@ -131,17 +131,19 @@ def write_scaled(run: str, scale: int, folder: Path, variant: str | None = None)
     return manifest
 
 
-def measure(manifest: Path, repeat: int) -> dict:
+def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
+    """Fidelity of the default estimator (and of ``also``, direct), and its cost ratio."""
     from fidelity import cost  # bench/fidelity.py, next to this file
 
     chosen = pipeline.run(manifest)
-    v = pipeline.validate(manifest, (chosen.estimator,), (chosen.evaluate,))
+    v = pipeline.validate(manifest, (chosen.estimator, *also), (chosen.evaluate,))
     fid = v.results[0]
     _, ratio, seconds, retrain, spread = cost(manifest, repeat)
     return {"estimator": f"{chosen.estimator}/{chosen.evaluate}",
             "stages": [s.__dict__ for s in fid.stages], "ranking_ok": fid.ranking_ok,
             "run_seconds": seconds, "retrain_seconds": retrain, "cost_ratio": ratio,
-            "ratio_range": list(spread)}
+            "ratio_range": list(spread),
+            "also": {f.estimator: [s.pearson for s in f.stages] for f in v.results[1:]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="also these changed runs, at scale 1")
+    ap.add_argument("--also", nargs="*", default=[], choices=["naive", "frozen"],
+                    help="also print these estimators' Pearson per stage")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     print(f"{'run':<22} {'x':>3} {'estimator':<16} {'pearson per stage':<26} {'sign':<5} "
@@ -160,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     for run, scale, variant in cases:
         with tempfile.TemporaryDirectory(prefix=f"acctattr-{run}-x{scale}-") as tmp:
-            m = measure(write_scaled(run, scale, Path(tmp), variant), args.repeat)
+            m = measure(write_scaled(run, scale, Path(tmp), variant), args.repeat,
+                        tuple(args.also))
         pearson = " ".join(f"{s['pearson']:.3f}" for s in m["stages"])
         signs = "ok" if all(s["sign_ok"] for s in m["stages"]) else "BAD"
         print(f"{variant or run:<22} {scale:>3} {m['estimator']:<16} {pearson:<26} "
               f"{signs:<5} {'ok' if m['ranking_ok'] else 'BAD':<5} {m['run_seconds']:6.2f} "
               f"{m['retrain_seconds']:9.2f} {m['cost_ratio']:7.1%}")
+        for est, values in m["also"].items():
+            print(f"{'':<22} {'':>3} {est + '/' + m['estimator'].split('/')[1]:<16} "
+                  + " ".join(f"{x:.3f}" for x in values))
         sys.stdout.flush()
         report.append({"run": run, "scale": scale, "variant": variant, **m})
     if args.json:
