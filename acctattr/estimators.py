@@ -447,17 +447,24 @@ class Unrolled:
     def _state_before(self, k: int) -> tuple[torch.Tensor, int] | None:
         """exp_avg_sq and step count at the end of the stage before k (what a stage
         continuing k's state continues when k is skipped); None: a fresh optimizer."""
-        if k == 0:
+        v = self._saved_second_moment(k - 1) if k > 0 else None
+        if v is None:
             return None
         prev = self.e.runs[k - 1]
-        if prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
+        step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
+        return v, step
+
+    def _saved_second_moment(self, i: int) -> torch.Tensor | None:
+        """Adam stage i's exp_avg_sq at its end from its state file, flat; None when the
+        stage is not Adam or its state file lacks it."""
+        run = self.e.runs[i]
+        if run.opt_type not in ("adam", "adamw") or run.state.source is None:
             return None
-        parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
+        parts = [run.state.tensor(n, "exp_avg_sq") for n in self.names]
         found = [p for p in parts if p is not None]
         if len(found) != len(parts):
             return None
-        step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
-        return torch.cat([p.reshape(-1).double() for p in found]), step
+        return torch.cat([p.reshape(-1).double() for p in found])
 
     def _sgd_flow(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -695,14 +702,8 @@ class Unrolled:
         run = self.e.runs[j]
         if run.fresh:
             return torch.zeros_like(v_end)
-        prev = self.e.runs[j - 1] if j > 0 else None
-        if prev is None or prev.opt_type not in ("adam", "adamw") or prev.state.source is None:
-            return v_end
-        parts = [prev.state.tensor(n, "exp_avg_sq") for n in self.names]
-        found = [p for p in parts if p is not None]
-        if len(found) != len(parts):
-            return v_end
-        return torch.cat([p.reshape(-1).double() for p in found])
+        v = self._saved_second_moment(j - 1) if j > 0 else None
+        return v_end if v is None else v
 
     def _trained_mask(self, j: int) -> torch.Tensor | None:
         """1 for parameters stage j trained, 0 for those it left alone; None: all trained."""

@@ -25,21 +25,16 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from formats_runs import N_EVAL, _args, _Tokens, token_data  # noqa: E402
+from formats_runs import N_EVAL, _args, _Tokens, tiny_gpt2, token_data  # noqa: E402
 
 from acctattr import pipeline  # noqa: E402
 
 
 def main() -> int:
-    from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer
+    from transformers import GPT2ForSequenceClassification, Trainer
 
     root = Path(tempfile.mkdtemp(prefix="acctattr-trainer-short-"))
-    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8,  # type: ignore[call-arg]
-                     num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     summary_first_dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(cfg)
+    model = tiny_gpt2()
     model.save_pretrained(root / "init")
     Trainer(model=model, args=_args(root / "s1", 8, 1e-2, weight_decay=0.1, warmup_steps=2,
                                     lr_scheduler_type="linear", logging_steps=1),

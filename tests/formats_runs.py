@@ -41,6 +41,18 @@ def _args(out: Path, steps: int, lr: float, **kw):
                              dataloader_num_workers=0, **kw)
 
 
+def tiny_gpt2():
+    """A seeded one-layer GPT-2 sequence classifier built from a config (no download)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB,  # type: ignore[call-arg]
+                     n_positions=8, num_labels=2, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     summary_first_dropout=0.0)
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(cfg)
+
+
 def write_hf_run(root: Path) -> dict:
     """init/ -> 'sft' (full fine-tune, Trainer) -> 'lora' (PEFT LoRA adapter, Trainer).
 
@@ -49,7 +61,7 @@ def write_hf_run(root: Path) -> dict:
     stage's direct effect when it is the last stage).
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainerCallback
+    from transformers import Trainer, TrainerCallback
 
     class RecordLr(TrainerCallback):
         def __init__(self) -> None:
@@ -58,12 +70,7 @@ def write_hf_run(root: Path) -> dict:
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
             self.lrs.append(optimizer.param_groups[0]["lr"])
 
-    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=8,
-                     num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     summary_first_dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(cfg)
+    model = tiny_gpt2()
     model.save_pretrained(root / "init")
     rec = RecordLr()
     Trainer(model=model, args=_args(root / "sft", 6, 1e-2, weight_decay=0.1, warmup_steps=2,
