@@ -194,6 +194,33 @@ class _ActualPath:
             yield span, point.double(), step.double()
 
 
+@dataclass(frozen=True)
+class Reproduction:
+    """Whether unrolled's simulated actual run of a later stage reproduces the run that was
+    recorded: the stage's training loss (on its data sample) at its start, and how far it
+    fell from each checkpoint to the next, summed over the stage, as recorded (the next
+    checkpoint) and as simulated (from the checkpoint). The flow follows the optimizer's
+    expected steps; where batch noise dominates a short stage, the real run learns far less
+    than that (bench/trainer_short.py), and unrolled's re-learning is not there either."""
+
+    stage: str
+    start_loss: float
+    recorded_drop: float
+    simulated_drop: float
+
+    def ok(self, factor: float) -> bool:
+        """The simulated drop within ``factor`` of the recorded one, either way, give or take
+        1% of the starting loss (a stage that barely moves its loss)."""
+        slack = 0.01 * abs(self.start_loss)
+        low = self.recorded_drop / factor - slack
+        return low <= self.simulated_drop <= factor * self.recorded_drop + slack
+
+    def describe(self) -> str:
+        return (f"stage '{self.stage}': its simulated run lowers the training loss by "
+                f"{self.simulated_drop:.4g}, the recorded run by {self.recorded_drop:.4g} "
+                f"(from {self.start_loss:.4g})")
+
+
 class Unrolled:
     """v_k carried through later stages with their training-loss curvature (SPEC sec. 2).
 
@@ -238,6 +265,8 @@ class Unrolled:
         # stage index -> fitted batch-noise scale c (~ 1/batch size) of its Adam flow
         self.noise_scale: dict[int, float] = {}
         self._paths: dict[int, _ActualPath] = {}
+        # stage index -> how well its simulated actual run reproduces the recorded one
+        self.reproduction: dict[int, Reproduction] = {}
         self._dtypes: dict[str, torch.dtype] | None = None
         # the counterfactual's Adam state as a stage starts (set per stage by embedding):
         # ("state", (exp_avg_sq, step) or None for fresh) or ("carry", (dv, step offset))
@@ -508,6 +537,7 @@ class Unrolled:
         spans = self._spans(j, total)
         points, steps = [], []
         segment, theta = -1, torch.empty(0)  # set at the first span
+        ends: dict[int, torch.Tensor] = {}
         for i, k0, k1 in spans:
             if i != segment:
                 segment, theta = i, self.flat(self._anchor(segments[i][0]))
@@ -517,6 +547,8 @@ class Unrolled:
             points.append(theta.float())  # kept for every earlier stage: half the memory
             steps.append(step.float())
             theta = theta + step
+            ends[i] = theta
+        self._check_reproduction(j, ends)
         path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, 0.0,
                            torch.zeros(0))
         self._paths = {j: path}
@@ -646,6 +678,7 @@ class Unrolled:
         def simulate(c: float):
             v = v_start.clone()
             points, steps, grads = [], [], []
+            ends: dict[int, torch.Tensor] = {}  # segment -> where the simulation ends it
             segment, theta = -1, torch.empty(0)  # set at the first span
             for i, k0, k1 in spans:
                 if i != segment:  # back on the run's own checkpoint
@@ -662,17 +695,34 @@ class Unrolled:
                 theta = theta + step
                 if run.opt_type == "adamw":
                     theta = theta * self._decay(j, k0, k1)
-            return points, steps, grads, v
+                ends[i] = theta
+            return points, steps, grads, v, ends
 
         c = self.config.noise_scale
-        points, steps, grads, v_sim = simulate(0.0 if c is None else c)
+        points, steps, grads, v_sim, ends = simulate(0.0 if c is None else c)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
             c = self._fit_noise(j, spans, grads, v_start, v_end, positive)
-            points, steps, grads, v_sim = simulate(c)
+            points, steps, grads, v_sim, ends = simulate(c)
+        self._check_reproduction(j, ends)
         path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, c, v_end, v_sim)
         self._paths = {j: path}
         self.noise_scale[j] = c
         return path
+
+    def _check_reproduction(self, j: int, ends: dict[int, torch.Tensor]) -> None:
+        """Record (self.reproduction) how far stage j's training loss falls from each of its
+        checkpoints to the next, recorded against simulated (segment -> simulated end)."""
+        curv = self.curvature(j)
+        segments = self._segments(j)
+        start = recorded = simulated = 0.0
+        for i, theta in sorted(ends.items()):
+            a, b = segments[i][0], segments[i][1]
+            before = curv.value(self._anchor(a))
+            if i == min(ends):
+                start = before
+            recorded += before - curv.value(self._anchor(b))
+            simulated += before - curv.value(self._at(j, theta))
+        self.reproduction[j] = Reproduction(self.e.runs[j].name, start, recorded, simulated)
 
     def _fit_noise(self, j: int, spans, grads, v_start: torch.Tensor, v_end: torch.Tensor,
                    positive: torch.Tensor) -> float:

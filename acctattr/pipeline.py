@@ -32,7 +32,7 @@ from acctattr.behavior import (
 )
 from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
-from acctattr.estimators import Embedder, StageRun, Unrolled
+from acctattr.estimators import Embedder, Reproduction, StageRun, Unrolled
 from acctattr.fidelity import Fidelity
 from acctattr.manifest import Manifest, Stage, load_manifest
 from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
@@ -317,16 +317,16 @@ def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
     return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
 
 
-def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None):
-    """Yield (stage index, v_k) one stage at a time."""
+def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None,
+               unrolled: Unrolled | None = None):
+    """Yield (stage index, v_k) one stage at a time (``unrolled``: the Unrolled to use,
+    so that the caller can read its reproduction checks)."""
     if estimator not in ESTIMATORS:
         raise AcctattrError(f"unknown estimator {estimator!r}",
                             f"choose one of {', '.join(ESTIMATORS)}")
     embedder = Embedder(loaded.runs, loaded.info.trainable)
-    unrolled = None
-    if estimator == "unrolled":
-        unrolled = Unrolled(embedder, _curvatures(loaded, config or UnrolledConfig()),
-                            config or UnrolledConfig())
+    if estimator == "unrolled" and unrolled is None:
+        unrolled = make_unrolled(loaded, config)
     for k in range(len(loaded.runs)):
         if estimator == "naive":
             yield k, embedder.naive(k)
@@ -334,6 +334,27 @@ def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = N
             yield k, unrolled.embedding(k)
         else:
             yield k, embedder.frozen(k)
+
+
+def make_unrolled(loaded: Loaded, config: UnrolledConfig | None = None) -> Unrolled:
+    config = config or UnrolledConfig()
+    return Unrolled(Embedder(loaded.runs, loaded.info.trainable), _curvatures(loaded, config),
+                    config)
+
+
+class _NotReproduced(Exception):
+    """auto's unrolled found a later stage its simulation does not reproduce."""
+
+    def __init__(self, failed: list[Reproduction]) -> None:
+        super().__init__()
+        self.failed = failed
+
+
+def _unreproduced(unrolled: Unrolled | None) -> list[Reproduction]:
+    if unrolled is None:
+        return []
+    factor = unrolled.config.reproduce_factor
+    return [r for _, r in sorted(unrolled.reproduction.items()) if not r.ok(factor)]
 
 
 def _curvatures(loaded: Loaded, config: UnrolledConfig):
@@ -377,13 +398,37 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
                             f"choose one of {', '.join(EVALUATIONS)}")
     loaded = check(path)
     chosen, why = choose_estimator(loaded, estimator)
-    evaluate = evaluate or DEFAULT_EVALUATE[chosen]
+    base, groups = loaded.evaluator.values()
+    try:
+        per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
+                                       base, config, progress, strict=estimator == "auto")
+    except _NotReproduced as e:
+        chosen = "frozen"
+        why = ("auto uses frozen because unrolled's simulation does not reproduce the "
+               "recorded run of " + "; ".join(r.describe() for r in e.failed))
+        per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
+                                       base, config, progress)
+    return summarize(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen], base, groups,
+                     per_stage, per_example, why, warnings)
+
+
+def _effects(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
+             config: UnrolledConfig | None, progress: Progress | None,
+             strict: bool = False) -> tuple[list[torch.Tensor], list[str]]:
+    """Per-example effects of every stage, and warnings about them.
+
+    With unrolled, the first stage's embedding simulates every later stage; where one of
+    those simulations does not reproduce the recorded run, ``strict`` raises _NotReproduced
+    (auto then takes frozen) and otherwise each such stage is a warning.
+    """
     ev = loaded.evaluator
-    base, groups = ev.values()
     names = [r.name for r in loaded.runs]
+    unrolled = make_unrolled(loaded, config) if estimator == "unrolled" else None
     per_stage: list[torch.Tensor] = []
     try:
-        for k, v in embeddings(loaded, chosen, config):
+        for k, v in embeddings(loaded, estimator, config, unrolled):
+            if strict and _unreproduced(unrolled):
+                raise _NotReproduced(_unreproduced(unrolled))
             if progress:
                 progress(f"stage {names[k]}", k, len(names))
             per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
@@ -394,7 +439,10 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         raise type(e)(f"while estimating stage '{stage}': {e.message}", e.hint) from e
     if progress:
         progress("done", len(names), len(names))
-    return summarize(loaded, chosen, evaluate, base, groups, per_stage, per_example, why)
+    warnings = [f"unrolled's simulation does not reproduce the recorded run of {r.describe()}; "
+                "its estimates of the stages before it may be off: check them with `acctattr "
+                "validate`, or use --estimator frozen" for r in _unreproduced(unrolled)]
+    return per_stage, warnings
 
 
 def standard_error(x: torch.Tensor) -> float:
@@ -407,7 +455,8 @@ def standard_error(x: torch.Tensor) -> float:
 
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
               groups: torch.Tensor | None, per_stage: list[torch.Tensor],
-              per_example: bool, estimator_note: str | None = None) -> Result:
+              per_example: bool, estimator_note: str | None = None,
+              warnings: list[str] | None = None) -> Result:
     """Per-example effects [K][N] -> ranked stage effects (and per-example rows)."""
     metric = loaded.evaluator.metric
     names = [r.name for r in loaded.runs]
@@ -441,7 +490,8 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
     return Result(metric=metric.name, higher_is_better=metric.higher_is_better,
                   estimator=estimator, evaluate=evaluate, n_examples=int(base.shape[0]),
                   final_value=final, stages=tuple(stages), examples=examples,
-                  warnings=tuple(loaded.warnings), estimator_note=estimator_note)
+                  warnings=(*loaded.warnings, *(warnings or [])),
+                  estimator_note=estimator_note)
 
 
 # ---------------------------------------------------------------- validation against retraining

@@ -109,6 +109,37 @@ def write_hf_run(root: Path) -> dict:
             "with_adapter": with_adapter, "without_adapter": without}
 
 
+def write_short_trainer_run(root: Path) -> Path:
+    """init/ -> 's1' -> 's2': a tiny GPT-2 fine-tuned by transformers.Trainer in two stages
+    of 8 AdamW steps on 32 examples (batch 4), each stage with its data file, so unrolled
+    can run. The second stage is short and noise-dominated: its training loss barely falls
+    (0.690 -> 0.665), far less than Adam's expected dynamics would lower it (the case
+    Reproduction catches; bench/trainer_short.py). Returns the manifest."""
+    from transformers import Trainer
+
+    model = tiny_gpt2()
+    model.save_pretrained(root / "init")
+    Trainer(model=model, args=_args(root / "s1", 8, 1e-2, weight_decay=0.1, warmup_steps=2,
+                                    lr_scheduler_type="linear", logging_steps=1),
+            train_dataset=_Tokens(1)).train()
+    Trainer(model=model, args=_args(root / "s2", 8, 5e-3, logging_steps=1),
+            train_dataset=_Tokens(2)).train()
+    for seed, name in ((1, "s1"), (2, "s2")):
+        x, y = token_data(seed, 32)
+        save_file({"input_ids": x, "label": y}, root / f"{name}.safetensors")
+    x, y = token_data(3, N_EVAL)
+    save_file({"input_ids": x, "label": y, "group": x[:, 1] % 2}, root / "eval.safetensors")
+    doc = {"version": 1, "model": {"hf": "init"},
+           "stages": [{"name": "s1", "start": "init", "end": "s1/checkpoint-8",
+                       "optimizer": {"type": "adamw"}, "data": "s1.safetensors"},
+                      {"name": "s2", "end": "s2/checkpoint-8", "optimizer": {"type": "adamw"},
+                       "data": "s2.safetensors"}],
+           "eval": {"data": "eval.safetensors", "inputs": ["input_ids"], "target": "label",
+                    "group": "group", "batch_size": 16}}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root / "manifest.yaml"
+
+
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.double(), y, reduction="none")
 

@@ -247,3 +247,34 @@ def test_unrolled_flow_is_converged_in_its_substeps():
             x = torch.tensor([e.effects[s.name] for e in a.examples], dtype=torch.float64)
             y = torch.tensor([e.effects[s.name] for e in b.examples], dtype=torch.float64)
             assert _pearson(x, y) >= 0.97, (run, s.name)
+
+
+def test_reproduction_check_bounds_the_simulated_loss_fall_either_way():
+    from acctattr.estimators import Reproduction
+
+    def r(sim: float) -> Reproduction:
+        return Reproduction("b", start_loss=1.0, recorded_drop=0.1, simulated_drop=sim)
+
+    assert r(0.1).ok(3.0) and r(0.29).ok(3.0) and r(0.04).ok(3.0)
+    assert not r(0.32).ok(3.0) and not r(0.02).ok(3.0)
+    # a stage that barely moves its loss: 1% of the starting loss is slack
+    flat = Reproduction("b", start_loss=1.0, recorded_drop=0.0, simulated_drop=0.009)
+    assert flat.ok(3.0) and not Reproduction("b", 1.0, 0.0, 0.02).ok(3.0)
+    assert "'b'" in r(0.5).describe()
+
+
+@pytest.mark.parametrize("run", ["digits", "toxicity"])
+def test_unrolled_simulation_reproduces_the_sample_runs_recorded_loss(run):
+    """From each checkpoint, the simulated actual run lowers every later stage's training
+    loss about as the recorded run did (within 25%), so auto keeps unrolled."""
+    from pathlib import Path
+
+    loaded = pipeline.check(Path(__file__).resolve().parents[1] / "sample_runs" / run
+                            / "manifest.yaml")
+    unrolled = pipeline.make_unrolled(loaded)
+    unrolled.embedding(0)
+    assert sorted(unrolled.reproduction) == [1, 2]
+    for rep in unrolled.reproduction.values():
+        assert rep.recorded_drop > 0, rep
+        assert 0.8 <= rep.simulated_drop / rep.recorded_drop <= 1.25, rep
+        assert rep.ok(unrolled.config.reproduce_factor)

@@ -18,7 +18,11 @@ from acctattr.errors import AcctattrError, ManifestError
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-from formats_runs import write_hf_run, write_lightning_run  # noqa: E402
+from formats_runs import (  # noqa: E402
+    write_hf_run,
+    write_lightning_run,
+    write_short_trainer_run,
+)
 
 runner = CliRunner()
 
@@ -249,3 +253,22 @@ def test_placeholder_detection_is_torch_free():
         from acctattr.manifest import parse_manifest
 
         parse_manifest(raw, Path("/tmp/m.yaml"))
+
+
+def test_auto_takes_frozen_where_unrolled_does_not_reproduce_a_stage(tmp_path):
+    """A Trainer run whose second stage is 8 noisy AdamW steps: unrolled's simulated run of
+    it lowers the training loss ~15x more than the recorded run did (its estimate of s1 is
+    then wrong: bench/trainer_short.py), so auto takes frozen and says why; an explicit
+    unrolled runs and warns. JSON carries the reason."""
+    manifest = write_short_trainer_run(tmp_path)
+    auto = pipeline.run(manifest)
+    assert auto.estimator == "frozen"
+    assert auto.estimator_note is not None
+    assert "stage 's2'" in auto.estimator_note and "reproduce" in auto.estimator_note
+    explicit = pipeline.run(manifest, "unrolled")
+    assert explicit.estimator == "unrolled"
+    assert any("stage 's2'" in w and "--estimator frozen" in w for w in explicit.warnings)
+    out = runner.invoke(app, ["run", str(manifest), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert "reproduce" in json.dumps(doc)
