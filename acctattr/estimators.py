@@ -125,12 +125,14 @@ class Embedder:
         if key not in self._precond:
             run = self.runs[j]
             hp = run.state.groups[self.groups[j][name]]
-            v = run.state.tensor(name, "exp_avg_sq")
+            # amsgrad divides by the running maximum of the second moment
+            moment = "max_exp_avg_sq" if hp.amsgrad else "exp_avg_sq"
+            v = run.state.tensor(name, moment)
             if v is None:
                 why = "there is none" if run.state.source is None else "it lacks that tensor"
                 raise CheckpointError(
                     f"stage '{run.name}': the estimator needs the Adam second moment "
-                    f"(exp_avg_sq) of '{name}' from optimizer.state, and {why}",
+                    f"({moment}) of '{name}' from optimizer.state, and {why}",
                     "give the stage's optimizer.state (its optimizer.pt at the stage's end)")
             step = run.state.step if run.state.step is not None else run.step0 + run.steps
             self._precond[key] = adam_preconditioner(v, step, hp.beta2, hp.eps)

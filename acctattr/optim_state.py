@@ -26,8 +26,9 @@ from acctattr.errors import CheckpointError
 from acctattr.manifest import OptimizerSpec
 
 # State tensors each optimizer keeps per parameter.
-STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step"),
-               "adamw": ("exp_avg", "exp_avg_sq", "step")}
+STATE_NAMES = {"sgd": ("momentum_buffer",),
+               "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+               "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")}
 _HINT = ("state the mapping in the manifest: optimizer.param_names: a list of parameter "
          "names per param group, in the order they were passed to the optimizer")
 
@@ -44,6 +45,11 @@ class GroupHparams:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    # Adam's amsgrad divides by the running maximum of exp_avg_sq (max_exp_avg_sq); maximize
+    # ascends the training objective. Read from param_groups; amsgrad also from the state
+    # holding max_exp_avg_sq (a safetensors state file has no param_groups).
+    amsgrad: bool = False
+    maximize: bool = False
 
 
 @dataclass
@@ -74,8 +80,10 @@ def hf_groups(trainable: list[str], no_decay: set[str]) -> list[list[str]]:
     return [[n for n in trainable if n not in no_decay], [n for n in trainable if n in no_decay]]
 
 
-def _merge(spec: OptimizerSpec, names: list[str], pg: dict | None) -> GroupHparams:
-    """Hyperparameters of one group: manifest value, else state file value, else torch default."""
+def _merge(spec: OptimizerSpec, names: list[str], pg: dict | None,
+           amsgrad: bool = False) -> GroupHparams:
+    """Hyperparameters of one group: manifest value, else state file value, else torch default
+    (``amsgrad``: the state holds max_exp_avg_sq for this group's parameters)."""
     pg = pg or {}
     adamw = spec.type == "adamw"
 
@@ -95,6 +103,8 @@ def _merge(spec: OptimizerSpec, names: list[str], pg: dict | None) -> GroupHpara
         beta1=float(betas[0]),
         beta2=float(betas[1]),
         eps=float(pick(spec.eps, "eps", 1e-8)),
+        amsgrad=amsgrad or bool(pg.get("amsgrad", False)),
+        maximize=bool(pg.get("maximize", False)),
     )
 
 
@@ -200,8 +210,13 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                                           "values", "use a state file from before divergence")
                 tensors.setdefault(name, {})[key] = value.float()
     _check_file_hparams(spec, pgs, where)
-    groups_h = [_merge(spec, g, pg) for g, pg in zip(groups, pgs, strict=True)]
+    groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
+                for g, pg in zip(groups, pgs, strict=True)]
     return OptimizerState(groups_h, tensors, step, file)
+
+
+def _has_max(tensors: dict[str, dict[str, torch.Tensor]], names: list[str]) -> bool:
+    return any("max_exp_avg_sq" in tensors.get(n, {}) for n in names)
 
 
 # key -> (low, low is open, high, high is open) for hyperparameters read from param_groups.
@@ -291,4 +306,5 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
         tensors.setdefault(param, {})[state_name] = value
     groups = default_groups(list(trainable), spec)
     _check_cover(groups, trainable, stage, "optimizer.param_names")
-    return OptimizerState([_merge(spec, g, None) for g in groups], tensors, step, spec.state)
+    return OptimizerState([_merge(spec, g, None, _has_max(tensors, g)) for g in groups],
+                          tensors, step, spec.state)

@@ -314,7 +314,31 @@ def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
     if stateless:
         return "frozen", (f"auto uses frozen because Adam stage(s) {', '.join(stateless)} "
                           "have no optimizer.state, whose second moment unrolled needs")
+    unsupported = unrolled_unsupported(loaded)
+    if unsupported:
+        return "frozen", f"auto uses frozen because {unsupported[0]}"
     return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
+
+
+def unrolled_unsupported(loaded: Loaded) -> list[str]:
+    """Why unrolled cannot simulate a later stage, one line per stage (empty: it can).
+
+    amsgrad divides by the running maximum of the second moment, which the flow does not
+    keep. maximize ascends the training objective, so train.loss must name a score (higher
+    is better) for the simulated run to go the way the real one went.
+    """
+    loss = resolve_metric(loaded.manifest.train_loss, None, "train.loss")
+    why = []
+    for r in loaded.runs[1:]:
+        if r.trained == frozenset():
+            continue
+        if r.opt_type in ("adam", "adamw") and any(g.amsgrad for g in r.state.groups):
+            why.append(f"stage '{r.name}' uses Adam's amsgrad, which unrolled does not "
+                       "simulate (frozen uses its max_exp_avg_sq)")
+        if any(g.maximize for g in r.state.groups) and not loss.higher_is_better:
+            why.append(f"stage '{r.name}' has maximize=True in its optimizer.state, so it raised "
+                       f"its training objective, but train.loss {loss.name} is lower-is-better")
+    return why
 
 
 def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None,
@@ -325,6 +349,9 @@ def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = N
         raise AcctattrError(f"unknown estimator {estimator!r}",
                             f"choose one of {', '.join(ESTIMATORS)}")
     embedder = Embedder(loaded.runs, loaded.info.trainable)
+    if estimator == "unrolled" and unrolled_unsupported(loaded):
+        raise AcctattrError(unrolled_unsupported(loaded)[0],
+                            "use --estimator frozen (auto takes it by itself)")
     if estimator == "unrolled" and unrolled is None:
         unrolled = make_unrolled(loaded, config)
     for k in range(len(loaded.runs)):
@@ -398,6 +425,9 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
                             f"choose one of {', '.join(EVALUATIONS)}")
     loaded = check(path)
     chosen, why = choose_estimator(loaded, estimator)
+    if chosen == "unrolled" and unrolled_unsupported(loaded):
+        raise AcctattrError(unrolled_unsupported(loaded)[0],
+                            "use --estimator frozen (auto takes it by itself)")
     base, groups = loaded.evaluator.values()
     try:
         per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
@@ -562,8 +592,9 @@ def validate(path: str | Path, estimators: tuple[str, ...] | None = None,
     """
     loaded = check(path)
     if estimators is None:
+        # unrolled where auto would take it (stage data, Adam state, what it simulates)
         estimators = tuple(e for e in ESTIMATORS
-                           if e != "unrolled" or all(r.data for r in loaded.runs[1:]))
+                           if e != "unrolled" or choose_estimator(loaded, "auto")[0] == e)
     base, _ = loaded.evaluator.values()
     with tempfile.TemporaryDirectory(prefix="acctattr-validate-") as tmp:
         truth, retrain = true_effects(loaded, base, workdir or Path(tmp), progress)

@@ -278,3 +278,54 @@ def test_unrolled_simulation_reproduces_the_sample_runs_recorded_loss(run):
         assert rep.recorded_drop > 0, rep
         assert 0.8 <= rep.simulated_drop / rep.recorded_drop <= 1.25, rep
         assert rep.ok(unrolled.config.reproduce_factor)
+
+
+def test_amsgrad_preconditioner_is_the_running_maximum_and_unrolled_is_refused(tmp_path):
+    """A later Adam stage with amsgrad=True (real torch.optim state): frozen divides by
+    max_exp_avg_sq, as torch does; unrolled, whose flow keeps no running maximum, is an
+    error naming the stage (exit 2 at the CLI), and auto takes frozen and says why."""
+    from typer.testing import CliRunner
+
+    from acctattr.cli import app
+    from acctattr.dynamics import adam_preconditioner
+    from acctattr.errors import AcctattrError
+    from acctattr.estimators import Embedder
+
+    stages = [StageCfg("a", "adamw", 20, 0.02, {}, (0.1, 0.0)),
+              StageCfg("b", "adam", 30, WARM_COS, {"amsgrad": True, "betas": (0.9, 0.6)},
+                       (0.05, 0.0))]
+    manifest = write_run(tmp_path / "run", stages, with_data=True)
+    loaded = pipeline.check(manifest)
+    run_b = loaded.runs[1]
+    assert all(g.amsgrad for g in run_b.state.groups)
+    emb = Embedder(loaded.runs, loaded.info.trainable)
+    v, vmax = (run_b.state.tensor("weight", k) for k in ("exp_avg_sq", "max_exp_avg_sq"))
+    assert v is not None and vmax is not None and bool((vmax > v * 1.01).any())
+    g = run_b.state.groups[0]
+    step = run_b.state.step
+    assert torch.allclose(emb.preconditioner(1, "weight"),
+                          adam_preconditioner(vmax, step, g.beta2, g.eps))
+    with pytest.raises(AcctattrError, match="stage 'b'.*amsgrad"):
+        pipeline.run(manifest, "unrolled")
+    auto = pipeline.run(manifest)
+    assert auto.estimator == "frozen" and "amsgrad" in auto.estimator_note
+    out = CliRunner().invoke(app, ["run", str(manifest), "--estimator", "unrolled"])
+    assert out.exit_code == 2 and "amsgrad" in out.output
+
+
+def test_maximize_with_a_lower_is_better_train_loss_is_refused_for_unrolled(tmp_path):
+    """maximize=True ascends the objective; with train.loss a loss, unrolled would simulate
+    the stage going the other way. auto takes frozen (which does not depend on the sign)."""
+    from acctattr.errors import AcctattrError
+
+    stages = [StageCfg("a", "sgd", 20, 0.05, {"momentum": 0.5}, (0.0, 0.0)),
+              StageCfg("b", "sgd", 20, 0.05, {"momentum": 0.5, "maximize": True}, (0.0, 0.0))]
+    manifest = write_run(tmp_path / "run", stages, with_data=True)
+    doc = manifest.read_text().replace("loss: loss.py:minus_target_logit",
+                                       "loss: cross_entropy")
+    manifest.write_text(doc)
+    assert pipeline.check(manifest).runs[1].state.groups[0].maximize
+    with pytest.raises(AcctattrError, match="stage 'b'.*maximize"):
+        pipeline.run(manifest, "unrolled")
+    auto = pipeline.run(manifest)
+    assert auto.estimator == "frozen" and "maximize" in auto.estimator_note
