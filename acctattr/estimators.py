@@ -358,7 +358,8 @@ class Unrolled:
                     inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
                     mv = self._hvp(j, point, d)
                     y = lanczos_expm(lambda x, mv=mv, root=root: root * mv(root * x), d * inv,
-                                     part * scale, self.config.lanczos_iters)
+                                     part * scale, self.config.lanczos_iters,
+                                     rtol=self.config.lanczos_rtol)
                     new = root * y + torch.where(root > 0, torch.zeros_like(d), d)
                     cap = self.config.adam_cap
                     if run.opt_type != "sgd" and cap is not None:
@@ -570,7 +571,8 @@ class Unrolled:
             y = root * x
             return root * (self.flat(product(self.named(y))) + lam * y)
 
-        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters)
+        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters,
+                                   rtol=self.config.lanczos_rtol)
         if depth < self.config.max_halvings:
             curv = self.curvature(j)
             before = curv.value(self._at(j, theta)) + 0.5 * float((lam * theta * theta).sum())
