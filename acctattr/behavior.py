@@ -531,12 +531,30 @@ class Curvature:
     def hvp(self, anchor: Params) -> Callable[[Params], Params]:
         """v -> H(anchor) v by double backward: the gradient graph is built once per anchor
         and every product is one more backward pass through it."""
+        return self.expand(anchor)[2]
+
+    def expand(self, anchor: Params) -> tuple[float, Params, Callable[[Params], Params]]:
+        """The mean training loss at ``anchor`` (as ``value``), its gradient (as
+        ``gradient``) and v -> H(anchor) v (as ``hvp``), from the one forward and backward
+        pass that builds the products' gradient graph."""
         names = list(anchor)
         leaves = [anchor[n].detach().clone().requires_grad_(True) for n in names]
         with torch.enable_grad():
             params = dict(zip(names, leaves, strict=True))
-            grads = [torch.autograd.grad(self._loss(params, batch), leaves, create_graph=True,
-                                         allow_unused=True) for batch in self.chunks]
+            losses, grads = [], []
+            for batch in self.chunks:
+                loss = self._loss(params, batch)
+                grads.append(torch.autograd.grad(loss, leaves, create_graph=True,
+                                                 allow_unused=True))
+                losses.append(loss.detach())
+        value = float(sum(losses))
+        gradient: Params = {}
+        for i, (n, x) in enumerate(zip(names, leaves, strict=True)):
+            total = torch.zeros_like(x)
+            for g in grads:
+                if g[i] is not None:
+                    total = total + g[i].detach()
+            gradient[n] = total
 
         def product(v: Params) -> Params:
             total = [torch.zeros_like(x) for x in leaves]
@@ -551,4 +569,4 @@ class Curvature:
                                                                             strict=True)]
             return {n: t.detach() for n, t in zip(names, total, strict=True)}
 
-        return product
+        return value, gradient, product

@@ -407,3 +407,23 @@ def test_buffers_come_from_the_final_checkpoint_in_eval_mode(tmp_path):
     assert not torch.allclose(F.cross_entropy(fresh(ex), ey, reduction="none"), want)
     model.train()
     assert not torch.allclose(F.cross_entropy(model(ex), ey, reduction="none"), want)
+
+
+def test_curvature_expand_is_value_gradient_and_hvp_at_once():
+    """Curvature.expand's loss, gradient and product equal value(), gradient() and hvp()
+    at the same point, over several memory chunks."""
+    from acctattr.behavior import Curvature
+
+    model, sample = mlp(), _noise_sample()
+    params = params_of(model)
+    curv = Curvature(model, {}, resolve_metric("cross_entropy", None, "train.loss"), sample,
+                     ("x",), "y", chunk=10)
+    value, gradient, product = curv.expand(params)
+    assert value == pytest.approx(curv.value(params), rel=1e-12)
+    v = direction(params, seed=6)
+    reference_product = curv.hvp(params)(v)
+    got_product = product(v)
+    for n, g in curv.gradient(params).items():
+        torch.testing.assert_close(gradient[n], g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got_product[n], reference_product[n], rtol=1e-12, atol=0)
+    assert any(bool(t.abs().max() > 1e-3) for t in got_product.values())
