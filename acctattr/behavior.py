@@ -419,6 +419,9 @@ class Curvature:
         self.chunks = [{k: v[lo:lo + chunk] for k, v in sample.items()}
                        for lo in range(0, n, chunk)]
         self.n = n
+        # per-group gradients by one vectorised pass (gradient_and_noise); False once
+        # torch.func has failed to vectorise this model
+        self._batched = True
 
     def _loss(self, params: Params, batch: Batch) -> torch.Tensor:
         out = forward(self.model, {**self.fixed, **params}, self.inputs, batch)
@@ -446,8 +449,9 @@ class Curvature:
 
         The sample is cut into ``parts`` near-equal groups; with g_k the mean gradient of
         group k (m_k examples) and g their weighted mean, the per-example variance is
-        estimated as sum_k m_k (g_k - g)^2 / (parts - 1). One forward and backward pass per
-        group: the whole sample once, as for the gradient alone.
+        estimated as sum_k m_k (g_k - g)^2 / (parts - 1). The groups' gradients come from
+        one pass vectorised over the groups (_group_gradients); a model that torch.func
+        cannot vectorise gets one forward and backward pass per group.
         """
         if parts < 2:
             raise ValueError(f"the gradient noise needs at least 2 groups (asked for {parts})")
@@ -458,20 +462,20 @@ class Curvature:
         whole = {k: torch.cat([c[k] for c in self.chunks]) for k in self.chunks[0]} \
             if len(self.chunks) > 1 else self.chunks[0]
         names = list(params)
-        leaves = [params[n].detach().requires_grad_(True) for n in names]
-        state = {**self.fixed, **dict(zip(names, leaves, strict=True))}
-        sizes, grads = [], []
-        with torch.enable_grad():
-            for cols in zip(*(torch.tensor_split(v, parts) for v in whole.values()),
-                            strict=True):
-                batch = dict(zip(whole, cols, strict=True))
-                vals = self.loss.fn(forward(self.model, state, self.inputs, batch),
-                                    batch[self.target])
-                got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
-                sizes.append(vals.shape[0])
-                grads.append([torch.zeros_like(x) if gi is None else gi
-                              for x, gi in zip(leaves, got, strict=True)])
-        flat = torch.stack([torch.cat([gi.reshape(-1) for gi in row]) for row in grads]).double()
+        leaves = [params[n].detach() for n in names]
+        flat = None
+        if self._batched:
+            try:
+                flat = self._group_gradients(dict(zip(names, leaves, strict=True)), whole,
+                                             parts)
+            except Exception:
+                # torch.func cannot vectorise this model (an op without a batching rule,
+                # data-dependent control flow, an old-style autograd.Function): take the
+                # loop from now on; a genuine error in the model or data raises there too
+                self._batched = False
+        if flat is None:
+            flat = self._group_gradients_looped(leaves, names, whole, parts)
+        sizes = [len(ix) for ix in torch.tensor_split(torch.arange(self.n), parts)]
         m = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
         mu = (m * flat).sum(0) / self.n
         spread = (m * (flat - mu) ** 2).sum(0) / (parts - 1)
@@ -482,15 +486,75 @@ class Curvature:
             var[n] = var_n.reshape(x.shape)
         return mean, var
 
+    def _group_gradients(self, params: Params, whole: Batch, parts: int) -> torch.Tensor:
+        """Each group's mean loss gradient [parts, P] float64 (P: the parameters' elements,
+        concatenated), the groups those of torch.tensor_split: one forward and backward
+        pass vectorised over the groups (torch.func.vmap of grad) for each group size
+        (tensor_split makes at most two: the first n % parts groups hold one more)."""
+        from torch.func import grad, vmap
+
+        def group_loss(p: Params, batch: Batch) -> torch.Tensor:
+            vals = self.loss.fn(forward(self.model, {**self.fixed, **p}, self.inputs, batch),
+                                batch[self.target])
+            return self.sign * vals.mean()
+
+        per_group = vmap(grad(group_loss), in_dims=(None, 0))
+        size, extra = divmod(self.n, parts)
+        rows, lo = [], 0
+        for count, m in ((extra, size + 1), (parts - extra, size)):
+            if count == 0:
+                continue
+            hi = lo + count * m
+            groups = {k: v[lo:hi].reshape(count, m, *v.shape[1:]) for k, v in whole.items()}
+            got = per_group(params, groups)  # name -> [count, *shape]
+            rows.append(torch.cat([got[n].reshape(count, -1) for n in params], dim=1))
+            lo = hi
+        return torch.cat(rows).double()
+
+    def _group_gradients_looped(self, params: list[torch.Tensor], names: list[str],
+                                whole: Batch, parts: int) -> torch.Tensor:
+        """_group_gradients by one forward and backward pass per group."""
+        leaves = [x.requires_grad_(True) for x in params]
+        state = {**self.fixed, **dict(zip(names, leaves, strict=True))}
+        grads = []
+        with torch.enable_grad():
+            for cols in zip(*(torch.tensor_split(v, parts) for v in whole.values()),
+                            strict=True):
+                batch = dict(zip(whole, cols, strict=True))
+                vals = self.loss.fn(forward(self.model, state, self.inputs, batch),
+                                    batch[self.target])
+                got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
+                grads.append([torch.zeros_like(x) if gi is None else gi
+                              for x, gi in zip(leaves, got, strict=True)])
+        return torch.stack([torch.cat([gi.reshape(-1) for gi in row]) for row in grads]).double()
+
     def hvp(self, anchor: Params) -> Callable[[Params], Params]:
         """v -> H(anchor) v by double backward: the gradient graph is built once per anchor
         and every product is one more backward pass through it."""
+        return self.expand(anchor)[2]
+
+    def expand(self, anchor: Params) -> tuple[float, Params, Callable[[Params], Params]]:
+        """The mean training loss at ``anchor`` (as ``value``), its gradient (as
+        ``gradient``) and v -> H(anchor) v (as ``hvp``), from the one forward and backward
+        pass that builds the products' gradient graph."""
         names = list(anchor)
         leaves = [anchor[n].detach().clone().requires_grad_(True) for n in names]
         with torch.enable_grad():
             params = dict(zip(names, leaves, strict=True))
-            grads = [torch.autograd.grad(self._loss(params, batch), leaves, create_graph=True,
-                                         allow_unused=True) for batch in self.chunks]
+            losses, grads = [], []
+            for batch in self.chunks:
+                loss = self._loss(params, batch)
+                grads.append(torch.autograd.grad(loss, leaves, create_graph=True,
+                                                 allow_unused=True))
+                losses.append(loss.detach())
+        value = float(sum(losses))
+        gradient: Params = {}
+        for i, (n, x) in enumerate(zip(names, leaves, strict=True)):
+            total = torch.zeros_like(x)
+            for g in grads:
+                if g[i] is not None:
+                    total = total + g[i].detach()
+            gradient[n] = total
 
         def product(v: Params) -> Params:
             total = [torch.zeros_like(x) for x in leaves]
@@ -505,4 +569,4 @@ class Curvature:
                                                                             strict=True)]
             return {n: t.detach() for n, t in zip(names, total, strict=True)}
 
-        return product
+        return value, gradient, product

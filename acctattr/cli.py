@@ -134,7 +134,7 @@ def run(
         help="Also draw the effects (needs acctattr[plot]).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
     lanczos_iters: Annotated[int, typer.Option(
-        min=1, help="unrolled: Lanczos iterations (HVPs) per propagation.",
+        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
         rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
     sample_size: Annotated[int, typer.Option(
         min=1, help="unrolled: training examples per later stage for its curvature.",

@@ -389,7 +389,8 @@ class Unrolled:
                     inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
                     mv = self._hvp(j, point, d)
                     y = lanczos_expm(lambda x, mv=mv, root=root: root * mv(root * x), d * inv,
-                                     part * scale, self.config.lanczos_iters)
+                                     part * scale, self.config.lanczos_iters,
+                                     rtol=self.config.lanczos_rtol)
                     new = root * y + torch.where(root > 0, torch.zeros_like(d), d)
                     cap = self.config.adam_cap
                     if run.opt_type != "sgd" and cap is not None:
@@ -512,8 +513,7 @@ class Unrolled:
         path = self._sgd_path(j, total, rate)
         for (k0, k1), theta, s_act in path:
             cf = theta - d
-            g_cf = self._gradient(j, cf)
-            s_cf = self._gd_step(j, cf, g_cf, float(sum(run.lrs[k0:k1])),
+            s_cf = self._gd_step(j, cf, float(sum(run.lrs[k0:k1])),
                                  self._sgd_rate(j, k0, k1, rate))
             if run.fresh:
                 d = d + s_act - s_cf
@@ -543,8 +543,7 @@ class Unrolled:
         for i, k0, k1 in spans:
             if i != segment:
                 segment, theta = i, self.flat(self._anchor(segments[i][0]))
-            g = self._gradient(j, theta)
-            step = self._gd_step(j, theta, g, float(sum(run.lrs[k0:k1])),
+            step = self._gd_step(j, theta, float(sum(run.lrs[k0:k1])),
                                  self._sgd_rate(j, k0, k1, rate))
             points.append(theta.float())  # kept for every earlier stage: half the memory
             steps.append(step.float())
@@ -589,34 +588,50 @@ class Unrolled:
         mask = (rate > 0).to(rate.dtype)
         return self._per_group(j, ramp) * mask
 
-    def _gd_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, lr: float,
-                 rate: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def _gd_step(self, j: int, theta: torch.Tensor, lr: float, rate: torch.Tensor,
+                 depth: int = 0, expansion=None) -> torch.Tensor:
         """Gradient flow theta' = -r g for summed lr ``lr`` from theta, by one exponential
         Euler step: -r^(1/2) phi(L r^(1/2) (H + lam) r^(1/2)) r^(1/2) g, H at theta (Lanczos);
         exact on a quadratic and stable however many optimizer steps it spans. Where the
         step raises the training loss (the quadratic model does not hold that far), it is
-        taken as two half steps, at most max_halvings deep."""
+        taken as two half steps, at most max_halvings deep.
+
+        Args:
+            expansion: (loss, gradient g, v -> H v) at theta, each with the coupled decay
+                (_expand); the first half step reuses its caller's.
+        """
         root = rate.sqrt()
-        product = self.curvature(j).hvp(self._at(j, theta))
         lam = self._coupled_decay(j)
+        before, g, product = expansion or self._expand(j, theta)
 
         def matvec(x: torch.Tensor) -> torch.Tensor:
             y = root * x
-            return root * (self.flat(product(self.named(y))) + lam * y)
+            return root * (product(y) + lam * y)
 
-        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters)
+        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters,
+                                   rtol=self.config.lanczos_rtol)
         if depth < self.config.max_halvings:
-            curv = self.curvature(j)
-            before = curv.value(self._at(j, theta)) + 0.5 * float((lam * theta * theta).sum())
             after_theta = theta + step
-            after = curv.value(self._at(j, after_theta)) + 0.5 * float(
+            after = self.curvature(j).value(self._at(j, after_theta)) + 0.5 * float(
                 (lam * after_theta * after_theta).sum())
             if not after <= before:  # gradient flow never raises the loss: two half steps
-                first = self._gd_step(j, theta, g, lr / 2, rate, depth + 1)
-                mid = theta + first
-                return first + self._gd_step(j, mid, self._gradient(j, mid), lr / 2, rate,
-                                             depth + 1)
+                first = self._gd_step(j, theta, lr / 2, rate, depth + 1,
+                                      (before, g, product))
+                return first + self._gd_step(j, theta + first, lr / 2, rate, depth + 1)
         return step
+
+    def _expand(self, j: int, theta: torch.Tensor):
+        """At flat theta, from one forward and backward pass: stage j's training loss and
+        gradient, each with the coupled decay (lam |theta|^2 / 2, lam theta), and x -> H x
+        (flat, the loss's Hessian alone)."""
+        value, grad, product = self.curvature(j).expand(self._at(j, theta))
+        lam = self._coupled_decay(j)
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            return self.flat(product(self.named(x)))
+
+        return (value + 0.5 * float((lam * theta * theta).sum()),
+                self.flat(grad) + lam * theta, matvec)
 
     def _gradient(self, j: int, theta: torch.Tensor) -> torch.Tensor:
         """Stage j's mean training-loss gradient plus coupled decay at flat theta."""

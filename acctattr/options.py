@@ -17,6 +17,11 @@ class UnrolledConfig:
     """
 
     lanczos_iters: int = 8
+    # Lanczos stops before lanczos_iters products once successive estimates of the result
+    # differ by at most this fraction of its norm (0: always all of them). On digits, 1e-4
+    # takes 5.6 products per call instead of 8 and moves per-example effects by 3e-5
+    # (relative); 1e-3: 4.7 and 9e-5; 1e-2: 3.8 but 1e-2
+    lanczos_rtol: float = 1e-4
     sample_size: int = 1024
     # where along a segment H is taken: start | end | split (half the segment at each
     # anchor) | interpolate (at each substep's midpoint on the line between the anchors)

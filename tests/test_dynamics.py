@@ -88,3 +88,54 @@ def test_sgd_transform_matches_manual_recurrence():
         d = d - eta * e
     assert abs(t.dd * 1.3 + t.de * -0.4 - d) < 1e-12
     assert abs(t.ed * 1.3 + t.ee * -0.4 - e) < 1e-12
+
+
+def test_lanczos_stops_early_once_the_estimate_settles():
+    """With rtol > 0, on a matrix with 3 distinct eigenvalues Lanczos stops after about 3
+    products instead of ``iters`` and still matches matrix_exp and the exact phi step."""
+    n = 40
+    a = _sym(n, torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64).repeat_interleave(
+        torch.tensor([10, 20, 10])), seed=11)
+    d = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    calls = []
+
+    def matvec(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return a @ x
+
+    ref = torch.linalg.matrix_exp(-1.5 * a) @ d
+    got = lanczos_expm(matvec, d, 1.5, iters=20, rtol=1e-6)
+    assert len(calls) < 20, len(calls)
+    assert (got - ref).norm() / ref.norm() < 1e-8
+    calls.clear()
+    evals, evecs = torch.linalg.eigh(a)
+    phi_ref = evecs @ (-torch.expm1(-1.5 * evals) / evals * (evecs.T @ d))
+    got = lanczos_phi(matvec, d, 1.5, iters=20, rtol=1e-6)
+    assert len(calls) < 20, len(calls)
+    assert (got - phi_ref).norm() / phi_ref.norm() < 1e-8
+
+
+def test_lanczos_rtol_zero_builds_every_vector():
+    """rtol=0 (the default) takes all ``iters`` products and gives the full-iteration result
+    bit for bit, where a loose rtol stops sooner with a slightly different one."""
+    n = 60
+    a = _sym(n, torch.logspace(-2, 1, n, dtype=torch.float64), seed=13)
+    d = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    counts = []
+
+    def run(**rtol: float) -> torch.Tensor:
+        calls = []
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return a @ x
+
+        out = lanczos_phi(matvec, d, 0.7, iters=12, **rtol)
+        counts.append(len(calls))
+        return out
+
+    default, zero, unreachable, loose = run(), run(rtol=0.0), run(rtol=1e-30), run(rtol=1e-2)
+    assert counts[:3] == [12, 12, 12] and counts[3] < 12, counts
+    assert torch.equal(default, zero) and torch.equal(default, unreachable)
+    assert not torch.equal(default, loose)
+    assert (loose - default).norm() / default.norm() < 1e-1
