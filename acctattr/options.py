@@ -60,8 +60,9 @@ class UnrolledConfig:
     # a later stage's simulated actual run "reproduces" the recorded one when its training
     # loss falls, from checkpoint to checkpoint, within this factor of the recorded fall
     # (either way). Where one does not, auto takes frozen and an explicit unrolled warns
-    # (estimators.Reproduction). On the bench runs: 0.92-1.77 where unrolled is right,
-    # 15 on the short GPT-2 Trainer run where it is wrong (bench/trainer_short.py).
+    # (estimators.Reproduction). Simulated / recorded on the bench runs (bench/scaling.py):
+    # 0.96-1.77 where unrolled is right, 15.1 on the short GPT-2 Trainer run where it is
+    # wrong (bench/trainer_short.py).
     reproduce_factor: float = 3.0
 
 

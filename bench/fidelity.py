@@ -5,7 +5,8 @@ For each sample run (SPEC section 6): retrain with each stage skipped through th
 and Spearman correlation of per-example effects with that truth, whether the sign of the
 mean effect is right, and whether the ranking of stages by |effect| matches. Then the cost:
 the wall time of ``acctattr run`` (the default, auto estimator, in process) divided by the
-time retraining took, both measured in this one run, interleaved, --repeat times (median).
+time retraining took, both measured in this one run, interleaved, --repeat times (median);
+and the same ratio for frozen, which only reads the run's files and evaluates: the floor.
 
     python bench/fidelity.py [--runs digits toxicity] [--estimators naive frozen unrolled]
                              [--lanczos-iters N] [--sample-size N] [--substeps N] ...
@@ -27,8 +28,9 @@ from acctattr.options import UnrolledConfig
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 
 
-def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None):
-    """`acctattr run` (default estimator) against retraining its counterfactuals,
+def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None,
+         estimator: str = "auto"):
+    """`acctattr run` (``estimator``, default auto) against retraining its counterfactuals,
     interleaved ``repeat`` times each (this machine is shared and noisy).
 
     Returns (the run's result, median ratio, its run seconds, its retraining seconds,
@@ -39,7 +41,7 @@ def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None):
     pairs = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        result = pipeline.run(manifest, config=config)
+        result = pipeline.run(manifest, estimator, config=config)
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(prefix="acctattr-bench-") as tmp:
             _, retrain = pipeline.true_effects(loaded, base, Path(tmp))
@@ -88,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             # the estimators' work does not grow with the number of training steps
             print(f"{run:<10} cost: under 5% once training runs {ratio / 0.05:.1f}x "
                   "as many steps as this sample run")
+        # the floor: frozen only reads the checkpoints and state files and evaluates
+        _, floor, f_seconds, f_retrain, _ = cost(manifest, args.repeat, config, "frozen")
+        print(f"{run:<10} cost: for reference, frozen (no simulation) {f_seconds:.2f} s; "
+              f"retraining {f_retrain:.2f} s; ratio {floor:.1%}")
         sys.stdout.flush()
         report.append({"run": run, "run_seconds": seconds, "retrain_seconds": retrain,
-                       "cost_ratio": ratio, "results": [
+                       "cost_ratio": ratio, "frozen_cost_ratio": floor, "results": [
                            {"estimator": f.estimator, "evaluate": f.evaluate,
                             "ranking_ok": f.ranking_ok, "stages": [s.__dict__ for s in f.stages]}
                            for f in v.results]})
