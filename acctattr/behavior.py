@@ -463,34 +463,38 @@ class Curvature:
             if len(self.chunks) > 1 else self.chunks[0]
         names = list(params)
         leaves = [params[n].detach() for n in names]
-        flat = None
+        grouped = None
         if self._batched:
             try:
-                flat = self._group_gradients(dict(zip(names, leaves, strict=True)), whole,
-                                             parts)
+                grouped = self._group_gradients(dict(zip(names, leaves, strict=True)), whole,
+                                                parts)
             except Exception:
                 # torch.func cannot vectorise this model (an op without a batching rule,
                 # data-dependent control flow, an old-style autograd.Function): take the
                 # loop from now on; a genuine error in the model or data raises there too
                 self._batched = False
-        if flat is None:
-            flat = self._group_gradients_looped(leaves, names, whole, parts)
+        if grouped is None:
+            grouped = self._group_gradients_looped(leaves, names, whole, parts)
         sizes = [len(ix) for ix in torch.tensor_split(torch.arange(self.n), parts)]
-        m = torch.tensor(sizes, dtype=torch.float64).unsqueeze(1)
-        mu = (m * flat).sum(0) / self.n
-        spread = (m * (flat - mu) ** 2).sum(0) / (parts - 1)
         mean, var = {}, {}
-        for n, x, mu_n, var_n in zip(names, leaves, mu.split([x.numel() for x in leaves]),
-                                     spread.split([x.numel() for x in leaves]), strict=True):
-            mean[n] = mu_n.reshape(x.shape).to(params[n].dtype)
-            var[n] = var_n.reshape(x.shape)
+        for n in names:  # one group at a time in float64: no [parts, P] float64 block
+            rows = grouped[n]
+            mu = torch.zeros(rows.shape[1:], dtype=torch.float64)
+            for k, m in enumerate(sizes):
+                mu.add_(rows[k].double(), alpha=m)
+            mu /= self.n
+            spread = torch.zeros_like(mu)
+            for k, m in enumerate(sizes):
+                spread.add_((rows[k].double() - mu).square_(), alpha=m)
+            mean[n] = mu.to(params[n].dtype)
+            var[n] = spread / (parts - 1)
         return mean, var
 
-    def _group_gradients(self, params: Params, whole: Batch, parts: int) -> torch.Tensor:
-        """Each group's mean loss gradient [parts, P] float64 (P: the parameters' elements,
-        concatenated), the groups those of torch.tensor_split: one forward and backward
-        pass vectorised over the groups (torch.func.vmap of grad) for each group size
-        (tensor_split makes at most two: the first n % parts groups hold one more)."""
+    def _group_gradients(self, params: Params, whole: Batch, parts: int) -> Params:
+        """Each group's mean loss gradient, name -> [parts, *shape] in the parameter's dtype,
+        the groups those of torch.tensor_split: one forward and backward pass vectorised
+        over the groups (torch.func.vmap of grad) for each group size (tensor_split makes
+        at most two: the first n % parts groups hold one more)."""
         from torch.func import grad, vmap
 
         def group_loss(p: Params, batch: Batch) -> torch.Tensor:
@@ -500,19 +504,21 @@ class Curvature:
 
         per_group = vmap(grad(group_loss), in_dims=(None, 0))
         size, extra = divmod(self.n, parts)
-        rows, lo = [], 0
+        got: list[Params] = []
+        lo = 0
         for count, m in ((extra, size + 1), (parts - extra, size)):
             if count == 0:
                 continue
             hi = lo + count * m
             groups = {k: v[lo:hi].reshape(count, m, *v.shape[1:]) for k, v in whole.items()}
-            got = per_group(params, groups)  # name -> [count, *shape]
-            rows.append(torch.cat([got[n].reshape(count, -1) for n in params], dim=1))
+            got.append(per_group(params, groups))  # name -> [count, *shape]
             lo = hi
-        return torch.cat(rows).double()
+        if len(got) == 1:
+            return got[0]
+        return {n: torch.cat([g[n] for g in got]) for n in params}
 
     def _group_gradients_looped(self, params: list[torch.Tensor], names: list[str],
-                                whole: Batch, parts: int) -> torch.Tensor:
+                                whole: Batch, parts: int) -> Params:
         """_group_gradients by one forward and backward pass per group."""
         leaves = [x.requires_grad_(True) for x in params]
         state = {**self.fixed, **dict(zip(names, leaves, strict=True))}
@@ -526,7 +532,7 @@ class Curvature:
                 got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
                 grads.append([torch.zeros_like(x) if gi is None else gi
                               for x, gi in zip(leaves, got, strict=True)])
-        return torch.stack([torch.cat([gi.reshape(-1) for gi in row]) for row in grads]).double()
+        return {n: torch.stack([row[i] for row in grads]) for i, n in enumerate(names)}
 
     def hvp(self, anchor: Params) -> Callable[[Params], Params]:
         """v -> H(anchor) v by double backward: the gradient graph is built once per anchor

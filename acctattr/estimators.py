@@ -11,7 +11,9 @@ An embedding depends only on checkpoints and optimizer state, never on the eval 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -180,20 +182,32 @@ class Embedder:
 
 @dataclass
 class _ActualPath:
-    """The simulated actual run through one Adam stage: per substep its (first, end) optimizer
-    step, the point it starts from, the step it takes; the noise scale; exp_avg_sq at the end."""
+    """The simulated actual run through one later stage: per substep its (first, end)
+    optimizer step and the step it takes, and where each segment starts (a checkpoint);
+    the points between are rebuilt on iteration, so a stage keeps one float32 copy of the
+    parameters per substep and per segment. Adam: the noise scale, exp_avg_sq at the end
+    (the state file's) and the simulated run's."""
 
     spans: list[tuple[int, int]]
-    points: list[torch.Tensor]  # float32
+    starts: dict[int, torch.Tensor]  # substep index -> the checkpoint it restarts from
     steps: list[torch.Tensor]  # float32
-    c: float
-    v_end: torch.Tensor
-    v_sim: torch.Tensor | None = None  # Adam: the simulated actual run's v at the end
+    c: float = 0.0
+    v_end: torch.Tensor | None = None
+    v_sim: torch.Tensor | None = None
+    # AdamW: substep (first, end) -> its decoupled decay factor, applied after the step
+    decay: Callable[[int, int], torch.Tensor] | None = None
 
     def __iter__(self):
         """(first step, end step), start point, step; the tensors in float64."""
-        for span, point, step in zip(self.spans, self.points, self.steps, strict=True):
-            yield span, point.double(), step.double()
+        theta = torch.empty(0)
+        for i, (span, step) in enumerate(zip(self.spans, self.steps, strict=True)):
+            if i in self.starts:
+                theta = self.starts[i].double()
+            step64 = step.double()
+            yield span, theta, step64
+            theta = theta + step64
+            if self.decay is not None:
+                theta = theta * self.decay(*span)
 
 
 @dataclass(frozen=True)
@@ -430,7 +444,6 @@ class Unrolled:
         run = self.e.runs[j]
         curv = self.curvature(j)
         eps = self._per_group(j, lambda g: g.eps)
-        beta2 = self._per_group(j, lambda g: g.beta2)
         lam_c = self._coupled_decay(j)
         positive = rate > 0
         path = self._actual_path(j, total)
@@ -438,9 +451,10 @@ class Unrolled:
         for (k0, k1), theta, s_act in path:
             cf = theta - d
             g_cf, n_cf = self._moments(j, cf)
-            keep = beta2 ** (k1 - k0)
+            keep = self._per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf = keep * v_cf + (1 - keep) * (g_cf * g_cf + path.c * n_cf)
-            u_cf = g_cf / ((v_cf / (1 - beta2 ** (step0 + k1))).sqrt() + eps)
+            u_cf = g_cf / ((v_cf / self._per_group(j, lambda g, n=step0 + k1: 1 - g.beta2**n)
+                            ).sqrt() + eps)
             s_cf = self._settled_step(j, cf, g_cf, -float(sum(run.lrs[k0:k1])) * u_cf,
                                       positive, lam_c)
             d = d + s_act - s_cf
@@ -463,6 +477,7 @@ class Unrolled:
         later stage's: the actual run's, plus the difference the flow handed on.
         """
         run = self.e.runs[j]
+        assert path.v_end is not None  # an Adam path always has it
         if run.fresh:
             return torch.zeros_like(path.v_end), 0
         how, value = self._cf_start
@@ -537,21 +552,21 @@ class Unrolled:
         run = self.e.runs[j]
         segments = self._segments(j)
         spans = self._spans(j, total)
-        points, steps = [], []
+        starts: dict[int, torch.Tensor] = {}
+        steps: list[torch.Tensor] = []
         segment, theta = -1, torch.empty(0)  # set at the first span
         ends: dict[int, torch.Tensor] = {}
         for i, k0, k1 in spans:
             if i != segment:
                 segment, theta = i, self.flat(self._anchor(segments[i][0]))
+                starts[len(steps)] = theta.float()
             step = self._gd_step(j, theta, float(sum(run.lrs[k0:k1])),
                                  self._sgd_rate(j, k0, k1, rate))
-            points.append(theta.float())  # kept for every earlier stage: half the memory
-            steps.append(step.float())
-            theta = theta + step
+            steps.append(step.float())  # kept for every earlier stage: half the memory
+            theta = theta + steps[-1].double()  # as _ActualPath rebuilds it
             ends[i] = theta
         self._check_reproduction(j, ends)
-        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, 0.0,
-                           torch.zeros(0))
+        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], starts, steps)
         self._paths = {j: path}
         return path
 
@@ -683,7 +698,6 @@ class Unrolled:
             return self._paths[j]
         run = self.e.runs[j]
         eps = self._per_group(j, lambda g: g.eps)
-        beta2 = self._per_group(j, lambda g: g.beta2)
         lam_c = self._coupled_decay(j)
         positive = self._rate(j) > 0
         v_end = self.flat({n: self._second_moment(j, n) for n in self.names})
@@ -692,36 +706,46 @@ class Unrolled:
         segments = self._segments(j)
         spans = self._spans(j, total)
 
+        decay = partial(self._decay, j) if run.opt_type == "adamw" else None
+        # how much of each substep's g^2 + c*S is left in v at the stage's end (_fit_noise)
+        weight = [self._per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
+            1 - g.beta2**b)) for _, k0, k1 in spans]
+
         def simulate(c: float):
             v = v_start.clone()
-            points, steps, grads = [], [], []
+            starts: dict[int, torch.Tensor] = {}
+            steps: list[torch.Tensor] = []
+            squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
             ends: dict[int, torch.Tensor] = {}  # segment -> where the simulation ends it
             segment, theta = -1, torch.empty(0)  # set at the first span
-            for i, k0, k1 in spans:
+            for (i, k0, k1), w in zip(spans, weight, strict=True):
                 if i != segment:  # back on the run's own checkpoint
                     segment, theta = i, self.flat(self._anchor(segments[i][0]))
+                    starts[len(steps)] = theta.float()
                 g, noise = self._moments(j, theta)
-                keep = beta2 ** (k1 - k0)
+                keep = self._per_group(j, lambda g, n=k1 - k0: g.beta2**n)
                 v = keep * v + (1 - keep) * (g * g + c * noise)
-                u = g / ((v / (1 - beta2 ** (step0 + k1))).sqrt() + eps)
+                squares += w * g * g
+                spread += w * noise
+                u = g / ((v / self._per_group(j, lambda g, n=step0 + k1: 1 - g.beta2**n)
+                          ).sqrt() + eps)
                 step = self._settled_step(j, theta, g, -float(sum(run.lrs[k0:k1])) * u,
                                           positive, lam_c)
-                points.append(theta.float())  # kept for every earlier stage: half the memory
-                steps.append(step.float())
-                grads.append((g, noise))
-                theta = theta + step
-                if run.opt_type == "adamw":
-                    theta = theta * self._decay(j, k0, k1)
+                steps.append(step.float())  # kept for every earlier stage: half the memory
+                theta = theta + steps[-1].double()  # as _ActualPath rebuilds it
+                if decay is not None:
+                    theta = theta * decay(k0, k1)
                 ends[i] = theta
-            return points, steps, grads, v, ends
+            return starts, steps, (squares, spread), v, ends
 
         c = self.config.noise_scale
-        points, steps, grads, v_sim, ends = simulate(0.0 if c is None else c)
+        starts, steps, sums, v_sim, ends = simulate(0.0 if c is None else c)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
-            c = self._fit_noise(j, spans, grads, v_start, v_end, positive)
-            points, steps, grads, v_sim, ends = simulate(c)
+            c = self._fit_noise(j, sums[0], sums[1], v_start, v_end, positive)
+            starts, steps, sums, v_sim, ends = simulate(c)
         self._check_reproduction(j, ends)
-        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], points, steps, c, v_end, v_sim)
+        path = _ActualPath([(k0, k1) for _, k0, k1 in spans], starts, steps, c, v_end, v_sim,
+                           decay)
         self._paths = {j: path}
         self.noise_scale[j] = c
         return path
@@ -741,15 +765,12 @@ class Unrolled:
             simulated += before - curv.value(self._at(j, theta))
         self.reproduction[j] = Reproduction(self.e.runs[j].name, start, recorded, simulated)
 
-    def _fit_noise(self, j: int, spans, grads, v_start: torch.Tensor, v_end: torch.Tensor,
-                   positive: torch.Tensor) -> float:
-        """c >= 0 by least squares: v_end ~ beta2^T v_start + sum_i w_i (g_i^2 + c S_i)."""
-        beta2 = self._per_group(j, lambda g: g.beta2)
-        steps = self.e.runs[j].steps
-        weight = [(beta2 ** (steps - k1)) * (1 - beta2 ** (k1 - k0)) for _, k0, k1 in spans]
-        explained = beta2**steps * v_start + sum(w * g * g for w, (g, _) in zip(
-            weight, grads, strict=True))
-        spread = sum(w * noise for w, (_, noise) in zip(weight, grads, strict=True))
+    def _fit_noise(self, j: int, squares: torch.Tensor, spread: torch.Tensor,
+                   v_start: torch.Tensor, v_end: torch.Tensor, positive: torch.Tensor) -> float:
+        """c >= 0 by least squares: v_end ~ beta2^T v_start + sum_i w_i (g_i^2 + c S_i), given
+        the weighted sums of the substeps' g_i^2 (``squares``) and S_i (``spread``)."""
+        explained = self._per_group(j, lambda g: g.beta2 ** self.e.runs[j].steps) * v_start \
+            + squares
         use = positive & (spread > 0)
         if not bool(use.any()):
             return 0.0

@@ -1,0 +1,139 @@
+"""Peak memory of each estimator, in copies of the model's parameters.
+
+Unrolled simulates the runs through every later stage and keeps the simulated actual run
+of one later stage for all the earlier stages it carries, so its memory grows with the
+parameter count, not with the data. This writes a synthetic three-stage AdamW run of an
+MLP (1024 -> 4096 -> 10, 4.2M float32 parameters, 16.8 MB), trained by torch.optim with
+its state files and data, and runs each estimator in a fresh child process with a small
+data sample (sample_size 64), so that activations stay small next to the parameters.
+
+Reported per estimator: the peak anonymous RSS (RssAnon, sampled every 2 ms) above what
+the process held just before ``pipeline.run``, and that divided by the parameters' bytes.
+
+    python bench/unrolled_memory.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+WIDTH, HIDDEN, CLASSES = 1024, 4096, 10
+MODEL_PY = f"""import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear({WIDTH}, {HIDDEN}), torch.nn.ReLU(),
+                               torch.nn.Linear({HIDDEN}, {CLASSES}))
+"""
+
+
+def _anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _write_run(root: Path) -> tuple[Path, int]:
+    """Three AdamW stages of 5 steps each (the second continues the first's state)."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    (root / "model.py").write_text(MODEL_PY)
+    namespace: dict = {}
+    exec(MODEL_PY, namespace)  # noqa: S102 - the model file written just above
+    model = namespace["build"]()
+    g = torch.Generator().manual_seed(0)
+    (root / "init").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              root / "init" / "model.safetensors")
+    stages, opt = [], None
+    for k, name in enumerate(["a", "b", "c"]):
+        x = torch.randn(256, WIDTH, generator=g)
+        y = torch.randint(0, CLASSES, (256,), generator=g)
+        save_file({"x": x, "y": y}, root / f"{name}.safetensors")
+        continues = k == 1
+        if not continues:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        assert opt is not None
+        for step in range(5):
+            batch = slice(step * 32, step * 32 + 32)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+        (root / name).mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  root / name / "model.safetensors")
+        torch.save(opt.state_dict(), root / name / "optimizer.pt")
+        stages.append({"name": name, "end": name, "data": f"{name}.safetensors",
+                       "optimizer": {"type": "adamw", "steps": 5, "lr": 1e-3,
+                                     "state": f"{name}/optimizer.pt", "continues": continues}})
+    stages[0]["start"] = "init"
+    save_file({"x": torch.randn(64, WIDTH, generator=g),
+               "y": torch.randint(0, CLASSES, (64,), generator=g)}, root / "eval.safetensors")
+    doc = {"version": 1, "model": {"factory": "model.py:build"}, "stages": stages,
+           "eval": {"data": "eval.safetensors", "inputs": ["x"], "target": "y",
+                    "metric": "cross_entropy", "batch_size": 64}}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root / "manifest.yaml", sum(p.numel() for p in model.parameters())
+
+
+def child(manifest: Path, estimator: str) -> None:
+    """Run one estimator in this fresh process; print a JSON line."""
+    import torch
+
+    torch.set_num_threads(1)
+    from acctattr import pipeline
+    from acctattr.options import UnrolledConfig
+
+    pipeline.check(manifest)  # imports the model factory, before the baseline
+    base = _anon_kib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kib())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    pipeline.run(manifest, estimator, "direct", config=UnrolledConfig(sample_size=64))
+    seconds = time.perf_counter() - start
+    done.set()
+    t.join()
+    peak[0] = max(peak[0], _anon_kib())
+    print(json.dumps({"estimator": estimator, "added_mb": (peak[0] - base) / 1024,
+                      "seconds": seconds}))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest, n_params = _write_run(Path(tmp))
+        param_mb = n_params * 4 / 2**20
+        print(f"model: {n_params:,} float32 parameters ({param_mb:.1f} MB)")
+        print(f"{'estimator':<10} {'peak anon above baseline':>25} {'copies':>7} {'time':>6}")
+        for est in ("frozen", "unrolled"):
+            p = subprocess.run([sys.executable, __file__, "--child", str(manifest), est],
+                               capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                sys.exit(f"child for {est} failed:\n{p.stderr}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"{est:<10} {r['added_mb']:>23.1f}MB {r['added_mb'] / param_mb:>7.1f} "
+                  f"{r['seconds']:>5.1f}s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3])
+    else:
+        main()
