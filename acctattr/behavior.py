@@ -480,12 +480,12 @@ class Curvature:
         for n in names:  # one group at a time in float64: no [parts, P] float64 block
             rows = grouped[n]
             mu = torch.zeros(rows.shape[1:], dtype=torch.float64)
-            for k, m in enumerate(sizes):
-                mu.add_(rows[k].double(), alpha=m)
+            for k, m in enumerate(sizes):  # float32 rows are promoted as they are added
+                mu.add_(rows[k], alpha=m)
             mu /= self.n
             spread = torch.zeros_like(mu)
             for k, m in enumerate(sizes):
-                spread.add_((rows[k].double() - mu).square_(), alpha=m)
+                spread.add_((rows[k] - mu).square_(), alpha=m)
             mean[n] = mu.to(params[n].dtype)
             var[n] = spread / (parts - 1)
         return mean, var

@@ -291,7 +291,12 @@ class Unrolled:
 
     # flat <-> named
     def flat(self, named: Params) -> torch.Tensor:
-        return torch.cat([named[n].reshape(-1).double() for n in self.names])
+        """One float64 vector of the parameters in self.names order (one copy, converted
+        as it is written)."""
+        out = torch.empty(sum(self.sizes), dtype=torch.float64)
+        for part, n in zip(torch.split(out, self.sizes), self.names, strict=True):
+            part.copy_(named[n].reshape(-1))
+        return out
 
     def named(self, flat: torch.Tensor, dtype: torch.dtype = torch.float32) -> Params:
         parts = torch.split(flat, self.sizes)
