@@ -317,7 +317,34 @@ def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
     unsupported = unrolled_unsupported(loaded)
     if unsupported:
         return "frozen", f"auto uses frozen because {unsupported[0]}"
+    need, available = unrolled_memory(loaded), available_memory()
+    if available is not None and need > available:
+        return "frozen", (f"auto uses frozen because unrolled would need about "
+                          f"{need / 2**30:.1f} GiB (about {UNROLLED_COPIES} float32 copies of "
+                          f"the parameters) and {available / 2**30:.1f} GiB are available")
     return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
+
+
+# Peak memory of unrolled in float32 copies of the trainable parameters: 99.5 measured by
+# bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
+UNROLLED_COPIES = 110
+
+
+def unrolled_memory(loaded: Loaded) -> int:
+    """Bytes unrolled is expected to add at its peak (UNROLLED_COPIES x the parameters)."""
+    n = sum(math.prod(shape) for shape in loaded.info.trainable.values())
+    return UNROLLED_COPIES * 4 * n
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def unrolled_unsupported(loaded: Loaded) -> list[str]:

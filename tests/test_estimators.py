@@ -329,3 +329,22 @@ def test_maximize_with_a_lower_is_better_train_loss_is_refused_for_unrolled(tmp_
         pipeline.run(manifest, "unrolled")
     auto = pipeline.run(manifest)
     assert auto.estimator == "frozen" and "maximize" in auto.estimator_note
+
+
+def test_auto_takes_frozen_when_unrolled_would_not_fit_in_memory(monkeypatch):
+    """auto estimates unrolled's peak (about UNROLLED_COPIES copies of the parameters, from
+    bench/unrolled_memory.py) and takes frozen, saying so, when it exceeds MemAvailable."""
+    from pathlib import Path
+
+    manifest = Path(__file__).resolve().parents[1] / "sample_runs" / "digits" / "manifest.yaml"
+    loaded = pipeline.check(manifest)
+    need = pipeline.unrolled_memory(loaded)
+    assert need > 0
+    assert pipeline.choose_estimator(loaded, "auto")[0] == "unrolled"  # this machine fits it
+    monkeypatch.setattr(pipeline, "available_memory", lambda: need - 1)
+    chosen, why = pipeline.choose_estimator(loaded, "auto")
+    assert chosen == "frozen" and "GiB" in why and "available" in why
+    monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: no limit
+    assert pipeline.choose_estimator(loaded, "auto")[0] == "unrolled"
+    result = pipeline.run(manifest, "unrolled", "direct")  # explicit: not second-guessed
+    assert result.estimator == "unrolled"
