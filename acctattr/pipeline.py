@@ -325,8 +325,8 @@ def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
     return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
 
 
-# Peak memory of unrolled in float32 copies of the trainable parameters: 99.5 measured by
-# bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
+# Peak memory of unrolled in float32 copies of the trainable parameters: 99.5-104.5 measured
+# by bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
 UNROLLED_COPIES = 110
 
 

@@ -10,7 +10,11 @@ data sample (sample_size 64), so that activations stay small next to the paramet
 Reported per estimator: the peak anonymous RSS (RssAnon, sampled every 2 ms) above what
 the process held just before ``pipeline.run``, and that divided by the parameters' bytes.
 
-    python bench/unrolled_memory.py
+    python bench/unrolled_memory.py [--no-mmap]
+
+--no-mmap also runs unrolled with glibc's large allocations taken from the heap instead of
+fresh mmaps (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB, set in that child only):
+the simulation's whole-vector results are then reused memory rather than new page faults.
 """
 
 from __future__ import annotations
@@ -86,8 +90,14 @@ def _write_run(root: Path) -> tuple[Path, int]:
     return root / "manifest.yaml", sum(p.numel() for p in model.parameters())
 
 
-def child(manifest: Path, estimator: str) -> None:
+def child(manifest: Path, estimator: str, no_mmap: bool = False) -> None:
     """Run one estimator in this fresh process; print a JSON line."""
+    if no_mmap:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmapped blocks
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB freed in the heap
     import torch
 
     torch.set_num_threads(1)
@@ -116,24 +126,27 @@ def child(manifest: Path, estimator: str) -> None:
                       "seconds": seconds}))
 
 
-def main() -> None:
+def main(no_mmap: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest, n_params = _write_run(Path(tmp))
         param_mb = n_params * 4 / 2**20
         print(f"model: {n_params:,} float32 parameters ({param_mb:.1f} MB)")
-        print(f"{'estimator':<10} {'peak anon above baseline':>25} {'copies':>7} {'time':>6}")
-        for est in ("frozen", "unrolled"):
-            p = subprocess.run([sys.executable, __file__, "--child", str(manifest), est],
+        print(f"{'estimator':<20} {'peak anon added':>17} {'copies':>7} {'time':>6}")
+        runs = [("frozen", ""), ("unrolled", "")] + ([("unrolled", "no-mmap")] if no_mmap
+                                                      else [])
+        for est, how in runs:
+            p = subprocess.run([sys.executable, __file__, "--child", str(manifest), est, how],
                                capture_output=True, text=True, check=False)
             if p.returncode != 0:
                 sys.exit(f"child for {est} failed:\n{p.stderr}")
             r = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"{est:<10} {r['added_mb']:>23.1f}MB {r['added_mb'] / param_mb:>7.1f} "
+            label = f"{est} ({how})" if how else est
+            print(f"{label:<20} {r['added_mb']:>15.1f}MB {r['added_mb'] / param_mb:>7.1f} "
                   f"{r['seconds']:>5.1f}s")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "no-mmap")
     else:
-        main()
+        main("--no-mmap" in sys.argv[1:])
