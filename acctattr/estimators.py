@@ -453,18 +453,19 @@ class Unrolled:
         positive = rate > 0
         path = self._actual_path(j, total)
         v_cf, step0 = self._cf_second_moment(j, path)
+        # updated in place below (whole-model vectors: fewer fresh allocations)
+        d, v_cf = d.clone(), v_cf.clone()
         for (k0, k1), theta, s_act in path:
             cf = theta - d
             g_cf, n_cf = self._moments(j, cf)
             keep = self._per_group(j, lambda g, n=k1 - k0: g.beta2**n)
-            v_cf = keep * v_cf + (1 - keep) * (g_cf * g_cf + path.c * n_cf)
-            u_cf = g_cf / ((v_cf / self._per_group(j, lambda g, n=step0 + k1: 1 - g.beta2**n)
-                            ).sqrt() + eps)
-            s_cf = self._settled_step(j, cf, g_cf, -float(sum(run.lrs[k0:k1])) * u_cf,
+            v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c).addcmul_(g_cf, g_cf))
+            u_cf = self._adam_direction(j, g_cf, v_cf, step0 + k1, eps)
+            s_cf = self._settled_step(j, cf, g_cf, u_cf.mul_(-float(sum(run.lrs[k0:k1]))),
                                       positive, lam_c)
-            d = d + s_act - s_cf
+            d.add_(s_act).sub_(s_cf)
             if run.opt_type == "adamw":
-                d = d * self._decay(j, k0, k1)
+                d.mul_(self._decay(j, k0, k1))
         if not hand_on:
             return d, None
         # the next stage continues this one's state: hand on how the runs' v differ
@@ -663,19 +664,26 @@ class Unrolled:
         gradient variance at flat parameters theta."""
         g, noise = self.curvature(j).gradient_and_noise(self._at(j, theta),
                                                         self.config.noise_chunks)
-        return self.flat(g) + self._coupled_decay(j) * theta, self.flat(noise)
+        return self.flat(g).addcmul_(self._coupled_decay(j), theta), self.flat(noise)
+
+    def _adam_direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
+                        eps: torch.Tensor) -> torch.Tensor:
+        """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)."""
+        bias = self._per_group(j, lambda h: 1 - h.beta2**step)
+        return g / bias.reciprocal_().mul_(v).sqrt_().add_(eps)
 
     def _settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
                       positive: torch.Tensor, lam_c: torch.Tensor) -> torch.Tensor:
         """``step`` from theta, cut per coordinate where the gradient would change sign to
         the secant estimate of the zero: g / (g - g_after) of the way."""
-        step = torch.where(positive, step, torch.zeros_like(step))
+        step = torch.where(positive, step, 0.0)
         after = theta + step
-        g_after = self.flat(self.curvature(j).gradient(self._at(j, after))) + lam_c * after
+        g_after = self.flat(self.curvature(j).gradient(self._at(j, after))).addcmul_(
+            lam_c, after)
+        del after
         flip = (g * g_after) < 0
-        fraction = torch.where(flip, g / torch.where(flip, g - g_after, torch.ones_like(g)),
-                               torch.ones_like(g))
-        return step * fraction
+        denom = torch.where(flip, g_after.neg_().add_(g), 1.0)  # g - g_after where it flips
+        return step.mul_(torch.where(flip, g / denom, 1.0))
 
     def _decay(self, j: int, k0: int, k1: int) -> torch.Tensor:
         """AdamW's decoupled weight decay over steps k0..k1 of stage j, per element."""
@@ -729,12 +737,11 @@ class Unrolled:
                     starts[len(steps)] = theta.float()
                 g, noise = self._moments(j, theta)
                 keep = self._per_group(j, lambda g, n=k1 - k0: g.beta2**n)
-                v = keep * v + (1 - keep) * (g * g + c * noise)
-                squares += w * g * g
-                spread += w * noise
-                u = g / ((v / self._per_group(j, lambda g, n=step0 + k1: 1 - g.beta2**n)
-                          ).sqrt() + eps)
-                step = self._settled_step(j, theta, g, -float(sum(run.lrs[k0:k1])) * u,
+                squares.addcmul_(w, g * g)
+                spread.addcmul_(w, noise)
+                v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
+                u = self._adam_direction(j, g, v, step0 + k1, eps)
+                step = self._settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
                                           positive, lam_c)
                 steps.append(step.float())  # kept for every earlier stage: half the memory
                 theta = theta + steps[-1].double()  # as _ActualPath rebuilds it
