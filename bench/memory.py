@@ -16,8 +16,9 @@ The pipeline keeps N floats per stage (the per-example effects), not the data.
     python bench/memory.py            # prints a table and the 100k/10k ratios
 
 glibc raises its mmap threshold as large blocks are freed, so freed batch buffers may stay on
-the heap and show as up to ~1.2x anonymous memory at 100k in some runs. Pin the threshold
-(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use: 1.00x.
+the heap and show as up to ~1.4x anonymous memory at 100k in some runs. Pin the threshold
+(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use:
+1.00-1.03x.
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ def _write_run(root: Path, n: int) -> Path:
     return root / "manifest.yaml"
 
 
+def peak_anon_during(fn):
+    """Run fn() while sampling RssAnon every 2 ms.
+
+    Returns (fn's result, RssAnon before in KiB, its peak in KiB, seconds)."""
+    base = _anon_kib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kib())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    t.join()
+    return result, base, max(peak[0], _anon_kib()), seconds
+
+
 def child(manifest: Path) -> None:
     """Measure one run in this fresh process (which made nothing else); print a JSON line."""
     import torch
@@ -89,28 +113,13 @@ def child(manifest: Path) -> None:
     from acctattr import pipeline  # imported before the baseline
 
     base_rss = _hwm_kib()
-    base_anon = _anon_kib()
-    peak_anon = [base_anon]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], _anon_kib())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    start = time.perf_counter()
-    result = pipeline.run(manifest, "frozen", "linear")
-    seconds = time.perf_counter() - start
-    done.set()
-    t.join()
-    peak_anon[0] = max(peak_anon[0], _anon_kib())
+    result, base_anon, peak_anon, seconds = peak_anon_during(
+        lambda: pipeline.run(manifest, "frozen", "linear"))
     print(json.dumps({
         "n": result.n_examples,
         "eval_mb": (manifest.parent / "eval.safetensors").stat().st_size / 2**20,
         "peak_rss_mb": _hwm_kib() / 1024,
-        "base_rss_mb": base_rss / 1024, "peak_anon_mb": peak_anon[0] / 1024,
+        "base_rss_mb": base_rss / 1024, "peak_anon_mb": peak_anon / 1024,
         "base_anon_mb": base_anon / 1024, "seconds": seconds}))
 
 

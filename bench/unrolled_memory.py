@@ -23,9 +23,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+from memory import peak_anon_during  # bench/memory.py, next to this file
 
 WIDTH, HIDDEN, CLASSES = 1024, 4096, 10
 MODEL_PY = f"""import torch
@@ -36,13 +36,6 @@ def build():
     return torch.nn.Sequential(torch.nn.Linear({WIDTH}, {HIDDEN}), torch.nn.ReLU(),
                                torch.nn.Linear({HIDDEN}, {CLASSES}))
 """
-
-
-def _anon_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _write_run(root: Path) -> tuple[Path, int]:
@@ -105,24 +98,9 @@ def child(manifest: Path, estimator: str, no_mmap: bool = False) -> None:
     from acctattr.options import UnrolledConfig
 
     pipeline.check(manifest)  # imports the model factory, before the baseline
-    base = _anon_kib()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_kib())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    start = time.perf_counter()
-    pipeline.run(manifest, estimator, "direct", config=UnrolledConfig(sample_size=64))
-    seconds = time.perf_counter() - start
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], _anon_kib())
-    print(json.dumps({"estimator": estimator, "added_mb": (peak[0] - base) / 1024,
+    _, base, peak, seconds = peak_anon_during(lambda: pipeline.run(
+        manifest, estimator, "direct", config=UnrolledConfig(sample_size=64)))
+    print(json.dumps({"estimator": estimator, "added_mb": (peak - base) / 1024,
                       "seconds": seconds}))
 
 
