@@ -368,6 +368,13 @@ def unrolled_unsupported(loaded: Loaded) -> list[str]:
     return why
 
 
+def refuse_unsupported(loaded: Loaded) -> None:
+    """Raise the clear error when unrolled cannot simulate a later stage."""
+    why = unrolled_unsupported(loaded)
+    if why:
+        raise AcctattrError(why[0], "use --estimator frozen (auto takes it by itself)")
+
+
 def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None,
                unrolled: Unrolled | None = None):
     """Yield (stage index, v_k) one stage at a time (``unrolled``: the Unrolled to use,
@@ -376,9 +383,8 @@ def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = N
         raise AcctattrError(f"unknown estimator {estimator!r}",
                             f"choose one of {', '.join(ESTIMATORS)}")
     embedder = Embedder(loaded.runs, loaded.info.trainable)
-    if estimator == "unrolled" and unrolled_unsupported(loaded):
-        raise AcctattrError(unrolled_unsupported(loaded)[0],
-                            "use --estimator frozen (auto takes it by itself)")
+    if estimator == "unrolled":
+        refuse_unsupported(loaded)
     if estimator == "unrolled" and unrolled is None:
         unrolled = make_unrolled(loaded, config)
     for k in range(len(loaded.runs)):
@@ -452,9 +458,8 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
                             f"choose one of {', '.join(EVALUATIONS)}")
     loaded = check(path)
     chosen, why = choose_estimator(loaded, estimator)
-    if chosen == "unrolled" and unrolled_unsupported(loaded):
-        raise AcctattrError(unrolled_unsupported(loaded)[0],
-                            "use --estimator frozen (auto takes it by itself)")
+    if chosen == "unrolled":
+        refuse_unsupported(loaded)  # before any work (embeddings() checks it too)
     base, groups = loaded.evaluator.values()
     try:
         per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
