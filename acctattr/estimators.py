@@ -556,21 +556,9 @@ class Unrolled:
         if j in self._paths:
             return self._paths[j]
         run = self.e.runs[j]
-        segments = self._segments(j)
         spans = self._spans(j, total)
-        starts: dict[int, torch.Tensor] = {}
-        steps: list[torch.Tensor] = []
-        segment, theta = -1, torch.empty(0)  # set at the first span
-        ends: dict[int, torch.Tensor] = {}
-        for i, k0, k1 in spans:
-            if i != segment:
-                segment, theta = i, self.flat(self._anchor(segments[i][0]))
-                starts[len(steps)] = theta.float()
-            step = self._gd_step(j, theta, float(sum(run.lrs[k0:k1])),
-                                 self._sgd_rate(j, k0, k1, rate))
-            steps.append(step.float())  # kept for every earlier stage: half the memory
-            theta = theta + steps[-1].double()  # as _ActualPath rebuilds it
-            ends[i] = theta
+        starts, steps, ends = self._walk(j, spans, lambda q, k0, k1, theta: self._gd_step(
+            j, theta, float(sum(run.lrs[k0:k1])), self._sgd_rate(j, k0, k1, rate)))
         self._check_reproduction(j, ends)
         path = _ActualPath([(k0, k1) for _, k0, k1 in spans], starts, steps)
         self._paths = {j: path}
@@ -716,7 +704,6 @@ class Unrolled:
         v_end = self.flat({n: self._second_moment(j, n) for n in self.names})
         v_start = self._start_second_moment(j, v_end)
         step0 = 0 if run.fresh else run.step0
-        segments = self._segments(j)
         spans = self._spans(j, total)
 
         decay = partial(self._decay, j) if run.opt_type == "adamw" else None
@@ -726,28 +713,19 @@ class Unrolled:
 
         def simulate(c: float):
             v = v_start.clone()
-            starts: dict[int, torch.Tensor] = {}
-            steps: list[torch.Tensor] = []
             squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
-            ends: dict[int, torch.Tensor] = {}  # segment -> where the simulation ends it
-            segment, theta = -1, torch.empty(0)  # set at the first span
-            for (i, k0, k1), w in zip(spans, weight, strict=True):
-                if i != segment:  # back on the run's own checkpoint
-                    segment, theta = i, self.flat(self._anchor(segments[i][0]))
-                    starts[len(steps)] = theta.float()
+
+            def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 g, noise = self._moments(j, theta)
-                keep = self._per_group(j, lambda g, n=k1 - k0: g.beta2**n)
-                squares.addcmul_(w, g * g)
-                spread.addcmul_(w, noise)
+                keep = self._per_group(j, lambda h, n=k1 - k0: h.beta2**n)
+                squares.addcmul_(weight[q], g * g)
+                spread.addcmul_(weight[q], noise)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 u = self._adam_direction(j, g, v, step0 + k1, eps)
-                step = self._settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
+                return self._settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
                                           positive, lam_c)
-                steps.append(step.float())  # kept for every earlier stage: half the memory
-                theta = theta + steps[-1].double()  # as _ActualPath rebuilds it
-                if decay is not None:
-                    theta = theta * decay(k0, k1)
-                ends[i] = theta
+
+            starts, steps, ends = self._walk(j, spans, step_at, decay)
             return starts, steps, (squares, spread), v, ends
 
         c = self.config.noise_scale
@@ -762,18 +740,49 @@ class Unrolled:
         self.noise_scale[j] = c
         return path
 
+    def _walk(self, j: int, spans: list[tuple[int, int, int]], step_at,
+              decay: Callable[[int, int], torch.Tensor] | None = None):
+        """The actual run through stage j's substeps (_spans), restarted on the run's own
+        checkpoint at each segment; step_at(substep, k0, k1, theta) gives each step.
+
+        Returns what _ActualPath keeps (substep -> checkpoint it restarts from, float32
+        steps) and segment -> where the simulation ends it, theta rebuilt from the float32
+        steps as _ActualPath rebuilds it."""
+        segments = self._segments(j)
+        starts: dict[int, torch.Tensor] = {}
+        steps: list[torch.Tensor] = []  # kept for every earlier stage: float32, half the memory
+        ends: dict[int, torch.Tensor] = {}
+        segment, theta = -1, torch.empty(0)  # set at the first span
+        for q, (i, k0, k1) in enumerate(spans):
+            if i != segment:  # back on the run's own checkpoint
+                segment, theta = i, self.flat(self._anchor(segments[i][0]))
+                starts[q] = theta.float()
+            steps.append(step_at(q, k0, k1, theta).float())
+            theta = theta + steps[-1].double()
+            if decay is not None:
+                theta = theta * decay(k0, k1)
+            ends[i] = theta
+        return starts, steps, ends
+
     def _check_reproduction(self, j: int, ends: dict[int, torch.Tensor]) -> None:
         """Record (self.reproduction) how far stage j's training loss falls from each of its
         checkpoints to the next, recorded against simulated (segment -> simulated end)."""
         curv = self.curvature(j)
         segments = self._segments(j)
+        at_anchor: dict[int, float] = {}  # a checkpoint ends one segment and starts the next
+
+        def anchored(reader: StateDictReader) -> float:
+            if id(reader) not in at_anchor:
+                at_anchor[id(reader)] = curv.value(self._anchor(reader))
+            return at_anchor[id(reader)]
+
         start = recorded = simulated = 0.0
         for i, theta in sorted(ends.items()):
             a, b = segments[i][0], segments[i][1]
-            before = curv.value(self._anchor(a))
+            before = anchored(a)
             if i == min(ends):
                 start = before
-            recorded += before - curv.value(self._anchor(b))
+            recorded += before - anchored(b)
             simulated += before - curv.value(self._at(j, theta))
         self.reproduction[j] = Reproduction(self.e.runs[j].name, start, recorded, simulated)
 

@@ -489,8 +489,9 @@ def _effects(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
     per_stage: list[torch.Tensor] = []
     try:
         for k, v in embeddings(loaded, estimator, config, unrolled):
-            if strict and _unreproduced(unrolled):
-                raise _NotReproduced(_unreproduced(unrolled))
+            failed = _unreproduced(unrolled) if strict else []
+            if failed:
+                raise _NotReproduced(failed)
             if progress:
                 progress(f"stage {names[k]}", k, len(names))
             per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
