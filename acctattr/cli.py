@@ -18,9 +18,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from acctattr.atomic import write_atomic
 from acctattr.errors import AcctattrError
 from acctattr.options import UnrolledConfig
+from acctattr.output.atomic import write_atomic
 
 UNROLLED = UnrolledConfig()
 
@@ -158,11 +158,12 @@ def run(
     """Estimate every stage's effect on the eval set and print them ranked."""
 
     def go() -> None:
-        from acctattr import pipeline, report
+        from acctattr import pipeline
+        from acctattr.output import report
 
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         if plot is not None:
-            from acctattr import plots
+            from acctattr.output import plots
 
             plots.check_target(plot)
         with report.progress_bar(not quiet) as progress:
@@ -177,7 +178,7 @@ def run(
             _err(f"warning: {w}")
         gate = None
         if fail_on_harm is not None:
-            from acctattr import gates
+            from acctattr.output import gates
 
             gate = gates.evaluate(result, fail_on_harm, confidence, gate_stage, gate_group)
         if format is Format.json:
@@ -192,7 +193,7 @@ def run(
             plots.render(result, plot, confidence)
             _err(f"wrote {plot}")
         if gate is not None:
-            from acctattr.gates import describe
+            from acctattr.output.gates import describe
 
             _err(describe(gate, result.metric))
             if gate.tripped:
@@ -236,7 +237,7 @@ def _unrolled_config(lanczos_iters: int, sample_size: int, dynamics: Dynamics,
 def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: float,
                         gate_stage: str | None, gate_group: str | None) -> None:
     """Bad gate options fail before any computing (exit 2)."""
-    from acctattr import gates
+    from acctattr.output import gates
 
     if fail_on_harm is None:
         if gate_stage is not None or gate_group is not None:
@@ -245,7 +246,7 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
         return
     gates.z_value(confidence)
     if gate_stage is not None:
-        from acctattr.manifest import load_manifest
+        from acctattr.runs.manifest import load_manifest
 
         names = [s.name for s in load_manifest(manifest).stages]
         gates.check_stage_name(gate_stage, names)
@@ -270,7 +271,8 @@ def validate(
     """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
 
     def go() -> None:
-        from acctattr import pipeline, report
+        from acctattr import pipeline
+        from acctattr.output import report
 
         if format is Format.markdown:
             raise AcctattrError("validate writes table or json", "use --format table|json")
@@ -309,8 +311,8 @@ def diff(
     """Compare two result JSONs stage by stage (matched by name) and group by group."""
 
     def go() -> None:
-        from acctattr import diff as diffs
-        from acctattr import report
+        from acctattr.output import diff as diffs
+        from acctattr.output import report
 
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
@@ -364,7 +366,7 @@ def init(
     """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr)."""
 
     def go() -> None:
-        from acctattr.scaffold import scaffold
+        from acctattr.runs.scaffold import scaffold
 
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from acctattr.checkpoints import StateDictReader
 from acctattr.dynamics import (
     AdamwTransform,
     SgdTransform,
@@ -30,8 +29,9 @@ from acctattr.dynamics import (
     sgd_transform,
 )
 from acctattr.errors import CheckpointError
-from acctattr.optim_state import OptimizerState
 from acctattr.options import SECANT_RULES, UnrolledConfig
+from acctattr.runs.checkpoints import StateDictReader
+from acctattr.runs.optim_state import OptimizerState
 
 # The optimizer state that carries a parameter perturbation forward.
 FIRST_MOMENT = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
@@ -269,7 +269,7 @@ class Unrolled:
     def __init__(self, embedder: Embedder, curvature, config: UnrolledConfig) -> None:
         """
         Args:
-            curvature: stage index -> acctattr.behavior.Curvature for that stage's data.
+            curvature: stage index -> acctattr.evaluation.curvature.Curvature for that stage's data.
         """
         self.e = embedder
         self.curvature = curvature

@@ -18,76 +18,26 @@ from pathlib import Path
 
 import torch
 
-from acctattr import fidelity, formats
-from acctattr.behavior import (
-    Curvature,
-    EvalData,
-    Evaluator,
-    ModelInfo,
-    build_model,
-    load_ref,
-    load_stage_sample,
-    model_info,
-    resolve_metric,
-)
-from acctattr.checkpoints import StateDictReader, align_names, open_checkpoint
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
 from acctattr.estimators import Embedder, Reproduction, StageRun, Unrolled
-from acctattr.fidelity import Fidelity
-from acctattr.manifest import Manifest, Stage, load_manifest
-from acctattr.optim_state import GroupHparams, OptimizerState, load_optimizer_state
+from acctattr.evaluation import fidelity
+from acctattr.evaluation.curvature import Curvature
+from acctattr.evaluation.data import EvalData, load_stage_sample
+from acctattr.evaluation.evaluator import Evaluator
+from acctattr.evaluation.metrics import resolve_metric
+from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
 from acctattr.options import UnrolledConfig
-from acctattr.schedules import interpolate_logged_lrs, lrs_from_spec
+from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
+from acctattr.runs import formats
+from acctattr.runs.checkpoints import StateDictReader, align_names, open_checkpoint
+from acctattr.runs.manifest import Manifest, Stage, load_manifest
+from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
+from acctattr.runs.schedules import interpolate_logged_lrs, lrs_from_spec
 
 ESTIMATORS = ("naive", "frozen", "unrolled")
 EVALUATIONS = ("linear", "direct")
 # The evaluation each estimator is best with on the sample runs (bench/fidelity.py).
 DEFAULT_EVALUATE = {"naive": "linear", "frozen": "linear", "unrolled": "direct"}
-Progress = Callable[[str, int, int], None]  # (what, done, total)
-
-
-@dataclass(frozen=True)
-class StageEffect:
-    name: str
-    rank: int
-    effect: float
-    verdict: str  # hurt | helped | neutral
-    share: float  # |effect| / sum of |effect| over stages
-    counterfactual_value: float
-    groups: dict[str, float] | None
-    # Standard error of ``effect`` over eval examples: sample std / sqrt(n) (NaN when n < 2).
-    # It measures how much the mean would move on another eval set of the same size, not
-    # the estimator's error against retraining.
-    effect_se: float = float("nan")
-    groups_se: dict[str, float] | None = None  # the same per group (n = the group's size)
-    position: int = 0  # 1-based place in training order (0: unknown)
-
-
-@dataclass(frozen=True)
-class ExampleEffects:
-    index: int
-    group: str | None
-    effects: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Result:
-    """Everything a report needs; report.py depends on this and nothing else."""
-
-    metric: str
-    higher_is_better: bool
-    estimator: str
-    evaluate: str
-    n_examples: int
-    final_value: float
-    stages: tuple[StageEffect, ...]  # ranked
-    examples: tuple[ExampleEffects, ...] | None = None
-    warnings: tuple[str, ...] = ()
-    estimator_note: str | None = None  # why ``auto`` chose the estimator it did
-
-    def harm(self, effect: float) -> float:
-        """How much an effect made the metric worse (negative: it helped)."""
-        return -effect if self.higher_is_better else effect
 
 
 # ---------------------------------------------------------------- loading
@@ -182,7 +132,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
 
     warnings: list[str] = []
     if manifest.hf is not None:
-        from acctattr.hf import build_hf_model
+        from acctattr.runs.hf import build_hf_model
 
         model = build_hf_model(manifest.hf, manifest.hf_class)
         source = f"model.hf {manifest.hf}"
@@ -266,7 +216,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
 
 
 def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictReader:
-    from acctattr.lora import LoraMergedReader
+    from acctattr.runs.lora import LoraMergedReader
 
     return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
 
@@ -559,16 +509,6 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
 
 # ---------------------------------------------------------------- validation against retraining
 
-@dataclass(frozen=True)
-class Validation:
-    """Every estimator's fidelity against retraining through the manifest's ``replay``."""
-
-    metric: str
-    n_examples: int
-    replay: str
-    retrain_seconds: float  # all the counterfactual retrainings together
-    results: tuple[Fidelity, ...]
-
 
 def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
                  progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], float]:
@@ -631,7 +571,7 @@ def validate(path: str | Path, estimators: tuple[str, ...] | None = None,
     base, _ = loaded.evaluator.values()
     with tempfile.TemporaryDirectory(prefix="acctattr-validate-") as tmp:
         truth, retrain = true_effects(loaded, base, workdir or Path(tmp), progress)
-    results: list[Fidelity] = []
+    results: list[fidelity.Fidelity] = []
     names = [r.name for r in loaded.runs]
     ev = loaded.evaluator
     for est in estimators:

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from acctattr.cli import app
 from acctattr.errors import ManifestError
-from acctattr.manifest import load_manifest, parse_manifest
+from acctattr.runs.manifest import load_manifest, parse_manifest
 
 STAGES = [
     StageCfg("a", "sgd", 6, 0.05, {"momentum": 0.9}, (0.01, 0.0)),

@@ -17,9 +17,9 @@ from staged import StageCfg, metric_values, train, write_run
 from typer.testing import CliRunner
 
 from acctattr import pipeline
-from acctattr.behavior import EvalData
 from acctattr.cli import app
-from acctattr.manifest import EvalSpec
+from acctattr.evaluation.data import EvalData
+from acctattr.runs.manifest import EvalSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [

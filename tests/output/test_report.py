@@ -14,8 +14,8 @@ import pytest
 import yaml
 from reportkit import DIGITS, ROOT, TRAP, digits_run, invoke, markdown_tables
 
-from acctattr import gates, plots, report
 from acctattr.cli import app
+from acctattr.output import gates, plots, report
 
 SPEC_FIELDS = ["name", "rank", "effect", "verdict", "share", "counterfactual_value", "groups"]
 

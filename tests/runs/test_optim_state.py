@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from acctattr.behavior import model_info
 from acctattr.errors import CheckpointError
-from acctattr.manifest import LrSpec, OptimizerSpec
-from acctattr.optim_state import load_optimizer_state
+from acctattr.evaluation.model import model_info
+from acctattr.runs.manifest import LrSpec, OptimizerSpec
+from acctattr.runs.optim_state import load_optimizer_state
 
 
 def build() -> nn.Module:

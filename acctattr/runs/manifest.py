@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from acctattr import formats
 from acctattr.errors import ManifestError
+from acctattr.runs import formats
 
 OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")

@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from acctattr import pipeline
-from acctattr.behavior import EvalData, Evaluator, resolve_metric
-from acctattr.manifest import EvalSpec, Ref
+from acctattr.evaluation.data import EvalData
+from acctattr.evaluation.evaluator import Evaluator
+from acctattr.evaluation.metrics import resolve_metric
+from acctattr.runs.manifest import EvalSpec, Ref
 
 N, D_IN, D_OUT = 23, 5, 4  # 23 examples in batches of 7: the last batch is ragged
 
@@ -85,7 +87,7 @@ def test_gradient_noise_is_the_per_example_gradient_variance():
     the full gradient and the noise an estimate of the same variance."""
     from torch.func import grad
 
-    from acctattr.behavior import Curvature
+    from acctattr.evaluation.curvature import Curvature
 
     model, g = mlp(), torch.Generator().manual_seed(5)
     params = params_of(model)
@@ -141,7 +143,7 @@ def _noise_by_hand(model, params, sample, parts):
 def test_gradient_noise_batched_backward_matches_the_loop(parts):
     """The vectorised path of gradient_and_noise (one pass over all groups) agrees with a
     backward pass per group to 1e-10 relative in float64, equal and unequal groups alike."""
-    from acctattr.behavior import Curvature
+    from acctattr.evaluation.curvature import Curvature
 
     model, sample = mlp(), _noise_sample()
     params = params_of(model)
@@ -190,7 +192,7 @@ class _NoBatchMlp(nn.Module):
 def test_gradient_noise_falls_back_to_the_loop_when_batching_fails(monkeypatch):
     """A model torch.func cannot vectorise gets the per-group loop, with the same result
     as by hand, and the vectorised pass is not tried again on later calls."""
-    from acctattr.behavior import Curvature
+    from acctattr.evaluation.curvature import Curvature
 
     model, sample = _NoBatchMlp(), _noise_sample()
     params = params_of(model)
@@ -412,7 +414,7 @@ def test_buffers_come_from_the_final_checkpoint_in_eval_mode(tmp_path):
 def test_curvature_expand_is_value_gradient_and_hvp_at_once():
     """Curvature.expand's loss, gradient and product equal value(), gradient() and hvp()
     at the same point, over several memory chunks."""
-    from acctattr.behavior import Curvature
+    from acctattr.evaluation.curvature import Curvature
 
     model, sample = mlp(), _noise_sample()
     params = params_of(model)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from acctattr.checkpoints import open_checkpoint, read_trainer_state
 from acctattr.errors import CheckpointError
+from acctattr.runs.checkpoints import open_checkpoint, read_trainer_state
 
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,12 +18,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from acctattr.pipeline import Progress as ProgressFn
-from acctattr.pipeline import Result, StageEffect, Validation
+from acctattr.results import Progress as ProgressFn
+from acctattr.results import Result, StageEffect, Validation
 
 if TYPE_CHECKING:
-    from acctattr.diff import Diff, StageDoc
-    from acctattr.gates import Gate, GateCheck
+    from acctattr.output.diff import Diff, StageDoc
+    from acctattr.output.gates import Gate, GateCheck
 
 SCHEMA = "acctattr.effects/1"
 DIFF_SCHEMA = "acctattr.diff/1"
@@ -186,7 +186,7 @@ def to_markdown(result: Result, gate: Gate | None = None) -> str:
 
     Made for a pull-request comment or ``$GITHUB_STEP_SUMMARY``.
     """
-    from acctattr.gates import describe
+    from acctattr.output.gates import describe
 
     groups = _group_names(result)
     header = ["rank", "stage", "effect", "±", "share", "verdict"]

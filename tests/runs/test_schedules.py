@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from acctattr.manifest import LrSpec
-from acctattr.schedules import interpolate_logged_lrs, lrs_from_spec, schedule_lrs
+from acctattr.runs.manifest import LrSpec
+from acctattr.runs.schedules import interpolate_logged_lrs, lrs_from_spec, schedule_lrs
 
 
 def test_warmup_starts_at_zero_and_rises_linearly():

@@ -91,7 +91,7 @@ def test_unrolled_tracks_retraining_on_digits():
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "sample_runs" / "digits"
+    root = Path(__file__).resolve().parents[2] / "sample_runs" / "digits"
     truth_doc = json.loads((root / "truth.json").read_text())["stages"]
     result = pipeline.run(root / "manifest.yaml", "unrolled", "direct", per_example=True)
     assert result.examples is not None
@@ -109,7 +109,7 @@ def test_unrolled_beats_frozen_on_the_earliest_stage():
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "sample_runs" / "digits"
+    root = Path(__file__).resolve().parents[2] / "sample_runs" / "digits"
     ref = torch.tensor(json.loads((root / "truth.json").read_text())["stages"]["pretrain"]
                        ["examples"], dtype=torch.float64)
     scores = {}
@@ -143,7 +143,7 @@ def test_unrolled_on_the_adamw_run_tracks_retraining():
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "sample_runs" / "toxicity"
+    root = Path(__file__).resolve().parents[2] / "sample_runs" / "toxicity"
     truth_doc = json.loads((root / "truth.json").read_text())["stages"]
     result = pipeline.run(root / "manifest.yaml", "unrolled", "direct", per_example=True)
     assert [s.name for s in result.stages] == sorted(
@@ -167,7 +167,7 @@ def test_adam_flow_fits_a_batch_noise_that_matches_the_batch_size():
     from acctattr.estimators import Embedder, Unrolled
     from acctattr.options import UnrolledConfig
 
-    loaded = pipeline.check(Path(__file__).resolve().parents[1] / "sample_runs" / "toxicity"
+    loaded = pipeline.check(Path(__file__).resolve().parents[2] / "sample_runs" / "toxicity"
                             / "manifest.yaml")
     config = UnrolledConfig()
     unrolled = Unrolled(Embedder(loaded.runs, loaded.info.trainable),
@@ -186,7 +186,7 @@ def test_auto_falls_back_to_frozen_when_an_adam_stage_has_no_state(tmp_path):
 
     import yaml
 
-    src = Path(__file__).resolve().parents[1] / "sample_runs" / "toxicity"
+    src = Path(__file__).resolve().parents[2] / "sample_runs" / "toxicity"
     run = tmp_path / "toxicity"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("replays", "__pycache__"))
     doc = yaml.safe_load((run / "manifest.yaml").read_text())
@@ -204,7 +204,7 @@ def _scaled_run(tmp_path, run: str, scale: int):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "scaling.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "scaling.py"
     spec = importlib.util.spec_from_file_location("acctattr_bench_scaling", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -238,7 +238,7 @@ def test_unrolled_flow_is_converged_in_its_substeps():
 
     from acctattr.options import UnrolledConfig
 
-    root = Path(__file__).resolve().parents[1] / "sample_runs"
+    root = Path(__file__).resolve().parents[2] / "sample_runs"
     for run in ("digits", "toxicity"):
         a = pipeline.run(root / run / "manifest.yaml", "unrolled", "direct", per_example=True)
         b = pipeline.run(root / run / "manifest.yaml", "unrolled", "direct", per_example=True,
@@ -269,7 +269,7 @@ def test_unrolled_simulation_reproduces_the_sample_runs_recorded_loss(run):
     loss about as the recorded run did (within 25%), so auto keeps unrolled."""
     from pathlib import Path
 
-    loaded = pipeline.check(Path(__file__).resolve().parents[1] / "sample_runs" / run
+    loaded = pipeline.check(Path(__file__).resolve().parents[2] / "sample_runs" / run
                             / "manifest.yaml")
     unrolled = pipeline.make_unrolled(loaded)
     unrolled.embedding(0)
@@ -336,7 +336,7 @@ def test_auto_takes_frozen_when_unrolled_would_not_fit_in_memory(monkeypatch):
     bench/unrolled_memory.py) and takes frozen, saying so, when it exceeds MemAvailable."""
     from pathlib import Path
 
-    manifest = Path(__file__).resolve().parents[1] / "sample_runs" / "digits" / "manifest.yaml"
+    manifest = Path(__file__).resolve().parents[2] / "sample_runs" / "digits" / "manifest.yaml"
     loaded = pipeline.check(manifest)
     need = pipeline.unrolled_memory(loaded)
     assert need > 0

@@ -9,9 +9,9 @@ import pytest
 from reportkit import digits_run, markdown_tables
 from typer.testing import CliRunner
 
-from acctattr import diff
 from acctattr.cli import app
 from acctattr.errors import AcctattrError
+from acctattr.output import diff
 
 
 def _write(tmp_path: Path, name: str, doc: dict) -> Path:

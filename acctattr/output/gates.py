@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from acctattr.errors import AcctattrError
-from acctattr.pipeline import Result, StageEffect
+from acctattr.results import Result, StageEffect
 
 NEWEST = "newest"  # --gate-stage: the last stage in training order
 WORST = "worst"  # --gate-group: every group, the gate trips on any of them

@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from acctattr import formats
-from acctattr.checkpoints import load_torch_file
 from acctattr.errors import AcctattrError, CheckpointError
-from acctattr.manifest import PLACEHOLDER
+from acctattr.runs import formats
+from acctattr.runs.checkpoints import load_torch_file
+from acctattr.runs.manifest import PLACEHOLDER
 
 
 def todo(what: str) -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from acctattr.checkpoints import StateDictReader, open_checkpoint
 from acctattr.errors import CheckpointError
-from acctattr.formats import FormatError, LoraConfig, adapter_weights, read_lora_config
+from acctattr.runs.checkpoints import StateDictReader, open_checkpoint
+from acctattr.runs.formats import FormatError, LoraConfig, adapter_weights, read_lora_config
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>embedding_)?"
                   r"(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")

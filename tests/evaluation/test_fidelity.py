@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from scipy import stats
 
-from acctattr.fidelity import compare, pearson, spearman
+from acctattr.evaluation.fidelity import compare, pearson, spearman
 
 
 def test_pearson_and_spearman_match_scipy_with_ties():

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from acctattr.checkpoints import StateDictReader, load_torch_file, open_checkpoint
 from acctattr.errors import CheckpointError
-from acctattr.manifest import OptimizerSpec
+from acctattr.runs.checkpoints import StateDictReader, load_torch_file, open_checkpoint
+from acctattr.runs.manifest import OptimizerSpec
 
 # State tensors each optimizer keeps per parameter.
 STATE_NAMES = {"sgd": ("momentum_buffer",),

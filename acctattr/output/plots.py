@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from acctattr.atomic import atomic_file
 from acctattr.errors import AcctattrError
-from acctattr.pipeline import Result
+from acctattr.output.atomic import atomic_file
+from acctattr.results import Result
 
 SUFFIXES = (".png", ".svg")
 DPI = 120

@@ -141,7 +141,7 @@ def test_output_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
     import os
     import stat
 
-    from acctattr.atomic import write_atomic
+    from acctattr.output.atomic import write_atomic
 
     old = os.umask(0o022)
     try:

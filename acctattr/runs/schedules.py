@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from acctattr.manifest import LrSpec
+from acctattr.runs.manifest import LrSpec
 
 
 def schedule_lrs(schedule: str, steps: int, base: float, warmup: int = 0,

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 from reportkit import TRAP, digits_run
 
-from acctattr import gates
 from acctattr.errors import AcctattrError
-from acctattr.pipeline import Result, StageEffect
+from acctattr.output import gates
+from acctattr.results import Result, StageEffect
 
 
 def _stage(result: Result, name: str) -> StageEffect:

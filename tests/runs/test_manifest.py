@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from acctattr.errors import ManifestError
-from acctattr.manifest import EvalSpec, LrSpec, Manifest, OptimizerSpec, Ref, Stage, load_manifest
+from acctattr.runs.manifest import (
+    EvalSpec,
+    LrSpec,
+    Manifest,
+    OptimizerSpec,
+    Ref,
+    Stage,
+    load_manifest,
+)
 
 
 def _touch(path: Path) -> None:

@@ -112,7 +112,7 @@ def resolve_checkpoint_file(path: Path) -> Path:
         return path
     if path.is_dir():
         if (path / ".metadata").is_file():
-            from acctattr.formats import DCP_HINT
+            from acctattr.runs.formats import DCP_HINT
 
             raise CheckpointError(
                 f"{path}: a torch.distributed.checkpoint folder (it has .metadata); acctattr "

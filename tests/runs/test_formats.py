@@ -241,7 +241,7 @@ def test_init_lightning(lightning_run, tmp_path):
 
 def test_placeholder_detection_is_torch_free():
     """manifest.find_placeholders names keys the way other manifest problems do."""
-    from acctattr.manifest import find_placeholders
+    from acctattr.runs.manifest import find_placeholders
 
     raw = {"model": {"factory": "TODO(acctattr): x"},
            "stages": [{"name": "a", "optimizer": {"steps": "TODO(acctattr): y"}}]}
@@ -250,7 +250,7 @@ def test_placeholder_detection_is_torch_free():
     with pytest.raises(AcctattrError):
         from pathlib import Path
 
-        from acctattr.manifest import parse_manifest
+        from acctattr.runs.manifest import parse_manifest
 
         parse_manifest(raw, Path("/tmp/m.yaml"))
 

@@ -1,0 +1,151 @@
+"""The model, the eval data, the metric, and the two ways of evaluating a stage embedding.
+
+- ``linear``: effect_i = <grad f_i(theta_T), v>, one forward-mode JVP pass (torch.func.jvp)
+  over the eval set; never per-example gradients.
+- ``direct``: effect_i = f_i(theta_T) - f_i(theta_T - v), one forward pass.
+"""
+
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from acctattr.errors import AcctattrError, DataError
+from acctattr.evaluation.data import Batch, EvalData
+from acctattr.evaluation.metrics import CLASS_METRICS, Metric
+
+Params = dict[str, torch.Tensor]
+
+
+def forward(model: nn.Module, state: Params, inputs: tuple[str, ...],
+            batch: Batch) -> torch.Tensor:
+    """The model's output tensor at ``state``: model(x) for one input, model(**named) for
+    several; a ``logits`` field is taken from dict-like outputs (Hugging Face models)."""
+    if len(inputs) == 1:
+        out = functional_call(model, state, (batch[inputs[0]],))
+    else:
+        out = functional_call(model, state, (), {n: batch[n] for n in inputs})
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    return out.logits if hasattr(out, "logits") else out
+
+
+class Evaluator:
+    """Per-example metric of a model at theta_T and along stage embeddings."""
+
+    def __init__(self, model: nn.Module, params: Params, fixed: Params, data: EvalData,
+                 metric: Metric) -> None:
+        """
+        Args:
+            params: trainable parameters at theta_T (name -> tensor).
+            fixed: everything else at theta_T (frozen parameters, buffers).
+        """
+        self.model = model.eval()
+        self.params = params
+        self.fixed = fixed
+        self.data = data
+        self.metric = metric
+        self.dtype = next(iter(params.values())).dtype if params else torch.float32
+
+    def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
+        spec = self.data.spec
+        try:
+            out = forward(self.model, {**self.fixed, **params}, spec.inputs, batch)
+        except AcctattrError:
+            raise
+        except Exception as e:  # a forward error here is (almost always) data the model can't take
+            raise DataError(
+                f"eval.data {self.data.source}: model forward failed on a batch with "
+                f"{_describe(batch, spec.inputs)}: {type(e).__name__}: {_first_line(e)}",
+                f"check that eval.inputs ({', '.join(spec.inputs)}) hold what the model's "
+                "forward takes (names, shapes, dtypes)") from e
+        target = batch[spec.target]
+        if self.metric.name in CLASS_METRICS and target.is_floating_point():
+            raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
+                            f"{target.dtype}, but eval.metric {self.metric.name} needs integer "
+                            "class ids", "give the target as an integer tensor")
+        try:
+            vals = self.metric.fn(out, target)
+        except AcctattrError:
+            raise
+        except Exception as e:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(
+                f"eval.metric {self.metric.name} failed on eval.data {self.data.source} "
+                f"(model outputs {shape}, {_describe(batch, (spec.target,))}): "
+                f"{type(e).__name__}: {_first_line(e)}",
+                "check that eval.target holds what the metric expects (class ids below the "
+                "number of model outputs for cross_entropy, margin and logprob)") from e
+        if not isinstance(vals, torch.Tensor):
+            raise DataError(f"eval.metric {self.metric.name} returned "
+                            f"{type(vals).__name__}, not a tensor",
+                            "return one value per example as a tensor")
+        if vals.ndim != 1 or vals.shape[0] != out.shape[0]:
+            raise AcctattrError(f"metric {self.metric.name} returned shape {tuple(vals.shape)}; "
+                                "it must return one value per example")
+        return vals
+
+    def probe(self) -> None:
+        """Run the metric on the first eval batch at theta_T, so `check` finds data the model
+        cannot take without computing any effect."""
+        with torch.no_grad():
+            for batch in self.data.batches():
+                self._metric(self.params, self._floats(batch))
+                return
+
+    def _floats(self, batch: Batch) -> Batch:
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(f_i(theta_T) for every example [N] float64, group ids [N] or None)."""
+        vals, groups = [], []
+        gname = self.data.spec.group
+        with torch.no_grad():
+            for batch in self.data.batches():
+                vals.append(self._metric(self.params, self._floats(batch)).double())
+                if gname:
+                    groups.append(batch[gname].reshape(-1).long())
+        if not vals:
+            raise DataError(f"eval.data {self.data.source}: the eval set is empty")
+        return torch.cat(vals), (torch.cat(groups) if gname else None)
+
+    def linear(self, v: Params) -> torch.Tensor:
+        """<grad f_i(theta_T), v> for every example [N], by forward-mode JVP."""
+        names = list(self.params)
+        primals = tuple(self.params[n] for n in names)
+        tangents = tuple(v[n].to(self.params[n].dtype) for n in names)
+        out = []
+        with torch.no_grad():
+            for batch in self.data.batches():
+                batch = self._floats(batch)
+
+                def f(*ps: torch.Tensor, batch: Batch = batch) -> torch.Tensor:
+                    return self._metric(dict(zip(names, ps, strict=True)), batch)
+
+                tangent_out = jvp(f, primals, tangents)[1]
+                out.append(tangent_out.double())
+        return torch.cat(out)
+
+    def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
+        """f_i(theta_T) - f_i(theta_T - v) for every example [N]; ``base`` = f_i(theta_T)."""
+        shifted = {n: p - v[n].to(p.dtype) for n, p in self.params.items()}
+        out = []
+        with torch.no_grad():
+            for batch in self.data.batches():
+                out.append(self._metric(shifted, self._floats(batch)).double())
+        return base - torch.cat(out)
+
+
+def _describe(batch: Batch, names: Iterable[str]) -> str:
+    """'x [16, 7] float64' for each named tensor of a batch, for error messages."""
+    return ", ".join(f"{n} {list(batch[n].shape)} {str(batch[n].dtype).replace('torch.', '')}"
+                     for n in names if isinstance(batch.get(n), torch.Tensor))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"

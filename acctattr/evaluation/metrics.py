@@ -1,0 +1,67 @@
+"""Per-example metrics: the builtins by name, or a user's ``FILE.py:FUNC(outputs, target)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from acctattr.evaluation.model import load_ref
+from acctattr.runs.manifest import Ref
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y.long(), reduction="none")
+
+
+def _logprob(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(out, y.long(), reduction="none")
+
+
+def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Target logit minus the largest other logit."""
+    y = y.long()
+    target = out.gather(1, y[:, None])[:, 0]
+    other = out.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return target - other
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
+    return (diff * diff).mean(dim=1)
+
+
+# Builtin metrics whose target is a class id: a float target would be silently truncated.
+CLASS_METRICS = ("cross_entropy", "logprob", "margin")
+
+BUILTIN: dict[str, tuple[MetricFn, bool]] = {
+    "cross_entropy": (_cross_entropy, False),
+    "logprob": (_logprob, True),
+    "margin": (_margin, True),
+    "mse": (_mse, False),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: MetricFn  # (model outputs [B, ...], target [B, ...]) -> per-example values [B]
+    higher_is_better: bool
+
+
+def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metric:
+    """A builtin metric by name, or a user's ``FILE.py:FUNC(outputs, target)``.
+
+    A user function may carry ``higher_is_better = True`` as an attribute; the manifest's
+    ``eval.higher_is_better`` overrides either.
+    """
+    if isinstance(metric, str):
+        fn, hib = BUILTIN[metric]
+        return Metric(metric, fn, hib if override is None else override)
+    user = load_ref(metric, what)
+    hib = bool(getattr(user, "higher_is_better", False))
+    return Metric(metric.text, user, hib if override is None else override)
