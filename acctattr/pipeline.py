@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from acctattr import estimators
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
-from acctattr.estimators import Embedder, Reproduction, StageRun, Unrolled
+from acctattr.estimators import Estimator, StageRun, Training, Unsuitable
 from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import EvalData, load_stage_sample
 from acctattr.evaluation.evaluator import Evaluator
-from acctattr.evaluation.metrics import resolve_metric
+from acctattr.evaluation.metrics import Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
 from acctattr.options import UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
@@ -34,10 +35,8 @@ from acctattr.runs.manifest import Manifest, Stage, load_manifest
 from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.runs.schedules import interpolate_logged_lrs, lrs_from_spec
 
-ESTIMATORS = ("naive", "frozen", "unrolled")
+ESTIMATORS = tuple(estimators.ESTIMATORS)
 EVALUATIONS = ("linear", "direct")
-# The evaluation each estimator is best with on the sample runs (bench/fidelity.py).
-DEFAULT_EVALUATE = {"naive": "linear", "frozen": "linear", "unrolled": "direct"}
 
 
 # ---------------------------------------------------------------- loading
@@ -250,42 +249,6 @@ def check(path: str | Path) -> Loaded:
 
 # ---------------------------------------------------------------- computing
 
-def choose_estimator(loaded: Loaded, estimator: str) -> tuple[str, str | None]:
-    """Resolve ``auto``: unrolled when every later stage has training data, else frozen."""
-    if estimator != "auto":
-        return estimator, None
-    lacking = [r.name for r in loaded.runs[1:] if r.data is None]
-    if lacking:
-        return "frozen", (f"auto uses frozen because stage(s) {', '.join(lacking)} have no "
-                          "training data (data:), which unrolled needs for curvature")
-    stateless = [r.name for r in loaded.runs[1:]
-                 if r.opt_type in ("adam", "adamw") and r.trained != frozenset()
-                 and r.state.source is None]
-    if stateless:
-        return "frozen", (f"auto uses frozen because Adam stage(s) {', '.join(stateless)} "
-                          "have no optimizer.state, whose second moment unrolled needs")
-    unsupported = unrolled_unsupported(loaded)
-    if unsupported:
-        return "frozen", f"auto uses frozen because {unsupported[0]}"
-    need, available = unrolled_memory(loaded), available_memory()
-    if available is not None and need > available:
-        return "frozen", (f"auto uses frozen because unrolled would need about "
-                          f"{need / 2**30:.1f} GiB (about {UNROLLED_COPIES} float32 copies of "
-                          f"the parameters) and {available / 2**30:.1f} GiB are available")
-    return "unrolled", "every later stage has training data (data:), so auto uses unrolled"
-
-
-# Peak memory of unrolled in float32 copies of the trainable parameters: 99.5-104.5 measured
-# by bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
-UNROLLED_COPIES = 110
-
-
-def unrolled_memory(loaded: Loaded) -> int:
-    """Bytes unrolled is expected to add at its peak (UNROLLED_COPIES x the parameters)."""
-    n = sum(math.prod(shape) for shape in loaded.info.trainable.values())
-    return UNROLLED_COPIES * 4 * n
-
-
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes; None where it cannot be read."""
     try:
@@ -297,83 +260,17 @@ def available_memory() -> int | None:
     return None
 
 
-def unrolled_unsupported(loaded: Loaded) -> list[str]:
-    """Why unrolled cannot simulate a later stage, one line per stage (empty: it can).
-
-    amsgrad divides by the running maximum of the second moment, which the flow does not
-    keep. maximize ascends the training objective, so train.loss must name a score (higher
-    is better) for the simulated run to go the way the real one went.
-    """
-    loss = resolve_metric(loaded.manifest.train_loss, None, "train.loss")
-    why = []
-    for r in loaded.runs[1:]:
-        if r.trained == frozenset():
-            continue
-        if r.opt_type in ("adam", "adamw") and any(g.amsgrad for g in r.state.groups):
-            why.append(f"stage '{r.name}' uses Adam's amsgrad, which unrolled does not "
-                       "simulate (frozen uses its max_exp_avg_sq)")
-        if any(g.maximize for g in r.state.groups) and not loss.higher_is_better:
-            why.append(f"stage '{r.name}' has maximize=True in its optimizer.state, so it raised "
-                       f"its training objective, but train.loss {loss.name} is lower-is-better")
-    return why
-
-
-def refuse_unsupported(loaded: Loaded) -> None:
-    """Raise the clear error when unrolled cannot simulate a later stage."""
-    why = unrolled_unsupported(loaded)
-    if why:
-        raise AcctattrError(why[0], "use --estimator frozen (auto takes it by itself)")
-
-
-def embeddings(loaded: Loaded, estimator: str, config: UnrolledConfig | None = None,
-               unrolled: Unrolled | None = None):
-    """Yield (stage index, v_k) one stage at a time (``unrolled``: the Unrolled to use,
-    so that the caller can read its reproduction checks)."""
-    if estimator not in ESTIMATORS:
-        raise AcctattrError(f"unknown estimator {estimator!r}",
-                            f"choose one of {', '.join(ESTIMATORS)}")
-    embedder = Embedder(loaded.runs, loaded.info.trainable)
-    if estimator == "unrolled":
-        refuse_unsupported(loaded)
-    if estimator == "unrolled" and unrolled is None:
-        unrolled = make_unrolled(loaded, config)
-    for k in range(len(loaded.runs)):
-        if estimator == "naive":
-            yield k, embedder.naive(k)
-        elif unrolled is not None:
-            yield k, unrolled.embedding(k)
-        else:
-            yield k, embedder.frozen(k)
-
-
-def make_unrolled(loaded: Loaded, config: UnrolledConfig | None = None) -> Unrolled:
+def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
+    """The run as the estimators see it; each stage's training-loss sample is read on first
+    use (only estimators that simulate training ask for it)."""
     config = config or UnrolledConfig()
-    return Unrolled(Embedder(loaded.runs, loaded.info.trainable), _curvatures(loaded, config),
-                    config)
-
-
-class _NotReproduced(Exception):
-    """auto's unrolled found a later stage its simulation does not reproduce."""
-
-    def __init__(self, failed: list[Reproduction]) -> None:
-        super().__init__()
-        self.failed = failed
-
-
-def _unreproduced(unrolled: Unrolled | None) -> list[Reproduction]:
-    if unrolled is None:
-        return []
-    factor = unrolled.config.reproduce_factor
-    return [r for _, r in sorted(unrolled.reproduction.items()) if not r.ok(factor)]
-
-
-def _curvatures(loaded: Loaded, config: UnrolledConfig):
-    """Stage index -> Curvature of that stage's training loss (built on first use)."""
     spec = loaded.manifest.eval
-    loss = resolve_metric(loaded.manifest.train_loss, None, "train.loss")
     cache: dict[int, Curvature] = {}
 
-    def get(j: int) -> Curvature:
+    def train_loss() -> Metric:
+        return resolve_metric(loaded.manifest.train_loss, None, "train.loss")
+
+    def curvature(j: int) -> Curvature:
         if j not in cache:
             run = loaded.runs[j]
             if run.data is None:
@@ -383,11 +280,17 @@ def _curvatures(loaded: Loaded, config: UnrolledConfig):
                     "add data: to every stage after the first, or use --estimator frozen")
             sample = load_stage_sample(run.data, (*spec.inputs, spec.target),
                                        config.sample_size, run.name)
-            ev = loaded.evaluator
-            cache[j] = Curvature(loaded.model, ev.fixed, loss, sample, spec.inputs, spec.target)
+            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, train_loss(), sample,
+                                 spec.inputs, spec.target)
         return cache[j]
 
-    return get
+    dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
+    return Training(loaded.runs, loaded.info.trainable, dtypes, curvature, train_loss)
+
+
+def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -> Estimator:
+    """The estimator ``name`` (naive | frozen | unrolled) on this run, nothing computed yet."""
+    return estimators.make(name, training(loaded, config), config)
 
 
 def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
@@ -396,9 +299,9 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
     """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5).
 
     Args:
-        estimator: naive | frozen | unrolled | auto (unrolled where every later stage has
-            training data, else frozen).
-        evaluate: linear | direct; None takes the estimator's default (DEFAULT_EVALUATE).
+        estimator: naive | frozen | unrolled | auto (the first of estimators.AUTO_ORDER
+            that can run on this run, see acctattr.estimators).
+        evaluate: linear | direct; None takes the estimator's own default.
     """
     if estimator not in (*ESTIMATORS, "auto"):
         raise AcctattrError(f"unknown estimator {estimator!r}",
@@ -407,41 +310,32 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         raise AcctattrError(f"unknown evaluation {evaluate!r}",
                             f"choose one of {', '.join(EVALUATIONS)}")
     loaded = check(path)
-    chosen, why = choose_estimator(loaded, estimator)
-    if chosen == "unrolled":
-        refuse_unsupported(loaded)  # before any work (embeddings() checks it too)
+    passed: list[str] = []  # why auto passed over the estimators before the one it took
+    tried = estimators.candidates(estimator, training(loaded, config), config,
+                                  available_memory() if estimator == "auto" else None, passed)
+    chosen = next(tried)  # before any work: a named estimator that cannot run is refused
     base, groups = loaded.evaluator.values()
-    try:
-        per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
-                                       base, config, progress, strict=estimator == "auto")
-    except _NotReproduced as e:
-        chosen = "frozen"
-        why = ("auto uses frozen because unrolled's simulation does not reproduce the "
-               "recorded run of " + "; ".join(r.describe() for r in e.failed))
-        per_stage, warnings = _effects(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen],
-                                       base, config, progress)
-    return summarize(loaded, chosen, evaluate or DEFAULT_EVALUATE[chosen], base, groups,
-                     per_stage, per_example, why, warnings)
+    while True:
+        try:
+            per_stage = _effects(loaded, chosen, evaluate or chosen.evaluate, base, progress)
+            break
+        except Unsuitable as e:
+            passed.append(e.reason)
+            chosen = next(tried)
+    note = estimators.auto_note(chosen, passed) if estimator == "auto" else None
+    return summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
+                     per_stage, per_example, note, chosen.warnings())
 
 
-def _effects(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
-             config: UnrolledConfig | None, progress: Progress | None,
-             strict: bool = False) -> tuple[list[torch.Tensor], list[str]]:
-    """Per-example effects of every stage, and warnings about them.
-
-    With unrolled, the first stage's embedding simulates every later stage; where one of
-    those simulations does not reproduce the recorded run, ``strict`` raises _NotReproduced
-    (auto then takes frozen) and otherwise each such stage is a warning.
-    """
+def _effects(loaded: Loaded, estimator: Estimator, evaluate: str, base: torch.Tensor,
+             progress: Progress | None) -> list[torch.Tensor]:
+    """Per-example effects of every stage, one embedding in memory at a time."""
     ev = loaded.evaluator
     names = [r.name for r in loaded.runs]
-    unrolled = make_unrolled(loaded, config) if estimator == "unrolled" else None
     per_stage: list[torch.Tensor] = []
     try:
-        for k, v in embeddings(loaded, estimator, config, unrolled):
-            failed = _unreproduced(unrolled) if strict else []
-            if failed:
-                raise _NotReproduced(failed)
+        for k in range(len(names)):
+            v = estimator.embed(k)
             if progress:
                 progress(f"stage {names[k]}", k, len(names))
             per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
@@ -452,10 +346,7 @@ def _effects(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
         raise type(e)(f"while estimating stage '{stage}': {e.message}", e.hint) from e
     if progress:
         progress("done", len(names), len(names))
-    warnings = [f"unrolled's simulation does not reproduce the recorded run of {r.describe()}; "
-                "its estimates of the stages before it may be off: check them with `acctattr "
-                "validate`, or use --estimator frozen" for r in _unreproduced(unrolled)]
-    return per_stage, warnings
+    return per_stage
 
 
 def standard_error(x: torch.Tensor) -> float:
@@ -552,44 +443,48 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
     return truth, seconds
 
 
-def validate(path: str | Path, estimators: tuple[str, ...] | None = None,
+def validate(path: str | Path, names: tuple[str, ...] | None = None,
              evaluations: tuple[str, ...] = EVALUATIONS, workdir: Path | None = None,
              progress: Progress | None = None,
              config: UnrolledConfig | None = None) -> Validation:
     """Retrain with each stage skipped and measure every estimator against that truth.
 
     Args:
-        estimators: default every estimator the manifest allows (unrolled needs data).
+        names: the estimators to measure; default every one that can run on this run
+            (unrolled needs stage data, Adam state, and stages it can simulate).
         workdir: where ``replay`` writes its checkpoints; default a temporary folder that is
             removed afterwards (never the run's own folders).
     """
     loaded = check(path)
-    if estimators is None:
-        # unrolled where auto would take it (stage data, Adam state, what it simulates)
-        estimators = tuple(e for e in ESTIMATORS
-                           if e != "unrolled" or choose_estimator(loaded, "auto")[0] == e)
+    run_view = training(loaded, config)
+    chosen = [estimators.make(name, run_view, config) for name in names or ESTIMATORS]
+    if names is None:
+        chosen = [e for e in chosen if not e.needs()]
+    for e in chosen:
+        e.refuse()
     base, _ = loaded.evaluator.values()
     with tempfile.TemporaryDirectory(prefix="acctattr-validate-") as tmp:
         truth, retrain = true_effects(loaded, base, workdir or Path(tmp), progress)
     results: list[fidelity.Fidelity] = []
-    names = [r.name for r in loaded.runs]
+    stage_names = [r.name for r in loaded.runs]
     ev = loaded.evaluator
-    for est in estimators:
+    for est in chosen:
         if progress:
-            progress(est, len(results), len(estimators) * len(evaluations))
+            progress(est.name, len(results), len(chosen) * len(evaluations))
         # one embedding in memory at a time, evaluated in every mode as it comes
         estimated: dict[str, dict[str, torch.Tensor]] = {e: {} for e in evaluations}
         seconds = dict.fromkeys(evaluations, 0.0)
         t0 = time.perf_counter()
-        for k, v in embeddings(loaded, est, config):
+        for k in range(len(stage_names)):
+            v = est.embed(k)
             embed = time.perf_counter() - t0
             for evaluate in evaluations:
                 t1 = time.perf_counter()
-                estimated[evaluate][names[k]] = (ev.linear(v) if evaluate == "linear"
+                estimated[evaluate][stage_names[k]] = (ev.linear(v) if evaluate == "linear"
                                                  else ev.direct(v, base))
                 seconds[evaluate] += embed + time.perf_counter() - t1
             t0 = time.perf_counter()
-        results += [fidelity.compare(est, e, estimated[e], truth, seconds[e])
+        results += [fidelity.compare(est.name, e, estimated[e], truth, seconds[e])
                     for e in evaluations]
     return Validation(loaded.evaluator.metric.name, int(base.shape[0]),
                       loaded.manifest.replay.text if loaded.manifest.replay else "",

@@ -142,8 +142,8 @@ def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
     fid = v.results[0]
     _, ratio, seconds, retrain, spread = cost(manifest, repeat)
     loaded = pipeline.check(manifest)
-    unrolled = pipeline.make_unrolled(loaded)
-    unrolled.embedding(0)  # simulates every later stage: its reproduction checks
+    unrolled = pipeline.estimator(loaded, "unrolled")
+    unrolled.embed(0)  # simulates every later stage: its reproduction checks
     reproduced = {r.stage: r.simulated_drop / r.recorded_drop if r.recorded_drop else
                   float("nan") for _, r in sorted(unrolled.reproduction.items())}
     return {"estimator": f"{chosen.estimator}/{chosen.evaluate}",

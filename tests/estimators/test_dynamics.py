@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from acctattr.dynamics import lanczos_expm, lanczos_phi, sgd_transform
+from acctattr.estimators.dynamics import sgd_transform
+from acctattr.estimators.unrolled.lanczos import lanczos_expm, lanczos_phi
 
 
 def _sym(n: int, eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -133,7 +133,7 @@ def test_unrolled_without_stage_data_is_a_clear_error(tmp_path):
     from acctattr.errors import AcctattrError
 
     manifest = write_run(tmp_path / "run", CASES["adamw_two_groups_fresh"])
-    with pytest.raises(AcctattrError, match="stage 'b'.*data"):
+    with pytest.raises(AcctattrError, match=r"stage\(s\) b, c have no training data \(data:\)"):
         pipeline.run(manifest, "unrolled")
 
 
@@ -164,15 +164,11 @@ def test_adam_flow_fits_a_batch_noise_that_matches_the_batch_size():
     AdamW stages used batches of 32."""
     from pathlib import Path
 
-    from acctattr.estimators import Embedder, Unrolled
-    from acctattr.options import UnrolledConfig
 
     loaded = pipeline.check(Path(__file__).resolve().parents[2] / "sample_runs" / "toxicity"
                             / "manifest.yaml")
-    config = UnrolledConfig()
-    unrolled = Unrolled(Embedder(loaded.runs, loaded.info.trainable),
-                        pipeline._curvatures(loaded, config), config)
-    unrolled.embedding(0)
+    unrolled = pipeline.estimator(loaded, "unrolled")
+    unrolled.embed(0)
     assert set(unrolled.noise_scale) == {1, 2}
     for j, c in unrolled.noise_scale.items():
         assert 16 <= 1 / c <= 64, (j, c)
@@ -271,8 +267,8 @@ def test_unrolled_simulation_reproduces_the_sample_runs_recorded_loss(run):
 
     loaded = pipeline.check(Path(__file__).resolve().parents[2] / "sample_runs" / run
                             / "manifest.yaml")
-    unrolled = pipeline.make_unrolled(loaded)
-    unrolled.embedding(0)
+    unrolled = pipeline.estimator(loaded, "unrolled")
+    unrolled.embed(0)
     assert sorted(unrolled.reproduction) == [1, 2]
     for rep in unrolled.reproduction.values():
         assert rep.recorded_drop > 0, rep
@@ -287,9 +283,9 @@ def test_amsgrad_preconditioner_is_the_running_maximum_and_unrolled_is_refused(t
     from typer.testing import CliRunner
 
     from acctattr.cli import app
-    from acctattr.dynamics import adam_preconditioner
     from acctattr.errors import AcctattrError
-    from acctattr.estimators import Embedder
+    from acctattr.estimators.base import Stages
+    from acctattr.estimators.dynamics import adam_preconditioner
 
     stages = [StageCfg("a", "adamw", 20, 0.02, {}, (0.1, 0.0)),
               StageCfg("b", "adam", 30, WARM_COS, {"amsgrad": True, "betas": (0.9, 0.6)},
@@ -298,7 +294,7 @@ def test_amsgrad_preconditioner_is_the_running_maximum_and_unrolled_is_refused(t
     loaded = pipeline.check(manifest)
     run_b = loaded.runs[1]
     assert all(g.amsgrad for g in run_b.state.groups)
-    emb = Embedder(loaded.runs, loaded.info.trainable)
+    emb = Stages(loaded.runs, loaded.info.trainable)
     v, vmax = (run_b.state.tensor("weight", k) for k in ("exp_avg_sq", "max_exp_avg_sq"))
     assert v is not None and vmax is not None and bool((vmax > v * 1.01).any())
     g = run_b.state.groups[0]
@@ -331,20 +327,59 @@ def test_maximize_with_a_lower_is_better_train_loss_is_refused_for_unrolled(tmp_
     assert auto.estimator == "frozen" and "maximize" in auto.estimator_note
 
 
-def test_auto_takes_frozen_when_unrolled_would_not_fit_in_memory(monkeypatch):
-    """auto estimates unrolled's peak (about UNROLLED_COPIES copies of the parameters, from
+def test_auto_takes_frozen_when_unrolled_would_not_fit_in_memory():
+    """auto estimates unrolled's peak (Unrolled.copies copies of the parameters, from
     bench/unrolled_memory.py) and takes frozen, saying so, when it exceeds MemAvailable."""
     from pathlib import Path
 
+    from acctattr import estimators
+
     manifest = Path(__file__).resolve().parents[2] / "sample_runs" / "digits" / "manifest.yaml"
     loaded = pipeline.check(manifest)
-    need = pipeline.unrolled_memory(loaded)
+    view = pipeline.training(loaded)
+
+    def first(available):
+        passed: list[str] = []
+        chosen = next(estimators.candidates("auto", view, None, available, passed))
+        return chosen.name, passed
+
+    need = estimators.make("unrolled", view).peak_memory()
     assert need > 0
-    assert pipeline.choose_estimator(loaded, "auto")[0] == "unrolled"  # this machine fits it
-    monkeypatch.setattr(pipeline, "available_memory", lambda: need - 1)
-    chosen, why = pipeline.choose_estimator(loaded, "auto")
-    assert chosen == "frozen" and "GiB" in why and "available" in why
-    monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: no limit
-    assert pipeline.choose_estimator(loaded, "auto")[0] == "unrolled"
+    assert first(need)[0] == "unrolled"
+    chosen, passed = first(need - 1)
+    assert chosen == "frozen" and "GiB" in passed[0] and "available" in passed[0]
+    assert first(None)[0] == "unrolled"  # unknown: no limit
     result = pipeline.run(manifest, "unrolled", "direct")  # explicit: not second-guessed
     assert result.estimator == "unrolled"
+
+
+def test_a_new_estimator_is_one_class_and_one_line_in_autos_order(monkeypatch):
+    """auto is data: an estimator registered in ESTIMATORS and first in AUTO_ORDER is taken
+    when nothing stops it; one that raises Unsuitable while computing hands over to the
+    next in the order, and the reason reaches the result."""
+    from pathlib import Path
+
+    from acctattr import estimators
+    from acctattr.estimators.base import Estimator, Unsuitable
+
+    class Halved(Estimator):
+        name, evaluate, copies = "halved", "linear", 1
+        suited = "it always can"
+
+        def embed(self, k):
+            if self.strict and k == 1:
+                raise Unsuitable("halved gives up on the second stage")
+            return {n: 0.5 * v for n, v in self.stages.deltas(k).items()}
+
+    manifest = Path(__file__).resolve().parents[2] / "sample_runs" / "digits" / "manifest.yaml"
+    monkeypatch.setattr(estimators, "ESTIMATORS", {**estimators.ESTIMATORS, "halved": Halved})
+    monkeypatch.setattr(estimators, "AUTO_ORDER", ("halved", "frozen"))
+    auto = pipeline.run(manifest)
+    assert auto.estimator == "frozen" and "halved gives up" in auto.estimator_note
+    naive = pipeline.run(manifest, "naive", "linear")
+    monkeypatch.setattr(Halved, "embed", lambda self, k: {
+        n: 0.5 * v for n, v in self.stages.deltas(k).items()})
+    auto = pipeline.run(manifest)
+    assert auto.estimator == "halved" and auto.estimator_note == "auto uses halved: it always can"
+    for a, b in zip(auto.stages, naive.stages, strict=True):  # linear: half the naive effect
+        assert a.effect == pytest.approx(0.5 * b.effect, rel=1e-9)

@@ -83,10 +83,8 @@ def test_lora_direct_effect_equals_model_without_adapter(hf_run):
 def test_adapter_stage_leaves_base_weights_to_earlier_stages(hf_run):
     """Frozen dynamics skip base weights an adapter stage did not train: v_sft = Delta_sft."""
     loaded = pipeline.check(hf_run["manifest"])
-    from acctattr.estimators import Embedder
-
-    emb = Embedder(loaded.runs, loaded.info.trainable)
-    naive, frozen = emb.naive(0), emb.frozen(0)
+    naive = pipeline.estimator(loaded, "naive").embed(0)
+    frozen = pipeline.estimator(loaded, "frozen").embed(0)
     assert all(torch.equal(naive[n], frozen[n]) for n in naive)
 
 

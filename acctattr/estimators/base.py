@@ -1,0 +1,212 @@
+"""What every estimator shares: the stages as the estimators see them, the per-stage pieces
+(Delta_k, delta_b_k, Adam's frozen preconditioner) and the one interface an estimator has.
+
+An estimator builds stage embeddings v_k ~ theta_T - theta_T^(-k) (SPEC section 2). It
+says why it cannot run on a run (``needs``), how much memory it adds at its peak
+(``peak_memory``), and produces v_k one stage at a time (``embed``); the orchestrator
+chooses among estimators without knowing their insides (acctattr.estimators.choose).
+An embedding depends only on checkpoints, optimizer state and training data, never on the
+eval set. Nothing here opens a file: readers and state come in already opened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from acctattr.errors import AcctattrError, CheckpointError
+from acctattr.estimators.dynamics import adam_preconditioner
+from acctattr.options import UnrolledConfig
+from acctattr.runs.checkpoints import StateDictReader
+from acctattr.runs.optim_state import OptimizerState
+
+if TYPE_CHECKING:
+    from acctattr.evaluation.curvature import Curvature
+    from acctattr.evaluation.metrics import Metric
+
+# The optimizer state that carries a parameter perturbation forward.
+FIRST_MOMENT = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class StageRun:
+    """Everything the estimators need about one stage, files opened lazily."""
+
+    name: str
+    start: StateDictReader
+    end: StateDictReader
+    opt_type: str
+    lrs: list[float]
+    fresh: bool
+    step0: int  # optimizer steps taken before this stage (0 when fresh)
+    state: OptimizerState
+    data: Path | None = None
+    checkpoints: list[tuple[int, StateDictReader]] = field(default_factory=list)
+    # parameters this stage's optimizer updated; None = every trainable parameter. An
+    # adapter stage trains none of the model's own weights (frozenset()).
+    trained: frozenset[str] | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.lrs)
+
+    @property
+    def adapter(self) -> bool:
+        """The stage trained none of the model's own weights (a LoRA adapter stage)."""
+        return self.trained == frozenset()
+
+
+@dataclass(frozen=True)
+class Training:
+    """The training run as the estimators see it.
+
+    Args:
+        runs: the stages in training order.
+        trainable: parameter name -> shape, in the model's named_parameters() order.
+        dtypes: parameter name -> the model's own dtype (what it is evaluated at).
+        curvature: stage index -> that stage's training loss on a sample of its data
+            (built by the pipeline on first use; estimators that simulate training use it).
+        train_loss: the training loss (train.loss) those simulations run on.
+    """
+
+    runs: list[StageRun]
+    trainable: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    curvature: Callable[[int], Curvature]
+    train_loss: Callable[[], Metric]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.trainable.values())
+
+
+class Unsuitable(Exception):
+    """Raised by an estimator that finds, while computing, that it cannot be trusted on this
+    run; ``auto`` then moves on to the next estimator in its order, giving ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Estimator:
+    """The interface every estimator implements (one module each).
+
+    Class attributes: ``name`` (as on the command line), ``evaluate`` (the evaluation it is
+    best with on the fidelity bench), ``suited`` (when auto takes it, in words), ``copies``
+    (its peak memory in float32 copies of the trainable parameters, from the benches).
+    """
+
+    name: ClassVar[str]
+    evaluate: ClassVar[str]
+    suited: ClassVar[str] = "it can run on every run"
+    copies: ClassVar[float]
+
+    def __init__(self, training: Training, config: UnrolledConfig | None = None,
+                 strict: bool = False) -> None:
+        """
+        Args:
+            strict: raise Unsuitable where the estimator finds it cannot be trusted on this
+                run (auto); otherwise go on and say so in ``warnings``.
+        """
+        self.training = training
+        self.config = config or UnrolledConfig()
+        self.strict = strict
+        self.stages = Stages(training.runs, training.trainable)
+
+    def needs(self) -> list[str]:
+        """Why it cannot run here, one reason each (empty: it can). Cheap: no computing."""
+        return []
+
+    def refuse(self) -> None:
+        """Raise the first of ``needs`` as a clear error (an explicitly chosen estimator)."""
+        why = self.needs()
+        if why:
+            raise AcctattrError(why[0], "use --estimator frozen (auto takes it by itself)")
+
+    def peak_memory(self) -> int:
+        """Bytes it is expected to add at its peak (``copies`` x the trainable parameters)."""
+        return int(self.copies * 4 * self.training.n_params)
+
+    def embed(self, k: int) -> Params:
+        """v_k for stage k, by parameter name (float64)."""
+        raise NotImplementedError
+
+    def warnings(self) -> list[str]:
+        """What the user should know about the embeddings computed so far."""
+        return []
+
+
+class Stages:
+    """Per-stage pieces shared by the estimators: Delta_k, delta_b_k and Adam's frozen
+    preconditioner, read one parameter at a time (the preconditioner cached)."""
+
+    def __init__(self, runs: list[StageRun], trainable: dict[str, tuple[int, ...]]) -> None:
+        self.runs = runs
+        self.trainable = trainable
+        self.groups = [r.state.group_of() for r in runs]
+        self._precond: dict[tuple[int, str], torch.Tensor] = {}
+
+    def delta(self, k: int, name: str) -> torch.Tensor:
+        """Delta_k for one parameter, float64."""
+        run = self.runs[k]
+        return run.end.get(name).double() - run.start.get(name).double()
+
+    def deltas(self, k: int) -> Params:
+        """Delta_k for every trainable parameter (the naive embedding)."""
+        return {name: self.delta(k, name) for name in self.trainable}
+
+    def delta_state(self, k: int, name: str) -> torch.Tensor | None:
+        """delta_b_k: first-moment state at the end of stage k minus at the end of stage k-1.
+
+        Needed only when stage k+1 continues stage k's optimizer state; None otherwise.
+        """
+        if k + 1 >= len(self.runs) or self.runs[k + 1].fresh:
+            return None
+        run, nxt = self.runs[k], self.runs[k + 1]
+        key = FIRST_MOMENT[run.opt_type]
+        if run.state.source is None:
+            raise CheckpointError(
+                f"stage '{nxt.name}' continues the optimizer state of stage '{run.name}', so "
+                f"stage '{run.name}' needs optimizer.state (its {key} at the end)",
+                "add optimizer.state to that stage, or set continues: false if it did not")
+        now = run.state.tensor(name, key)
+        before = None
+        if k > 0 and self.runs[k - 1].opt_type == nxt.opt_type:
+            prev = self.runs[k - 1]
+            if prev.state.source is None:
+                raise CheckpointError(
+                    f"skipping stage '{run.name}' makes stage '{nxt.name}' continue the state "
+                    f"of stage '{prev.name}', which has no optimizer.state",
+                    f"add optimizer.state to stage '{prev.name}'")
+            before = prev.state.tensor(name, key)
+        if now is None and before is None:
+            return None
+        zero = torch.zeros(self.trainable[name], dtype=torch.float64)
+        return (now.double() if now is not None else zero) - (
+            before.double() if before is not None else zero)
+
+    def preconditioner(self, j: int, name: str) -> torch.Tensor:
+        """Stage j's frozen Adam preconditioner for one parameter, from its state file."""
+        key = (j, name)
+        if key not in self._precond:
+            run = self.runs[j]
+            hp = run.state.groups[self.groups[j][name]]
+            # amsgrad divides by the running maximum of the second moment
+            moment = "max_exp_avg_sq" if hp.amsgrad else "exp_avg_sq"
+            v = run.state.tensor(name, moment)
+            if v is None:
+                why = "there is none" if run.state.source is None else "it lacks that tensor"
+                raise CheckpointError(
+                    f"stage '{run.name}': the estimator needs the Adam second moment "
+                    f"({moment}) of '{name}' from optimizer.state, and {why}",
+                    "give the stage's optimizer.state (its optimizer.pt at the stage's end)")
+            step = run.state.step if run.state.step is not None else run.step0 + run.steps
+            self._precond[key] = adam_preconditioner(v, step, hp.beta2, hp.eps)
+        return self._precond[key]

@@ -1,0 +1,78 @@
+"""frozen: Delta_k and the stage's optimizer-state change delta_b_k carried through every
+later stage by the optimizer's own linear dynamics, later gradients held fixed (SPEC
+section 2; the recurrences are in acctattr.estimators.dynamics).
+
+For SGD and AdamW a whole later stage collapses to a few scalars per parameter group:
+v_k = alpha * Delta_k + beta * delta_b_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from acctattr.estimators.base import Estimator, Params, Training
+from acctattr.estimators.dynamics import (
+    AdamwTransform,
+    SgdTransform,
+    adam_l2_propagate,
+    adamw_transform,
+    sgd_transform,
+)
+from acctattr.options import UnrolledConfig
+
+
+class Frozen(Estimator):
+    name = "frozen"
+    evaluate = "linear"
+    # bench/unrolled_memory.py: 13.4-17.4 float32 copies of the parameters at its peak
+    copies = 16
+
+    def __init__(self, training: Training, config: UnrolledConfig | None = None,
+                 strict: bool = False) -> None:
+        super().__init__(training, config, strict)
+        self._transforms: dict[tuple[int, int], SgdTransform | AdamwTransform] = {}
+
+    def embed(self, k: int) -> Params:
+        return {name: self._param(k, name) for name in self.training.trainable}
+
+    def _param(self, k: int, name: str) -> torch.Tensor:
+        d = self.stages.delta(k, name)
+        e = self.stages.delta_state(k, name)
+        for j in range(k + 1, len(self.training.runs)):
+            d, e = self.propagate(j, name, d, e)
+        return d
+
+    def propagate(self, j: int, name: str, d: torch.Tensor,
+                  e: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry (d, e) of one parameter through stage j with gradients held fixed."""
+        run = self.training.runs[j]
+        if run.fresh:
+            e = None
+        if run.trained is not None and name not in run.trained:
+            # the stage's optimizer never touched this parameter: no weight decay, no
+            # momentum, no update acts on its perturbation (a frozen base weight under LoRA)
+            return d, e
+        group = self.stages.groups[j][name]
+        hp = run.state.groups[group]
+        if run.opt_type == "adam" and hp.weight_decay > 0:
+            return adam_l2_propagate(d, e, self.stages.preconditioner(j, name), run.lrs,
+                                     hp.beta1, hp.weight_decay, run.step0)
+        t = self._transform(j, group)
+        if isinstance(t, SgdTransform):
+            return t.apply(d, e)
+        p = self.stages.preconditioner(j, name) if (e is not None and t.b != 0.0) else None
+        return t.apply(d, e, p)
+
+    def _transform(self, j: int, group: int) -> SgdTransform | AdamwTransform:
+        key = (j, group)
+        if key not in self._transforms:
+            run = self.training.runs[j]
+            hp = run.state.groups[group]
+            if run.opt_type == "sgd":
+                self._transforms[key] = sgd_transform(run.lrs, hp.momentum, hp.dampening,
+                                                      hp.nesterov, hp.weight_decay, run.fresh)
+            else:
+                wd = hp.weight_decay if run.opt_type == "adamw" else 0.0
+                self._transforms[key] = adamw_transform(run.lrs, hp.beta1, wd, run.step0,
+                                                        run.fresh)
+        return self._transforms[key]

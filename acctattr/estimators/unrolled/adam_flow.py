@@ -1,0 +1,214 @@
+"""Carrying d through an Adam/AdamW stage by simulating Adam's expected steps in both runs.
+
+Adam steps by u = m_hat / (sqrt(v_hat) + eps). In expectation over batches m_hat ~ g, the
+mean gradient, and v is the running average of g^2 + c*S, where S is the per-example
+gradient variance and c ~ 1/batch size (the batch noise; acctattr.estimators.unrolled.noise
+fits it). From each checkpoint the actual run is simulated forward to the next in Euler
+substeps, and the counterfactual alongside it at theta - d, each with its own v; d changes
+by the difference of their steps. The difference is bounded (|u| <= 1), zero wherever both
+runs' gradients agree, and follows a counterfactual whose larger gradients and noise raise
+its own second moment.
+
+A substep spans many optimizer steps, so near a minimum a plain Euler step would jump past
+it where Adam, step by step, settles: each run's step is cut, per coordinate, to the secant
+estimate of where its gradient changes sign (one more gradient at the proposed point).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from acctattr.estimators.unrolled.flat import FlatRun
+from acctattr.estimators.unrolled.noise import fit_noise
+from acctattr.estimators.unrolled.path import ActualPath, check_reproduction, spans, walk
+
+# (exp_avg_sq, step count): an Adam optimizer's second moment and where it is in its life
+Moment = tuple[torch.Tensor, int]
+
+
+class AdamFlow:
+    def __init__(self, flat: FlatRun) -> None:
+        self.flat = flat
+        self.config = flat.config
+        # the counterfactual's Adam state as a stage starts (set per stage by the estimator):
+        # ("state", (exp_avg_sq, step) or None for fresh) or ("carry", (dv, step offset))
+        self.cf_start: tuple[str, Moment | None] = ("carry", None)
+        # what the stage just propagated hands on to a continuing next stage: how the
+        # counterfactual's v differs from the actual run's, and its step offset
+        self.carry: Moment | None = None
+
+    def propagate(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
+                  hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry d through Adam stage j (summed lr ``total``, per-element preconditioner
+        ``rate``); returns the first-moment perturbation to hand on when ``hand_on``."""
+        flat = self.flat
+        run = flat.runs[j]
+        curv = flat.curvature(j)
+        eps = flat.per_group(j, lambda g: g.eps)
+        lam_c = flat.coupled_decay(j)
+        positive = rate > 0
+        path = self.path(j, total, rate)
+        v_cf, step0 = self.cf_second_moment(j, path)
+        # updated in place below (whole-model vectors: fewer fresh allocations)
+        d, v_cf = d.clone(), v_cf.clone()
+        for (k0, k1), theta, s_act in path:
+            cf = theta - d
+            g_cf, n_cf = self.moments(j, cf)
+            keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
+            v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c).addcmul_(g_cf, g_cf))
+            u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
+            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-float(sum(run.lrs[k0:k1]))),
+                                     positive, lam_c)
+            d.add_(s_act).sub_(s_cf)
+            if run.opt_type == "adamw":
+                d.mul_(flat.decay(j, k0, k1))
+        if not hand_on:
+            return d, None
+        # the next stage continues this one's state: hand on how the runs' v differ
+        assert path.v_sim is not None  # an Adam path always has it
+        self.carry = (v_cf - path.v_sim, (0 if run.fresh else run.step0) - step0)
+        end = flat.anchor(run.end)
+        end_g = flat.flat(curv.gradient(end))
+        return d, end_g - flat.flat(curv.gradient(flat.at(flat.flat(end) - d))) + lam_c * d
+
+    def path(self, j: int, total: float, rate: torch.Tensor) -> ActualPath:
+        """The actual run through stage j simulated from each checkpoint to the next; the
+        same for every earlier stage carried through j, so kept (one stage at a time)."""
+        flat = self.flat
+        if j in flat.paths:
+            return flat.paths[j]
+        run = flat.runs[j]
+        eps = flat.per_group(j, lambda g: g.eps)
+        lam_c = flat.coupled_decay(j)
+        positive = rate > 0
+        v_end = flat.flat({n: self.second_moment(j, n) for n in flat.names})
+        v_start = self.start_second_moment(j, v_end)
+        step0 = 0 if run.fresh else run.step0
+        substeps = spans(flat, j, total)
+
+        decay = partial(flat.decay, j) if run.opt_type == "adamw" else None
+        # how much of each substep's g^2 + c*S is left in v at the stage's end (fit_noise)
+        weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
+            1 - g.beta2**b)) for _, k0, k1 in substeps]
+
+        def simulate(c: float):
+            v = v_start.clone()
+            squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
+
+            def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
+                g, noise = self.moments(j, theta)
+                keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
+                squares.addcmul_(weight[q], g * g)
+                spread.addcmul_(weight[q], noise)
+                v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
+                u = self.direction(j, g, v, step0 + k1, eps)
+                return self.settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
+                                         positive, lam_c)
+
+            starts, steps, ends = walk(flat, j, substeps, step_at, decay)
+            return starts, steps, (squares, spread), v, ends
+
+        c = self.config.noise_scale
+        starts, steps, sums, v_sim, ends = simulate(0.0 if c is None else c)
+        if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
+            keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
+            c = fit_noise(sums[0], sums[1], keep_all * v_start, v_end, positive)
+            starts, steps, sums, v_sim, ends = simulate(c)
+        flat.reproduction[j] = check_reproduction(flat, j, ends)
+        path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, v_end, v_sim,
+                          decay)
+        flat.paths = {j: path}
+        flat.noise_scale[j] = c
+        return path
+
+    # ------------------------------------------------------------ one step
+    def moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage j's mean training-loss gradient (with coupled decay) and per-example
+        gradient variance at flat parameters theta."""
+        flat = self.flat
+        g, noise = flat.curvature(j).gradient_and_noise(flat.at(theta),
+                                                        self.config.noise_chunks)
+        return flat.flat(g).addcmul_(flat.coupled_decay(j), theta), flat.flat(noise)
+
+    def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
+                  eps: torch.Tensor) -> torch.Tensor:
+        """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)."""
+        bias = self.flat.per_group(j, lambda h: 1 - h.beta2**step)
+        return g / bias.reciprocal_().mul_(v).sqrt_().add_(eps)
+
+    def settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
+                     positive: torch.Tensor, lam_c: torch.Tensor) -> torch.Tensor:
+        """``step`` from theta, cut per coordinate where the gradient would change sign to
+        the secant estimate of the zero: g / (g - g_after) of the way."""
+        flat = self.flat
+        step = torch.where(positive, step, 0.0)
+        after = theta + step
+        g_after = flat.flat(flat.curvature(j).gradient(flat.at(after))).addcmul_(lam_c, after)
+        del after
+        flip = (g * g_after) < 0
+        denom = torch.where(flip, g_after.neg_().add_(g), 1.0)  # g - g_after where it flips
+        return step.mul_(torch.where(flip, g / denom, 1.0))
+
+    # ------------------------------------------------------------ second moments
+    def second_moment(self, j: int, name: str) -> torch.Tensor:
+        """Stage j's exp_avg_sq for one parameter at its end, from its state file."""
+        stages = self.flat.stages
+        stages.preconditioner(j, name)  # raises the clear error when the state lacks it
+        v = stages.runs[j].state.tensor(name, "exp_avg_sq")
+        assert v is not None  # preconditioner() raised otherwise
+        return v.double()
+
+    def start_second_moment(self, j: int, v_end: torch.Tensor) -> torch.Tensor:
+        """The actual run's exp_avg_sq as stage j starts: zero when fresh; else the
+        previous stage's, or, when that state file is absent, v_end (stationary)."""
+        run = self.flat.runs[j]
+        if run.fresh:
+            return torch.zeros_like(v_end)
+        v = self.saved_second_moment(j - 1) if j > 0 else None
+        return v_end if v is None else v
+
+    def cf_second_moment(self, j: int, path: ActualPath) -> Moment:
+        """The counterfactual's exp_avg_sq and step count as Adam stage j starts.
+
+        Fresh: zero, 0. Continuing the skipped stage's state: the counterfactual continues
+        the stage before it instead (its state file; fresh if there is none). Continuing a
+        later stage's: the actual run's, plus the difference the flow handed on.
+        """
+        run = self.flat.runs[j]
+        assert path.v_end is not None  # an Adam path always has it
+        if run.fresh:
+            return torch.zeros_like(path.v_end), 0
+        how, value = self.cf_start
+        if how == "state":
+            if value is None:
+                return torch.zeros_like(path.v_end), 0
+            return value
+        v = self.start_second_moment(j, path.v_end)
+        if how == "carry" and value is not None:
+            dv, offset = value
+            return (v + dv).clamp(min=0.0), max(run.step0 - offset, 0)
+        return v, run.step0
+
+    def state_before(self, k: int) -> Moment | None:
+        """exp_avg_sq and step count at the end of the stage before k (what a stage
+        continuing k's state continues when k is skipped); None: a fresh optimizer."""
+        v = self.saved_second_moment(k - 1) if k > 0 else None
+        if v is None:
+            return None
+        prev = self.flat.runs[k - 1]
+        step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
+        return v, step
+
+    def saved_second_moment(self, i: int) -> torch.Tensor | None:
+        """Adam stage i's exp_avg_sq at its end from its state file, flat; None when the
+        stage is not Adam or its state file lacks it."""
+        run = self.flat.runs[i]
+        if run.opt_type not in ("adam", "adamw") or run.state.source is None:
+            return None
+        parts = [run.state.tensor(n, "exp_avg_sq") for n in self.flat.names]
+        found = [p for p in parts if p is not None]
+        if len(found) != len(parts):
+            return None
+        return torch.cat([p.reshape(-1).double() for p in found])

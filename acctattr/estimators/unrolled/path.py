@@ -1,0 +1,143 @@
+"""The simulated actual run through one later stage, and the check that it reproduces the
+run that was recorded.
+
+Both flows simulate the actual run from each of a stage's checkpoints to the next (its
+segments), in substeps that share the stage's ``flow_substeps`` by summed lr; the
+counterfactual is then simulated alongside it (acctattr.estimators.unrolled.sgd_flow,
+adam_flow). The path keeps each substep's step in float32 and each segment's start; the
+points between are rebuilt on iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from acctattr.estimators.unrolled.flat import FlatRun
+from acctattr.runs.checkpoints import StateDictReader
+
+Span = tuple[int, int, int]  # (segment index, first step, end step)
+StepAt = Callable[[int, int, int, torch.Tensor], torch.Tensor]  # (substep, k0, k1, theta)
+
+
+@dataclass
+class ActualPath:
+    """The simulated actual run through one later stage: per substep its (first, end)
+    optimizer step and the step it takes, and where each segment starts (a checkpoint);
+    the points between are rebuilt on iteration, so a stage keeps one float32 copy of the
+    parameters per substep and per segment. Adam: the noise scale, exp_avg_sq at the end
+    (the state file's) and the simulated run's."""
+
+    spans: list[tuple[int, int]]
+    starts: dict[int, torch.Tensor]  # substep index -> the checkpoint it restarts from
+    steps: list[torch.Tensor]  # float32
+    c: float = 0.0
+    v_end: torch.Tensor | None = None
+    v_sim: torch.Tensor | None = None
+    # AdamW: substep (first, end) -> its decoupled decay factor, applied after the step
+    decay: Callable[[int, int], torch.Tensor] | None = None
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
+        """(first step, end step), start point, step; the tensors in float64."""
+        theta = torch.empty(0)
+        for i, (span, step) in enumerate(zip(self.spans, self.steps, strict=True)):
+            if i in self.starts:
+                theta = self.starts[i].double()
+            step64 = step.double()
+            yield span, theta, step64
+            theta = theta + step64
+            if self.decay is not None:
+                theta = theta * self.decay(*span)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """Whether unrolled's simulated actual run of a later stage reproduces the run that was
+    recorded: the stage's training loss (on its data sample) at its start, and how far it
+    fell from each checkpoint to the next, summed over the stage, as recorded (the next
+    checkpoint) and as simulated (from the checkpoint). The flow follows the optimizer's
+    expected steps; where batch noise dominates a short stage, the real run learns far less
+    than that (bench/trainer_short.py), and unrolled's re-learning is not there either."""
+
+    stage: str
+    start_loss: float
+    recorded_drop: float
+    simulated_drop: float
+
+    def ok(self, factor: float) -> bool:
+        """The simulated drop within ``factor`` of the recorded one, either way, give or take
+        1% of the starting loss (a stage that barely moves its loss)."""
+        slack = 0.01 * abs(self.start_loss)
+        low = self.recorded_drop / factor - slack
+        return low <= self.simulated_drop <= factor * self.recorded_drop + slack
+
+    def describe(self) -> str:
+        return (f"stage '{self.stage}': its simulated run lowers the training loss by "
+                f"{self.simulated_drop:.4g}, the recorded run by {self.recorded_drop:.4g} "
+                f"(from {self.start_loss:.4g})")
+
+
+def spans(flat: FlatRun, j: int, total: float) -> list[Span]:
+    """Stage j's flow substeps as (segment index, first step, end step): flow_substeps
+    shared among the segments by summed lr, at least one each."""
+    run = flat.runs[j]
+    out = []
+    for i, (_, _, s0, s1) in enumerate(flat.segments(j)):
+        if s1 <= s0:
+            continue
+        scale = float(sum(run.lrs[s0:s1]))
+        n = max(1, round(flat.config.flow_substeps * scale / total)) if total > 0 else 1
+        cuts = [s0 + round((s1 - s0) * q / n) for q in range(n + 1)]
+        out += [(i, k0, k1) for k0, k1 in zip(cuts, cuts[1:], strict=False) if k1 > k0]
+    return out
+
+
+def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
+         decay: Callable[[int, int], torch.Tensor] | None = None,
+         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], dict[int, torch.Tensor]]:
+    """The actual run through stage j's substeps (``spans``), restarted on the run's own
+    checkpoint at each segment; step_at(substep, k0, k1, theta) gives each step.
+
+    Returns what ActualPath keeps (substep -> checkpoint it restarts from, float32 steps)
+    and segment -> where the simulation ends it, theta rebuilt from the float32 steps as
+    ActualPath rebuilds it."""
+    segments = flat.segments(j)
+    starts: dict[int, torch.Tensor] = {}
+    steps: list[torch.Tensor] = []  # kept for every earlier stage: float32, half the memory
+    ends: dict[int, torch.Tensor] = {}
+    segment, theta = -1, torch.empty(0)  # set at the first span
+    for q, (i, k0, k1) in enumerate(substeps):
+        if i != segment:  # back on the run's own checkpoint
+            segment, theta = i, flat.flat(flat.anchor(segments[i][0]))
+            starts[q] = theta.float()
+        steps.append(step_at(q, k0, k1, theta).float())
+        theta = theta + steps[-1].double()
+        if decay is not None:
+            theta = theta * decay(k0, k1)
+        ends[i] = theta
+    return starts, steps, ends
+
+
+def check_reproduction(flat: FlatRun, j: int, ends: dict[int, torch.Tensor]) -> Reproduction:
+    """How far stage j's training loss falls from each of its checkpoints to the next,
+    recorded against simulated (segment -> simulated end)."""
+    curv = flat.curvature(j)
+    segments = flat.segments(j)
+    at_anchor: dict[int, float] = {}  # a checkpoint ends one segment and starts the next
+
+    def anchored(reader: StateDictReader) -> float:
+        if id(reader) not in at_anchor:
+            at_anchor[id(reader)] = curv.value(flat.anchor(reader))
+        return at_anchor[id(reader)]
+
+    start = recorded = simulated = 0.0
+    for i, theta in sorted(ends.items()):
+        a, b = segments[i][0], segments[i][1]
+        before = anchored(a)
+        if i == min(ends):
+            start = before
+        recorded += before - anchored(b)
+        simulated += before - curv.value(flat.at(theta))
+    return Reproduction(flat.runs[j].name, start, recorded, simulated)
