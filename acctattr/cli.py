@@ -18,8 +18,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from acctattr.distributed import from_env, is_primary
 from acctattr.errors import AcctattrError
-from acctattr.options import UnrolledConfig
+from acctattr.options import Runtime, UnrolledConfig
 from acctattr.output.atomic import write_atomic
 
 UNROLLED = UnrolledConfig()
@@ -68,7 +69,25 @@ class Evaluate(str, Enum):
 
 
 def _err(text: str) -> None:
-    print(text, file=sys.stderr)
+    """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
+    if is_primary():
+        print(text, file=sys.stderr)
+
+
+def _err_of(error: BaseException, text: str) -> None:
+    """An error's message on stderr. Under torchrun, rank 0 says it (with the rank it came
+    from); another rank only when rank 0 cannot have heard of it: an error of its own
+    (not shared by acctattr.distributed) that is a bug or marked ``rank_local``."""
+    rank = from_env()[0]
+    source = getattr(error, "shared_from", None)
+    if rank == 0:
+        prefix = f"rank {source}: " if source else ""
+    elif source is None and (getattr(error, "rank_local", False)
+                             or not isinstance(error, AcctattrError)):
+        prefix = f"rank {rank}: "
+    else:
+        return
+    print(prefix + text, file=sys.stderr)
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -79,7 +98,7 @@ def guarded(fn: Callable[[], T]) -> T:
     except AcctattrError as e:
         if debug:
             traceback.print_exc()
-        _err(f"error: {e}")
+        _err_of(e, f"error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted")
@@ -89,12 +108,31 @@ def guarded(fn: Callable[[], T]) -> T:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        _err(f"internal error: {type(e).__name__}: {e}\n  this is a bug in acctattr; rerun "
-             "with ACCTATTR_DEBUG=1 for the traceback and report it")
+        _err_of(e, f"internal error: {type(e).__name__}: {e}\n  this is a bug in acctattr; "
+                "rerun with ACCTATTR_DEBUG=1 for the traceback and report it")
         raise typer.Exit(3) from None
 
 
 ManifestArg = Annotated[Path, typer.Argument(help="The run's manifest.yaml.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="cpu|cuda|cuda:N|mps|auto",
+    help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
+    rich_help_panel="Compute")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, metavar="N",
+    help="CPU threads. Default: OMP_NUM_THREADS when set, else the CPUs other processes "
+         "leave idle (at least 1). Results do not depend on it.",
+    rich_help_panel="Compute", show_default=False)]
+BatchOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, metavar="N", help="Eval batch size (default: eval.batch_size).",
+    rich_help_panel="Compute", show_default=False)]
+
+
+def _runtime(device: str, threads: int | None, batch_size: int | None) -> Runtime:
+    """The compute options; the thread count defaults as devices.default_threads says."""
+    from acctattr.devices import default_threads
+
+    return Runtime(device=device, threads=threads or default_threads(), batch_size=batch_size)
 
 
 @app.command()
@@ -154,8 +192,15 @@ def run(
         min=1, help=f"unrolled, linear: integrator substeps per segment (with --hessian-at "
                     f"interpolate; default {UNROLLED.substeps}).",
         rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
 ) -> None:
-    """Estimate every stage's effect on the eval set and print them ranked."""
+    """Estimate every stage's effect on the eval set and print them ranked.
+
+    Under torchrun (torchrun --nproc-per-node N -m acctattr run ...) the processes share
+    the work; rank 0 alone prints and writes, and every rank exits with the same code.
+    """
 
     def go() -> None:
         from acctattr import pipeline
@@ -166,12 +211,13 @@ def run(
             from acctattr.output import plots
 
             plots.check_target(plot)
-        with report.progress_bar(not quiet) as progress:
-            config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
-                                      hessian_at, substeps)
+        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                  hessian_at, substeps)
+        runtime = _runtime(device, threads, batch_size)
+        with report.progress_bar(not quiet and is_primary()) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
-                                  config)
+                                  config, runtime)
         if result.estimator_note:
             _err(f"estimator: {result.estimator} ({result.estimator_note})")
         for w in result.warnings:
@@ -189,7 +235,7 @@ def run(
             color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
             text = report.to_table(result, color=color, width=_terminal_width(output))
         _emit(text, output)
-        if plot is not None:
+        if plot is not None and is_primary():
             plots.render(result, plot, confidence)
             _err(f"wrote {plot}")
         if gate is not None:
@@ -210,7 +256,9 @@ def _terminal_width(output: Path | None) -> int | None:
 
 
 def _emit(text: str, output: Path | None) -> None:
-    """The result to ``output`` (atomically) or to stdout."""
+    """The result to ``output`` (atomically) or to stdout; by rank 0 alone under torchrun."""
+    if not is_primary():
+        return
     if output is not None:
         write_atomic(output, text)
         _err(f"wrote {output}")
@@ -267,6 +315,9 @@ def validate(
         help="Where replay writes its checkpoints (default: a temporary folder, removed "
              "afterwards).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
 ) -> None:
     """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
 
@@ -282,8 +333,10 @@ def validate(
                 raise AcctattrError("validate measures concrete estimators, not auto",
                                     "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
+        runtime = _runtime(device, threads, batch_size)
         with report.progress_bar(not quiet) as progress:
-            v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress)
+            v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
+                                  runtime=runtime)
         if format is Format.json:
             text = report.validation_to_json(v)
         else:
@@ -343,8 +396,8 @@ def check(manifest: ManifestArg) -> None:
         loaded = pipeline.check(manifest)
         stages = ", ".join(r.name for r in loaded.runs)
         n_params = sum(_numel(s) for s in loaded.info.trainable.values())
-        print(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), "
-              f"{n_params:,} trainable parameters, eval data {loaded.evaluator.data.source}")
+        _emit(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), {n_params:,} trainable "
+              f"parameters, eval data {loaded.evaluator.data.source}\n", None)
         for w in loaded.warnings:
             _err(f"warning: {w}")
 
@@ -370,6 +423,8 @@ def init(
 
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
+        if not is_primary():
+            return
         if output is not None:
             write_atomic(output, text)
             _err(f"wrote {output}")

@@ -69,3 +69,19 @@ class UnrolledConfig:
 HESSIAN_AT = ("start", "end", "split", "interpolate")
 SECANT_RULES = {0: ([0.0], [1.0]), 1: ([0.5], [1.0]),
              2: ([0.5 - 0.5 / 3**0.5, 0.5 + 0.5 / 3**0.5], [0.5, 0.5])}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes; none of it changes what it computes (README,
+    "Devices, threads and several processes").
+
+    Args:
+        device: cpu | cuda | cuda:N | mps | auto (the CUDA GPU when there is one).
+        threads: torch's intra-op CPU threads for the run; None leaves torch's setting.
+        batch_size: eval batch size, overriding eval.batch_size; None keeps it.
+    """
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int | None = None

@@ -12,13 +12,15 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from acctattr import estimators
+from acctattr import devices, distributed, estimators
+from acctattr.distributed import ALONE, Ranks
 from acctattr.errors import AcctattrError, CheckpointError, ManifestError
 from acctattr.estimators import Estimator, StageRun, Training, Unsuitable
 from acctattr.evaluation import fidelity
@@ -27,7 +29,7 @@ from acctattr.evaluation.data import EvalData, load_stage_sample
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.metrics import Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
-from acctattr.options import UnrolledConfig
+from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
 from acctattr.runs import formats
 from acctattr.runs.checkpoints import StateDictReader, align_names, open_checkpoint
@@ -113,8 +115,15 @@ def _check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str
                               "and shapes as the model the factory builds")
 
 
-def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loaded:
-    """Open everything the manifest names; with ``collect``, record problems and go on."""
+def open_manifest(manifest: Manifest, collect: list[str] | None = None,
+                  device: torch.device | None = None, batch_size: int | None = None) -> Loaded:
+    """Open everything the manifest names; with ``collect``, record problems and go on.
+
+    Args:
+        device: where the model is evaluated (theta_T is moved there); default the CPU.
+        batch_size: overrides eval.batch_size.
+    """
+    device = device or torch.device("cpu")
 
     def report(err: AcctattrError) -> None:
         if collect is None:
@@ -204,12 +213,12 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None) -> Loade
 
     final = runs[-1].end if len(runs) == len(manifest.stages) else None
     evaluator = None
-    data = attempt(lambda: EvalData(manifest.eval))
+    data = attempt(lambda: EvalData(manifest.eval, batch_size))
     metric = attempt(lambda: resolve_metric(manifest.eval.metric,
                                             manifest.eval.higher_is_better, "eval.metric"))
     if final is not None and data is not None and metric is not None:
-        params = {n: final.get(n) for n in info.trainable}
-        fixed = _fixed_tensors(model, final, info)
+        params = {n: final.get(n).to(device) for n in info.trainable}
+        fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
         evaluator = Evaluator(model, params, fixed, data, metric)  # type: ignore[arg-type]
     return Loaded(manifest, model, info, runs, evaluator, warnings)  # type: ignore[arg-type]
 
@@ -228,12 +237,21 @@ def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,
             for n in (*info.frozen, *info.buffers)}
 
 
-def check(path: str | Path) -> Loaded:
-    """Validate the manifest and every file it names; raise once listing every problem."""
+def check(path: str | Path, device: torch.device | None = None,
+          batch_size: int | None = None) -> Loaded:
+    """Validate the manifest and every file it names; raise once listing every problem.
+
+    Args:
+        device, batch_size: as open_manifest.
+    """
     manifest = load_manifest(path)
+    if batch_size is not None and manifest.eval.data_fn is not None:
+        raise AcctattrError(f"--batch-size {batch_size}: eval.data {manifest.eval.data_fn.text} "
+                            "is a function that yields its own batches",
+                            "drop --batch-size, or change the batches the function yields")
     problems: list[str] = []
     try:
-        loaded = open_manifest(manifest, collect=problems)
+        loaded = open_manifest(manifest, collect=problems, device=device, batch_size=batch_size)
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
@@ -281,11 +299,12 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
             sample = load_stage_sample(run.data, (*spec.inputs, spec.target),
                                        config.sample_size, run.name)
             cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, train_loss(), sample,
-                                 spec.inputs, spec.target)
+                                 spec.inputs, spec.target, device=loaded.evaluator.device)
         return cache[j]
 
     dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
-    return Training(loaded.runs, loaded.info.trainable, dtypes, curvature, train_loss)
+    return Training(loaded.runs, loaded.info.trainable, dtypes, curvature, train_loss,
+                    loaded.evaluator.device)
 
 
 def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -> Estimator:
@@ -295,13 +314,17 @@ def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -
 
 def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         per_example: bool = False, progress: Progress | None = None,
-        config: UnrolledConfig | None = None) -> Result:
+        config: UnrolledConfig | None = None, runtime: Runtime | None = None) -> Result:
     """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5).
 
     Args:
         estimator: naive | frozen | unrolled | auto (the first of estimators.AUTO_ORDER
             that can run on this run, see acctattr.estimators).
         evaluate: linear | direct; None takes the estimator's own default.
+        runtime: device, CPU threads, eval batch size (default: the CPU, torch's thread
+            count, the manifest's batch size). Started by torchrun (WORLD_SIZE > 1), the
+            processes share the work (acctattr.distributed) and each returns the whole
+            result.
     """
     if estimator not in (*ESTIMATORS, "auto"):
         raise AcctattrError(f"unknown estimator {estimator!r}",
@@ -309,44 +332,87 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
     if evaluate is not None and evaluate not in EVALUATIONS:
         raise AcctattrError(f"unknown evaluation {evaluate!r}",
                             f"choose one of {', '.join(EVALUATIONS)}")
-    loaded = check(path)
-    passed: list[str] = []  # why auto passed over the estimators before the one it took
-    tried = estimators.candidates(estimator, training(loaded, config), config,
-                                  available_memory() if estimator == "auto" else None, passed)
-    chosen = next(tried)  # before any work: a named estimator that cannot run is refused
-    base, groups = loaded.evaluator.values()
-    while True:
-        try:
-            per_stage = _effects(loaded, chosen, evaluate or chosen.evaluate, base, progress)
-            break
-        except Unsuitable as e:
-            passed.append(e.reason)
-            chosen = next(tried)
+    runtime = runtime or Runtime()
+    try:
+        device = devices.resolve(runtime.device, distributed.from_env()[2])
+    except AcctattrError as e:  # machines differ: only this rank may lack the device
+        e.rank_local = True  # type: ignore[attr-defined]
+        raise
+    with ExitStack() as stack:
+        stack.enter_context(devices.threads(runtime.threads))
+        ranks = stack.enter_context(distributed.joined(device))
+        loaded = ranks.together(lambda: check(path, device, runtime.batch_size))
+        available = None
+        if estimator == "auto":  # the processes on one machine share its memory
+            mem = available_memory()
+            least = ranks.min(math.inf if mem is None else mem / distributed.local_world())
+            available = None if math.isinf(least) else int(least)
+        passed: list[str] = []  # why auto passed over the estimators before the one it took
+        tried = estimators.candidates(estimator, training(loaded, config), config, available,
+                                      passed)
+        chosen = next(tried)  # before any work: a named estimator that cannot run is refused
+        base, groups = loaded.evaluator.sharded(ranks).values()
+        while True:
+            try:
+                per_stage = _effects(loaded, chosen, evaluate or chosen.evaluate, base,
+                                     progress, ranks)
+                break
+            except Unsuitable as e:
+                passed.append(e.reason)
+                chosen = next(tried)
     note = estimators.auto_note(chosen, passed) if estimator == "auto" else None
     return summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
                      per_stage, per_example, note, chosen.warnings())
 
 
 def _effects(loaded: Loaded, estimator: Estimator, evaluate: str, base: torch.Tensor,
-             progress: Progress | None) -> list[torch.Tensor]:
-    """Per-example effects of every stage, one embedding in memory at a time."""
-    ev = loaded.evaluator
+             progress: Progress | None, ranks: Ranks = ALONE) -> list[torch.Tensor]:
+    """Per-example effects of every stage [K][N], one embedding in memory at a time.
+
+    With several ranks: every rank builds every embedding and evaluates its share of the
+    eval set; or, for an estimator with ``shard_stages``, rank r builds and evaluates (on
+    the whole eval set) the stages k with k % world == r. Either way every rank ends with
+    every effect.
+    """
     names = [r.name for r in loaded.runs]
-    per_stage: list[torch.Tensor] = []
-    try:
-        for k in range(len(names)):
+    by_stage = ranks.world > 1 and estimator.shard_stages
+    ev = loaded.evaluator.whole() if by_stage else loaded.evaluator.sharded(ranks)
+
+    def effect(k: int) -> torch.Tensor:
+        try:
             v = estimator.embed(k)
             if progress:
                 progress(f"stage {names[k]}", k, len(names))
-            per_stage.append(ev.linear(v) if evaluate == "linear" else ev.direct(v, base))
-    except AcctattrError as e:  # say which stage was being estimated (checkpoints are shared)
-        if isinstance(e, ManifestError):
+            return ev.linear(v) if evaluate == "linear" else ev.direct(v, base)
+        except AcctattrError as e:  # say which stage was being estimated (checkpoints are
+            if isinstance(e, ManifestError):  # shared between stages)
+                raise
+            error = type(e)(f"while estimating stage '{names[k]}': {e.message}", e.hint)
+            error.order = k  # type: ignore[attr-defined]  # ranks raise the first stage's
+            raise error from e
+        except Unsuitable as e:
+            e.order = k  # type: ignore[attr-defined]
             raise
-        stage = names[len(per_stage)]
-        raise type(e)(f"while estimating stage '{stage}': {e.message}", e.hint) from e
+
+    def mine() -> dict[int, torch.Tensor]:
+        return {k: effect(k) for k in range(len(names)) if ranks.mine(k)}
+
+    if by_stage:
+        done: dict[int, torch.Tensor] = {}
+        for got in ranks.all(mine):
+            done.update(got)
+        per_stage = [done[k] for k in range(len(names))]
+    else:
+        per_stage = [ranks.together(partial(effect, k)) for k in range(len(names))]
     if progress:
         progress("done", len(names), len(names))
     return per_stage
+
+
+def _fsum_mean(x: torch.Tensor) -> float:
+    """The mean of ``x`` [n], exactly rounded (math.fsum): the same bits however torch would
+    split the sum among threads."""
+    return math.fsum(x.double().tolist()) / x.numel()
 
 
 def standard_error(x: torch.Tensor) -> float:
@@ -354,7 +420,9 @@ def standard_error(x: torch.Tensor) -> float:
     n = int(x.numel())
     if n < 2:
         return float("nan")
-    return float(x.double().std(correction=1)) / math.sqrt(n)
+    mean = _fsum_mean(x)
+    var = math.fsum((v - mean) ** 2 for v in x.double().tolist()) / (n - 1)
+    return math.sqrt(var) / math.sqrt(n)
 
 
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
@@ -364,8 +432,8 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
     """Per-example effects [K][N] -> ranked stage effects (and per-example rows)."""
     metric = loaded.evaluator.metric
     names = [r.name for r in loaded.runs]
-    final = float(base.mean())
-    effects = [float(e.mean()) for e in per_stage]
+    final = _fsum_mean(base)
+    effects = [_fsum_mean(e) for e in per_stage]
     total = sum(abs(x) for x in effects)
     group_ids = sorted(set(groups.tolist())) if groups is not None else []
     order = sorted(range(len(names)), key=lambda k: (-abs(effects[k]), k))
@@ -375,7 +443,7 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
         g = g_se = None
         if groups is not None:
             members = {gid: per_stage[k][groups == gid] for gid in group_ids}
-            g = {str(gid): float(m.mean()) for gid, m in members.items()}
+            g = {str(gid): _fsum_mean(m) for gid, m in members.items()}
             g_se = {str(gid): standard_error(m) for gid, m in members.items()}
         stages.append(StageEffect(
             name=names[k], rank=rank, effect=effects[k],
@@ -436,8 +504,9 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
                                 "path of the final checkpoint")
         reader = open_checkpoint(Path(got))
         _check_params(reader, loaded.info, name, f"replay {ref.text} result")
-        params = {n: reader.get(n) for n in loaded.info.trainable}
-        fixed = _fixed_tensors(loaded.model, reader, loaded.info)
+        params = {n: reader.get(n).to(ev.device) for n in loaded.info.trainable}
+        fixed = {n: t.to(ev.device)
+                 for n, t in _fixed_tensors(loaded.model, reader, loaded.info).items()}
         cf, _ = Evaluator(loaded.model, params, fixed, ev.data, ev.metric).values()
         truth[name] = base - cf
     return truth, seconds
@@ -446,7 +515,8 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
 def validate(path: str | Path, names: tuple[str, ...] | None = None,
              evaluations: tuple[str, ...] = EVALUATIONS, workdir: Path | None = None,
              progress: Progress | None = None,
-             config: UnrolledConfig | None = None) -> Validation:
+             config: UnrolledConfig | None = None,
+             runtime: Runtime | None = None) -> Validation:
     """Retrain with each stage skipped and measure every estimator against that truth.
 
     Args:
@@ -454,8 +524,22 @@ def validate(path: str | Path, names: tuple[str, ...] | None = None,
             (unrolled needs stage data, Adam state, and stages it can simulate).
         workdir: where ``replay`` writes its checkpoints; default a temporary folder that is
             removed afterwards (never the run's own folders).
+        runtime: as for run (one process: validation does not run under torchrun).
     """
-    loaded = check(path)
+    if distributed.from_env()[1] > 1:
+        raise AcctattrError("validate runs in one process: under torchrun every rank would "
+                            "retrain every stage into the same folders",
+                            "run it without torchrun")
+    runtime = runtime or Runtime()
+    with devices.threads(runtime.threads):
+        return _validate(path, names, evaluations, workdir, progress, config,
+                         devices.resolve(runtime.device), runtime.batch_size)
+
+
+def _validate(path: str | Path, names: tuple[str, ...] | None, evaluations: tuple[str, ...],
+              workdir: Path | None, progress: Progress | None, config: UnrolledConfig | None,
+              device: torch.device, batch_size: int | None) -> Validation:
+    loaded = check(path, device, batch_size)
     run_view = training(loaded, config)
     chosen = [estimators.make(name, run_view, config) for name in names or ESTIMATORS]
     if names is None:

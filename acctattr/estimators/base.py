@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from acctattr.devices import math_device
 from acctattr.errors import AcctattrError, CheckpointError
 from acctattr.estimators.dynamics import adam_preconditioner
 from acctattr.options import UnrolledConfig
@@ -73,6 +74,9 @@ class Training:
         curvature: stage index -> that stage's training loss on a sample of its data
             (built by the pipeline on first use; estimators that simulate training use it).
         train_loss: the training loss (train.loss) those simulations run on.
+        device: where the model is evaluated; the estimators' float64 tensors live there
+            too, except on MPS (acctattr.devices.math_device). Checkpoints are read on the
+            CPU and moved.
     """
 
     runs: list[StageRun]
@@ -80,6 +84,7 @@ class Training:
     dtypes: dict[str, torch.dtype]
     curvature: Callable[[int], Curvature]
     train_loss: Callable[[], Metric]
+    device: torch.device = torch.device("cpu")
 
     @property
     def n_params(self) -> int:
@@ -107,6 +112,9 @@ class Estimator:
     evaluate: ClassVar[str]
     suited: ClassVar[str] = "it can run on every run"
     copies: ClassVar[float]
+    # under torchrun: False, every rank builds every embedding and evaluates its share of
+    # the eval set; True (costly embeddings), rank r builds stage k's when k % world == r
+    shard_stages: ClassVar[bool] = False
 
     def __init__(self, training: Training, config: UnrolledConfig | None = None,
                  strict: bool = False) -> None:
@@ -118,7 +126,7 @@ class Estimator:
         self.training = training
         self.config = config or UnrolledConfig()
         self.strict = strict
-        self.stages = Stages(training.runs, training.trainable)
+        self.stages = Stages(training.runs, training.trainable, math_device(training.device))
 
     def needs(self) -> list[str]:
         """Why it cannot run here, one reason each (empty: it can). Cheap: no computing."""
@@ -147,16 +155,19 @@ class Stages:
     """Per-stage pieces shared by the estimators: Delta_k, delta_b_k and Adam's frozen
     preconditioner, read one parameter at a time (the preconditioner cached)."""
 
-    def __init__(self, runs: list[StageRun], trainable: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, runs: list[StageRun], trainable: dict[str, tuple[int, ...]],
+                 device: torch.device | None = None) -> None:
         self.runs = runs
         self.trainable = trainable
+        self.device = device or torch.device("cpu")
         self.groups = [r.state.group_of() for r in runs]
         self._precond: dict[tuple[int, str], torch.Tensor] = {}
 
     def delta(self, k: int, name: str) -> torch.Tensor:
         """Delta_k for one parameter, float64."""
         run = self.runs[k]
-        return run.end.get(name).double() - run.start.get(name).double()
+        return (run.end.get(name).to(self.device).double()
+                - run.start.get(name).to(self.device).double())
 
     def deltas(self, k: int) -> Params:
         """Delta_k for every trainable parameter (the naive embedding)."""
@@ -188,9 +199,9 @@ class Stages:
             before = prev.state.tensor(name, key)
         if now is None and before is None:
             return None
-        zero = torch.zeros(self.trainable[name], dtype=torch.float64)
-        return (now.double() if now is not None else zero) - (
-            before.double() if before is not None else zero)
+        zero = torch.zeros(self.trainable[name], dtype=torch.float64, device=self.device)
+        return (now.to(self.device).double() if now is not None else zero) - (
+            before.to(self.device).double() if before is not None else zero)
 
     def preconditioner(self, j: int, name: str) -> torch.Tensor:
         """Stage j's frozen Adam preconditioner for one parameter, from its state file."""
@@ -208,5 +219,6 @@ class Stages:
                     f"({moment}) of '{name}' from optimizer.state, and {why}",
                     "give the stage's optimizer.state (its optimizer.pt at the stage's end)")
             step = run.state.step if run.state.step is not None else run.step0 + run.steps
-            self._precond[key] = adam_preconditioner(v, step, hp.beta2, hp.eps)
+            self._precond[key] = adam_preconditioner(v.to(self.device), step, hp.beta2,
+                                                     hp.eps)
         return self._precond[key]

@@ -17,8 +17,18 @@ class Curvature:
     """Hessian-vector products of a stage's mean training loss on a fixed data sample."""
 
     def __init__(self, model: nn.Module, fixed: Params, loss: Metric, sample: Batch,
-                 inputs: tuple[str, ...], target: str, chunk: int = 1024) -> None:
+                 inputs: tuple[str, ...], target: str, chunk: int = 1024,
+                 device: torch.device | None = None) -> None:
+        """
+        Args:
+            fixed: frozen parameters and buffers, on ``device``.
+            sample: the stage's data sample (moved to ``device``).
+            device: where the model is evaluated; parameters given to every method must
+                be there too.
+        """
         self.model = model.eval()
+        if device is not None:
+            sample = {k: v.to(device) for k, v in sample.items()}
         self.fixed = fixed
         self.sign = -1.0 if loss.higher_is_better else 1.0  # a loss is minimised
         self.loss = loss
@@ -88,7 +98,7 @@ class Curvature:
         mean, var = {}, {}
         for n in names:  # one group at a time in float64: no [parts, P] float64 block
             rows = grouped[n]
-            mu = torch.zeros(rows.shape[1:], dtype=torch.float64)
+            mu = torch.zeros(rows.shape[1:], dtype=torch.float64, device=rows.device)
             for k, m in enumerate(sizes):  # float32 rows are promoted as they are added
                 mu.add_(rows[k], alpha=m)
             mu /= self.n

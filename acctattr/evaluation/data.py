@@ -20,8 +20,18 @@ _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 class EvalData:
     """Eval batches streamed from a safetensors file (sliced per batch) or a user function."""
 
-    def __init__(self, spec: EvalSpec) -> None:
+    def __init__(self, spec: EvalSpec, batch_size: int | None = None) -> None:
+        """
+        Args:
+            batch_size: overrides eval.batch_size (--batch-size); a FILE.py:FUNC source
+                yields its own batches, so it cannot take one.
+        """
         self.spec = spec
+        self.batch_size = batch_size or spec.batch_size
+        if batch_size is not None and spec.data_fn is not None:
+            raise DataError(f"--batch-size {batch_size}: eval.data {spec.data_fn.text} is a "
+                            "function that yields its own batches",
+                            "drop --batch-size, or change the batches the function yields")
         self.names = (*spec.inputs, spec.target, *((spec.group,) if spec.group else ()))
         self._fn: Callable[[], Iterable[Batch]] | None = None
         if spec.data_fn is not None:
@@ -66,17 +76,29 @@ class EvalData:
                             f"{handle.get_slice(group).get_dtype()}; groups must be integers")
 
     def batches(self) -> Iterator[Batch]:
+        for _, batch in self.numbered():
+            yield batch
+
+    def numbered(self, mine: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[int, Batch]]:
+        """(index, batch) for every batch, or only those ``mine(index)`` keeps (a rank's
+        share: a file's other batches are not even read; a function's are produced and
+        dropped)."""
         if self._fn is not None:
-            yield from self._user_batches()
+            for i, batch in enumerate(self._user_batches()):
+                if mine is None or mine(i):
+                    yield i, batch
             return
-        bs = self.spec.batch_size
-        for lo in range(0, self.n, bs):
+        bs = self.batch_size
+        for i, lo in enumerate(range(0, self.n, bs)):
+            if mine is not None and not mine(i):
+                continue
             hi = min(lo + bs, self.n)
             # A fresh memory map per batch: slices are views into it, and it is unmapped when
             # the batch is dropped, so resident memory stays one batch deep however large the
             # file (one long-lived map would keep every page it touched resident).
             with safe_open(self.source, framework="pt") as f:
-                yield {n: f.get_slice(n)[lo:hi] for n in self.names}
+                yield i, {n: f.get_slice(n)[lo:hi] for n in self.names}
 
     def _user_batches(self) -> Iterator[Batch]:
         assert self._fn is not None

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +19,9 @@ from torch.func import functional_call, jvp
 from acctattr.errors import AcctattrError, DataError
 from acctattr.evaluation.data import Batch, EvalData
 from acctattr.evaluation.metrics import CLASS_METRICS, Metric
+
+if TYPE_CHECKING:
+    from acctattr.distributed import Ranks
 
 Params = dict[str, torch.Tensor]
 
@@ -41,15 +46,49 @@ class Evaluator:
                  metric: Metric) -> None:
         """
         Args:
-            params: trainable parameters at theta_T (name -> tensor).
-            fixed: everything else at theta_T (frozen parameters, buffers).
+            params: trainable parameters at theta_T (name -> tensor), on the device the
+                model is evaluated on (batches are moved there).
+            fixed: everything else at theta_T (frozen parameters, buffers), on that device.
         """
         self.model = model.eval()
         self.params = params
         self.fixed = fixed
         self.data = data
         self.metric = metric
-        self.dtype = next(iter(params.values())).dtype if params else torch.float32
+        first = next(iter(params.values()), None)
+        self.dtype = first.dtype if first is not None else torch.float32
+        self.device = first.device if first is not None else torch.device("cpu")
+        # several processes (torchrun): each evaluates its share of the batches
+        self.ranks: Ranks | None = None
+
+    def sharded(self, ranks: Ranks) -> Evaluator:
+        """This evaluator with the eval batches shared among ``ranks`` (batch b on rank
+        b mod world); every rank still gets every example's value."""
+        other = copy.copy(self)
+        other.ranks = ranks if ranks.world > 1 else None
+        return other
+
+    def whole(self) -> Evaluator:
+        """This evaluator computing every batch itself (no sharing among ranks)."""
+        other = copy.copy(self)
+        other.ranks = None
+        return other
+
+    def _each(self, fn: Callable[[Batch], tuple[torch.Tensor, ...]]
+              ) -> tuple[torch.Tensor, ...]:
+        """fn(batch) for every eval batch (this rank's share, gathered from all ranks when
+        sharded), each output concatenated over the eval set in order, on the CPU."""
+        ranks = self.ranks
+
+        def local() -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+            return [(i, fn(self._floats(batch)))
+                    for i, batch in self.data.numbered(ranks.mine if ranks else None)]
+
+        parts = local() if ranks is None else sorted(
+            (p for got in ranks.all(local) for p in got), key=lambda p: p[0])
+        if not parts:
+            raise DataError(f"eval.data {self.data.source}: the eval set is empty")
+        return tuple(torch.cat(col) for col in zip(*(out for _, out in parts), strict=True))
 
     def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
         spec = self.data.spec
@@ -98,46 +137,54 @@ class Evaluator:
                 return
 
     def _floats(self, batch: Batch) -> Batch:
-        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+        """The batch on the evaluation device, floating tensors in the model's dtype."""
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else
+                    v.to(self.device)) for k, v in batch.items()}
 
     def values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(f_i(theta_T) for every example [N] float64, group ids [N] or None)."""
-        vals, groups = [], []
+        """(f_i(theta_T) for every example [N] float64, group ids [N] or None), on the CPU."""
         gname = self.data.spec.group
+
+        def one(batch: Batch) -> tuple[torch.Tensor, ...]:
+            vals = self._metric(self.params, batch).cpu().double()
+            return (vals, batch[gname].reshape(-1).long().cpu()) if gname else (vals,)
+
         with torch.no_grad():
-            for batch in self.data.batches():
-                vals.append(self._metric(self.params, self._floats(batch)).double())
-                if gname:
-                    groups.append(batch[gname].reshape(-1).long())
-        if not vals:
-            raise DataError(f"eval.data {self.data.source}: the eval set is empty")
-        return torch.cat(vals), (torch.cat(groups) if gname else None)
+            out = self._each(one)
+        return out[0], (out[1] if gname else None)
 
     def linear(self, v: Params) -> torch.Tensor:
-        """<grad f_i(theta_T), v> for every example [N], by forward-mode JVP."""
+        """<grad f_i(theta_T), v> for every example [N] float64 on the CPU, by forward-mode
+        JVP."""
         names = list(self.params)
         primals = tuple(self.params[n] for n in names)
-        tangents = tuple(v[n].to(self.params[n].dtype) for n in names)
-        out = []
+        tangents = tuple(_like(v[n], self.params[n]) for n in names)
+
+        def one(batch: Batch) -> tuple[torch.Tensor, ...]:
+            def f(*ps: torch.Tensor) -> torch.Tensor:
+                return self._metric(dict(zip(names, ps, strict=True)), batch)
+
+            return (jvp(f, primals, tangents)[1].cpu().double(),)
+
         with torch.no_grad():
-            for batch in self.data.batches():
-                batch = self._floats(batch)
-
-                def f(*ps: torch.Tensor, batch: Batch = batch) -> torch.Tensor:
-                    return self._metric(dict(zip(names, ps, strict=True)), batch)
-
-                tangent_out = jvp(f, primals, tangents)[1]
-                out.append(tangent_out.double())
-        return torch.cat(out)
+            return self._each(one)[0]
 
     def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
-        """f_i(theta_T) - f_i(theta_T - v) for every example [N]; ``base`` = f_i(theta_T)."""
-        shifted = {n: p - v[n].to(p.dtype) for n, p in self.params.items()}
-        out = []
+        """f_i(theta_T) - f_i(theta_T - v) for every example [N] float64 on the CPU;
+        ``base`` = f_i(theta_T)."""
+        shifted = {n: p - _like(v[n], p) for n, p in self.params.items()}
+
+        def one(batch: Batch) -> tuple[torch.Tensor, ...]:
+            return (self._metric(shifted, batch).cpu().double(),)
+
         with torch.no_grad():
-            for batch in self.data.batches():
-                out.append(self._metric(shifted, self._floats(batch)).double())
-        return base - torch.cat(out)
+            return base - self._each(one)[0]
+
+
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``ref``'s dtype on ``ref``'s device (converted before it is moved, so a
+    float64 embedding never travels at double size, and never to MPS, which lacks float64)."""
+    return x.to(ref.dtype).to(ref.device)
 
 
 def _describe(batch: Batch, names: Iterable[str]) -> str:

@@ -211,4 +211,4 @@ class AdamFlow:
         found = [p for p in parts if p is not None]
         if len(found) != len(parts):
             return None
-        return torch.cat([p.reshape(-1).double() for p in found])
+        return torch.cat([p.reshape(-1).to(self.flat.device).double() for p in found])

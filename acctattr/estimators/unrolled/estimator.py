@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from acctattr.devices import single_threaded
 from acctattr.estimators.base import Estimator, Params, Training, Unsuitable
 from acctattr.estimators.dynamics import adamw_transform, sgd_transform
 from acctattr.estimators.unrolled.adam_flow import AdamFlow
@@ -37,6 +38,8 @@ class Unrolled(Estimator):
     # Peak memory in float32 copies of the trainable parameters: 99.5-104.5 measured by
     # bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
     copies = 110
+    # embeddings cost simulations of later stages: under torchrun each rank builds some
+    shard_stages = True
 
     def __init__(self, training: Training, config: UnrolledConfig | None = None,
                  strict: bool = False) -> None:
@@ -68,6 +71,8 @@ class Unrolled(Estimator):
         """
         later = [r for r in self.training.runs[1:] if not r.adapter]
         why = []
+        if self.training.device.type == "mps":
+            why.append("unrolled simulates training in float64, which MPS does not support")
         lacking = [r.name for r in later if r.data is None]
         if lacking:
             why.append(f"stage(s) {', '.join(lacking)} have no training data (data:), which "
@@ -89,6 +94,9 @@ class Unrolled(Estimator):
                                "is lower-is-better")
         return why
 
+    # its reductions (training-loss gradients over the sample, dot products over the
+    # parameters) would otherwise add in an order set by the thread count (README, "Threads")
+    @single_threaded
     def embed(self, k: int) -> Params:
         runs = self.training.runs
         flat = self.flat
@@ -97,8 +105,8 @@ class Unrolled(Estimator):
         if k + 1 < len(runs) and not runs[k + 1].fresh:
             parts = {n: self.stages.delta_state(k, n) for n in flat.names}
             if any(p is not None for p in parts.values()):
-                e = flat.flat({n: (p if p is not None else torch.zeros(self.training.trainable[n]))
-                               for n, p in parts.items()})
+                e = flat.flat({n: (p if p is not None else torch.zeros(
+                    self.training.trainable[n], device=flat.device)) for n, p in parts.items()})
         self.adam.carry = None
         for j in range(k + 1, len(runs)):
             hand_on = j + 1 < len(runs) and not runs[j + 1].fresh

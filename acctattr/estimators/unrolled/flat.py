@@ -30,6 +30,7 @@ class FlatRun:
         self.runs = training.runs
         self.curvature = training.curvature
         self.config = config
+        self.device = stages.device  # where the float64 vectors live
         self.names = list(training.trainable)
         self.shapes = [training.trainable[n] for n in self.names]
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -46,7 +47,7 @@ class FlatRun:
     def flat(self, named: Params) -> torch.Tensor:
         """One float64 vector of the parameters in self.names order (one copy, converted
         as it is written)."""
-        out = torch.empty(sum(self.sizes), dtype=torch.float64)
+        out = torch.empty(sum(self.sizes), dtype=torch.float64, device=self.device)
         for part, n in zip(torch.split(out, self.sizes), self.names, strict=True):
             part.copy_(named[n].reshape(-1))
         return out
@@ -69,13 +70,13 @@ class FlatRun:
         run = self.runs[j]
         groups = self.stages.groups[j]
         return torch.cat([torch.full((size,), float(value(run.state.groups[groups[n]])),
-                                     dtype=torch.float64)
+                                     dtype=torch.float64, device=self.device)
                           for n, size in zip(self.names, self.sizes, strict=True)])
 
     def coupled_decay(self, j: int) -> torch.Tensor:
         """Stage j's coupled (L2) weight decay per element; AdamW's decoupled one is not."""
         if self.runs[j].opt_type == "adamw":
-            return torch.zeros(sum(self.sizes), dtype=torch.float64)
+            return torch.zeros(sum(self.sizes), dtype=torch.float64, device=self.device)
         return self.per_group(j, lambda g: g.weight_decay)
 
     def decay(self, j: int, k0: int, k1: int) -> torch.Tensor:
@@ -98,7 +99,8 @@ class FlatRun:
         trained = self.runs[j].trained
         if trained is None:
             return None
-        return torch.cat([torch.full((size,), 1.0 if n in trained else 0.0, dtype=torch.float64)
+        return torch.cat([torch.full((size,), 1.0 if n in trained else 0.0, dtype=torch.float64,
+                                     device=self.device)
                           for n, size in zip(self.names, self.sizes, strict=True)])
 
     # ------------------------------------------------------------ checkpoints
@@ -108,7 +110,7 @@ class FlatRun:
         if key not in self._anchors:
             if len(self._anchors) >= 2:
                 self._anchors.pop(next(iter(self._anchors)))
-            self._anchors[key] = {n: reader.get(n) for n in self.names}
+            self._anchors[key] = {n: reader.get(n).to(self.device) for n in self.names}
         return self._anchors[key]
 
     def point(self, a: StateDictReader, b: StateDictReader, t: float) -> Params:

@@ -41,7 +41,7 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
 def _coefficients(alphas: list[float], betas: list[float], fn) -> torch.Tensor:
     """f(T_k+) e_1 [k]: the Lanczos estimate's coordinates in the basis Q_k."""
     evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
-    return evecs @ (fn(evals.clamp(min=0.0)) * evecs[0])
+    return evecs @ (fn(evals.clamp(min=0.0)) * evecs[0])  # on the CPU (k x k)
 
 
 def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
@@ -71,10 +71,10 @@ def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
     d = d.double()
     beta0 = float(d.norm())
     if beta0 == 0.0:
-        return fn(torch.zeros(1, dtype=torch.float64)) * d
+        return fn(torch.zeros(1, dtype=torch.float64, device=d.device)) * d
     n = d.numel()
     m = min(iters, n)
-    Q = torch.zeros(m, n, dtype=torch.float64)
+    Q = torch.zeros(m, n, dtype=torch.float64, device=d.device)
     alphas: list[float] = []
     betas: list[float] = []
     previous: torch.Tensor | None = None  # c_(k-1), while checking for convergence
@@ -89,7 +89,7 @@ def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
             if previous is not None:
                 change = float((coeffs[:-1] - previous).square().sum() + coeffs[-1] ** 2)
                 if change <= (rtol * float(coeffs.norm())) ** 2:
-                    return beta0 * (Q[: j + 1].T @ coeffs)
+                    return beta0 * (Q[: j + 1].T @ coeffs.to(d.device))
             previous = coeffs
         # full reorthogonalisation against every basis vector (twice is enough)
         for _ in range(2):
@@ -101,4 +101,4 @@ def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
         q = w / beta
     k = len(alphas)
     coeffs = _coefficients(alphas, betas, fn)
-    return beta0 * (Q[:k].T @ coeffs)
+    return beta0 * (Q[:k].T @ coeffs.to(d.device))
