@@ -115,12 +115,14 @@ def run(
         "--per-example", help="Include every eval example's effects (JSON).")] = False,
     fail_on_harm: Annotated[float | None, typer.Option(
         "--fail-on-harm", metavar="X",
-        help="Exit 1 when a stage made the metric worse by more than X, with --confidence.")]
+        help="Exit 1 when a stage made the metric worse by more than X (the point estimate; "
+             "--confidence C asks for that with confidence C over eval examples).")]
     = None,
     confidence: Annotated[float, typer.Option(
         "--confidence", metavar="C",
-        help="Trip --fail-on-harm only when harm - z_C * standard error > X (one-sided; "
-             "0.5 gates on the point estimate).")] = 0.95,
+        help="Trip --fail-on-harm only when harm - z_C * standard error > X (one-sided); "
+             "0.5, the default, gates on the point estimate, 0.95 guards against eval-set "
+             "noise.")] = 0.5,
     gate_stage: Annotated[str | None, typer.Option(
         "--gate-stage", metavar="NAME|newest",
         help="Gate only this stage (newest: the last in training order). Default: all.")]
@@ -172,15 +174,15 @@ def run(
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config)
-        if result.estimator_note:
-            _err(f"estimator: {result.estimator} ({result.estimator_note})")
-        for w in result.warnings:
-            _err(f"warning: {w}")
         gate = None
         if fail_on_harm is not None:
             from acctattr.output import gates
 
             gate = gates.evaluate(result, fail_on_harm, confidence, gate_stage, gate_group)
+        if result.estimator_note:
+            _err(f"estimator: {result.estimator} ({result.estimator_note})")
+        for w in result.warnings:
+            _err(f"warning: {w}")
         if format is Format.json:
             text = report.to_json(result, gate)
         elif format is Format.markdown:

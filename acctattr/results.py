@@ -28,6 +28,10 @@ class StageEffect:
     effect_se: float = float("nan")
     groups_se: dict[str, float] | None = None  # the same per group (n = the group's size)
     position: int = 0  # 1-based place in training order (0: unknown)
+    evaluate: str = ""  # the evaluation this stage's effect came from (linear | direct)
+    # eval examples whose estimated counterfactual value lies outside the metric's range
+    # (e.g. a cross-entropy below 0): the estimate extrapolated too far for them
+    out_of_range: int = 0
 
 
 @dataclass(frozen=True)

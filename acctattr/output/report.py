@@ -41,7 +41,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
     """The JSON document as an ordered dict (field order is part of the contract).
 
     Fields added after SPEC section 5 come after the ones it fixes: per stage
-    ``effect_se``, ``groups_se`` (with groups) and ``position``; at the end ``gate``.
+    ``effect_se``, ``groups_se`` (with groups), ``position``, ``evaluate`` and
+    ``out_of_range``; at the end ``gate`` (when asked) and ``warnings`` (when any).
     """
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -63,6 +64,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
         if s.groups_se is not None:
             row["groups_se"] = {g: _num(v) for g, v in s.groups_se.items()}
         row["position"] = s.position
+        row["evaluate"] = s.evaluate
+        row["out_of_range"] = s.out_of_range
         doc["stages"].append(row)
     if result.examples is not None:
         doc["examples"] = [
@@ -72,6 +75,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
         ]
     if gate is not None:
         doc["gate"] = gate_dict(gate)
+    if result.warnings:
+        doc["warnings"] = list(result.warnings)
     return doc
 
 
@@ -92,6 +97,14 @@ def gate_dict(gate: Gate) -> dict[str, Any]:
 
 def to_json(result: Result, gate: Gate | None = None) -> str:
     return json.dumps(to_dict(result, gate), indent=2, allow_nan=False) + "\n"
+
+
+def _evaluation_text(result: Result) -> str:
+    """'evaluation linear (the last stage direct, which is exact there)' and the like."""
+    used = {s.evaluate for s in result.stages if s.evaluate}
+    if used <= {result.evaluate}:
+        return f"evaluation {result.evaluate}"
+    return f"evaluation {result.evaluate} (the last stage direct, which is exact there)"
 
 
 def _fmt(x: float | None) -> str:
@@ -122,7 +135,7 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
     table = Table(
         title=f"Stage effects on {result.metric} ({direction}): final "
               f"{result.final_value:.4g} over {result.n_examples} examples",
-        caption=f"estimator {result.estimator}, evaluation {result.evaluate}. effect = "
+        caption=f"estimator {result.estimator}, {_evaluation_text(result)}. effect = "
                 "final value minus the value had the stage never run; ± one standard "
                 "error over eval examples",
     )
@@ -201,7 +214,7 @@ def to_markdown(result: Result, gate: Gate | None = None) -> str:
     out = [f"### Stage effects on {result.metric} ({_direction(result.higher_is_better)})",
            "",
            f"Final value **{result.final_value:.4g}** over {result.n_examples} examples; "
-           f"estimator `{result.estimator}`, evaluation `{result.evaluate}`. "
+           f"estimator `{result.estimator}`, {_evaluation_text(result)}. "
            "effect = final value minus the value had the stage never run; "
            "± = one standard error over eval examples.",
            "", *_md_table(header, align, rows)]
