@@ -135,6 +135,9 @@ def run(
         "--plot", metavar="FILE.png|FILE.svg",
         help="Also draw the effects (needs acctattr[plot]).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal (a CI log); "
+        "on a terminal it is shown unless -q.")] = False,
     lanczos_iters: Annotated[int, typer.Option(
         min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
         rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
@@ -168,7 +171,7 @@ def run(
             from acctattr.output import plots
 
             plots.check_target(plot)
-        with report.progress_bar(not quiet) as progress:
+        with report.progress_bar(not quiet, show_progress) as progress:
             config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                       hessian_at, substeps)
             result = pipeline.run(manifest, estimator.value,
@@ -269,6 +272,8 @@ def validate(
         help="Where replay writes its checkpoints (default: a temporary folder, removed "
              "afterwards).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
 ) -> None:
     """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
 
@@ -284,7 +289,7 @@ def validate(
                 raise AcctattrError("validate measures concrete estimators, not auto",
                                     "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
-        with report.progress_bar(not quiet) as progress:
+        with report.progress_bar(not quiet, show_progress) as progress:
             v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress)
         if format is Format.json:
             text = report.validation_to_json(v)

@@ -346,11 +346,13 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], base: torch
     ev = loaded.evaluator
     names = [r.name for r in loaded.runs]
     per_stage: list[torch.Tensor] = []
+    if progress:
+        estimator.progress = partial(progress, level=1)
     try:
         for k in range(len(names)):
-            v = estimator.embed(k)
             if progress:
                 progress(f"stage {names[k]}", k, len(names))
+            v = estimator.embed(k)
             per_stage.append(ev.linear(v) if modes[k] == "linear" else ev.direct(v, base))
     except AcctattrError as e:  # say which stage was being estimated (checkpoints are shared)
         if isinstance(e, ManifestError):

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from acctattr.evaluation.fidelity import Fidelity
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+# (what, done, total, level=0): level 0 counts stages, level 1 the work inside one stage's
+# estimate (the later stages an embedding is carried through, and their substeps)
+Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

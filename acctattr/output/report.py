@@ -14,7 +14,14 @@ from io import StringIO
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -399,23 +406,38 @@ def stderr_console() -> Console:
 
 
 @contextmanager
-def progress_bar(enabled: bool) -> Iterator[ProgressFn | None]:
-    """A progress callback drawing on stderr (a live bar on a terminal, lines elsewhere)."""
-    if not enabled:
+def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | None]:
+    """A progress callback drawing on stderr: on a terminal two live bars (the stages, and the
+    work inside the current stage's estimate with its ETA); elsewhere nothing unless
+    ``force`` (--progress), then plain lines. ``enabled`` False (-q): nothing at all.
+
+    The callback takes (what, done, total, level=0): level 0 a stage, level 1 a step inside.
+    """
+    console = stderr_console()
+    if not enabled or not (console.is_terminal or force):
         yield None
         return
-    console = stderr_console()
     if not console.is_terminal:
-        def plain(what: str, done: int, total: int) -> None:
-            if done < total:
+        def plain(what: str, done: int, total: int, level: int = 0) -> None:
+            if level == 0 and done < total:
                 console.print(f"[{done + 1}/{total}] {what}", highlight=False, markup=False)
+            elif level == 1 and done == 0:  # one line per step of the estimate, not per substep
+                console.print(f"    {what} ({total} substeps)", highlight=False, markup=False)
         yield plain
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("stages", total=None)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        stages = bar.add_task("stages", total=None)
+        inside = bar.add_task("", total=None, visible=False)
 
-        def live(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
+        def live(what: str, done: int, total: int, level: int = 0) -> None:
+            if level == 0:
+                bar.update(stages, description=what, completed=done, total=total)
+                bar.update(inside, visible=False)
+            elif done == 0:  # a new step of the estimate: its own bar and ETA
+                bar.reset(inside, total=total, description=f"  {what}", visible=True)
+            else:
+                bar.update(inside, completed=done)
 
         yield live

@@ -199,7 +199,8 @@ def test_readme_ci_job_is_valid_yaml_using_real_options():
 def test_markdown_in_a_real_process_keeps_stdout_clean():
     """A real process with NO_COLOR: markdown alone on stdout, progress and gate on stderr."""
     proc = subprocess.run([sys.executable, "-m", "acctattr.cli", "run", str(DIGITS),
-                           "--estimator", "frozen", "-f", "markdown", "--fail-on-harm", "9"],
+                           "--estimator", "frozen", "-f", "markdown", "--fail-on-harm", "9",
+                           "--progress"],
                           capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stderr
     assert len(markdown_tables(proc.stdout)) == 1
