@@ -153,12 +153,14 @@ def run(
         "--per-example", help="Include every eval example's effects (JSON).")] = False,
     fail_on_harm: Annotated[float | None, typer.Option(
         "--fail-on-harm", metavar="X",
-        help="Exit 1 when a stage made the metric worse by more than X, with --confidence.")]
+        help="Exit 1 when a stage made the metric worse by more than X (the point estimate; "
+             "--confidence C asks for that with confidence C over eval examples).")]
     = None,
     confidence: Annotated[float, typer.Option(
         "--confidence", metavar="C",
-        help="Trip --fail-on-harm only when harm - z_C * standard error > X (one-sided; "
-             "0.5 gates on the point estimate).")] = 0.95,
+        help="Trip --fail-on-harm only when harm - z_C * standard error > X (one-sided); "
+             "0.5, the default, gates on the point estimate, 0.95 guards against eval-set "
+             "noise.")] = 0.5,
     gate_stage: Annotated[str | None, typer.Option(
         "--gate-stage", metavar="NAME|newest",
         help="Gate only this stage (newest: the last in training order). Default: all.")]
@@ -171,6 +173,9 @@ def run(
         "--plot", metavar="FILE.png|FILE.svg",
         help="Also draw the effects (needs acctattr[plot]).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal (a CI log); "
+        "on a terminal it is shown unless -q.")] = False,
     lanczos_iters: Annotated[int, typer.Option(
         min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
         rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
@@ -214,19 +219,19 @@ def run(
         config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = _runtime(device, threads, batch_size)
-        with report.progress_bar(not quiet and is_primary()) as progress:
+        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config, runtime)
-        if result.estimator_note:
-            _err(f"estimator: {result.estimator} ({result.estimator_note})")
-        for w in result.warnings:
-            _err(f"warning: {w}")
         gate = None
         if fail_on_harm is not None:
             from acctattr.output import gates
 
             gate = gates.evaluate(result, fail_on_harm, confidence, gate_stage, gate_group)
+        if result.estimator_note:
+            _err(f"estimator: {result.estimator} ({result.estimator_note})")
+        for w in result.warnings:
+            _err(f"warning: {w}")
         if format is Format.json:
             text = report.to_json(result, gate)
         elif format is Format.markdown:
@@ -315,6 +320,8 @@ def validate(
         help="Where replay writes its checkpoints (default: a temporary folder, removed "
              "afterwards).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     batch_size: BatchOpt = None,
@@ -334,7 +341,7 @@ def validate(
                                     "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
         runtime = _runtime(device, threads, batch_size)
-        with report.progress_bar(not quiet) as progress:
+        with report.progress_bar(not quiet, show_progress) as progress:
             v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
                                   runtime=runtime)
         if format is Format.json:

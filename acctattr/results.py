@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from acctattr.evaluation.fidelity import Fidelity
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+# (what, done, total, level=0): level 0 counts stages, level 1 the work inside one stage's
+# estimate (the later stages an embedding is carried through, and their substeps)
+Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class StageEffect:
     effect_se: float = float("nan")
     groups_se: dict[str, float] | None = None  # the same per group (n = the group's size)
     position: int = 0  # 1-based place in training order (0: unknown)
+    evaluate: str = ""  # the evaluation this stage's effect came from (linear | direct)
+    # eval examples whose estimated counterfactual value lies outside the metric's range
+    # (e.g. a cross-entropy below 0): the estimate extrapolated too far for them
+    out_of_range: int = 0
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def digits_run() -> DigitsRun:
     pipeline.run = recording  # type: ignore[assignment]
     try:
         out = CliRunner().invoke(app, ["run", str(DIGITS), "--estimator", "frozen",
-                                       "--format", "json", "--per-example"])
+                                       "--format", "json", "--per-example", "--progress"])
     finally:
         pipeline.run = real  # type: ignore[assignment]
     assert out.exit_code == 0, out.stderr

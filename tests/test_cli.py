@@ -38,8 +38,9 @@ def digits_json() -> dict:
 
 
 def test_run_prints_a_ranked_table(runner):
-    """`run` on the digits sample exits 0 with the ranked table on stdout, progress on stderr."""
-    result = invoke(runner, "run", DIGITS)
+    """`run` on the digits sample exits 0 with the ranked table on stdout, progress on stderr
+    (asked for with --progress, since stderr is not a terminal here)."""
+    result = invoke(runner, "run", DIGITS, "--progress")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert "Stage effects on cross_entropy" in out
@@ -47,6 +48,10 @@ def test_run_prints_a_ranked_table(runner):
     assert [int(r.split("│")[1]) for r in rows] == [1, 2, 3]
     assert {r.split("│")[2].strip() for r in rows} == {"pretrain", "shortcut", "polish"}
     assert "[1/3] stage" in result.stderr and "[1/3]" not in out
+    # inside the unrolled estimate: each later stage simulated, each counterfactual carried
+    assert "carrying the counterfactual through stage 'shortcut' (" in result.stderr
+    quiet = invoke(runner, "run", DIGITS, "--estimator", "frozen")  # not a terminal: silent
+    assert quiet.exit_code == 0 and "[1/" not in quiet.stderr
 
 
 def test_json_has_the_spec_fields_in_order(runner):

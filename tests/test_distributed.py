@@ -122,6 +122,27 @@ def test_bad_input_exits_2_on_every_rank_and_is_said_once(tmp_path):
     assert ranks[1].stderr == "" and ranks[1].stdout == ""
 
 
+def test_a_batch_only_rank_1_evaluates_fails_on_every_rank(tmp_path):
+    """A metric that fails on the eval set's last, short batch (rank 1's: 567 examples in
+    batches of 500): both ranks exit 2, and rank 0 prints rank 1's error, marked as such."""
+    (tmp_path / "picky.py").write_text(
+        "import torch.nn.functional as F\n\n\n"
+        "def metric(logits, y):\n"
+        "    if y.shape[0] < 100:\n"
+        "        raise ValueError('short batch')\n"
+        "    return F.cross_entropy(logits, y, reduction='none')\n")
+    text = DIGITS.read_text().replace("metric: cross_entropy", "metric: picky.py:metric")
+    (tmp_path / "manifest.yaml").write_text(text)
+    for name in ("ckpt", "data", "model.py", "make_run.py"):
+        (tmp_path / name).symlink_to(DIGITS.parent / name)
+    ranks = spawn(["-m", "acctattr", "run", str(tmp_path / "manifest.yaml"), "-q",
+                   "--estimator", "frozen", "--batch-size", "500"])
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    assert ranks[0].stderr.startswith("rank 1: error: eval.metric picky.py:metric failed")
+    assert "short batch" in ranks[0].stderr and ranks[0].stderr.count("error:") == 1
+    assert ranks[1].stderr == ""
+
+
 def test_an_error_on_one_rank_is_raised_on_every_rank():
     """Ranks.all: an exception on rank 1 (a ManifestError, whose __init__ takes other
     arguments than its args) is raised on rank 0 too, same type and text, marked with the

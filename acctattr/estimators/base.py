@@ -127,6 +127,8 @@ class Estimator:
         self.config = config or UnrolledConfig()
         self.strict = strict
         self.stages = Stages(training.runs, training.trainable, math_device(training.device))
+        # (what, done, total) for the work inside one embedding; set by the caller
+        self.progress: Callable[[str, int, int], None] | None = None
 
     def needs(self) -> list[str]:
         """Why it cannot run here, one reason each (empty: it can). Cheap: no computing."""

@@ -44,6 +44,11 @@ BUILTIN: dict[str, tuple[MetricFn, bool]] = {
     "margin": (_margin, True),
     "mse": (_mse, False),
 }
+# The values a builtin metric can take (None: unbounded). A counterfactual estimated outside
+# them is impossible: the estimate extrapolated too far (pipeline.summarize flags it).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "cross_entropy": (0.0, None), "logprob": (None, 0.0), "mse": (0.0, None),
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class Metric:
     name: str
     fn: MetricFn  # (model outputs [B, ...], target [B, ...]) -> per-example values [B]
     higher_is_better: bool
+    # (lowest, highest) value the metric can take, None where unbounded; a user function
+    # may declare it as a ``value_range = (low, high)`` attribute
+    value_range: tuple[float | None, float | None] = (None, None)
 
 
 def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metric:
@@ -61,7 +69,9 @@ def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metri
     """
     if isinstance(metric, str):
         fn, hib = BUILTIN[metric]
-        return Metric(metric, fn, hib if override is None else override)
+        return Metric(metric, fn, hib if override is None else override,
+                      RANGES.get(metric, (None, None)))
     user = load_ref(metric, what)
     hib = bool(getattr(user, "higher_is_better", False))
-    return Metric(metric.text, user, hib if override is None else override)
+    low, high = getattr(user, "value_range", (None, None))
+    return Metric(metric.text, user, hib if override is None else override, (low, high))

@@ -66,8 +66,8 @@ def z_value(confidence: float) -> float:
     """The one-sided normal quantile z_C for confidence C in [0.5, 1)."""
     if not 0.5 <= confidence < 1:
         raise AcctattrError(f"--confidence {confidence:g} is outside [0.5, 1)",
-                            "0.95 (the default) trips only when the harm is above the "
-                            "threshold with 95% confidence; 0.5 gates on the point estimate")
+                            "0.5 (the default) gates on the point estimate; 0.95 trips only "
+                            "when the harm is above the threshold with 95% confidence")
     return NormalDist().inv_cdf(confidence)
 
 
@@ -95,7 +95,7 @@ def check_stage_name(stage: str | None, names: list[str]) -> None:
                             f"choose one of {', '.join(names)}, or 'newest'")
 
 
-def evaluate(result: Result, threshold: float, confidence: float = 0.95,
+def evaluate(result: Result, threshold: float, confidence: float = 0.5,
              stage: str | None = None, group: str | None = None) -> Gate:
     """Check the selected stage(s) and group(s) against ``threshold`` (see module doc)."""
     if not math.isfinite(threshold):

@@ -14,7 +14,14 @@ from io import StringIO
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -41,7 +48,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
     """The JSON document as an ordered dict (field order is part of the contract).
 
     Fields added after SPEC section 5 come after the ones it fixes: per stage
-    ``effect_se``, ``groups_se`` (with groups) and ``position``; at the end ``gate``.
+    ``effect_se``, ``groups_se`` (with groups), ``position``, ``evaluate`` and
+    ``out_of_range``; at the end ``gate`` (when asked) and ``warnings`` (when any).
     """
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -63,6 +71,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
         if s.groups_se is not None:
             row["groups_se"] = {g: _num(v) for g, v in s.groups_se.items()}
         row["position"] = s.position
+        row["evaluate"] = s.evaluate
+        row["out_of_range"] = s.out_of_range
         doc["stages"].append(row)
     if result.examples is not None:
         doc["examples"] = [
@@ -72,6 +82,8 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
         ]
     if gate is not None:
         doc["gate"] = gate_dict(gate)
+    if result.warnings:
+        doc["warnings"] = list(result.warnings)
     return doc
 
 
@@ -92,6 +104,14 @@ def gate_dict(gate: Gate) -> dict[str, Any]:
 
 def to_json(result: Result, gate: Gate | None = None) -> str:
     return json.dumps(to_dict(result, gate), indent=2, allow_nan=False) + "\n"
+
+
+def _evaluation_text(result: Result) -> str:
+    """'evaluation linear (the last stage direct, which is exact there)' and the like."""
+    used = {s.evaluate for s in result.stages if s.evaluate}
+    if used <= {result.evaluate}:
+        return f"evaluation {result.evaluate}"
+    return f"evaluation {result.evaluate} (the last stage direct, which is exact there)"
 
 
 def _fmt(x: float | None) -> str:
@@ -122,7 +142,7 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
     table = Table(
         title=f"Stage effects on {result.metric} ({direction}): final "
               f"{result.final_value:.4g} over {result.n_examples} examples",
-        caption=f"estimator {result.estimator}, evaluation {result.evaluate}. effect = "
+        caption=f"estimator {result.estimator}, {_evaluation_text(result)}. effect = "
                 "final value minus the value had the stage never run; ± one standard "
                 "error over eval examples",
     )
@@ -201,7 +221,7 @@ def to_markdown(result: Result, gate: Gate | None = None) -> str:
     out = [f"### Stage effects on {result.metric} ({_direction(result.higher_is_better)})",
            "",
            f"Final value **{result.final_value:.4g}** over {result.n_examples} examples; "
-           f"estimator `{result.estimator}`, evaluation `{result.evaluate}`. "
+           f"estimator `{result.estimator}`, {_evaluation_text(result)}. "
            "effect = final value minus the value had the stage never run; "
            "± = one standard error over eval examples.",
            "", *_md_table(header, align, rows)]
@@ -386,23 +406,38 @@ def stderr_console() -> Console:
 
 
 @contextmanager
-def progress_bar(enabled: bool) -> Iterator[ProgressFn | None]:
-    """A progress callback drawing on stderr (a live bar on a terminal, lines elsewhere)."""
-    if not enabled:
+def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | None]:
+    """A progress callback drawing on stderr: on a terminal two live bars (the stages, and the
+    work inside the current stage's estimate with its ETA); elsewhere nothing unless
+    ``force`` (--progress), then plain lines. ``enabled`` False (-q): nothing at all.
+
+    The callback takes (what, done, total, level=0): level 0 a stage, level 1 a step inside.
+    """
+    console = stderr_console()
+    if not enabled or not (console.is_terminal or force):
         yield None
         return
-    console = stderr_console()
     if not console.is_terminal:
-        def plain(what: str, done: int, total: int) -> None:
-            if done < total:
+        def plain(what: str, done: int, total: int, level: int = 0) -> None:
+            if level == 0 and done < total:
                 console.print(f"[{done + 1}/{total}] {what}", highlight=False, markup=False)
+            elif level == 1 and done == 0:  # one line per step of the estimate, not per substep
+                console.print(f"    {what} ({total} substeps)", highlight=False, markup=False)
         yield plain
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("stages", total=None)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        stages = bar.add_task("stages", total=None)
+        inside = bar.add_task("", total=None, visible=False)
 
-        def live(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
+        def live(what: str, done: int, total: int, level: int = 0) -> None:
+            if level == 0:
+                bar.update(stages, description=what, completed=done, total=total)
+                bar.update(inside, visible=False)
+            elif done == 0:  # a new step of the estimate: its own bar and ETA
+                bar.reset(inside, total=total, description=f"  {what}", visible=True)
+            else:
+                bar.update(inside, completed=done)
 
         yield live

@@ -382,4 +382,5 @@ def test_a_new_estimator_is_one_class_and_one_line_in_autos_order(monkeypatch):
     auto = pipeline.run(manifest)
     assert auto.estimator == "halved" and auto.estimator_note == "auto uses halved: it always can"
     for a, b in zip(auto.stages, naive.stages, strict=True):  # linear: half the naive effect
-        assert a.effect == pytest.approx(0.5 * b.effect, rel=1e-9)
+        if a.evaluate == "linear":  # (the last stage is evaluated directly)
+            assert a.effect == pytest.approx(0.5 * b.effect, rel=1e-9)

@@ -35,7 +35,8 @@ def test_json_adds_standard_errors_after_the_spec_fields():
     assert list(doc)[:6] == ["schema", "metric", "estimator", "n_examples", "final_value",
                              "stages"]
     for s in doc["stages"]:
-        assert list(s) == [*SPEC_FIELDS, "effect_se", "groups_se", "position"]
+        assert list(s) == [*SPEC_FIELDS, "effect_se", "groups_se", "position", "evaluate",
+                           "out_of_range"]
         assert s["effect_se"] > 0 and set(s["groups_se"]) == set(s["groups"]) == {"0", "1"}
     result = digits_run().result
     assert report.to_json(result) == report.to_json(result)  # byte-stable
@@ -45,8 +46,8 @@ def test_json_adds_standard_errors_after_the_spec_fields():
 def test_json_gate_object_and_exit_1_when_tripped(monkeypatch):
     """--fail-on-harm below the trap group's harm: exit 1, a gate object, words on stderr."""
     out = invoke(monkeypatch, ["run", str(DIGITS), "--estimator", "frozen", "-f", "json",
-                               "--fail-on-harm", "0.5", "--gate-stage", "shortcut",
-                               "--gate-group", TRAP])
+                               "--fail-on-harm", "0.5", "--confidence", "0.95",
+                               "--gate-stage", "shortcut", "--gate-group", TRAP])
     assert out.exit_code == 1, out.stderr
     gate = json.loads(out.stdout)["gate"]
     assert list(gate) == ["threshold", "confidence", "z", "stage", "group", "tripped",
@@ -198,7 +199,8 @@ def test_readme_ci_job_is_valid_yaml_using_real_options():
 def test_markdown_in_a_real_process_keeps_stdout_clean():
     """A real process with NO_COLOR: markdown alone on stdout, progress and gate on stderr."""
     proc = subprocess.run([sys.executable, "-m", "acctattr.cli", "run", str(DIGITS),
-                           "--estimator", "frozen", "-f", "markdown", "--fail-on-harm", "9"],
+                           "--estimator", "frozen", "-f", "markdown", "--fail-on-harm", "9",
+                           "--progress"],
                           capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stderr
     assert len(markdown_tables(proc.stdout)) == 1

@@ -53,7 +53,9 @@ class AdamFlow:
         v_cf, step0 = self.cf_second_moment(j, path)
         # updated in place below (whole-model vectors: fewer fresh allocations)
         d, v_cf = d.clone(), v_cf.clone()
-        for (k0, k1), theta, s_act in path:
+        what = f"carrying the counterfactual through stage '{run.name}'"
+        for q, ((k0, k1), theta, s_act) in enumerate(path):
+            flat.report(what, q, len(path.spans))
             cf = theta - d
             g_cf, n_cf = self.moments(j, cf)
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)

@@ -100,6 +100,7 @@ class Unrolled(Estimator):
     def embed(self, k: int) -> Params:
         runs = self.training.runs
         flat = self.flat
+        flat.progress = self.progress
         d = flat.flat(self.stages.deltas(k))
         e = None
         if k + 1 < len(runs) and not runs[k + 1].fresh:

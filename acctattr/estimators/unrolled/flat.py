@@ -42,6 +42,12 @@ class FlatRun:
         self.reproduction: dict[int, Reproduction] = {}
         # stage index -> fitted batch-noise scale c (~ 1/batch size) of its Adam flow
         self.noise_scale: dict[int, float] = {}
+        # (what, done, total) of the simulation's substeps (the estimator's progress)
+        self.progress: Callable[[str, int, int], None] | None = None
+
+    def report(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
 
     # ------------------------------------------------------------ flat <-> named
     def flat(self, named: Params) -> torch.Tensor:

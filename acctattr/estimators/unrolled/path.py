@@ -108,7 +108,9 @@ def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
     steps: list[torch.Tensor] = []  # kept for every earlier stage: float32, half the memory
     ends: dict[int, torch.Tensor] = {}
     segment, theta = -1, torch.empty(0)  # set at the first span
+    what = f"simulating stage '{flat.runs[j].name}' as recorded"
     for q, (i, k0, k1) in enumerate(substeps):
+        flat.report(what, q, len(substeps))
         if i != segment:  # back on the run's own checkpoint
             segment, theta = i, flat.flat(flat.anchor(segments[i][0]))
             starts[q] = theta.float()

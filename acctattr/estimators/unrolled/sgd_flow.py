@@ -35,7 +35,9 @@ class SgdFlow:
         flat = self.flat
         run = flat.runs[j]
         path = self.path(j, total, rate)
-        for (k0, k1), theta, s_act in path:
+        what = f"carrying the counterfactual through stage '{run.name}'"
+        for q, ((k0, k1), theta, s_act) in enumerate(path):
+            flat.report(what, q, len(path.spans))
             cf = theta - d
             s_cf = self.gd_step(j, cf, float(sum(run.lrs[k0:k1])),
                                 self.rate_over(j, k0, k1, rate))
