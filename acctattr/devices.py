@@ -4,12 +4,12 @@ Devices: the model's passes (evaluation, unrolled's training-loss gradients) run
 chosen device; the estimators' float64 algebra runs there too, except on MPS, which has no
 float64 (there it stays on the CPU). Checkpoints are always read on the CPU and moved.
 
-Threads: results must not depend on the thread count (README, "Threads"). Measured on torch
-2.13 (CPU): forward passes and elementwise ops give the same bits at 1 and 2 threads, but
-reductions over many elements do not (matmuls that split their inner dimension across
-threads, LayerNorm's backward, full sums of more than 32k elements). Everything that
-reduces that way runs at one intra-op thread (``single_threaded``); sums over eval
-examples are exact (math.fsum). ``default_threads`` is then free to follow the machine.
+Threads: results must not depend on the thread count (README, "Devices, threads and several
+processes"). Measured on torch 2.13 (CPU): forward passes and elementwise ops give the same
+bits at 1 and 2 threads, but reductions over many elements do not (matmuls that split their
+inner dimension across threads, LayerNorm's backward, full sums of more than 32k elements).
+Everything that reduces that way runs at one intra-op thread (``single_threaded``); sums
+over eval examples are exact (math.fsum). ``default_threads`` is then free to follow the machine.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def math_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+def gpu_free_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device (what auto's memory rule compares with there)."""
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."""
     try:
@@ -97,8 +102,8 @@ def default_threads() -> int:
     OMP_NUM_THREADS when set (a scheduler or the user chose it; torchrun sets 1). Else
     the CPUs this process may use that other processes are not already using (1-minute
     load average), at most torch's own default, at least 1. On a 2-core machine busy with
-    other work, torch's default of 2 threads made runs 6x slower than 1 (README, "Threads"):
-    OpenMP threads wait on each other at every operation when a core is taken.
+    other work, torch's default of 2 threads made frozen 8-11x slower than 1 (bench/
+    threads.py): OpenMP threads wait on each other at every operation when a core is taken.
     """
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:

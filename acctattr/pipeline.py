@@ -345,9 +345,11 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         ranks = stack.enter_context(distributed.joined(device))
         loaded = ranks.together(lambda: check(path, device, runtime.batch_size))
         available = None
-        if estimator == "auto":  # the processes on one machine share its memory
-            mem = available_memory()
-            least = ranks.min(math.inf if mem is None else mem / distributed.local_world())
+        if estimator == "auto":  # a GPU's own free memory; the ranks on a machine share it
+            mem = devices.gpu_free_memory(device) if device.type == "cuda" else \
+                available_memory()
+            share = 1 if device.type == "cuda" else distributed.local_world()
+            least = ranks.min(math.inf if mem is None else mem / share)
             available = None if math.isinf(least) else int(least)
         passed: list[str] = []  # why auto passed over the estimators before the one it took
         tried = estimators.candidates(estimator, training(loaded, config), config, available,

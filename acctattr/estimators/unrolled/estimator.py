@@ -95,7 +95,8 @@ class Unrolled(Estimator):
         return why
 
     # its reductions (training-loss gradients over the sample, dot products over the
-    # parameters) would otherwise add in an order set by the thread count (README, "Threads")
+    # parameters) would otherwise add in an order set by the thread count (README, "Devices,
+    # threads and several processes")
     @single_threaded
     def embed(self, k: int) -> Params:
         runs = self.training.runs
