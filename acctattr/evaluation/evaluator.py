@@ -137,9 +137,10 @@ class Evaluator:
                 return
 
     def _floats(self, batch: Batch) -> Batch:
-        """The batch on the evaluation device, floating tensors in the model's dtype."""
-        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else
-                    v.to(self.device)) for k, v in batch.items()}
+        """The batch on the evaluation device, floating tensors in the model's dtype
+        (converted before they move: MPS takes no float64)."""
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device)
+                for k, v in batch.items()}
 
     def values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(f_i(theta_T) for every example [N] float64, group ids [N] or None), on the CPU."""
