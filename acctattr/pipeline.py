@@ -209,7 +209,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             runs.append(StageRun(stage.name, start, end, opt.type, lrs,  # type: ignore[arg-type]
                                  not opt.continues, step0, state,  # type: ignore[arg-type]
                                  stage.data, ckpts,
-                                 trained=frozenset() if stage.adapter else None))
+                                 trained=frozenset() if stage.adapter else None,
+                                 max_grad_norm=opt.max_grad_norm, batch_size=opt.batch_size))
         step0 += opt.steps
         prev = stage
 

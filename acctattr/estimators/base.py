@@ -52,6 +52,11 @@ class StageRun:
     # parameters this stage's optimizer updated; None = every trainable parameter. An
     # adapter stage trains none of the model's own weights (frozenset()).
     trained: frozenset[str] | None = None
+    # the gradient-norm clipping threshold (torch.nn.utils.clip_grad_norm_, the Trainer's
+    # max_grad_norm) the stage trained with; None: no clipping
+    max_grad_norm: float | None = None
+    # examples per optimizer step (batch × accumulation × processes); None: not recorded
+    batch_size: int | None = None
 
     @property
     def steps(self) -> int:

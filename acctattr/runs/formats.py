@@ -103,6 +103,19 @@ def read_trainer_state(path: Path) -> TrainerState:
     return TrainerState(file, step, tuple(history), tuple(points), convention)
 
 
+def trainer_batch_size(folder: Path) -> int | None:
+    """``train_batch_size`` (examples per forward pass) from ``folder/trainer_state.json``,
+    if it records one; None where it does not or cannot be read."""
+    try:
+        doc = _read_json(folder / TRAINER_STATE)
+    except FormatError:
+        return None
+    value = doc.get("train_batch_size") if isinstance(doc, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
 def transformers_version(folder: Path) -> tuple[int, int] | None:
     """(major, minor) of ``transformers_version`` in ``folder/config.json``, if there is one."""
     cfg = folder / "config.json"

@@ -52,6 +52,11 @@ class OptimizerSpec:
     continues: bool = False
     # parameter names per optimizer param group, in the state file's id order
     param_names: tuple[tuple[str, ...], ...] | None = None
+    # gradient-norm clipping (torch.nn.utils.clip_grad_norm_, Trainer's max_grad_norm);
+    # None: no clipping
+    max_grad_norm: float | None = None
+    # examples per optimizer step: per-device batch × accumulation × processes
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ _MODEL_KEYS = {"factory", "hf", "class"}
 _STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
 _OPT_KEYS = {
     "type", "steps", "lr", "momentum", "dampening", "nesterov", "betas", "eps",
-    "weight_decay", "state", "continues", "param_names",
+    "weight_decay", "state", "continues", "param_names", "max_grad_norm", "batch_size",
+    "grad_accumulation",
 }
 _SGD_ONLY = {"momentum", "dampening", "nesterov"}
 _ADAM_ONLY = {"betas", "eps"}
@@ -447,13 +453,49 @@ def _parse_optimizer(c: _Collector, value: Any, where: str,
         state = trainer[1] / "optimizer.pt"
     param_names = _parse_param_names(c, o["param_names"], f"{where}.param_names") \
         if "param_names" in o else None
+    max_grad_norm = _parse_clip(c, o, where, trainer)
+    batch_size = _parse_batch(c, o, where, trainer)
     if typ is None or steps is None or lr is None:
         return None
     return OptimizerSpec(
         type=typ, steps=steps, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, state=state,
-        continues=bool(continues), param_names=param_names,
+        continues=bool(continues), param_names=param_names, max_grad_norm=max_grad_norm,
+        batch_size=batch_size,
     )
+
+
+# transformers.TrainingArguments.max_grad_norm's default: a stage written by Trainer clipped
+# at 1.0 unless its author changed it (training_args.bin, a pickle, is never loaded)
+TRAINER_MAX_GRAD_NORM = 1.0
+
+
+def _parse_clip(c: _Collector, o: dict, where: str,
+                trainer: tuple[Path | None, Path] | None) -> float | None:
+    """``max_grad_norm``: a positive threshold, or null / 0 for none. A Trainer folder without
+    the key takes Trainer's default."""
+    if "max_grad_norm" not in o:
+        return TRAINER_MAX_GRAD_NORM if trainer is not None else None
+    value = o["max_grad_norm"]
+    if value is None:
+        return None
+    tau = c.number(value, f"{where}.max_grad_norm")
+    return tau if tau else None
+
+
+def _parse_batch(c: _Collector, o: dict, where: str,
+                 trainer: tuple[Path | None, Path] | None) -> int | None:
+    """Examples per optimizer step: ``batch_size`` (per step, per process) times
+    ``grad_accumulation``. A Trainer folder's ``train_batch_size`` is the default."""
+    batch = c.integer(o["batch_size"], f"{where}.batch_size", lo=1) if "batch_size" in o \
+        else None
+    accum = c.integer(o["grad_accumulation"], f"{where}.grad_accumulation", lo=1) \
+        if "grad_accumulation" in o else 1
+    if batch is None and trainer is not None:
+        batch = formats.trainer_batch_size(trainer[1])
+    if batch is None or accum is None:
+        return None
+    return batch * accum
 
 
 def _parse_param_names(c: _Collector, value: Any, where: str) -> tuple[tuple[str, ...], ...] | None:

@@ -299,3 +299,19 @@ def test_exponent_floats_without_a_dot_are_numbers(run_dir):
     path.write_text(text)
     with pytest.raises(ManifestError, match=r"optimizer.lr.min: must be >= 0, got -1.0"):
         load_manifest(path)
+
+
+def test_clipping_and_batch_size_keys(run_dir):
+    """max_grad_norm and batch_size × grad_accumulation reach the stage's optimizer; null or 0
+    means no clipping; omitted (no Trainer folder) means none and unknown."""
+    doc = edited(stages__0__optimizer__max_grad_norm=1.5, stages__0__optimizer__batch_size=8,
+                 stages__0__optimizer__grad_accumulation=4)
+    doc["stages"][1]["optimizer"]["max_grad_norm"] = 0
+    m = load_manifest(write(run_dir, doc))
+    assert m.stages[0].optimizer.max_grad_norm == 1.5
+    assert m.stages[0].optimizer.batch_size == 32
+    assert m.stages[1].optimizer.max_grad_norm is None
+    assert m.stages[1].optimizer.batch_size is None
+    err = problems(run_dir, edited(stages__0__optimizer__batch_size=0,
+                                   stages__0__optimizer__max_grad_norm=-1.0))
+    assert "stage 'pre'" in str(err) and "batch_size" in str(err) and "max_grad_norm" in str(err)

@@ -16,6 +16,7 @@ estimate of where its gradient changes sign (one more gradient at the proposed p
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -58,11 +59,13 @@ class AdamFlow:
             flat.report(what, q, len(path.spans))
             cf = theta - d
             g_cf, n_cf = self.moments(j, cf)
+            rho = self.clip_factor(j, g_cf, n_cf, path.c)
+            g_cf.mul_(rho).addcmul_(lam_c, cf)
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
-            v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c).addcmul_(g_cf, g_cf))
+            v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
             u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
             s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-float(sum(run.lrs[k0:k1]))),
-                                     positive, lam_c)
+                                     positive, lam_c, rho)
             d.add_(s_act).sub_(s_cf)
             if run.opt_type == "adamw":
                 d.mul_(flat.decay(j, k0, k1))
@@ -101,13 +104,16 @@ class AdamFlow:
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 g, noise = self.moments(j, theta)
+                rho = self.clip_factor(j, g, noise, c)
+                g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
+                noise.mul_(rho * rho)  # what clipping leaves of the batch noise
                 squares.addcmul_(weight[q], g * g)
                 spread.addcmul_(weight[q], noise)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 u = self.direction(j, g, v, step0 + k1, eps)
                 return self.settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
-                                         positive, lam_c)
+                                         positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
             return starts, steps, (squares, spread), v, ends
@@ -127,12 +133,27 @@ class AdamFlow:
 
     # ------------------------------------------------------------ one step
     def moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage j's mean training-loss gradient (with coupled decay) and per-example
-        gradient variance at flat parameters theta."""
+        """Stage j's mean training-loss gradient and per-example gradient variance at flat
+        parameters theta (the loss's alone: clipping acts before any coupled decay)."""
         flat = self.flat
         g, noise = flat.curvature(j).gradient_and_noise(flat.at(theta),
                                                         self.config.noise_chunks)
-        return flat.flat(g).addcmul_(flat.coupled_decay(j), theta), flat.flat(noise)
+        return flat.flat(g), flat.flat(noise)
+
+    def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float) -> float:
+        """How much gradient-norm clipping scales stage j's batch gradients at a point:
+        min(1, max_grad_norm / |g_batch|), with E|g_batch|^2 = |g|^2 + c * sum(S) for the
+        mean gradient g, per-example variance S and batch-noise scale c (~ 1/batch size).
+
+        Adam divides by the root of its second moment, so a steady clip factor cancels out
+        of its step; it matters through the second moment it leaves (the state file's
+        exp_avg_sq holds clipped gradients: fitting the noise without it finds too little
+        noise, and the simulated run learns too fast) and where it changes over a stage."""
+        tau = self.flat.runs[j].max_grad_norm
+        if not tau:
+            return 1.0
+        norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
+        return min(1.0, tau / norm) if norm > 0 else 1.0
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
@@ -141,13 +162,16 @@ class AdamFlow:
         return g / bias.reciprocal_().mul_(v).sqrt_().add_(eps)
 
     def settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
-                     positive: torch.Tensor, lam_c: torch.Tensor) -> torch.Tensor:
-        """``step`` from theta, cut per coordinate where the gradient would change sign to
-        the secant estimate of the zero: g / (g - g_after) of the way."""
+                     positive: torch.Tensor, lam_c: torch.Tensor,
+                     rho: float = 1.0) -> torch.Tensor:
+        """``step`` from theta, cut per coordinate where the gradient (clipped by ``rho``,
+        plus coupled decay) would change sign to the secant estimate of the zero:
+        g / (g - g_after) of the way."""
         flat = self.flat
         step = torch.where(positive, step, 0.0)
         after = theta + step
-        g_after = flat.flat(flat.curvature(j).gradient(flat.at(after))).addcmul_(lam_c, after)
+        g_after = flat.flat(flat.curvature(j).gradient(flat.at(after))).mul_(rho).addcmul_(
+            lam_c, after)
         del after
         flip = (g * g_after) < 0
         denom = torch.where(flip, g_after.neg_().add_(g), 1.0)  # g - g_after where it flips
