@@ -88,8 +88,11 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
 
 
 def _check_dict(c: GateCheck) -> dict[str, Any]:
-    return {"stage": c.stage, "group": c.group, "harm": _num(c.harm), "se": _num(c.se),
-            "bound": _num(c.bound), "tripped": c.tripped}
+    doc = {"stage": c.stage, "group": c.group, "harm": _num(c.harm), "se": _num(c.se),
+           "bound": _num(c.bound), "tripped": c.tripped}
+    if c.reason is not None:  # fail closed: the check tripped on undefined numbers
+        doc["reason"] = c.reason
+    return doc
 
 
 def gate_dict(gate: Gate) -> dict[str, Any]:
