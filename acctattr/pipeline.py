@@ -33,7 +33,12 @@ from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_in
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
 from acctattr.runs import formats
-from acctattr.runs.checkpoints import StateDictReader, align_names, open_checkpoint
+from acctattr.runs.checkpoints import (
+    FLOAT_DTYPES,
+    StateDictReader,
+    align_names,
+    open_checkpoint,
+)
 from acctattr.runs.manifest import Manifest, Stage, load_manifest
 from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.runs.schedules import interpolate_logged_lrs, lrs_from_spec
@@ -106,6 +111,14 @@ def _check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str
     missing = [n for n in info.trainable if n not in reader]
     wrong = [f"{n} {reader.shape(n)} vs model {s}" for n, s in info.trainable.items()
              if n in reader and reader.shape(n) != s]
+    dtypes = {n: reader.dtype(n) for n in info.trainable if n in reader}
+    kinds = [f"{n} {d}" for n, d in dtypes.items() if d not in FLOAT_DTYPES]
+    if kinds:
+        raise CheckpointError(f"stage '{stage}': {key} {reader.path}: {len(kinds)} trainable "
+                              f"parameter(s) are not floating point: {', '.join(kinds[:5])}",
+                              "acctattr reads float16, bfloat16, float32 and float64 weights "
+                              "(no integer, bool, complex or fp8 checkpoints); point the "
+                              "manifest at the full-precision checkpoint")
     if missing or wrong:
         parts = []
         if missing:

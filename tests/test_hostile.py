@@ -10,6 +10,7 @@ subprocess with a 60 s timeout as a hang guard (never a timing assertion).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,202 @@ def test_nan_in_training_data_under_unrolled(run_dir):
     save_file(data, run_dir / "data" / "c.safetensors")
     refused(cli("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
             "stage 'c'", "c.safetensors", "tensor 'x'", "NaN or Inf")
+
+
+# ---------------------------------------------------------------- every input checked
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    """A test that blocks (a FIFO opened, an alias walked forever) fails after 60 s instead
+    of hanging the suite. A guard, not a timing assertion."""
+    import signal
+
+    def stuck(signum, frame):
+        raise TimeoutError("hung for 60 s")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _loop(path: Path) -> None:
+    """``path`` becomes one end of a two-link symlink loop."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    other = path.with_name(path.name + ".loop")
+    os.symlink(other, path)
+    os.symlink(path, other)
+
+
+# (what is replaced, the manifest key named in the message)
+TARGETS = [
+    ("ckpt/b/model.safetensors", "b"),
+    ("ckpt/b/optimizer.pt", "optimizer.state"),
+    ("data/eval.safetensors", "eval.data"),
+    ("data/c.safetensors", "data"),
+    ("model.py", "model.factory"),
+]
+
+
+@pytest.mark.parametrize("rel,key", TARGETS)
+def test_fifo_where_a_file_is_expected(run_dir, rel, key):
+    """A FIFO is never opened (it would block forever): exit 2 naming it."""
+    _fifo(run_dir / rel)
+    refused(cli("check", manifest(run_dir)), rel.split("/")[-1], "FIFO", key)
+
+
+def test_fifo_as_the_manifest(tmp_path):
+    _fifo(tmp_path / "manifest.yaml")
+    refused(cli("check", tmp_path / "manifest.yaml"), "manifest.yaml", "FIFO")
+
+
+@pytest.mark.parametrize("key", ["start", "end", "state", "eval", "factory"])
+def test_character_device_where_a_file_is_expected(run_dir, key):
+    """/dev/zero (endless) or /dev/null named by the manifest: exit 2, never read."""
+    def point(d):
+        if key == "start":
+            d["stages"][0]["start"] = "/dev/zero"
+        elif key == "end":
+            d["stages"][1]["end"] = "/dev/null"
+        elif key == "state":
+            d["stages"][0]["optimizer"]["state"] = "/dev/zero"
+        elif key == "eval":
+            d["eval"]["data"] = "/dev/zero"
+        else:
+            d["model"]["factory"] = "/dev/null/x.py:build"
+    refused(cli("check", edit(run_dir, point)))
+    if key != "factory":
+        assert "character device" in cli("check", manifest(run_dir)).stderr
+
+
+@pytest.mark.parametrize("rel", ["ckpt/init", "ckpt/b", "ckpt/a/optimizer.pt",
+                                 "data/eval.safetensors", "data/b.safetensors", "model.py",
+                                 "ckpt/c/model.safetensors"])
+def test_symlink_loop_in_any_path(run_dir, rel):
+    """A symlink loop wherever the manifest points (or inside a checkpoint folder)."""
+    _loop(run_dir / rel)
+    err = refused(cli("check", manifest(run_dir)))
+    assert "symlink loop" in err or "not found" in err or "no model weights" in err, err
+
+
+def test_symlink_loop_as_the_manifest(tmp_path):
+    _loop(tmp_path / "m.yaml")
+    refused(cli("check", tmp_path / "m.yaml"), "symlink loop")
+
+
+@pytest.mark.parametrize("path", ["ckpt/a\x00b", "x" * 300, "a/" * 3000 + "f"])
+def test_paths_the_os_rejects(run_dir, path):
+    """An embedded NUL, a name or a path too long: exit 2 naming the key."""
+    def point(d):
+        d["stages"][1]["end"] = path
+    refused(cli("check", edit(run_dir, point)), "stage 'b': end")
+
+
+@pytest.mark.parametrize("arg", ["y" * 300 + ".yaml", "d/" * 3000 + "m.yaml"])
+def test_manifest_argument_the_os_rejects(arg):
+    """(A NUL byte cannot reach argv: execve ends an argument there.)"""
+    refused(cli("check", arg))
+    refused(cli("run", arg, "-q"))
+
+
+def _resave(path: Path, fn) -> None:
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_non_float_checkpoint_is_refused(run_dir, dtype):
+    """Integer, bool and fp8 weights are refused naming the tensor and dtype."""
+    _resave(run_dir / "ckpt/b/model.safetensors",
+            lambda sd: sd.update(weight=sd["weight"].to(dtype)))
+    err = refused(cli("check", manifest(run_dir)), "model.safetensors", "weight")
+    assert "not floating point" in err or "dtype" in err
+
+
+def test_complex_checkpoint_is_refused(run_dir):
+    path = run_dir / "ckpt/b/model.pt"
+    sd = load_file(run_dir / "ckpt/b/model.safetensors")
+    sd["weight"] = sd["weight"].to(torch.complex128)
+    (run_dir / "ckpt/b/model.safetensors").unlink()
+    torch.save(sd, path)
+    refused(cli("check", manifest(run_dir)), "model.pt", "weight", "complex")
+
+
+def test_sparse_checkpoint_tensor_is_refused(run_dir):
+    """A tensor that is not dense and strided (sparse) is refused, not an internal error."""
+    sd = load_file(run_dir / "ckpt/b/model.safetensors")
+    sd["weight"] = sd["weight"].to_sparse()
+    (run_dir / "ckpt/b/model.safetensors").unlink()
+    torch.save(sd, run_dir / "ckpt/b/model.pt")
+    refused(cli("check", manifest(run_dir)), "model.pt", "weight", "sparse")
+
+
+def _edit_state(run_dir: Path, stage: str, fn) -> None:
+    path = run_dir / "ckpt" / stage / "optimizer.pt"
+    sd = torch.load(path, weights_only=True)
+    fn(sd)
+    torch.save(sd, path)
+
+
+def _set_state(key: str, value, pid: int = 0):
+    def fn(sd):
+        sd["state"][pid][key] = value
+    return fn
+
+
+STATE_CASES = [
+    ("a", lambda sd: sd.update(state=[1, 2]), "'state' is not a mapping"),
+    ("a", lambda sd: sd["state"].update({0: "nope"}), "'state' is not a mapping"),
+    ("a", lambda sd: sd["param_groups"][0].update(params=["w", "b"]), "integer parameter ids"),
+    ("a", lambda sd: sd["param_groups"][0].update(params=3), "integer parameter ids"),
+    ("a", lambda sd: sd.update(param_groups={"x": 1}), "'param_groups' is malformed"),
+    ("c", _set_state("step", torch.tensor(float("nan"))), "step"),
+    ("c", _set_state("step", torch.tensor(0.0)), "whole number from 1"),
+    ("c", _set_state("step", torch.tensor(-4.0)), "whole number from 1"),
+    ("c", _set_state("step", torch.tensor(1e20)), "whole number from 1"),
+    ("c", _set_state("step", torch.tensor(2.5)), "whole number from 1"),
+    ("c", lambda sd: sd["state"][0].update(exp_avg_sq=-sd["state"][0]["exp_avg_sq"] - 1),
+     "negative values"),
+    ("c", lambda sd: sd["state"][0].update(exp_avg=sd["state"][0]["exp_avg"] * 0 + 3e37),
+     "beyond"),
+    ("a", lambda sd: sd["state"][0].update(
+        momentum_buffer=sd["state"][0]["momentum_buffer"] * 0 + 1e37), "beyond"),
+    ("a", lambda sd: sd["state"][0].update(
+        momentum_buffer=sd["state"][0]["momentum_buffer"].long()), "not floating point"),
+    ("a", lambda sd: sd["state"][0].update(
+        momentum_buffer=sd["state"][0]["momentum_buffer"].to_sparse()), "sparse"),
+]
+
+
+@pytest.mark.parametrize("stage,fn,needle", STATE_CASES)
+def test_malformed_optimizer_state(run_dir, stage, fn, needle):
+    """Wrong structure types, a NaN / non-positive / absurd Adam step, a negative second
+    moment, an absurd or integer momentum buffer: exit 2 naming the stage and file."""
+    _edit_state(run_dir, stage, fn)
+    refused(cli("check", manifest(run_dir)), f"stage '{stage}'", "optimizer.pt", needle)
+
+
+def test_group_tensor_of_the_wrong_rank(run_dir):
+    edit_eval(run_dir, lambda d: d.update(group=d["group"][:, None].repeat(1, 2)))
+    refused(cli("check", manifest(run_dir)), "eval.group", "one group id per example")
+
+
+def test_safetensors_header_beyond_the_file(run_dir):
+    """The 8-byte header length is compared with the file size before anything is read."""
+    import struct
+
+    path = run_dir / "data" / "eval.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 1 << 40) + raw[8:])
+    refused(cli("check", manifest(run_dir)), "eval.safetensors", "beyond the file")

@@ -159,6 +159,10 @@ def parse(doc: Any, path: str) -> ResultDoc:
 def load(path: str | Path) -> ResultDoc:
     """Read and validate a result JSON file (exit 2 on anything unreadable or off-schema)."""
     shown = str(path)
+    from acctattr.files import check_file, path_problem
+
+    if path_problem(path, "any") not in (None, "not found"):
+        check_file(path)  # a FIFO, device, symlink loop, NUL byte or too long a name
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as e:

@@ -34,7 +34,9 @@ class FormatError(ValueError):
 def kind(path: Path) -> str:
     """What a checkpoint path is: one of ``hf-trainer``, ``peft-adapter``, ``lightning``,
     ``dcp``, ``hf-model``, ``weights`` (any other folder or file), ``missing``."""
-    if not path.exists():
+    from acctattr.files import path_problem
+
+    if path_problem(path) is not None:
         return "missing"
     if path.is_file():
         return "lightning" if path.suffix == ".ckpt" else "weights"
@@ -50,9 +52,14 @@ def kind(path: Path) -> str:
 
 
 def _read_json(path: Path) -> Any:
+    from acctattr.files import path_problem
+
+    problem = path_problem(path, "file")
+    if problem is not None:
+        raise FormatError(f"{path}: {problem}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: not readable JSON ({e})") from e
 
 
