@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -62,7 +62,7 @@ class Loaded:
     warnings: list[str]
 
 
-def _stage_lrs(stage: Stage, warnings: list[str]) -> list[float]:
+def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     spec = stage.optimizer.lr
     steps = stage.optimizer.steps
     if spec.trainer_state is None:

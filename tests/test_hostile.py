@@ -405,3 +405,79 @@ def test_safetensors_header_beyond_the_file(run_dir):
     raw = path.read_bytes()
     path.write_bytes(struct.pack("<Q", 1 << 40) + raw[8:])
     refused(cli("check", manifest(run_dir)), "eval.safetensors", "beyond the file")
+
+
+# ---------------------------------------------------------------- resource bounds
+
+
+def _write(run_dir: Path, text: str) -> Path:
+    path = manifest(run_dir)
+    path.write_text(text)
+    return path
+
+
+BILLION_LAUGHS = "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+    for p, c in zip([None, *"abcdefgh"], "abcdefghi", strict=True))
+
+
+@pytest.mark.parametrize("text,needle", [
+    (BILLION_LAUGHS, "billion laughs"),
+    ("a: &x [1, *x]\n", "recursive alias"),
+    ("a: &x {b: *x}\n", "recursive alias"),
+    ("version: 1\nversion: 1\n", "duplicate key 'version'"),
+    ("[" * 5000 + "]" * 5000, "not valid YAML"),
+])
+def test_hostile_yaml_is_refused_fast(tmp_path, text, needle):
+    """Alias bombs, recursive aliases, duplicate keys and deep nesting: exit 2, at once."""
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    refused(cli("check", path), needle)
+
+
+def test_duplicate_key_in_a_stage_names_the_key_and_line(run_dir):
+    """The last duplicate would silently win; refused naming the key and both lines."""
+    text = manifest(run_dir).read_text()
+    text = text.replace("    type: sgd\n", "    type: sgd\n    type: adamw\n", 1)
+    refused(cli("check", _write(run_dir, text)), "duplicate key 'type'", "line")
+
+
+def test_oversized_manifest_is_refused_before_reading(run_dir):
+    path = manifest(run_dir)
+    with path.open("a") as fh:
+        fh.write("# padding\n" * 1_000_000)
+    refused(cli("check", path), "bytes, more than")
+
+
+def test_huge_step_count_is_checked_without_expanding_it(run_dir):
+    """steps: 1e8 with a cosine schedule: `check` accepts it (the schedule is lazy) and the
+    learning rates are computed on demand, slices included."""
+    from acctattr.runs.manifest import LrSpec
+    from acctattr.runs.schedules import lrs_from_spec, schedule_lrs
+
+    def huge(d):
+        d["stages"][2]["optimizer"].update(steps=10**8, lr={"schedule": "cosine", "base": 0.1,
+                                                           "warmup": 10})
+    r = cli("check", edit(run_dir, huge))
+    assert r.exit_code == 0, r.stderr
+    lrs = lrs_from_spec(LrSpec(schedule="cosine", base=0.1, warmup=10), 10**8)
+    assert len(lrs) == 10**8 and lrs[5] == pytest.approx(0.05)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and len(lrs[10**7:10**7 + 3]) == 3
+    small = schedule_lrs("cosine", 50, 0.1, 10)
+    lazy = lrs_from_spec(LrSpec(schedule="cosine", base=0.1, warmup=10), 50)
+    assert list(lazy) == small and sum(lazy[7:31]) == sum(small[7:31])
+    assert list(lazy[3:40:4]) == small[3:40:4] and lazy[-3] == small[-3]
+
+
+@pytest.mark.parametrize("value", ["!!binary aGVsbG8=", "[1, 2]", "{a: 1}", "2001-01-01",
+                                   "null", "-7", ".nan", "true", "!!set {a}"])
+def test_wrong_types_anywhere_in_the_manifest(run_dir, value):
+    """A value of the wrong YAML type in each of several keys: exit 2, never a traceback."""
+    text = manifest(run_dir).read_text()
+    for old in ("steps: 6", "target: y", "batch_size: 16", "continues: false",
+                "factory: model.py:build"):
+        key = old.split(":")[0]
+        broken = text.replace(old, f"{key}: {value}", 1)
+        r = cli("check", _write(run_dir, broken))
+        assert r.exit_code == 2, (old, value, r.stderr, r.exception)
+        no_traceback(r)
