@@ -1,7 +1,8 @@
 """The command line: parse options, call the pipeline, render.
 
-The one place that turns AcctattrError into an exit code (2), a tripped gate into 1, and
-Ctrl-C into 130. Results go to stdout; progress, warnings and errors to stderr.
+The one place that turns AcctattrError into an exit code (2), a tripped gate into 1,
+Ctrl-C into 130 and SIGTERM into 143 (acctattr.signals). Results go to stdout; progress,
+warnings and errors to stderr, with control characters of user strings escaped.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from acctattr import signals
 from acctattr.distributed import from_env, is_primary
 from acctattr.errors import AcctattrError
 from acctattr.options import Runtime, UnrolledConfig
-from acctattr.output.atomic import write_atomic
+from acctattr.output.atomic import check_target, write_atomic
+from acctattr.output.text import printable
 
 UNROLLED = UnrolledConfig()
 
@@ -71,7 +74,7 @@ class Evaluate(str, Enum):
 def _err(text: str) -> None:
     """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
     if is_primary():
-        print(text, file=sys.stderr)
+        print(printable(text, keep="\n"), file=sys.stderr)
 
 
 def _err_of(error: BaseException, text: str) -> None:
@@ -87,14 +90,16 @@ def _err_of(error: BaseException, text: str) -> None:
         prefix = f"rank {rank}: "
     else:
         return
-    print(prefix + text, file=sys.stderr)
+    print(printable(prefix + text, keep="\n"), file=sys.stderr)
 
 
 def guarded(fn: Callable[[], T]) -> T:
     """The error boundary: bad input -> exit 2 with a message, Ctrl-C -> 130, no traceback."""
     debug = bool(os.environ.get("ACCTATTR_DEBUG"))
     try:
-        return fn()
+        out = fn()
+        signals.raise_if_received()  # a signal whose exception something swallowed
+        return out
     except AcctattrError as e:
         if debug:
             traceback.print_exc()
@@ -103,6 +108,9 @@ def guarded(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130) from None
+    except signals.Terminated:
+        _err("terminated")
+        raise typer.Exit(143) from None
     except typer.Exit:
         raise
     except Exception as e:
@@ -211,6 +219,7 @@ def run(
         from acctattr import pipeline
         from acctattr.output import report
 
+        _check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         if plot is not None:
             from acctattr.output import plots
@@ -251,6 +260,12 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _check_output(output: Path | None) -> None:
+    """An --output that cannot be written fails before any computing (exit 2)."""
+    if output is not None and is_primary():
+        check_target(output)
 
 
 def _terminal_width(output: Path | None) -> int | None:
@@ -334,6 +349,7 @@ def validate(
 
         if format is Format.markdown:
             raise AcctattrError("validate writes table or json", "use --format table|json")
+        _check_output(output)
         chosen = None
         if estimator:
             if Estimator.auto in estimator:
@@ -374,6 +390,7 @@ def diff(
         from acctattr.output import diff as diffs
         from acctattr.output import report
 
+        _check_output(output)
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
             _err(f"warning: {w}")
@@ -452,7 +469,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def main() -> None:
-    app()
+    """The console command (via acctattr.__main__, which handles signals from the start)."""
+    signals.install()
+    try:
+        app()
+    except SystemExit as e:
+        got = signals.received()
+        if got is not None and e.code != signals.EXIT_CODES[got]:
+            # a signal while typer parsed the command line (click calls it "Aborted!")
+            _err(signals.WORDS[got])
+            sys.exit(signals.EXIT_CODES[got])
+        raise
+    except (KeyboardInterrupt, signals.Terminated):
+        got = signals.received() or 2
+        _err(signals.WORDS.get(got, "interrupted"))
+        sys.exit(signals.EXIT_CODES.get(got, 130))
 
 
 if __name__ == "__main__":

@@ -481,3 +481,129 @@ def test_wrong_types_anywhere_in_the_manifest(run_dir, value):
         r = cli("check", _write(run_dir, broken))
         assert r.exit_code == 2, (old, value, r.stderr, r.exception)
         no_traceback(r)
+
+
+# ---------------------------------------------------------------- output
+
+
+EVIL = "ev\x1b[2J\x1b]0;owned\x07il[bold]\u202e"
+
+
+def test_stage_names_are_escaped_in_table_and_markdown(run_dir):
+    """Terminal escapes, rich markup and bidi overrides in a stage name are shown as text,
+    never written raw (JSON escapes them by itself)."""
+    path = edit(run_dir, lambda d: d["stages"][1].update(name=EVIL))
+    for fmt in ("table", "markdown"):
+        r = cli("run", path, "-q", "-f", fmt, "--estimator", "frozen")
+        assert r.exit_code == 0, r.stderr
+        for raw in ("\x1b", "\x07", "\u202e"):
+            assert raw not in r.stdout and raw not in r.stderr
+        assert "ev\\x1b[2J\\x1b]0;owned\\x07il[bold]\\u202e" in r.stdout
+    r = cli("run", path, "-q", "-f", "json", "--estimator", "frozen")
+    assert EVIL in [s["name"] for s in json.loads(r.stdout)["stages"]]
+
+
+def test_escapes_in_error_messages_are_escaped(run_dir):
+    """A hostile path named in an error reaches stderr escaped."""
+    path = edit(run_dir, lambda d: d["stages"][1].update(end="ckpt/\x1b[31mred"))
+    err = refused(cli("check", path), "\\x1b[31mred")
+    assert "\x1b" not in err
+
+
+def test_output_symlink_is_written_through(run_dir, tmp_path):
+    """--output naming a symlink replaces the link's target (as editors do); the link
+    stays a link."""
+    target = tmp_path / "real" / "result.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive",
+            "--output", link)
+    assert r.exit_code == 0, r.stderr
+    assert link.is_symlink() and json.loads(target.read_text())["schema"]
+    assert not list(target.parent.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "loop", "proc", "dangling-into-nowhere"])
+def test_unwritable_output_is_refused_before_computing(run_dir, tmp_path, kind):
+    """--output that is a FIFO, a folder, a symlink loop, in a folder nobody can write
+    (/proc), or a symlink into a missing folder: exit 2 before any computing (the eval data
+    is broken too, and the message is about --output)."""
+    out = tmp_path / "out.json"
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "folder":
+        out.mkdir()
+    elif kind == "loop":
+        _loop(out)
+    elif kind == "proc":
+        out = Path("/proc/acctattr-out.json")
+    else:
+        out.symlink_to(tmp_path / "nowhere" / "x.json")
+    (run_dir / "data" / "eval.safetensors").write_bytes(b"garbage")
+    for cmd in (("run", manifest(run_dir), "-q"), ("validate", manifest(run_dir), "-q")):
+        refused(cli(*cmd, "--output", out), "--output")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_output_folder_is_refused_before_computing(run_dir, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        refused(cli("run", manifest(run_dir), "-q", "--output", folder / "r.json"),
+                "--output", "cannot write")
+    finally:
+        folder.chmod(0o700)
+
+
+def _start(args: list[str], **env: str):
+    import signal
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "acctattr", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("signame,code,word", [("SIGTERM", 143, "terminated"),
+                                               ("SIGINT", 130, "interrupted")])
+def test_signal_mid_write_removes_the_temporary_file(run_dir, tmp_path, signame, code, word):
+    """SIGTERM or SIGINT halfway through writing --output: exit 143 / 130 with one line,
+    no traceback, the old file untouched and no temporary file left."""
+    import signal
+    import time
+
+    out = tmp_path / "out.json"
+    out.write_text("old\n")
+    proc = _start(["run", str(manifest(run_dir)), "-q", "-f", "json", "--estimator", "naive",
+                   "--output", str(out)], ACCTATTR_TEST_SLOW_WRITE="30")
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.json.*.tmp")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no temporary file within 60 s"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip() == word and "Traceback" not in err
+    assert out.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("delay", [1.0, 3.0])
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_in_the_first_moments(run_dir, delay, signame, code):
+    """A signal while acctattr is still importing: exit 130 / 143, no traceback."""
+    import signal
+    import time
+
+    proc = _start(["check", str(manifest(run_dir))])
+    time.sleep(delay)
+    if proc.poll() is not None:
+        pytest.skip("finished before the signal")
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
