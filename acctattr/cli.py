@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -475,15 +476,16 @@ def main() -> None:
         app()
     except SystemExit as e:
         got = signals.received()
-        if got is not None and e.code != signals.EXIT_CODES[got]:
+        if got is None:
+            raise
+        if e.code != signals.EXIT_CODES[got]:
             # a signal while typer parsed the command line (click calls it "Aborted!")
             _err(signals.WORDS[got])
-            sys.exit(signals.EXIT_CODES[got])
-        raise
+        signals.exit_now(got)
     except (KeyboardInterrupt, signals.Terminated):
-        got = signals.received() or 2
+        got = signals.received() or int(signal.SIGINT)
         _err(signals.WORDS.get(got, "interrupted"))
-        sys.exit(signals.EXIT_CODES.get(got, 130))
+        signals.exit_now(got)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ def _force(signum: int) -> None:
         os._exit(EXIT_CODES.get(signum, 143))
 
 
+def exit_now(signum: int) -> None:
+    """Exit with the signal's code once its exception has unwound the stack. Python's own
+    shutdown is skipped: it could report a handled Ctrl-C as death by SIGINT (-2) instead
+    of exit 130; everything acctattr cleans up has been cleaned up by then."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_CODES.get(signum, 143))
+
+
 def received() -> int | None:
     """The signal received so far, if any."""
     return _received

@@ -32,6 +32,8 @@ def check_values(batch: Batch, names: tuple[str, ...], target: str, class_metric
     for n in names:
         t = batch[n]
         if t.is_floating_point() or t.is_complex():
+            if t.is_floating_point() and t.element_size() == 1:
+                t = t.float()  # fp8: isfinite is not implemented for it
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 bad = (~finite).reshape(t.shape[0], -1).any(dim=1) if t.ndim else finite

@@ -176,7 +176,12 @@ def load(path: str | Path) -> ResultDoc:
     except json.JSONDecodeError as e:
         raise _bad(shown, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
             from e
-    return parse(doc, shown)
+    except RecursionError as e:
+        raise _bad(shown, "not valid JSON (nested too deeply)") from e
+    try:
+        return parse(doc, shown)
+    except RecursionError as e:
+        raise _bad(shown, "nested too deeply") from e
 
 
 def compare(old: ResultDoc, new: ResultDoc, threshold: float | None = None) -> Diff:

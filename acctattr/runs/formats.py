@@ -14,6 +14,7 @@ can use it to fill in what a Trainer folder already says.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ DCP_METADATA = ".metadata"
 # transformers >= 4.51 (PR #36973) logs the lr the step just used; older versions logged the
 # lr of the next step.
 _LR_FIX_VERSION = (4, 51)
+
+
+MAX_STEPS = 10**12  # optimizer steps in a stage; more is a corrupted count, not a run
 
 
 class FormatError(ValueError):
@@ -91,6 +95,8 @@ def read_trainer_state(path: Path) -> TrainerState:
     history = doc.get("log_history", [])
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise FormatError(f"{file}: no integer global_step")
+    if step > MAX_STEPS:
+        raise FormatError(f"{file}: global_step {step} is more than {MAX_STEPS:.0e}")
     if not isinstance(history, list):
         raise FormatError(f"{file}: log_history is not a list")
     history = [h for h in history if isinstance(h, dict)]
@@ -103,10 +109,14 @@ def read_trainer_state(path: Path) -> TrainerState:
     for h in history:
         if "learning_rate" in h and isinstance(h.get("step"), int):
             try:
-                points.append((h["step"] - shift, float(h["learning_rate"])))
+                lr = float(h["learning_rate"])
             except (TypeError, ValueError) as e:
                 raise FormatError(f"{file}: learning_rate {h['learning_rate']!r} at step "
                                   f"{h['step']} is not a number") from e
+            if not math.isfinite(lr) or lr < 0:
+                raise FormatError(f"{file}: learning_rate {lr!r} at step {h['step']} is not "
+                                  "a finite number >= 0")
+            points.append((h["step"] - shift, lr))
     return TrainerState(file, step, tuple(history), tuple(points), convention)
 
 

@@ -196,12 +196,16 @@ class _Collector:
             return None
         return x
 
-    def integer(self, value: Any, where: str, *, lo: int = 0) -> int | None:
+    def integer(self, value: Any, where: str, *, lo: int = 0,
+                hi: int = formats.MAX_STEPS) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
             self.add(where, f"expected an integer, got {_kind(value)}")
             return None
         if value < lo:
             self.add(where, f"must be >= {lo}, got {value}")
+            return None
+        if value > hi:  # a count this large is a typo or garbage, and overflows indexes
+            self.add(where, f"must be <= {hi:.0e}, got {value}")
             return None
         return value
 

@@ -10,6 +10,7 @@ The formulas (also in the README), with T = steps, W = warmup, base and min:
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -99,7 +100,7 @@ def schedule_lrs(schedule: str, steps: int, base: float, warmup: int = 0,
 
 
 def interpolate_logged_lrs(logged: Sequence[tuple[int, float]], first_step: int,
-                           steps: int) -> tuple[list[float], int]:
+                           steps: int) -> tuple[Sequence[float], int]:
     """Per-step lrs from sparse (global_step, lr) log points, linearly interpolated.
 
     A Hugging Face Trainer logs ``learning_rate`` at global step N after the scheduler has
@@ -111,31 +112,29 @@ def interpolate_logged_lrs(logged: Sequence[tuple[int, float]], first_step: int,
         first_step: 0-indexed global step of the stage's first optimizer step.
         steps: the stage's number of optimizer steps.
     Returns:
-        (per-step lrs, how many of them were interpolated or extrapolated rather than logged)
+        (per-step lrs, lazy (Lrs), how many of them were interpolated or extrapolated
+        rather than logged)
     """
     points = sorted(dict(logged).items())
     if not points:
         raise ValueError("no learning_rate entries")
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
-    out: list[float] = []
-    guessed = 0
-    j = 0
-    for s in range(first_step, first_step + steps):
-        while j + 1 < len(xs) and xs[j + 1] <= s:
-            j += 1
+
+    def at(i: int) -> float:
+        s = first_step + i
+        j = max(bisect.bisect_right(xs, s) - 1, 0)  # the last log point at or before s
         if s == xs[j]:
-            out.append(ys[j])
-            continue
-        guessed += 1
+            return ys[j]
         if s < xs[0]:
-            out.append(ys[0])
-        elif j + 1 >= len(xs):
-            out.append(ys[-1])
-        else:
-            t = (s - xs[j]) / (xs[j + 1] - xs[j])
-            out.append(ys[j] + t * (ys[j + 1] - ys[j]))
-    return out, guessed
+            return ys[0]
+        if j + 1 >= len(xs):
+            return ys[-1]
+        t = (s - xs[j]) / (xs[j + 1] - xs[j])
+        return ys[j] + t * (ys[j + 1] - ys[j])
+
+    logged_here = bisect.bisect_left(xs, first_step + steps) - bisect.bisect_left(xs, first_step)
+    return Lrs(at, 0, steps), steps - logged_here
 
 
 def lrs_from_spec(spec: LrSpec, steps: int) -> Sequence[float]:
