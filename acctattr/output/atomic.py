@@ -71,9 +71,11 @@ def check_target(path: Path, option: str = "--output") -> Path:
                             + (f" (it is where the symlink {path} points)"
                                if target != path.absolute() else ""))
     try:  # the only test that holds for root, read-only mounts and ACLs alike
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        fd, probe = tempfile.mkstemp(prefix=".acctattr-probe-", dir=folder)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
     except OSError as e:
         raise AcctattrError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})",
                             "choose a folder you can write, or fix its permissions") from e
