@@ -16,7 +16,6 @@ from acctattr.runs.manifest import EvalSpec
 Batch = dict[str, torch.Tensor]
 _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 IGNORE_INDEX = -100  # a class label that counts for nothing (PyTorch's and Hugging Face's)
-_SCAN_ROWS = 4096  # examples per slice when eval data is checked up front
 
 
 def check_values(batch: Batch, names: tuple[str, ...], target: str, class_metric: bool,
@@ -136,8 +135,10 @@ class EvalData:
     def _scan(self) -> None:
         """Every value checked once, up front, a slice at a time (see check_values)."""
         class_metric = isinstance(self.spec.metric, str) and self.spec.metric in CLASS_METRICS
-        for lo in range(0, self.n, _SCAN_ROWS):
-            hi = min(lo + _SCAN_ROWS, self.n)
+        # batch-sized slices, each from a fresh map: the scan allocates what evaluation
+        # will (larger blocks would raise glibc's mmap threshold and grow the heap)
+        for lo in range(0, self.n, self.batch_size):
+            hi = min(lo + self.batch_size, self.n)
             with safe_open(self.source, framework="pt") as f:
                 part = {n: f.get_slice(n)[lo:hi] for n in self.names}
             check_values(part, self.names, self.spec.target, class_metric,
