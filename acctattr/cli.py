@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -128,7 +127,7 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
     rich_help_panel="Compute")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, metavar="N",
+    "--threads", min=1, max=4096, metavar="N",
     help="CPU threads. Default: OMP_NUM_THREADS when set, else the CPUs other processes "
          "leave idle (at least 1). Results do not depend on it.",
     rich_help_panel="Compute", show_default=False)]
@@ -263,6 +262,33 @@ def run(
     guarded(go)
 
 
+def _check_paths(paths: list[Path], what: str) -> None:
+    """Paths the OS cannot use (symlink loop, NUL, too long) or that are FIFOs or devices
+    are refused before anything reads them; a missing one is left to the command."""
+    from acctattr.files import path_problem
+
+    for p in paths:
+        problem = path_problem(p)
+        if problem is not None and problem != "not found":
+            raise AcctattrError(f"{what} {p}: {problem}")
+
+
+def _check_workdir(workdir: Path | None) -> None:
+    """--workdir: an existing folder, or one that can be created, that takes new files."""
+    if workdir is None:
+        return
+    from acctattr.files import path_problem
+
+    folder = workdir
+    while path_problem(folder) == "not found" and folder.parent != folder:
+        folder = folder.parent  # the nearest existing ancestor is where it will be made
+    problem = path_problem(folder, "folder")
+    if problem is not None:
+        raise AcctattrError(f"--workdir {workdir}: {folder}: {problem}",
+                            "name a folder (or a new one) where replay may write")
+    check_target(folder / ".acctattr-workdir-probe", "--workdir")
+
+
 def _check_output(output: Path | None) -> None:
     """An --output that cannot be written fails before any computing (exit 2)."""
     if output is not None and is_primary():
@@ -351,6 +377,7 @@ def validate(
         if format is Format.markdown:
             raise AcctattrError("validate writes table or json", "use --format table|json")
         _check_output(output)
+        _check_workdir(workdir)
         chosen = None
         if estimator:
             if Estimator.auto in estimator:
@@ -446,6 +473,8 @@ def init(
     def go() -> None:
         from acctattr.runs.scaffold import scaffold
 
+        _check_paths([*paths, *([start] if start is not None else [])], "acctattr init:")
+        _check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
         if not is_primary():
@@ -483,9 +512,7 @@ def main() -> None:
             _err(signals.WORDS[got])
         signals.exit_now(got)
     except (KeyboardInterrupt, signals.Terminated):
-        got = signals.received() or int(signal.SIGINT)
-        _err(signals.WORDS.get(got, "interrupted"))
-        signals.exit_now(got)
+        signals.say_and_exit()
 
 
 if __name__ == "__main__":

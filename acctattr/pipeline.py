@@ -587,7 +587,11 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
         if progress:
             progress(f"retraining without {name}", k, len(names))
         out = workdir / f"without-{k}"
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AcctattrError(f"--workdir {workdir}: cannot make {out} ({e.strerror or e})",
+                                "name a folder (or a new one) where replay may write") from e
         t0 = time.perf_counter()
         try:
             got = replay(name, str(out))

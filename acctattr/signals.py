@@ -85,6 +85,16 @@ def exit_now(signum: int) -> None:
     os._exit(EXIT_CODES.get(signum, 143))
 
 
+def say_and_exit() -> None:
+    """After a signal's exception reached the top: its one line on stderr, then its code."""
+    got = _received if _received is not None else int(signal.SIGINT)
+    try:
+        sys.stderr.write(WORDS.get(got, "interrupted") + "\n")
+    except (OSError, ValueError):
+        pass
+    exit_now(got)
+
+
 def received() -> int | None:
     """The signal received so far, if any."""
     return _received

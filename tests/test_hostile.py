@@ -730,3 +730,22 @@ def test_fuzz_paths_in_the_manifest(run_dir, case):
     r = cli("check", edit(run_dir, put))
     assert r.exit_code in (0, 2), f"{key}={value!r}: exit {r.exit_code}\n{r.stderr}"
     no_traceback(r)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "proc"])
+def test_unusable_workdir_is_refused_before_computing(run_dir, tmp_path, kind):
+    """validate --workdir that is a FIFO or cannot be written: exit 2 before retraining."""
+    work = tmp_path / "w"
+    if kind == "fifo":
+        os.mkfifo(work)
+    else:
+        work = Path("/proc/acctattr-work")
+    refused(cli("validate", manifest(run_dir), "-q", "--workdir", work), "--workdir")
+
+
+def test_init_with_a_symlink_loop_or_fifo(tmp_path):
+    """acctattr init refuses a checkpoint path that is a symlink loop or a FIFO."""
+    _loop(tmp_path / "loop")
+    os.mkfifo(tmp_path / "fifo")
+    refused(cli("init", tmp_path / "loop"), "symlink loop")
+    refused(cli("init", tmp_path / "fifo"))
