@@ -29,6 +29,7 @@ LoRA-sft variants elsewhere (bench/fidelity.py --lm-variants).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -253,16 +254,13 @@ def manifest(scale: int, lora: bool) -> dict:
     }
 
 
-def replay_1x(skip: str | None, out_dir: str) -> str:
-    return replay(skip, out_dir)
-
-
-def replay_4x(skip: str | None, out_dir: str) -> str:
-    return replay(skip, out_dir, scale=4)
-
-
 def replay_lora(skip: str | None, out_dir: str) -> str:
     return replay(skip, out_dir, lora=True)
+
+
+# the manifests' replay functions at each scale bench/scaling.py writes: replay_1x ...
+for _scale in (1, 2, 4, 8, 16, 32):
+    globals()[f"replay_{_scale}x"] = functools.partial(replay, scale=_scale)
 
 
 def _tidy(folder: Path) -> None:
