@@ -113,6 +113,16 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(143) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head``, ``| true``): say so once and make sure
+        # Python's own flush at exit cannot fail on the closed pipe again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        _err("error: stdout was closed before the whole result was written (broken pipe)")
+        raise typer.Exit(2) from None
     except Exception as e:
         if debug:
             traceback.print_exc()

@@ -749,3 +749,14 @@ def test_init_with_a_symlink_loop_or_fifo(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     refused(cli("init", tmp_path / "loop"), "symlink loop")
     refused(cli("init", tmp_path / "fifo"))
+
+
+def test_stdout_closed_early_is_not_an_internal_error(run_dir):
+    """`acctattr run ... | true`: the reader is gone before the result is written; exit 2
+    with one line, no traceback (not exit 3)."""
+    proc = _start(["run", str(manifest(run_dir)), "-q", "-f", "json", "--estimator", "naive"])
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 2, err
+    assert "broken pipe" in err and "Traceback" not in err
