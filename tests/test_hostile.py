@@ -525,7 +525,8 @@ def test_output_symlink_is_written_through(run_dir, tmp_path):
     assert not list(target.parent.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("kind", ["fifo", "folder", "loop", "proc", "dangling-into-nowhere"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "loop", "proc", "dangling-into-nowhere",
+                                  "long-name"])
 def test_unwritable_output_is_refused_before_computing(run_dir, tmp_path, kind):
     """--output that is a FIFO, a folder, a symlink loop, in a folder nobody can write
     (/proc), or a symlink into a missing folder: exit 2 before any computing (the eval data
@@ -539,6 +540,8 @@ def test_unwritable_output_is_refused_before_computing(run_dir, tmp_path, kind):
         _loop(out)
     elif kind == "proc":
         out = Path("/proc/acctattr-out.json")
+    elif kind == "long-name":
+        out = tmp_path / ("o" * 300 + ".json")
     else:
         out.symlink_to(tmp_path / "nowhere" / "x.json")
     (run_dir / "data" / "eval.safetensors").write_bytes(b"garbage")
