@@ -763,3 +763,22 @@ def test_stdout_closed_early_is_not_an_internal_error(run_dir):
     proc.wait(timeout=60)
     assert proc.returncode == 2, err
     assert "broken pipe" in err and "Traceback" not in err
+
+
+def test_diff_gate_fails_closed_on_an_undefined_effect(run_dir, tmp_path):
+    """diff --fail-on-growth trips (exit 1, reason in JSON) when a stage in both results
+    has a null effect; without the gate the diff still exits 0."""
+    r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive")
+    good = tmp_path / "good.json"
+    good.write_text(r.stdout)
+    doc = json.loads(r.stdout)
+    doc["stages"][0]["effect"] = None
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(doc))
+    for old, new in ((good, broken), (broken, good)):
+        g = cli("diff", old, new, "--fail-on-growth", "1000", "-f", "json")
+        assert g.exit_code == 1, g.stderr
+        no_traceback(g)
+        assert "fail closed" in g.stderr
+        assert "undefined effect" in json.loads(g.stdout)["gate"]["reason"]
+    assert cli("diff", good, broken).exit_code == 0

@@ -91,9 +91,17 @@ class Diff:
         return self.stages[0] if self.stages else None
 
     @property
+    def undefined(self) -> tuple[StageChange, ...]:
+        """Stages in both results whose harm growth is NaN or infinite (an effect written as
+        null): a gate cannot show they stayed below the threshold, so it trips on them."""
+        return tuple(c for c in self.stages if not math.isfinite(c.harm_growth))
+
+    @property
     def tripped(self) -> bool:
         w = self.worst
-        return self.threshold is not None and w is not None and w.harm_growth > self.threshold
+        if self.threshold is None or w is None:
+            return False
+        return bool(self.undefined) or w.harm_growth > self.threshold
 
 
 def _bad(path: str, what: str) -> AcctattrError:

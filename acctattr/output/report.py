@@ -282,6 +282,11 @@ def diff_dict(d: Diff) -> dict[str, Any]:
         doc["gate"] = {"threshold": _num(d.threshold), "tripped": d.tripped,
                        "stage": None if w is None else w.name,
                        "harm_growth": None if w is None else _num(w.harm_growth)}
+        if d.undefined:  # fail closed: the gate tripped on a stage it could not check
+            doc["gate"]["stage"] = d.undefined[0].name
+            doc["gate"]["harm_growth"] = None
+            doc["gate"]["reason"] = (f"stage '{d.undefined[0].name}' has an undefined "
+                                     "effect in the old or new result")
     return doc
 
 
@@ -295,6 +300,11 @@ def describe_growth(d: Diff) -> str:
     if w is None:
         return (f"gate passed: no stage is in both results, so no harm could grow by more "
                 f"than {d.threshold:g}")
+    if d.tripped and d.undefined:
+        u = d.undefined[0]
+        return (f"gate tripped (fail closed): stage '{printable(u.name)}': its effect is "
+                f"undefined (null, NaN or infinite) in the old or new result, so the growth "
+                f"of its harm is unknown; a gate cannot pass on numbers it cannot check")
     if d.tripped:
         more = sum(c.harm_growth > (d.threshold or 0) for c in d.stages) - 1
         extra = f" (and {more} more)" if more else ""
