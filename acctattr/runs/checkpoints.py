@@ -124,9 +124,12 @@ def resolve_checkpoint_file(path: Path) -> Path:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
+        from acctattr.runs.formats import describe_folder
+
         raise CheckpointError(
-            f"{path}: no model weights found in this folder",
-            f"expected one of {', '.join(_FOLDER_FILES)} (or a single *.safetensors file)")
+            f"{path}: no model weights found in this folder ({describe_folder(path)})",
+            f"expected one of {', '.join(_FOLDER_FILES)} (or a single *.safetensors file); "
+            "acctattr init drafts a manifest from such a folder")
     raise CheckpointError(f"{path}: checkpoint not found")
 
 

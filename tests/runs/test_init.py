@@ -1,0 +1,192 @@
+"""acctattr init on the folders real tools leave behind: Trainer output_dirs, a run root,
+PEFT adapters, Lightning checkpoint folders; check names what a weightless folder holds."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from acctattr.cli import app
+from acctattr.runs import formats
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from formats_runs import (  # noqa: E402
+    EVAL_LIGHTNING,
+    EVAL_TOKENS,
+    write_lightning_root,
+    write_trainer_root,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trainer_root(tmp_path_factory):
+    return write_trainer_root(tmp_path_factory.mktemp("trainer") / "run")
+
+
+@pytest.fixture(scope="module")
+def lightning_root(tmp_path_factory):
+    pytest.importorskip("lightning")
+    return write_lightning_root(tmp_path_factory.mktemp("lightning") / "run")
+
+
+def _todos(manifest) -> list[str]:
+    res = runner.invoke(app, ["check", str(manifest)])
+    assert res.exit_code == 2, res.output
+    return sorted(line.split(": still")[0].strip(" -")
+                  for line in res.stderr.splitlines() if "TODO(acctattr)" in line)
+
+
+def _draft(args, out) -> dict:
+    res = runner.invoke(app, ["init", *map(str, args), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    return yaml.safe_load(out.read_text())
+
+
+def _run_json(manifest) -> str:
+    res = runner.invoke(app, ["run", str(manifest), "--format", "json", "-q"])
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+def _filled(doc: dict, eval_: dict, path) -> None:
+    doc["eval"] = eval_
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_init_trainer_run_root_matches_hand_written(trainer_root):
+    """init on a run root of Trainer output_dirs (a resumed stage, a LoRA stage) drafts
+    steps, continues, clipping, batch, intermediate checkpoints and model.hf; check then
+    lists only the eval TODOs, and once they are filled run gives the hand-written JSON."""
+    root = trainer_root["root"]
+    out = root / "drafted.yaml"
+    doc = _draft([root], out)
+    assert _todos(out) == ["eval.data", "eval.inputs", "eval.target"]
+    assert "# data: TRAIN.safetensors" in out.read_text()
+    hand = trainer_root["hand"]
+    assert doc["model"] == hand["model"]
+    assert doc["stages"] == hand["stages"]
+    _filled(doc, EVAL_TOKENS, out)
+    (root / "manifest.yaml").write_text(yaml.safe_dump(hand, sort_keys=False))
+    assert _run_json(out) == _run_json(root / "manifest.yaml")
+
+
+def test_init_trainer_output_dirs_one_by_one(trainer_root, tmp_path):
+    """The same run named stage by stage (output_dirs, --start) drafts the same stages."""
+    root = trainer_root["root"]
+    out = root / "drafted2.yaml"
+    doc = _draft(["--start", root / "init", root / "pretrain", root / "sft", root / "lora"],
+                 out)
+    assert doc["stages"] == trainer_root["hand"]["stages"]
+    # a single checkpoint-N folder names its output_dir's stage
+    one = _draft(["--start", root / "init", root / "pretrain" / "checkpoint-6"],
+                 tmp_path / "one.yaml")
+    assert one["stages"][0]["name"] == "pretrain"
+    assert one["stages"][0]["optimizer"]["steps"] == 6
+
+
+def test_init_peft_adapter_folder(trainer_root, tmp_path):
+    """A PEFT adapter folder (save_pretrained) is an adapter stage with no optimizer."""
+    src = trainer_root["root"] / "lora" / "checkpoint-4"
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / name, adapter)
+    doc = _draft(["--start", trainer_root["root"] / "sft" / "checkpoint-10", adapter],
+                 tmp_path / "m.yaml")
+    assert doc["stages"] == [{"name": "my-adapter", "start": os.path.relpath(
+        trainer_root["root"] / "sft" / "checkpoint-10", tmp_path), "end": {
+        "adapter": "my-adapter"}}]
+    assert doc["model"] == {"hf": os.path.relpath(trainer_root["root"] / "sft" /
+                                                  "checkpoint-10", tmp_path)}
+
+
+def test_init_lightning_folder_matches_hand_written(lightning_root):
+    """init on a folder of Lightning runs (lightning_logs/version_0/checkpoints/...) names
+    stages after their folders, replays the saved scheduler to the lrs the steps used,
+    sees the resumed stage (continues), and agrees with the hand-written manifest; only the
+    model factory (a .ckpt holds no architecture) and eval are left to fill."""
+    root = lightning_root["root"]
+    out = root / "drafted.yaml"
+    doc = _draft([root], out)
+    assert _todos(out) == ["eval.data", "eval.inputs", "eval.target", "model.factory"]
+    hand = lightning_root["hand"]
+    assert [s["name"] for s in doc["stages"]] == ["pretrain", "finetune"]
+    for got, want in zip(doc["stages"], hand["stages"], strict=True):
+        assert got["optimizer"]["lr"] == pytest.approx(want["optimizer"]["lr"], rel=1e-12)
+        got["optimizer"]["lr"] = want["optimizer"]["lr"]
+    assert doc["stages"] == hand["stages"]
+    doc["model"] = hand["model"]
+    _filled(doc, EVAL_LIGHTNING, out)
+    (root / "manifest.yaml").write_text(yaml.safe_dump(hand, sort_keys=False))
+    assert _run_json(out) == _run_json(root / "manifest.yaml")
+
+
+def test_init_names_lightning_files_after_their_folder(lightning_root, tmp_path):
+    """Given the .ckpt files themselves, stages are named after the run folders."""
+    ends = lightning_root["ends"]
+    doc = _draft(["--start", lightning_root["root"] / "init.safetensors", ends["pretrain"],
+                  ends["finetune"]], tmp_path / "m.yaml")
+    assert [s["name"] for s in doc["stages"]] == ["pretrain", "finetune"]
+    assert doc["stages"][1]["optimizer"]["continues"] is True
+    assert doc["stages"][1]["optimizer"]["steps"] == 4
+
+
+@pytest.mark.parametrize("which,expect", [("trainer", "checkpoint-6"),
+                                           ("lightning", "epoch=1-step=6.ckpt")])
+def test_check_names_what_a_weightless_folder_holds(trainer_root, lightning_root, tmp_path,
+                                                    which, expect):
+    """check on an end folder holding checkpoint-N folders or .ckpt files names them."""
+    if which == "trainer":
+        base, end = trainer_root["root"], "pretrain"
+        doc = {"version": 1, "model": {"hf": "init"},
+               "stages": [{"name": "a", "start": "init", "end": end,
+                           "optimizer": {"type": "adamw", "steps": 6, "lr": 0.01}}],
+               "eval": EVAL_TOKENS}
+    else:
+        base, end = lightning_root["root"], "pretrain"
+        doc = {"version": 1, "model": {"factory": "model.py:build"},
+               "stages": [{"name": "a", "start": "init.safetensors", "end": end,
+                           "optimizer": {"type": "adamw", "steps": 6, "lr": 0.01}}],
+               "eval": EVAL_LIGHTNING}
+    path = base / f"weightless-{which}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = runner.invoke(app, ["check", str(path)])
+    assert res.exit_code == 2
+    assert "no model weights found" in res.stderr and expect in res.stderr
+
+
+def test_training_args_are_scanned_never_unpickled(tmp_path):
+    """training_args.bin is read by its opcodes: a pickle that would run code gives the
+    plain values beside it and runs nothing."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    state = {"max_grad_norm": 0.25, "gradient_accumulation_steps": 3, "evil": Evil(),
+             "per_device_train_batch_size": 16, "optim": "adamw_torch"}
+    torch.save(state, tmp_path / "training_args.bin")
+    got = formats.training_args(tmp_path)
+    assert got == {"max_grad_norm": 0.25, "gradient_accumulation_steps": 3,
+                   "per_device_train_batch_size": 16, "optim": "adamw_torch"}
+    (tmp_path / "training_args.bin").write_bytes(pickle.dumps(state)[:20])
+    assert formats.training_args(tmp_path) == {}
+    assert not marker.exists()
+
+
+def test_init_on_a_folder_without_checkpoints_names_what_is_there(tmp_path):
+    """A folder with nothing to draft from is exit 2, listing its contents."""
+    (tmp_path / "notes.txt").write_text("x")
+    res = runner.invoke(app, ["init", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "notes.txt" in res.stderr
