@@ -128,11 +128,23 @@ BatchOpt = Annotated[int | None, typer.Option(
     rich_help_panel="Compute", show_default=False)]
 
 
-def _runtime(device: str, threads: int | None, batch_size: int | None) -> Runtime:
-    """The compute options; the thread count defaults as devices.default_threads says."""
-    from acctattr.devices import default_threads
+def _runtime(device: str, threads: int | None, batch_size: int | None,
+             check: bool = False) -> Runtime:
+    """The compute options; the thread count defaults as devices.default_threads says.
+    ``check``: resolve --device now, so a wrong one fails before any computing."""
+    from acctattr.devices import default_threads, resolve
 
+    if check:
+        resolve(device, from_env()[2])
     return Runtime(device=device, threads=threads or default_threads(), batch_size=batch_size)
+
+
+def _check_output(output: Path | None, option: str = "--output") -> None:
+    """A result file that cannot be written fails before any computing (exit 2)."""
+    if output is not None:
+        from acctattr.output.atomic import check_target
+
+        check_target(output, option)
 
 
 @app.command()
@@ -211,6 +223,7 @@ def run(
         from acctattr import pipeline
         from acctattr.output import report
 
+        _check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         if plot is not None:
             from acctattr.output import plots
@@ -218,7 +231,10 @@ def run(
             plots.check_target(plot)
         config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
-        runtime = _runtime(device, threads, batch_size)
+        runtime = _runtime(device, threads, batch_size, check=True)
+        if per_example and format is not Format.json:
+            _err(f"warning: --per-example adds every example's effects to JSON only; the "
+                 f"{format.value} output shows stages and groups (use --format json)")
         with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
@@ -292,17 +308,22 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
     """Bad gate options fail before any computing (exit 2)."""
     from acctattr.output import gates
 
+    gates.z_value(confidence)
     if fail_on_harm is None:
         if gate_stage is not None or gate_group is not None:
             raise AcctattrError("--gate-stage and --gate-group choose what --fail-on-harm "
                                 "checks", "add --fail-on-harm X")
         return
-    gates.z_value(confidence)
-    if gate_stage is not None:
+    gates.check_threshold(fail_on_harm)
+    if gate_stage is not None or gate_group is not None:
+        from acctattr.evaluation.data import group_names
         from acctattr.runs.manifest import load_manifest
 
-        names = [s.name for s in load_manifest(manifest).stages]
-        gates.check_stage_name(gate_stage, names)
+        m = load_manifest(manifest)
+        gates.check_stage_name(gate_stage, [s.name for s in m.stages])
+        if gate_group is not None:
+            gates.check_group_name(gate_group, m.eval.group is not None,
+                                   group_names(m.eval))
 
 
 @app.command()
@@ -334,13 +355,16 @@ def validate(
 
         if format is Format.markdown:
             raise AcctattrError("validate writes table or json", "use --format table|json")
+        _check_output(output)
+        if workdir is not None and workdir.exists() and not workdir.is_dir():
+            raise AcctattrError(f"--workdir {workdir}: is a file, not a folder")
         chosen = None
         if estimator:
             if Estimator.auto in estimator:
                 raise AcctattrError("validate measures concrete estimators, not auto",
                                     "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
-        runtime = _runtime(device, threads, batch_size)
+        runtime = _runtime(device, threads, batch_size, check=True)
         with report.progress_bar(not quiet, show_progress) as progress:
             v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
                                   runtime=runtime)
@@ -374,6 +398,7 @@ def diff(
         from acctattr.output import diff as diffs
         from acctattr.output import report
 
+        _check_output(output)
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
             _err(f"warning: {w}")
@@ -428,6 +453,7 @@ def init(
     def go() -> None:
         from acctattr.runs.scaffold import scaffold
 
+        _check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
         if not is_primary():
