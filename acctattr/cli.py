@@ -38,8 +38,21 @@ class Format(str, Enum):
     markdown = "markdown"
 
 
+class TableOrJson(str, Enum):
+    table = "table"
+    json = "json"
+
+
 class Estimator(str, Enum):
     auto = "auto"
+    naive = "naive"
+    frozen = "frozen"
+    unrolled = "unrolled"
+
+
+class Concrete(str, Enum):
+    """The estimators validate can measure (auto is a choice among them)."""
+
     naive = "naive"
     frozen = "frozen"
     unrolled = "unrolled"
@@ -113,7 +126,8 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(3) from None
 
 
-ManifestArg = Annotated[Path, typer.Argument(help="The run's manifest.yaml.", show_default=False)]
+ManifestArg = Annotated[Path, typer.Argument(
+    help="The run's manifest.yaml.", metavar="MANIFEST", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="cpu|cuda|cuda:N|mps|auto",
     help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
@@ -145,6 +159,25 @@ def _check_output(output: Path | None, option: str = "--output") -> None:
         from acctattr.output.atomic import check_target
 
         check_target(output, option)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("acctattr")
+        except PackageNotFoundError:
+            from acctattr import __version__ as text
+        print(f"acctattr {text}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print acctattr's version and exit.")] = False) -> None:
+    """Which training stage is accountable for how a model behaves."""
 
 
 @app.command()
@@ -183,7 +216,8 @@ def run(
     = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png|FILE.svg",
-        help="Also draw the effects (needs acctattr[plot]).")] = None,
+        help="Also draw the effects (needs matplotlib: pip install "
+             "'acctattr\\[plot]').")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
     show_progress: Annotated[bool, typer.Option(
         "--progress", help="Progress on stderr even when it is not a terminal (a CI log); "
@@ -253,7 +287,7 @@ def run(
         elif format is Format.markdown:
             text = report.to_markdown(result, gate)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.to_table(result, color=color, width=_terminal_width(output))
         _emit(text, output)
         if plot is not None and is_primary():
@@ -267,6 +301,12 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _color(output: Path | None) -> bool:
+    """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
+    an empty NO_COLOR does not turn colour off)."""
+    return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def _terminal_width(output: Path | None) -> int | None:
@@ -329,11 +369,11 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
 @app.command()
 def validate(
     manifest: ManifestArg,
-    estimator: Annotated[list[Estimator] | None, typer.Option(
+    estimator: Annotated[list[Concrete] | None, typer.Option(
         "--estimator", help="Estimators to measure (repeat the option). Default: every one "
         "the manifest allows.", show_default=False)] = None,
-    format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] =
-    Format.table,
+    format: Annotated[TableOrJson, typer.Option("--format", "-f", help="Output format.")] =
+    TableOrJson.table,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the table to FILE (atomically) instead of stdout.")]
     = None,
@@ -353,25 +393,20 @@ def validate(
         from acctattr import pipeline
         from acctattr.output import report
 
-        if format is Format.markdown:
-            raise AcctattrError("validate writes table or json", "use --format table|json")
         _check_output(output)
         if workdir is not None and workdir.exists() and not workdir.is_dir():
             raise AcctattrError(f"--workdir {workdir}: is a file, not a folder")
         chosen = None
         if estimator:
-            if Estimator.auto in estimator:
-                raise AcctattrError("validate measures concrete estimators, not auto",
-                                    "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
         runtime = _runtime(device, threads, batch_size, check=True)
         with report.progress_bar(not quiet, show_progress) as progress:
             v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
                                   runtime=runtime)
-        if format is Format.json:
+        if format is TableOrJson.json:
             text = report.validation_to_json(v)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.validation_to_table(v, color=color, width=110)
         _emit(text, output)
 
@@ -407,7 +442,7 @@ def diff(
         elif format is Format.markdown:
             text = report.diff_to_markdown(d)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.diff_to_table(d, color=color)
         _emit(text, output)
         if fail_on_growth is not None:
@@ -439,16 +474,24 @@ def check(manifest: ManifestArg) -> None:
 @app.command()
 def init(
     paths: Annotated[list[Path], typer.Argument(
-        help="Each stage's end checkpoint, in training order: Hugging Face Trainer folders, "
-             "PEFT adapter folders, Lightning .ckpt files, weight folders.",
-        show_default=False)],
+        help="Each stage's end checkpoint, in training order, or a folder holding them: "
+             "Hugging Face Trainer output_dirs (checkpoint-N/ inside) or checkpoint-N "
+             "folders, PEFT adapter folders, Lightning .ckpt files or folders of them, a run "
+             "root with one folder per stage, weight folders.",
+        metavar="PATH...", show_default=False)],
     start: Annotated[Path | None, typer.Option(
         help="The checkpoint before the first stage.")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the manifest to FILE (atomically) instead of stdout.")]
     = None,
 ) -> None:
-    """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr)."""
+    """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr).
+
+    PATH: each stage's end, in training order, or a folder holding stages: a Hugging Face
+    Trainer output_dir (its last checkpoint-N is the end, the others intermediate
+    checkpoints), a run root with one folder per stage, a PEFT adapter folder, a folder of
+    Lightning .ckpt files, a folder of weights.
+    """
 
     def go() -> None:
         from acctattr.runs.scaffold import scaffold
