@@ -513,6 +513,24 @@ def init(
     guarded(go)
 
 
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the schema to FILE (atomically) instead of stdout.")]
+    = None,
+) -> None:
+    """Print the manifest's JSON Schema, for editors: save it and start a manifest with
+    # yaml-language-server: $schema=acctattr.schema.json"""
+
+    def go() -> None:
+        from acctattr.runs.schema import schema_text
+
+        _check_output(output)
+        _emit(schema_text(), output)
+
+    guarded(go)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
