@@ -506,7 +506,7 @@ def init(
             _err(f"wrote {output}")
         else:
             sys.stdout.write(text)
-        n = text.count("TODO(acctattr)")
+        n = text.count("TODO(acctattr):")
         if n:
             _err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
 

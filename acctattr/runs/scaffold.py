@@ -199,6 +199,12 @@ def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
                 else:
                     stages.append(st)
         stages += _lightning_stages([f for f in files if f.suffix == ".ckpt"], path)
+    if not stages and top and len(starts) > 1:
+        # only plain weights (save_pretrained / save_model folders): the oldest is the start
+        starts.sort(key=lambda q: (_mtime(q), q.name))
+        stages = [_Stage(q.stem if q.is_file() else q.name, q, formats.kind(q))
+                  for q in starts[1:]]
+        starts = starts[:1]
     if not stages:
         lone = sorted(path.glob("*.safetensors"))
         if len(lone) == 1 and not subs:
@@ -460,8 +466,9 @@ def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
                        notes: list[str]) -> tuple[dict, list[dict]]:
     end = f.end
     state_file = end / "optimizer.pt"
+    args = formats.training_args(end)
     typ, hp = (_optimizer_type(load_torch_file(state_file), "adamw")
-               if state_file.is_file() else (todo("sgd, adam or adamw"), []))
+               if state_file.is_file() else (_optim_name(args.get("optim")), []))
     try:
         steps = formats.trainer_stage_steps(prev, end)
         resumed = formats.trainer_resumed(prev, end)
@@ -480,7 +487,6 @@ def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
         opt["state"] = rel(state_file)
     if resumed:
         opt["continues"] = True
-    args = formats.training_args(end)
     clip = args.get("max_grad_norm")
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
         opt["max_grad_norm"] = float(clip) if clip > 0 else None
@@ -512,6 +518,18 @@ def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
         if 1 <= step < steps:
             ckpts.append({"step": step, "path": rel(c)})
     return opt, ckpts
+
+
+def _optim_name(optim: Any) -> str:
+    """The manifest's optimizer type for TrainingArguments.optim (adamw_torch, sgd, ...)."""
+    if isinstance(optim, str):
+        if optim.startswith("adamw"):
+            return "adamw"
+        if optim == "sgd":
+            return "sgd"
+        return todo(f"sgd, adam or adamw (the Trainer ran optim={optim}, which acctattr does "
+                    "not model)")
+    return todo("sgd, adam or adamw (no optimizer.pt in the folder)")
 
 
 def _lightning_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,

@@ -190,3 +190,37 @@ def test_init_on_a_folder_without_checkpoints_names_what_is_there(tmp_path):
     res = runner.invoke(app, ["init", str(tmp_path)])
     assert res.exit_code == 2
     assert "notes.txt" in res.stderr
+
+
+def test_init_run_root_of_user_named_lightning_files(tmp_path):
+    """A folder holding init.safetensors, a.ckpt, b.ckpt (and eval data, which is not
+    taken for weights): start init.safetensors, stages a then b, steps and lr drafted."""
+    pytest.importorskip("lightning")
+    from formats_runs import write_lightning_run
+
+    manifest = write_lightning_run(tmp_path / "run")
+    out = tmp_path / "run" / "drafted.yaml"
+    doc = _draft([tmp_path / "run"], out)
+    hand = yaml.safe_load(manifest.read_text())
+    assert [s["name"] for s in doc["stages"]] == ["a", "b"]
+    assert doc["stages"][0]["start"] == "init.safetensors"
+    for got, want in zip(doc["stages"], hand["stages"], strict=True):
+        assert got["optimizer"] == want["optimizer"]
+    assert _todos(out) == ["eval.data", "eval.inputs", "eval.target", "model.factory"]
+
+
+def test_init_run_root_of_saved_models(trainer_root, tmp_path):
+    """A root of save_pretrained folders only: the oldest is the start, the others stages."""
+    from formats_runs import tiny_gpt2
+
+    root = tmp_path / "saved"
+    tiny_gpt2().save_pretrained(root / "base")
+    for f in (root / "base").iterdir():  # written long before the tuned model
+        os.utime(f, (1, 1))
+    shutil.copytree(trainer_root["root"] / "sft" / "checkpoint-10", root / "tuned",
+                    ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json",
+                                                  "scheduler.pt", "rng_state.pth"))
+    doc = _draft([root], tmp_path / "m.yaml")
+    assert doc["stages"][0]["start"] == "saved/base"
+    assert [s["name"] for s in doc["stages"]] == ["tuned"]
+    assert doc["model"] == {"hf": "saved/tuned"}
