@@ -217,11 +217,38 @@ def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
             "name each stage's end checkpoint (a Trainer output_dir or checkpoint-N folder, "
             "a PEFT adapter folder, a Lightning .ckpt, a folder of weights)")
     if len(stages) > 1:
-        stages.sort(key=lambda st: (_mtime(st.end), st.name))
+        numbers = [_number(st.name) for st in stages]
+        if None not in numbers and len(set(numbers)) == len(numbers):
+            order = "by the numbers in their names"
+            stages.sort(key=lambda st: _number(st.name) or 0)
+        else:
+            order = "by when each last checkpoint was written"
+            stages.sort(key=lambda st: (_mtime(st.end), st.name))
         for st in stages:
-            st.how += f" (one of {len(stages)} stages in {path.name}/, ordered by when each "\
-                      "last checkpoint was written)"
+            st.how += f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
     return stages, starts
+
+
+def _number(name: str) -> int | None:
+    """The number a stage folder is named by (01-pretrain, stage2), if any."""
+    found = re.search(r"\d+", name)
+    return int(found.group()) if found else None
+
+
+_START_NAMES = re.compile(r"(init|base|start|pretrained|original|before)", re.IGNORECASE)
+
+
+def _pick_start(starts: list[Path]) -> Path | None:
+    """The run root's start checkpoint among plain-weight candidates: the only one; else the
+    only one named like a start (init, base, ...); else the only folder (a loose float
+    .safetensors file may be data)."""
+    if len(starts) == 1:
+        return starts[0]
+    for pick in ([q for q in starts if _START_NAMES.search(q.name)],
+                 [q for q in starts if q.is_dir()]):
+        if len(pick) == 1:
+            return pick[0]
+    return None
 
 
 def _has_state(end: Path) -> bool:
@@ -359,10 +386,14 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
         found += in_p
         starts += cand
     notes: list[str] = []
-    if start is None and len(starts) == 1:
-        start = starts[0]
-        notes.append(f"start {rel(start)}: the run root's only plain-weights checkpoint "
-                     "(no optimizer state beside it)")
+    picked = _pick_start(starts) if start is None else None
+    if picked is not None:
+        start = picked
+        notes.append(f"start {rel(start)}: the run root's plain-weights checkpoint (no "
+                     "optimizer state beside it)")
+    elif start is None and starts:
+        notes.append("start: several plain-weights checkpoints could be the start ("
+                     + ", ".join(rel(q) for q in starts) + "); pass --start")
     seen: set[str] = set()
     stages: list[dict[str, Any]] = []
     prev: Path | None = start

@@ -224,3 +224,21 @@ def test_init_run_root_of_saved_models(trainer_root, tmp_path):
     assert doc["stages"][0]["start"] == "saved/base"
     assert [s["name"] for s in doc["stages"]] == ["tuned"]
     assert doc["model"] == {"hf": "saved/tuned"}
+
+
+def test_init_run_root_ordered_by_numbered_names(trainer_root, tmp_path):
+    """Stage folders named 1-..., 2-... are ordered by their numbers whatever their file
+    times (a copied run), and a float data file beside init/ is not taken for the start."""
+    from safetensors.torch import save_file
+
+    src = trainer_root["root"]
+    root = tmp_path / "copied"
+    shutil.copytree(src / "init", root / "init")
+    shutil.copytree(src / "pretrain", root / "2-pretrain")
+    shutil.copytree(src / "lora", root / "3-lora")
+    for f in (root / "2-pretrain").rglob("*"):
+        os.utime(f, (2e9, 2e9))  # written "after" the adapter
+    save_file({"x": torch.zeros(3, 2)}, root / "features.safetensors")
+    doc = _draft([root], tmp_path / "m.yaml")
+    assert [s["name"] for s in doc["stages"]] == ["2-pretrain", "3-lora"]
+    assert doc["stages"][0]["start"] == "copied/init"
