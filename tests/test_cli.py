@@ -206,11 +206,15 @@ def test_check_passes_on_a_valid_run(runner):
 def test_no_color_removes_ansi_escapes(runner, monkeypatch):
     """On a terminal the table is coloured, and with NO_COLOR set it has no ANSI escapes."""
     # the runner's stdout wrapper: typer's own where typer vendors click, else click's
-    wrapper = getattr(typer.testing, "_NamedTextIOWrapper", None)
-    if wrapper is None:
-        import click.testing
+    import importlib
 
-        wrapper = click.testing._NamedTextIOWrapper
+    for where in ("typer.testing", "typer._click.testing", "click.testing"):
+        try:
+            wrapper = getattr(importlib.import_module(where), "_NamedTextIOWrapper", None)
+        except ImportError:
+            wrapper = None
+        if wrapper is not None:
+            break
     monkeypatch.setattr(wrapper, "isatty", lambda self: True, raising=False)
     env = {"TERM": "xterm-256color", "NO_COLOR": None, "FORCE_COLOR": None}
     coloured = invoke(runner, "run", DIGITS, "-q", env=env)
