@@ -526,6 +526,8 @@ def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
         batch = args["per_device_train_batch_size"]
     if batch is not None:
         opt["batch_size"] = batch
+        notes.append(f"stage '{name}': batch_size {batch} is per process; trained on several "
+                     "processes (GPUs), multiply it by their number")
     accum = args.get("gradient_accumulation_steps")
     if isinstance(accum, int) and not isinstance(accum, bool) and accum > 1:
         opt["grad_accumulation"] = accum
