@@ -188,8 +188,6 @@ def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
     if nested and not any(formats.trainer_checkpoints(s) for s in subs):
         # a folder of Lightning checkpoints: one stage per run folder or user-named file
         stages = _lightning_stages(nested, path)
-        if len(stages) == 1 and _LIGHTNING_AUTO.match(stages[0].end.stem):
-            stages[0].name = name
     elif top:
         for sub in subs:
             found, _ = _stages_in(sub, top=False)

@@ -242,3 +242,51 @@ def test_init_run_root_ordered_by_numbered_names(trainer_root, tmp_path):
     doc = _draft([root], tmp_path / "m.yaml")
     assert [s["name"] for s in doc["stages"]] == ["2-pretrain", "3-lora"]
     assert doc["stages"][0]["start"] == "copied/init"
+
+
+def test_init_lightning_per_epoch_scheduler(tmp_path):
+    """A StepLR stepped per epoch (Lightning interval "epoch") is replayed to the lr every
+    optimizer step used, and the stage is named after its folder."""
+    L = pytest.importorskip("lightning")
+    from formats_runs import LIGHTNING_MODEL_PY
+    from lightning.pytorch.callbacks import Callback
+    from safetensors.torch import save_file
+
+    lrs: list[float] = []
+
+    class Rec(Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    class Module(L.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.model = net
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    ns: dict = {}
+    exec(LIGHTNING_MODEL_PY, ns)
+    net = ns["build"]()
+    root = tmp_path / "run"
+    root.mkdir()
+    save_file(dict(net.state_dict()), root / "init.safetensors")
+    g = torch.Generator().manual_seed(1)
+    ds = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=g),
+                                        torch.randint(0, 3, (24,), generator=g))
+    L.Trainer(accelerator="cpu", max_epochs=3, default_root_dir=root / "ft", logger=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[Rec()]).fit(
+        Module(net), torch.utils.data.DataLoader(ds, batch_size=8))
+    doc = _draft([root], tmp_path / "m.yaml")
+    (stage,) = doc["stages"]
+    assert stage["name"] == "ft" and stage["start"] == "run/init.safetensors"
+    assert stage["optimizer"]["steps"] == 9 and stage["optimizer"]["type"] == "sgd"
+    assert len(set(lrs)) == 3
+    assert stage["optimizer"]["lr"] == pytest.approx(lrs, rel=1e-12)
