@@ -221,9 +221,14 @@ def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
             stages.sort(key=lambda st: _number(st.name) or 0)
         else:
             order = "by when each last checkpoint was written"
+            times = [_mtime(st.end) for st in stages]
+            if max(times) - min(times) < 2.0:
+                order += (", but those times are within 2 s of each other (a copy or a "
+                          "checkout?): the order is a guess, put the stages in training order")
             stages.sort(key=lambda st: (_mtime(st.end), st.name))
         for st in stages:
-            st.how += f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
+            st.how = (st.how or formats.kind(st.end)) + \
+                f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
     return stages, starts
 
 
