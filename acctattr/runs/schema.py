@@ -1,4 +1,4 @@
-"""A JSON Schema (draft 2020-12) of manifest v1, for editors (``acctattr schema``).
+"""A JSON Schema of manifest v1 (``acctattr schema``), draft-07: what editors read.
 
 It says what ``manifest.py`` accepts, key for key: the tests hold every property set here
 equal to manifest.py's allowed keys, and validate the sample manifests against it. What a
@@ -133,7 +133,7 @@ TOP_PROPS: dict[str, Any] = {
 def manifest_schema() -> dict[str, Any]:
     """The JSON Schema of manifest v1."""
     return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "acctattr manifest, version 1",
         **_obj(TOP_PROPS, ["version", "model", "stages", "eval"]),
     }
