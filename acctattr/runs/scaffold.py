@@ -73,6 +73,7 @@ class _Stage:
     kind: str
     checkpoints: list[Path] = field(default_factory=list)
     how: str = ""
+    guessed: bool = False  # ordered by file times that say nothing (a copy, a checkout)
 
 
 # ------------------------------------------------------------------ finding the stages
@@ -222,14 +223,64 @@ def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
         else:
             order = "by when each last checkpoint was written"
             times = [_mtime(st.end) for st in stages]
+            stages.sort(key=lambda st: (_mtime(st.end), st.name))
             if max(times) - min(times) < 2.0:
+                for st in stages:
+                    st.guessed = True
                 order += (", but those times are within 2 s of each other (a copy or a "
                           "checkout?): the order is a guess, put the stages in training order")
-            stages.sort(key=lambda st: (_mtime(st.end), st.name))
         for st in stages:
             st.how = (st.how or formats.kind(st.end)) + \
                 f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
     return stages, starts
+
+
+def _fingerprint(path: Path) -> dict[str, Any] | None:
+    """A few thousand weights of a checkpoint (the first elements of its first floating
+    tensors by name), to tell which checkpoint another started from; None if unreadable."""
+    import torch
+
+    from acctattr.runs.checkpoints import open_checkpoint
+
+    try:
+        reader = open_checkpoint(path)
+        out = {}
+        for name in sorted(reader.names())[:64]:
+            t = reader.get(name, check_finite=False)
+            if t.is_floating_point():
+                out[name] = t.reshape(-1)[:4096].to(torch.float64).clone()
+        return out or None
+    except (CheckpointError, OSError, RuntimeError):
+        return None
+
+
+def _chain(stages: list[_Stage], start: Path) -> list[_Stage] | None:
+    """Stages in training order by their weights: from the start, each next stage is the one
+    whose earliest checkpoint (first intermediate, else its end) is nearest to the current
+    end. None when a stage is not plain weights or a checkpoint cannot be read."""
+    if any(st.kind not in ("hf-trainer", "hf-model", "weights") for st in stages):
+        return None
+    current = _fingerprint(start)
+    firsts = {id(st): _fingerprint(st.checkpoints[0] if st.checkpoints else st.end)
+              for st in stages}
+    ends = {id(st): _fingerprint(st.end) for st in stages}
+    if current is None or any(v is None for v in [*firsts.values(), *ends.values()]):
+        return None
+
+    def distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+        keys = sorted(set(a) & set(b))
+        if not keys or any(a[k].shape != b[k].shape for k in keys):
+            return float("inf")
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+
+    left, out = list(stages), []
+    while left:
+        fp = current
+        best = min(left, key=lambda st: distance(fp, firsts[id(st)]))  # type: ignore[arg-type]
+        out.append(best)
+        left.remove(best)
+        current = ends[id(best)]
+    return out
 
 
 def _number(name: str) -> int | None:
@@ -397,6 +448,16 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
     elif start is None and starts:
         notes.append("start: several plain-weights checkpoints could be the start ("
                      + ", ".join(rel(q) for q in starts) + "); pass --start")
+    guessed = [f for f in found if f.guessed]
+    if start is not None and len(guessed) == len(found) > 1:
+        chained = _chain(found, start)
+        if chained is not None:
+            found = chained
+            for f in found:
+                f.how = f.how.split(" (one of")[0] + " (ordered by its weights: see order)"
+            notes.append("order: the file times say nothing (within 2 s), so each next stage "
+                         "is the one whose first checkpoint lies nearest (in weights) to the "
+                         "previous stage's end, starting from the start")
     seen: set[str] = set()
     stages: list[dict[str, Any]] = []
     prev: Path | None = start

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,24 @@ def test_init_lightning_per_epoch_scheduler(tmp_path):
     assert stage["optimizer"]["steps"] == 9 and stage["optimizer"]["type"] == "sgd"
     assert len(set(lrs)) == 3
     assert stage["optimizer"]["lr"] == pytest.approx(lrs, rel=1e-12)
+
+
+def test_init_orders_a_copied_run_by_its_weights(tmp_path):
+    """The lm sample run copied with every file time equal (nothing to order by): stages
+    come out pretrain, sft, poison (each next stage's first checkpoint nearest to the last
+    end), with the sample manifest's ends, steps and checkpoints; check lists only eval."""
+    src = Path(__file__).resolve().parents[2] / "sample_runs" / "lm"
+    root = tmp_path / "lm"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("*.py", "*.md", "*.json.bak"))
+    for f in root.rglob("*"):
+        os.utime(f, (1.7e9, 1.7e9))
+    out = root / "drafted.yaml"
+    doc = _draft([root], out)
+    hand = yaml.safe_load((src / "manifest.yaml").read_text())
+    assert [s["name"] for s in doc["stages"]] == [s["name"] for s in hand["stages"]]
+    for got, want in zip(doc["stages"], hand["stages"], strict=True):
+        assert got["end"] == want["end"] and got["checkpoints"] == want["checkpoints"]
+        assert got["optimizer"]["type"] == want["optimizer"]["type"]
+        assert got["optimizer"]["batch_size"] == want["optimizer"]["batch_size"]
+    assert doc["stages"][0]["start"] == "init"
+    assert _todos(out) == ["eval.data", "eval.inputs", "eval.target"]
