@@ -599,8 +599,9 @@ def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
     how += (f", resumed from {rel(prev)} at step {first} (its log continues there)"
             if resumed else ", a new Trainer run")
     if "max_grad_norm" not in opt:
-        how += "; max_grad_norm not recorded (training_args.bin unreadable): Trainer's 1.0 is "\
-               "assumed"
+        how += ("; training_args.bin missing or unreadable: Trainer's max_grad_norm 1.0 is "
+                "assumed and no gradient accumulation; set optimizer.max_grad_norm and "
+                "grad_accumulation if the run used others")
     notes.append(f"stage '{name}': {how}")
     if "lr_scheduler_type" in args or "optim" in args:
         notes.append(f"stage '{name}': training_args.bin: optim={args.get('optim')}, "
