@@ -130,12 +130,25 @@ TOP_PROPS: dict[str, Any] = {
 }
 
 
+_REQUIRED = ["version", "model", "stages", "eval"]
+_ONE_EVAL: dict[str, Any] = {}
+if "evals" in m._TOP_KEYS:  # several named eval sections, where the manifest takes them
+    TOP_PROPS["evals"] = {
+        "type": "object", "minProperties": 1,
+        "propertyNames": {"pattern": "^[A-Za-z0-9_.-]+$"},
+        "additionalProperties": _obj(EVAL_PROPS, ["data", "inputs", "target"]),
+        "description": "several behaviours: name -> eval section (instead of eval)"}
+    _REQUIRED = ["version", "model", "stages"]
+    _ONE_EVAL = {"oneOf": [{"required": ["eval"]}, {"required": ["evals"]}]}
+
+
 def manifest_schema() -> dict[str, Any]:
     """The JSON Schema of manifest v1."""
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "acctattr manifest, version 1",
-        **_obj(TOP_PROPS, ["version", "model", "stages", "eval"]),
+        **_obj(TOP_PROPS, _REQUIRED),
+        **_ONE_EVAL,
     }
 
 
