@@ -62,7 +62,8 @@ def check_target(path: Path, option: str = "--output") -> Path:
     any computing, so a run never ends in "cannot write"."""
     problem = path_problem(path, "file")
     if problem is not None and problem != "not found":
-        raise AcctattrError(f"{option} {printable(str(path))}: {problem}",
+        said = f"is {problem}" if problem.startswith("a ") else problem  # "is a folder, ..."
+        raise AcctattrError(f"{option} {printable(str(path))}: {said}",
                             "name a regular file (or a new one) in a folder you can write")
     target = Path(os.path.realpath(path)) if os.path.islink(path) else path.absolute()
     folder = target.parent
@@ -77,7 +78,8 @@ def check_target(path: Path, option: str = "--output") -> Path:
         finally:
             os.unlink(probe)
     except OSError as e:
-        raise AcctattrError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})",
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable, cannot write "
+                            f"in it ({e.strerror or e})",
                             "choose a folder you can write, or fix its permissions") from e
     return target
 
