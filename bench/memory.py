@@ -1,8 +1,10 @@
-"""Peak memory of `acctattr run` for eval sets of 10k and 100k examples: should not grow with N.
+"""Peak memory of `acctattr run` for eval sets of 10k and 100k examples, for every
+estimator and evaluation mode: should not grow with N.
 
-Each size runs in its own child process (a fresh interpreter, so peaks do not mix) on a
-synthetic two-stage run: a Linear(256 -> 10) float32 model, eval inputs [N, 256] float32
-(10k: 10 MB on disk, 100k: 102 MB). Reported per size:
+Each (estimator, evaluation, size) runs in its own child process (a fresh interpreter, so
+peaks do not mix) on a synthetic two-stage SGD run: a Linear(256 -> 10) float32 model, eval
+inputs [N, 256] float32 (10k: 10 MB on disk, 100k: 102 MB), and 1,024 training examples per
+stage (which unrolled needs for curvature; the others do not read them). Reported per run:
 
 - peak RSS (``VmHWM``): everything resident, including pages of the memory-mapped eval
   file that batches touched (file-backed, reclaimable by the kernel);
@@ -13,17 +15,20 @@ synthetic two-stage run: a Linear(256 -> 10) float32 model, eval inputs [N, 256]
 
 The pipeline keeps N floats per stage (the per-example effects), not the data.
 
-    python bench/memory.py            # prints a table and the 100k/10k ratios
+    python bench/memory.py                          # every estimator x evaluation, once
+    python bench/memory.py --repeats 3              # medians of 3, and the ratios' range
+    python bench/memory.py --estimators frozen --evaluations linear
 
 glibc raises its mmap threshold as large blocks are freed, so freed batch buffers may stay on
-the heap and show as up to ~1.4x anonymous memory at 100k in some runs. Pin the threshold
-(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use:
-1.00-1.03x.
+the heap and show as extra anonymous memory at 100k in some runs. Pin the threshold
+(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,9 @@ from pathlib import Path
 
 SIZES = (10_000, 100_000)
 WIDTH, CLASSES = 256, 10
+TRAIN = 1024  # training examples per stage (unrolled's curvature sample)
+ESTIMATORS = ("naive", "frozen", "unrolled")
+EVALUATIONS = ("linear", "direct")
 
 
 def _status_kib(key: str) -> int:
@@ -68,14 +76,19 @@ def _write_run(root: Path, n: int) -> Path:
         if k:
             w = w + 0.01 * torch.randn(CLASSES, WIDTH, generator=g)
             b = b + 0.01 * torch.randn(CLASSES, generator=g)
+            save_file({"x": torch.randn(TRAIN, WIDTH, generator=g),
+                       "y": torch.randint(0, CLASSES, (TRAIN,), generator=g)},
+                      root / f"train_{name}.safetensors")
             stages.append({"name": name, "end": name,
-                           "optimizer": {"type": "sgd", "steps": 10, "lr": 0.1}})
+                           "optimizer": {"type": "sgd", "steps": 10, "lr": 0.1},
+                           "data": f"train_{name}.safetensors"})
         save_file({"weight": w.contiguous(), "bias": b.contiguous()},
                   root / name / "model.safetensors")
     stages[0]["start"] = "init"
     save_file({"x": torch.randn(n, WIDTH, generator=g),
                "y": torch.randint(0, CLASSES, (n,), generator=g)}, root / "eval.safetensors")
     doc = {"version": 1, "model": {"factory": "model.py:build"}, "stages": stages,
+           "train": {"loss": "cross_entropy"},
            "eval": {"data": "eval.safetensors", "inputs": ["x"], "target": "y",
                     "metric": "cross_entropy", "batch_size": 256}}
     (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -105,7 +118,7 @@ def peak_anon_during(fn):
     return result, base, max(peak[0], _anon_kib()), seconds
 
 
-def child(manifest: Path) -> None:
+def child(manifest: Path, estimator: str, evaluate: str) -> None:
     """Measure one run in this fresh process (which made nothing else); print a JSON line."""
     import torch
 
@@ -114,7 +127,7 @@ def child(manifest: Path) -> None:
 
     base_rss = _hwm_kib()
     result, base_anon, peak_anon, seconds = peak_anon_during(
-        lambda: pipeline.run(manifest, "frozen", "linear"))
+        lambda: pipeline.run(manifest, estimator, evaluate))
     print(json.dumps({
         "n": result.n_examples,
         "eval_mb": (manifest.parent / "eval.safetensors").stat().st_size / 2**20,
@@ -123,33 +136,67 @@ def child(manifest: Path) -> None:
         "base_anon_mb": base_anon / 1024, "seconds": seconds}))
 
 
-def main() -> None:
-    rows = []
+def _measure(manifest: Path, estimator: str, evaluate: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--child", str(manifest), estimator,
+                        evaluate], capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        sys.exit(f"child for {estimator}/{evaluate} on {manifest} failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each child; the table shows medians")
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS),
+                        choices=ESTIMATORS)
+    parser.add_argument("--evaluations", nargs="+", default=list(EVALUATIONS),
+                        choices=EVALUATIONS)
+    args = parser.parse_args(argv)
+    combos = [(e, m) for e in args.estimators for m in args.evaluations]
+    # runs[(estimator, evaluation)][n] = [one dict per repeat]
+    runs: dict[tuple[str, str], dict[int, list[dict]]] = {c: {n: [] for n in SIZES}
+                                                          for c in combos}
     with tempfile.TemporaryDirectory() as tmp:
+        manifests = {}
         for n in SIZES:
             root = Path(tmp) / f"n{n}"
             root.mkdir()
-            manifest = _write_run(root, n)  # here, so the measured child only runs acctattr
-            p = subprocess.run([sys.executable, __file__, "--child", str(manifest)],
-                               capture_output=True, text=True, check=False)
-            if p.returncode != 0:
-                sys.exit(f"child for n={n} failed:\n{p.stderr}")
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print(f"{'examples':>9} {'eval file':>10} {'peak RSS':>9} {'+run':>8} "
+            manifests[n] = _write_run(root, n)  # here: the measured child only runs acctattr
+        for _ in range(args.repeats):  # repeats outermost: load drift spreads over all rows
+            for c in combos:
+                for n in SIZES:
+                    runs[c][n].append(_measure(manifests[n], *c))
+    small, big = SIZES
+    first = runs[combos[0]]
+    print(f"eval file: {first[small][0]['eval_mb']:.1f} MB ({small:,} examples), "
+          f"{first[big][0]['eval_mb']:.1f} MB ({big:,}); "
+          f"median of {args.repeats} run(s) each")
+    print(f"{'estimator':>9} {'evaluate':>8} {'examples':>9} {'peak RSS':>9} {'+run':>8} "
           f"{'peak anon':>10} {'+run':>8} {'time':>6}")
-    for r in rows:
-        print(f"{r['n']:>9,} {r['eval_mb']:>8.1f}MB {r['peak_rss_mb']:>7.1f}MB "
-              f"{r['peak_rss_mb'] - r['base_rss_mb']:>6.1f}MB {r['peak_anon_mb']:>8.1f}MB "
-              f"{r['peak_anon_mb'] - r['base_anon_mb']:>6.1f}MB {r['seconds']:>5.1f}s")
-    small, big = rows
-    print(f"ratio {big['n'] // small['n']}x examples: peak RSS "
-          f"{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x, peak anonymous RSS "
-          f"{big['peak_anon_mb'] / small['peak_anon_mb']:.2f}x "
-          f"(eval file {big['eval_mb'] / small['eval_mb']:.0f}x)")
+
+    def med(rs: list[dict], key: str, minus: str | None = None) -> float:
+        return statistics.median(r[key] - (r[minus] if minus else 0) for r in rs)
+
+    for c in combos:
+        for n in SIZES:
+            rs = runs[c][n]
+            print(f"{c[0]:>9} {c[1]:>8} {n:>9,} {med(rs, 'peak_rss_mb'):>7.1f}MB "
+                  f"{med(rs, 'peak_rss_mb', 'base_rss_mb'):>6.1f}MB "
+                  f"{med(rs, 'peak_anon_mb'):>8.1f}MB "
+                  f"{med(rs, 'peak_anon_mb', 'base_anon_mb'):>6.1f}MB "
+                  f"{med(rs, 'seconds'):>5.1f}s")
+    print(f"ratio {big // small}x examples ({big:,} / {small:,}), per repeat:")
+    for c in combos:
+        pairs = list(zip(runs[c][small], runs[c][big], strict=True))
+        rss = [b["peak_rss_mb"] / s["peak_rss_mb"] for s, b in pairs]
+        anon = [b["peak_anon_mb"] / s["peak_anon_mb"] for s, b in pairs]
+        print(f"{c[0]:>9} {c[1]:>8}  peak RSS {', '.join(f'{x:.2f}x' for x in rss)}; "
+              f"peak anonymous RSS {', '.join(f'{x:.2f}x' for x in anon)}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         main()
