@@ -247,6 +247,39 @@ def test_group_ids_are_returned_in_example_order(eval_file):
     assert none is None
 
 
+def test_file_outputs_fill_n_rows_as_concatenation_would(eval_file):
+    """A file's per-batch outputs are copied into [N] tensors (no per-batch result kept):
+    the same values, dtypes and order as concatenating the batches (23 rows, batches of 7)."""
+    model = mlp()
+    params = params_of(model)
+    ev = evaluator(model, params, eval_file, "cross_entropy", group="grp")
+    base, groups = ev.values()
+    one = lambda b: (ev._metric(params, b).double(), b["grp"].long())  # noqa: E731
+    by_batch = [one(ev._floats(b)) for b in ev.data.batches()]
+    assert len(by_batch) == 4 and by_batch[-1][0].shape == (2,)
+    assert torch.equal(base, torch.cat([b[0] for b in by_batch]))
+    assert groups is not None and groups.dtype == torch.long
+    assert torch.equal(groups, torch.cat([b[1] for b in by_batch]))
+
+
+@pytest.mark.parametrize("rows", [3, 9])
+def test_file_outputs_whose_rows_do_not_add_up_are_concatenated(eval_file, rows):
+    """Outputs with other than one row per example (fewer, or more than N in all) come back
+    concatenated in order, as before, never padded with unset memory."""
+    model = mlp()
+    ev = evaluator(model, params_of(model), eval_file, "cross_entropy")
+    k = [0]
+
+    def fn(batch):
+        k[0] += 1
+        return (torch.full((rows,), float(k[0]), dtype=torch.float64),)
+
+    (got,) = ev._each(fn)
+    want = torch.cat([torch.full((rows,), float(i), dtype=torch.float64)
+                      for i in range(1, 5)])
+    assert torch.equal(got, want)
+
+
 class TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
