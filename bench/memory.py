@@ -20,8 +20,10 @@ The pipeline keeps N floats per stage (the per-example effects), not the data.
     python bench/memory.py --estimators frozen --evaluations linear
 
 glibc raises its mmap threshold as large blocks are freed, so freed batch buffers may stay on
-the heap and show as extra anonymous memory at 100k in some runs. Pin the threshold
-(``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to see acctattr's own use.
+the heap; anything long-lived allocated between them (the evaluator used to keep one small
+result per batch) then keeps the heap from shrinking, and it grows with the number of
+batches. Pin the threshold (``MALLOC_MMAP_THRESHOLD_=65536 python bench/memory.py``) to tell
+that apart from acctattr's own use.
 """
 
 from __future__ import annotations
