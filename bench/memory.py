@@ -16,7 +16,7 @@ stage (which unrolled needs for curvature; the others do not read them). Reporte
 The pipeline keeps N floats per stage (the per-example effects), not the data.
 
     python bench/memory.py                          # every estimator x evaluation, once
-    python bench/memory.py --repeats 3              # medians of 3, and the ratios' range
+    python bench/memory.py --repeats 3              # medians of 3, and each repeat's ratios
     python bench/memory.py --estimators frozen --evaluations linear
 
 glibc raises its mmap threshold as large blocks are freed, so freed batch buffers may stay on

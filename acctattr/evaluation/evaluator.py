@@ -98,8 +98,9 @@ class Evaluator:
         """``_each`` for a file of ``n`` examples on one rank: each batch's outputs copied
         into [n] tensors made at the first batch, so no per-batch result outlives its batch.
         (Hundreds of small kept results pin freed batch buffers on glibc's heap, which then
-        grew with the number of batches: +40 MB at 100k examples, bench/memory.py.) Outputs
-        whose rows do not add up to ``n`` are concatenated as ``_each`` would."""
+        grew with the number of batches: +43 to +53 MB at 100k examples against +13 MB at
+        10k under linear evaluation, bench/memory.py.) Outputs whose rows do not add up
+        to ``n`` are concatenated as ``_each`` would."""
         out: tuple[torch.Tensor, ...] = ()
         rest: list[tuple[torch.Tensor, ...]] = []  # outputs that did not fit, in order
         lo = 0
