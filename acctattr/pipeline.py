@@ -220,7 +220,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
     metric = attempt(lambda: resolve_metric(manifest.eval.metric,
                                             manifest.eval.higher_is_better, "eval.metric"))
     if final is not None and data is not None and metric is not None:
-        params = {n: final.get(n).to(device) for n in info.trainable}
+        params = _final_params(model, final, info, device)
         fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
         evaluator = Evaluator(model, params, fixed, data, metric)  # type: ignore[arg-type]
     return Loaded(manifest, model, info, runs, evaluator, warnings)  # type: ignore[arg-type]
@@ -230,6 +230,20 @@ def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictRe
     from acctattr.runs.lora import LoraMergedReader
 
     return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
+
+
+def _final_params(model: torch.nn.Module, final: StateDictReader, info: ModelInfo,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """theta_T's trainable parameters on ``device``, read one at a time into the model's own
+    parameters (the factory's initial values freed as they go: one copy of the model, not
+    two)."""
+    own = dict(model.named_parameters())
+    params = {}
+    for n in info.trainable:
+        t = final.get(n).to(device)
+        own[n].data = t
+        params[n] = t
+    return params
 
 
 def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,

@@ -5,6 +5,8 @@ It ignores everything after stage k: the baseline the other estimators improve o
 
 from __future__ import annotations
 
+from functools import partial
+
 from acctattr.estimators.base import Estimator, Params
 
 
@@ -15,4 +17,5 @@ class Naive(Estimator):
     copies = 16
 
     def embed(self, k: int) -> Params:
-        return self.stages.deltas(k)
+        return {name: self.streamed(name, partial(self.stages.delta, k, name))
+                for name in self.training.trainable}

@@ -123,8 +123,16 @@ class LoraMergedReader(StateDictReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)
 
-    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
-        w = self.base.get(name, check_finite=check_finite)
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self.base.dtype(name)
+
+    def get_flat(self, name: str, start: int, stop: int, *,
+                 native: bool = False) -> torch.Tensor:
+        return self.get(name, native=native).reshape(-1)[start:stop]
+
+    def get(self, name: str, *, check_finite: bool = True,
+            native: bool = False) -> torch.Tensor:
+        w = self.base.get(name, check_finite=check_finite, native=native)
         if name not in self._pairs:
             return w
         return (w.double() + self.delta(name)).to(w.dtype)

@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 
 from acctattr.errors import CheckpointError
-from acctattr.runs.checkpoints import StateDictReader, load_torch_file, open_checkpoint
+from acctattr.runs.checkpoints import (
+    StateDictReader,
+    drop_pages,
+    load_torch_file_mapped,
+    open_checkpoint,
+)
 from acctattr.runs.manifest import OptimizerSpec
 
 # State tensors each optimizer keeps per parameter.
@@ -54,18 +59,42 @@ class GroupHparams:
 
 @dataclass
 class OptimizerState:
-    """Hyperparameters per group and, when a state file was read, per-parameter state."""
+    """Hyperparameters per group and, when a state file was read, per-parameter state.
+
+    The state tensors stay in the file until asked for: ``tensors`` are views into the
+    memory-mapped ``torch.save`` file (their pages given back after each read), ``keys``
+    the names of a safetensors state file's tensors in ``reader``.
+    """
 
     groups: list[GroupHparams]
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     step: int | None = None  # the optimizer's step count at the end of the stage (Adam)
     source: Path | None = None
+    reader: StateDictReader | None = None
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)
+    mapped: bool = False  # ``tensors`` lie in a read-only private mapping of the file
 
     def group_of(self) -> dict[str, int]:
         return {n: i for i, g in enumerate(self.groups) for n in g.names}
 
-    def tensor(self, param: str, state_name: str) -> torch.Tensor | None:
-        return self.tensors.get(param, {}).get(state_name)
+    def tensor(self, param: str, state_name: str, start: int | None = None,
+               stop: int | None = None) -> torch.Tensor | None:
+        """One state tensor (or flat elements start..stop of it) in fresh memory, float32
+        (float64 kept); None where the file has none."""
+        key = self.keys.get(param, {}).get(state_name)
+        if key is not None and self.reader is not None:
+            if start is None:
+                return self.reader.get(key)
+            return self.reader.get(key).reshape(-1)[start:stop] if stop is None else \
+                self.reader.get_flat(key, start, stop)
+        t = self.tensors.get(param, {}).get(state_name)
+        if t is None:
+            return None
+        src = t if start is None else t.reshape(-1)[start:stop]
+        out = src.to(torch.float64 if src.dtype == torch.float64 else torch.float32, copy=True)
+        if self.mapped:
+            drop_pages(src)
+        return out
 
 
 def default_groups(trainable: list[str], spec: OptimizerSpec) -> list[list[str]]:
@@ -144,7 +173,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 no_decay: set[str]) -> OptimizerState:
     file = spec.state
     assert file is not None
-    sd = load_torch_file(file)
+    sd, mapped = load_torch_file_mapped(file)
     where = f"stage '{stage}': optimizer.state {file}"
     if isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list):
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
@@ -208,14 +237,17 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
                                           "values", "use a state file from before divergence")
-                tensors.setdefault(name, {})[key] = value.float()
+                if mapped:
+                    drop_pages(value)  # read once for the check; read again when used
+                tensors.setdefault(name, {})[key] = value
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
-    return OptimizerState(groups_h, tensors, step, file)
+    return OptimizerState(groups_h, tensors, step, file, mapped=mapped)
 
 
-def _has_max(tensors: dict[str, dict[str, torch.Tensor]], names: list[str]) -> bool:
+def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, str]],
+             names: list[str]) -> bool:
     return any("max_exp_avg_sq" in tensors.get(n, {}) for n in names)
 
 
@@ -287,7 +319,7 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
     assert spec.state is not None
     reader: StateDictReader = open_checkpoint(spec.state)
     where = f"stage '{stage}': optimizer.state {spec.state}"
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, str]] = {}
     step: int | None = None
     allowed = STATE_NAMES[spec.type]
     for key in reader.names():
@@ -296,15 +328,16 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
             raise CheckpointError(
                 f"{where}: key '{key}' is not <trainable parameter>.<state> with state one of "
                 f"{', '.join(allowed)}", "name keys like 'layer.weight.exp_avg'")
-        value = reader.get(key)
         if state_name == "step":
-            step = int(value.item())
+            step = int(reader.get(key).item())
             continue
+        value = reader.get(key)  # checked here, read again (from the file) when used
         if tuple(value.shape) != trainable[param]:
             raise CheckpointError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
                                   f"parameter '{param}' has {trainable[param]}")
-        tensors.setdefault(param, {})[state_name] = value
+        del value
+        keys.setdefault(param, {})[state_name] = key
     groups = default_groups(list(trainable), spec)
     _check_cover(groups, trainable, stage, "optimizer.param_names")
-    return OptimizerState([_merge(spec, g, None, _has_max(tensors, g)) for g in groups],
-                          tensors, step, spec.state)
+    return OptimizerState([_merge(spec, g, None, _has_max(keys, g)) for g in groups],
+                          {}, step, spec.state, reader=reader, keys=keys)
