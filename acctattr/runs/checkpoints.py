@@ -67,7 +67,7 @@ def drop_pages(t: torch.Tensor) -> None:
     file mapping (``torch.load(mmap=True)``), as after reading it once: they count as the
     process's memory until then. Never call it on memory the process wrote."""
     n = t.numel() * t.element_size()
-    if n < 1 << 20 or _LIBC is None:  # small tensors: not worth a system call
+    if n < 1 << 16 or _LIBC is None:  # small tensors: not worth a system call
         return
     start = t.data_ptr()
     a = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
