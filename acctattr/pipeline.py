@@ -243,8 +243,9 @@ def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
     """A stage whose start and end hold a parameter in different floating dtypes is refused
     where the rounding between the dtypes is more than ROUNDING_SHARE of the stage's update
     (Delta_k would be mostly rounding); otherwise Delta_k is computed in float32 or better."""
-    mixed = [n for n in info.trainable
-             if (a := start.dtype(n)) is not None and (b := end.dtype(n)) is not None
+    mixed = [n for n in info.trainable if n in start and n in end  # else _check_params
+             and start.shape(n) == end.shape(n)
+             and (a := start.dtype(n)) is not None and (b := end.dtype(n)) is not None
              and a != b and a.is_floating_point and b.is_floating_point]
     if not mixed:
         return
