@@ -122,7 +122,8 @@ class Unrolled(Estimator):
         if self.strict and failed:
             raise Unsuitable("unrolled's simulation does not reproduce the recorded run of "
                              + "; ".join(r.describe() for r in failed))
-        return flat.named(d, torch.float64)
+        # kept as naive and frozen keep theirs (the evaluation rounds to the model's dtype)
+        return {n: t.to(self.embed_dtype(n)) for n, t in flat.named(d, torch.float64).items()}
 
     def warnings(self) -> list[str]:
         return [f"unrolled's simulation does not reproduce the recorded run of {r.describe()}; "
