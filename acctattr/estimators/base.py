@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 # The optimizer state that carries a parameter perturbation forward.
 FIRST_MOMENT = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
 Params = dict[str, torch.Tensor]
-# elements of one parameter computed at a time where the math is elementwise (32 MB of
-# float64): memory does not grow with the largest tensor (an embedding matrix)
+# elements of one parameter computed at a time where the math is elementwise: at most
+# CHUNK (32 MB of float64), and a 32nd of the model where that is less but at least
+# MIN_CHUNK: memory does not grow with the largest tensor (an embedding matrix), and a few
+# float64 slices stay small next to the model
 CHUNK = 1 << 22
+MIN_CHUNK = 1 << 16
 
 
 @dataclass
@@ -169,9 +172,10 @@ class Estimator:
         start..stop (float64), CHUNK elements at a time, kept in ``embed_dtype``."""
         shape = self.training.trainable[name]
         n = math.prod(shape)
+        step = min(CHUNK, max(MIN_CHUNK, self.training.n_params // 32))
         out = torch.empty(n, dtype=self.embed_dtype(name), device=self.stages.device)
-        for a in range(0, n, CHUNK):
-            b = min(n, a + CHUNK)
+        for a in range(0, n, step):
+            b = min(n, a + step)
             out[a:b] = fn(a, b)
         return out.reshape(shape)
 
