@@ -245,8 +245,8 @@ def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
     (Delta_k would be mostly rounding); otherwise Delta_k is computed in float32 or better."""
     mixed = [n for n in info.trainable if n in start and n in end  # else _check_params
              and start.shape(n) == end.shape(n)
-             and (a := start.dtype(n)) is not None and (b := end.dtype(n)) is not None
-             and a != b and a.is_floating_point and b.is_floating_point]
+             and (da := start.dtype(n)) is not None and (db := end.dtype(n)) is not None
+             and da != db and da.is_floating_point and db.is_floating_point]
     if not mixed:
         return
     rounding = update = 0.0

@@ -64,8 +64,8 @@ class Frozen(Estimator):
         group = self.stages.groups[j][name]
         hp = run.state.groups[group]
         if run.opt_type == "adam" and hp.weight_decay > 0:
-            p = self.stages.preconditioner(j, name, start, stop)
-            return adam_l2_propagate(d, e, p, run.lrs, hp.beta1, hp.weight_decay, run.step0)
+            pre = self.stages.preconditioner(j, name, start, stop)
+            return adam_l2_propagate(d, e, pre, run.lrs, hp.beta1, hp.weight_decay, run.step0)
         t = self._transform(j, group)
         if isinstance(t, SgdTransform):
             return t.apply(d, e)

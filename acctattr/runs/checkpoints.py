@@ -52,7 +52,7 @@ def _pread(file: Path, dtype: torch.dtype, offset: int, count: int) -> torch.Ten
     if count:
         with open(file, "rb", buffering=0) as fh:
             fh.seek(offset)
-            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            view = out.view(torch.uint8).numpy().data.cast("B")
             got = 0
             while got < len(view):
                 n = fh.readinto(view[got:])
