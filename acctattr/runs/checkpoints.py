@@ -67,11 +67,13 @@ def drop_pages(t: torch.Tensor) -> None:
     file mapping (``torch.load(mmap=True)``), as after reading it once: they count as the
     process's memory until then. Never call it on memory the process wrote."""
     n = t.numel() * t.element_size()
-    if n < 1 << 16 or _LIBC is None:  # small tensors: not worth a system call
+    if n == 0 or _LIBC is None:
         return
     start = t.data_ptr()
-    a = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
-    b = (start + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    # every page the tensor touches, those it shares with its neighbours too: the mapping
+    # is read-only file data, so a dropped page is read again from the file if needed
+    a = start // mmap.PAGESIZE * mmap.PAGESIZE
+    b = -(-(start + n) // mmap.PAGESIZE) * mmap.PAGESIZE
     if b > a:
         _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
 
