@@ -81,7 +81,7 @@ def drop_pages(t: torch.Tensor) -> None:
 try:
     _LIBC: Any = ctypes.CDLL(None)
     _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-except (OSError, AttributeError):  # not Linux/glibc: pages stay until the mapping goes
+except (OSError, AttributeError, TypeError):  # no libc madvise: pages stay until unmapped
     _LIBC = None
 
 
