@@ -67,15 +67,20 @@ def drop_pages(t: torch.Tensor) -> None:
     file mapping (``torch.load(mmap=True)``), as after reading it once: they count as the
     process's memory until then. Never call it on memory the process wrote."""
     n = t.numel() * t.element_size()
-    if n == 0 or _LIBC is None:
+    if n:
+        drop_range(t.data_ptr(), t.data_ptr() + n)
+
+
+def drop_range(start: int, stop: int) -> None:
+    """``drop_pages`` for the bytes start..stop of such a mapping: every page they touch,
+    those shared with neighbours too (the mapping is read-only file data: a dropped page is
+    read again from the file if needed). The kernel maps pages around each one a read
+    touches (fault-around), so callers pad the range or drop a whole file's span."""
+    if _LIBC is None or stop <= start:
         return
-    start = t.data_ptr()
-    # every page the tensor touches, those it shares with its neighbours too: the mapping
-    # is read-only file data, so a dropped page is read again from the file if needed
     a = start // mmap.PAGESIZE * mmap.PAGESIZE
-    b = -(-(start + n) // mmap.PAGESIZE) * mmap.PAGESIZE
-    if b > a:
-        _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+    b = -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
 
 
 try:

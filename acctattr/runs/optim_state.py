@@ -24,7 +24,7 @@ import torch
 from acctattr.errors import CheckpointError
 from acctattr.runs.checkpoints import (
     StateDictReader,
-    drop_pages,
+    drop_range,
     load_torch_file_mapped,
     open_checkpoint,
 )
@@ -73,6 +73,7 @@ class OptimizerState:
     reader: StateDictReader | None = None
     keys: dict[str, dict[str, str]] = field(default_factory=dict)
     mapped: bool = False  # ``tensors`` lie in a read-only private mapping of the file
+    span: tuple[int, int] = (0, 0)  # the addresses those tensors span in it
 
     def group_of(self) -> dict[str, int]:
         return {n: i for i, g in enumerate(self.groups) for n in g.names}
@@ -92,8 +93,10 @@ class OptimizerState:
             return None
         src = t if start is None else t.reshape(-1)[start:stop]
         out = src.to(torch.float64 if src.dtype == torch.float64 else torch.float32, copy=True)
-        if self.mapped:
-            drop_pages(src)
+        if self.mapped:  # with the pages the kernel mapped around them (fault-around)
+            a = src.data_ptr()
+            b = a + src.numel() * src.element_size()
+            drop_range(max(self.span[0], a - _AROUND), min(self.span[1], b + _AROUND))
         return out
 
 
@@ -237,13 +240,25 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
                                           "values", "use a state file from before divergence")
-                if mapped:
-                    drop_pages(value)  # read once for the check; read again when used
                 tensors.setdefault(name, {})[key] = value
+    span = _span(tensors)
+    if mapped:  # read once for the check above; read again when used
+        drop_range(*span)
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
-    return OptimizerState(groups_h, tensors, step, file, mapped=mapped)
+    return OptimizerState(groups_h, tensors, step, file, mapped=mapped, span=span)
+
+
+# the kernel maps up to 64 KiB around a faulting page (fault_around_bytes)
+_AROUND = 1 << 16
+
+
+def _span(tensors: dict[str, dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """The lowest and highest address the tensors' data occupy."""
+    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+            for per in tensors.values() for t in per.values() if t.numel()]
+    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else (0, 0)
 
 
 def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, str]],
