@@ -123,8 +123,11 @@ class LoraMergedReader(StateDictReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)
 
-    def dtype(self, name: str) -> torch.dtype | None:
+    def dtype(self, name: str) -> str:
         return self.base.dtype(name)
+
+    def torch_dtype(self, name: str) -> torch.dtype | None:
+        return self.base.torch_dtype(name)
 
     def get_flat(self, name: str, start: int, stop: int, *,
                  native: bool = False) -> torch.Tensor:

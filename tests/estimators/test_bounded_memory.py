@@ -66,7 +66,7 @@ def test_reader_slices_equal_the_tensor_and_read_into_fresh_memory(tmp_path):
     r = open_checkpoint(tmp_path / "m.safetensors")
     assert torch.equal(r.get("t"), t)
     assert torch.equal(r.get_flat("t", 5, 400), t.reshape(-1)[5:400])
-    assert r.dtype("h") == torch.bfloat16
+    assert r.torch_dtype("h") == torch.bfloat16
     assert r.get("h").dtype == torch.float32 and r.get("h", native=True).dtype == torch.bfloat16
     assert torch.equal(r.get("h", native=True), h)
     a, b = r.get("t"), r.get("t")
