@@ -127,6 +127,12 @@ BatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, metavar="N", help="Eval batch size (default: eval.batch_size).",
     rich_help_panel="Compute", show_default=False)]
 
+EmbeddingsOpt = Annotated[Path | None, typer.Option(
+    "--embeddings", metavar="DIR",
+    help="Evaluate the stage embeddings `acctattr embed` wrote to DIR instead of computing "
+         "them (refused when an input changed or DIR holds another estimator).",
+    show_default=False)]
+
 
 def _runtime(device: str, threads: int | None, batch_size: int | None) -> Runtime:
     """The compute options; the thread count defaults as devices.default_threads says."""
@@ -200,6 +206,7 @@ def run(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     batch_size: BatchOpt = None,
+    embeddings: EmbeddingsOpt = None,
 ) -> None:
     """Estimate every stage's effect on the eval set and print them ranked.
 
@@ -222,7 +229,7 @@ def run(
         with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
-                                  config, runtime)
+                                  config, runtime, embeddings)
         gate = None
         if fail_on_harm is not None:
             from acctattr.output import gates
@@ -303,6 +310,63 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
 
         names = [s.name for s in load_manifest(manifest).stages]
         gates.check_stage_name(gate_stage, names)
+
+
+@app.command()
+def embed(
+    manifest: ManifestArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="DIR",
+        help="The folder to write (atomically; an earlier embed folder is replaced). Never "
+             "inside the run's folder.", show_default=False)],
+    estimator: Annotated[Estimator, typer.Option(
+        help="How to estimate each stage's embedding (as for run).")] = Estimator.auto,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
+    lanczos_iters: Annotated[int, typer.Option(
+        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
+    sample_size: Annotated[int, typer.Option(
+        min=1, help="unrolled: training examples per later stage for its curvature.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
+    dynamics: Annotated[Dynamics, typer.Option(
+        help="unrolled: flow or linear (as for run).",
+        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+    flow_substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled, flow: substeps per later stage.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
+    hessian_at: Annotated[HessianAt | None, typer.Option(
+        help="unrolled, linear: where along a segment the Hessian is taken.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    substeps: Annotated[int | None, typer.Option(
+        min=1, help="unrolled, linear: integrator substeps per segment.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Compute every stage's embedding v_k once and write it to DIR, for
+    `acctattr run --embeddings DIR` (any eval set) and `acctattr ablate --embeddings DIR`."""
+
+    def go() -> None:
+        from acctattr import embeddings
+        from acctattr.output import report
+
+        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                  hessian_at, substeps)
+        runtime = _runtime(device, threads, None)
+        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+            index = embeddings.compute(manifest, output, estimator.value, config, runtime,
+                                       progress)
+        est = index["estimator"]
+        if est["note"]:
+            _err(f"estimator: {est['name']} ({est['note']})")
+        for w in est["warnings"]:
+            _err(f"warning: {w}")
+        _err(f"wrote {output}: {len(index['stages'])} stage embeddings ({est['name']}), "
+             f"{len(index['inputs'])} input files hashed")
+
+    guarded(go)
 
 
 @app.command()

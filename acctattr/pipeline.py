@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -317,7 +317,8 @@ def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -
 
 def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         per_example: bool = False, progress: Progress | None = None,
-        config: UnrolledConfig | None = None, runtime: Runtime | None = None) -> Result:
+        config: UnrolledConfig | None = None, runtime: Runtime | None = None,
+        embeddings: Path | None = None) -> Result:
     """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5).
 
     Args:
@@ -328,6 +329,9 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
             count, the manifest's batch size). Started by torchrun (WORLD_SIZE > 1), the
             processes share the work (acctattr.distributed) and each returns the whole
             result.
+        embeddings: a folder written by ``acctattr embed`` (acctattr.embeddings): its
+            stored v_k are evaluated instead of being computed; refused when an input
+            changed or it holds another estimator than ``estimator``.
     """
     if estimator not in (*ESTIMATORS, "auto"):
         raise AcctattrError(f"unknown estimator {estimator!r}",
@@ -345,17 +349,20 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         stack.enter_context(devices.threads(runtime.threads))
         ranks = stack.enter_context(distributed.joined(device))
         loaded = ranks.together(lambda: check(path, device, runtime.batch_size))
-        available = None
-        if estimator == "auto":  # a GPU's own free memory; the ranks on a machine share it
-            mem = devices.gpu_free_memory(device) if device.type == "cuda" else \
-                available_memory()
-            share = 1 if device.type == "cuda" else distributed.local_world()
-            least = ranks.min(math.inf if mem is None else mem / share)
-            available = None if math.isinf(least) else int(least)
         passed: list[str] = []  # why auto passed over the estimators before the one it took
-        tried = estimators.candidates(estimator, training(loaded, config), config, available,
-                                      passed)
-        chosen = next(tried)  # before any work: a named estimator that cannot run is refused
+        stored_note: str | None = None
+        if embeddings is not None:
+            from acctattr import embeddings as stored
+
+            chosen, stored_note = ranks.together(lambda: stored.load(
+                embeddings, loaded.manifest, loaded.info.trainable,
+                [r.name for r in loaded.runs], estimator, config or UnrolledConfig()))
+            tried: Iterator[Estimator] = iter(())
+        else:
+            available = auto_memory(device, ranks) if estimator == "auto" else None
+            tried = estimators.candidates(estimator, training(loaded, config), config,
+                                          available, passed)
+            chosen = next(tried)  # before any work: a named estimator that cannot run is refused
         base, groups = loaded.evaluator.sharded(ranks).values()
         while True:
             modes = stage_evaluations(len(loaded.runs), evaluate or chosen.evaluate)
@@ -366,8 +373,20 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
                 passed.append(e.reason)
                 chosen = next(tried)
     note = estimators.auto_note(chosen, passed) if estimator == "auto" else None
+    if embeddings is not None:
+        note = stored_note
     return summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
                      per_stage, per_example, note, chosen.warnings(), modes)
+
+
+def auto_memory(device: torch.device, ranks: Ranks = ALONE) -> int | None:
+    """The memory auto lets an estimator take, in bytes (None: unknown): a GPU's own free
+    memory; on the CPU MemAvailable shared by the ranks on this machine; the least over
+    ranks."""
+    mem = devices.gpu_free_memory(device) if device.type == "cuda" else available_memory()
+    share = 1 if device.type == "cuda" else distributed.local_world()
+    least = ranks.min(math.inf if mem is None else mem / share)
+    return None if math.isinf(least) else int(least)
 
 
 def stage_evaluations(n_stages: int, evaluate: str) -> list[str]:
