@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -22,6 +22,9 @@ from acctattr.distributed import from_env, is_primary
 from acctattr.errors import AcctattrError
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.output.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from acctattr.results import Result
 
 UNROLLED = UnrolledConfig()
 
@@ -175,6 +178,10 @@ def run(
         "--gate-group", metavar="NAME|worst",
         help="Gate this eval group's harm (worst: every group). Default: all examples.")]
     = None,
+    gate_behaviour: Annotated[str | None, typer.Option(
+        "--gate-behaviour", metavar="NAME",
+        help="With several behaviours (evals:), gate only this one. Default: every one.")]
+    = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png|FILE.svg",
         help="Also draw the effects (needs acctattr[plot]).")] = None,
@@ -219,6 +226,7 @@ def run(
         from acctattr.output import report
 
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
+        _check_gate_behaviour(manifest, fail_on_harm, gate_behaviour)
         if plot is not None:
             from acctattr.output import plots
 
@@ -231,6 +239,10 @@ def run(
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config, runtime, embeddings)
         gate = None
+        if result.behaviours is not None:
+            _several(result, format, output, plot, confidence, fail_on_harm, gate_stage,
+                     gate_group, gate_behaviour)
+            return
         if fail_on_harm is not None:
             from acctattr.output import gates
 
@@ -258,6 +270,66 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _several(result: Result, format: Format, output: Path | None, plot: Path | None,
+             confidence: float, fail_on_harm: float | None, gate_stage: str | None,
+             gate_group: str | None, gate_behaviour: str | None) -> None:
+    """Render a run over several behaviours (evals:): one table per behaviour and a stage ×
+    behaviour summary (JSON acctattr.effects/2); gate each behaviour asked, exit 1 on any."""
+    from acctattr.output import gates, report
+
+    assert result.behaviours is not None
+    checked = {}
+    if fail_on_harm is not None:
+        checked = {name: gates.evaluate(r, fail_on_harm, confidence, gate_stage, gate_group)
+                   for name, r in result.behaviours if gate_behaviour in (None, name)}
+    if result.estimator_note:
+        _err(f"estimator: {result.estimator} ({result.estimator_note})")
+    shown: list[str] = []
+    for name, r in result.behaviours:
+        for w in r.warnings:
+            shared = all(w in other.warnings for _, other in result.behaviours)
+            line = f"warning: {w}" if shared else f"warning: behaviour {name}: {w}"
+            if line not in shown:
+                shown.append(line)
+                _err(line)
+    if format is Format.json:
+        text = report.behaviours_to_json(result, checked, gate_behaviour)
+    elif format is Format.markdown:
+        text = report.behaviours_to_markdown(result, checked)
+    else:
+        color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        text = report.behaviours_to_table(result, color=color, width=_terminal_width(output))
+    _emit(text, output)
+    if plot is not None and is_primary():
+        from acctattr.output import plots
+
+        for name, r in result.behaviours:
+            target = plot.with_name(f"{plot.stem}.{name}{plot.suffix}")
+            plots.render(r, target, confidence)
+            _err(f"wrote {target}")
+    for name, gate in checked.items():
+        _err(f"behaviour {name}: {gates.describe(gate, dict(result.behaviours)[name].metric)}")
+    if any(g.tripped for g in checked.values()):
+        raise typer.Exit(1)
+
+
+def _check_gate_behaviour(manifest: Path, fail_on_harm: float | None,
+                          gate_behaviour: str | None) -> None:
+    """A --gate-behaviour that names no behaviour, or comes without --fail-on-harm, fails
+    before any computing (exit 2)."""
+    if gate_behaviour is None:
+        return
+    if fail_on_harm is None:
+        raise AcctattrError("--gate-behaviour chooses what --fail-on-harm checks",
+                            "add --fail-on-harm X")
+    from acctattr.runs.manifest import load_manifest
+
+    names = [n for n, _ in load_manifest(manifest).behaviours]
+    if gate_behaviour not in names:
+        raise AcctattrError(f"--gate-behaviour {gate_behaviour!r}: {manifest} has no behaviour "
+                            "of that name", f"choose one of {', '.join(names)}")
 
 
 def _terminal_width(output: Path | None) -> int | None:
