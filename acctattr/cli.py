@@ -442,6 +442,76 @@ def embed(
 
 
 @app.command()
+def ablate(
+    manifest: ManifestArg,
+    stage: Annotated[str, typer.Option(
+        "--stage", metavar="NAME", help="The stage to take out.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="OUT",
+        help="Where to write the model (atomically; never inside the run's folder): a "
+             "folder, or FILE.safetensors for a plain state dict.", show_default=False)],
+    scale: Annotated[float, typer.Option(
+        "--scale", metavar="S",
+        help="Write theta_T - S * v_k: 1 removes the stage, 0 < S < 1 damps it.")] = 1.0,
+    estimator: Annotated[Estimator, typer.Option(
+        help="How to estimate the stage's embedding (as for run).")] = Estimator.auto,
+    embeddings: EmbeddingsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
+    lanczos_iters: Annotated[int, typer.Option(
+        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
+    sample_size: Annotated[int, typer.Option(
+        min=1, help="unrolled: training examples per later stage for its curvature.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
+    dynamics: Annotated[Dynamics, typer.Option(
+        help="unrolled: flow or linear (as for run).",
+        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+    flow_substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled, flow: substeps per later stage.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
+    hessian_at: Annotated[HessianAt | None, typer.Option(
+        help="unrolled, linear: where along a segment the Hessian is taken.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    substeps: Annotated[int | None, typer.Option(
+        min=1, help="unrolled, linear: integrator substeps per segment.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+) -> None:
+    """Write the model as if a stage never ran (theta_T - S * v_k) in the final checkpoint's
+    format, and print the eval value the estimate predicts for it (stdout)."""
+
+    def go() -> None:
+        from acctattr import ablate as ablation
+        from acctattr.output import report
+
+        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                  hessian_at, substeps)
+        runtime = _runtime(device, threads, batch_size)
+        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+            a = ablation.ablate(manifest, stage, output, scale, estimator.value, config,
+                                runtime, embeddings, progress)
+        if a.estimator_note:
+            _err(f"estimator: {a.estimator} ({a.estimator_note})")
+        for w in a.warnings:
+            _err(f"warning: {w}")
+        what = "a Hugging Face folder" if a.format == "hf" else "a safetensors state dict"
+        _err(f"wrote {a.written} ({what})")
+        lines = [f"stage {a.stage} taken out (scale {a.scale:g}, estimator {a.estimator}); "
+                 "eval value the estimate predicts for the written model:"]
+        for p in a.predictions:
+            lines.append(f"  {p.behaviour}: {p.metric} {p.predicted:.6g} (deployed model "
+                         f"{p.final_value:.6g}, {'higher' if p.higher_is_better else 'lower'} "
+                         "is better)")
+        _emit("\n".join(lines) + "\n", None)
+
+    guarded(go)
+
+
+@app.command()
 def validate(
     manifest: ManifestArg,
     estimator: Annotated[list[Estimator] | None, typer.Option(
