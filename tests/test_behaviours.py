@@ -139,3 +139,23 @@ def test_embeddings_serve_several_behaviours(two, tmp_path):
     assert cli("embed", two, "-o", out, "--estimator", "frozen", "-q").exit_code == 0
     args = ["run", two, "--estimator", "frozen", "-q", "-f", "json"]
     assert cli(*args).stdout == cli(*args, "--embeddings", out).stdout
+
+
+def test_readme_jq_lines_on_several_behaviours(two, tmp_path):
+    """The README's jq lines for an effects/2 document give the stages that hurt some
+    behaviour and each behaviour's most harmful stage on digits (shortcut for both)."""
+    import subprocess
+
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed")
+    got = cli("run", two, "--estimator", "frozen", "-q", "-f", "json")
+    result = tmp_path / "result.json"
+    result.write_text(got.stdout)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Several behaviours")[1].split("## With jq")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("jq ")]
+    assert len(lines) == 2
+    outs = [subprocess.run(ln, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                           check=True).stdout for ln in lines]
+    assert outs[0].split() == ["shortcut", "polish"]
+    assert outs[1] == "loss\tshortcut\nmargin\tshortcut\n"
