@@ -154,3 +154,18 @@ def test_embed_never_writes_into_the_run_folder_nor_over_foreign_files(digits, t
         assert cli("embed", digits, "-o", out, "--estimator", est, "-q").exit_code == 0
     assert json.loads((out / "embeddings.json").read_text())["estimator"]["name"] == "frozen"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_atomic_folder_keeps_the_old_output_when_writing_fails(tmp_path):
+    """An error while the new folder is written leaves the earlier output as it was and no
+    temporary folder behind."""
+    from acctattr.output.atomic import atomic_folder
+
+    out = tmp_path / "emb"
+    with atomic_folder(out, "--output", "embeddings.json") as tmp:
+        (tmp / "embeddings.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(out, "--output", "embeddings.json") as tmp:
+        (tmp / "embeddings.json").write_text("new")
+        raise RuntimeError("interrupted")
+    assert (out / "embeddings.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["emb"]
