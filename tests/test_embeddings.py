@@ -169,3 +169,17 @@ def test_atomic_folder_keeps_the_old_output_when_writing_fails(tmp_path):
         raise RuntimeError("interrupted")
     assert (out / "embeddings.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["emb"]
+
+
+def test_other_unrolled_options_are_refused(digits, tmp_path):
+    """Unrolled embeddings computed with other options (here --dynamics linear) are refused,
+    naming the option; the same options are accepted."""
+    out = tmp_path / "emb"
+    made = cli("embed", digits, "-o", out, "--estimator", "unrolled", "--dynamics", "linear",
+               "-q")
+    assert made.exit_code == 0, made.stderr
+    other = cli("run", digits, "--estimator", "unrolled", "-q", "--embeddings", out)
+    assert other.exit_code == 2 and "sgd_dynamics 'linear' there, 'flow' asked" in other.stderr
+    same = cli("run", digits, "--estimator", "unrolled", "--dynamics", "linear", "-q",
+               "--embeddings", out)
+    assert same.exit_code == 0, same.stderr
