@@ -142,9 +142,11 @@ def manifest_digest(manifest: Manifest, tensors: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stage_tensors(manifest: Manifest) -> tuple[str, ...]:
-    """The tensor names the estimators read from each stage's data: eval.inputs and
-    eval.target."""
+def stage_tensors(manifest: Manifest, estimator: str) -> tuple[str, ...]:
+    """The tensor names ``estimator`` reads from each stage's data: the first behaviour's
+    inputs and target for unrolled (which trains on them), none for naive and frozen."""
+    if estimator != "unrolled":
+        return ()
     return (*manifest.eval.inputs, manifest.eval.target)
 
 
@@ -219,8 +221,8 @@ def compute(path: str | Path, out: Path, estimator: str = "auto",
                               "note": auto_note(chosen, passed) if estimator == "auto" else None,
                               "warnings": list(chosen.warnings())},
                 "manifest": {"path": str(Path(path)), "sha256": sha256(manifest.path),
-                             "embedding_sha256": manifest_digest(manifest,
-                                                                 stage_tensors(manifest))},
+                             "embedding_sha256": manifest_digest(
+                                 manifest, stage_tensors(manifest, chosen.name))},
                 "inputs": inputs,
                 "stages": files,
             }
@@ -337,7 +339,7 @@ def load(folder: Path, manifest: Manifest, shapes: dict[str, tuple[int, ...]],
             shown = "; ".join(f"{k} {then.get(k)!r} there, {now.get(k)!r} asked" for k in differ)
             raise AcctattrError(f"{index}: unrolled's options differ from the ones asked: "
                                 f"{shown}", f"ask with the same options, or {redo}")
-    if digest != manifest_digest(manifest, stage_tensors(manifest)):
+    if digest != manifest_digest(manifest, stage_tensors(manifest, name)):
         raise AcctattrError(f"{index}: {manifest.path} changed since the embeddings were "
                             "computed: its model, stages or training loss differ",
                             redo)
