@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acctattr import __version__, devices
-from acctattr.errors import AcctattrError, CheckpointError
+from acctattr.errors import AcctattrError, CheckpointError, ManifestError
 from acctattr.estimators import Estimator, Params, Unsuitable
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import Progress
@@ -238,6 +238,8 @@ def _write_stage(folder: Path, k: int, name: str, estimator: Estimator,
         progress(f"stage {name}", k, n_stages)
     try:
         v = estimator.embed(k)
+    except ManifestError:
+        raise
     except AcctattrError as e:
         raise type(e)(f"while estimating stage '{name}': {e.message}", e.hint) from e
     tensors = {n: v[n].detach().to(dtypes[n]).cpu().contiguous() for n in dtypes}
