@@ -183,3 +183,17 @@ def test_other_unrolled_options_are_refused(digits, tmp_path):
     same = cli("run", digits, "--estimator", "unrolled", "--dynamics", "linear", "-q",
                "--embeddings", out)
     assert same.exit_code == 0, same.stderr
+
+
+def test_embed_run_and_ablate_leave_the_run_untouched(digits, tmp_path):
+    """embed, run --embeddings and ablate change no file of the run (bytes, mtime) and create
+    nothing in its folder."""
+    from test_guarantees import snapshot
+
+    before = snapshot(digits.parent)
+    out = tmp_path / "emb"
+    assert cli("embed", digits, "-o", out, "--estimator", "frozen", "-q").exit_code == 0
+    assert cli("run", digits, "--estimator", "frozen", "-q", "--embeddings", out).exit_code == 0
+    assert cli("ablate", digits, "--stage", "shortcut", "-o", tmp_path / "abl", "--estimator",
+               "frozen", "--embeddings", out, "-q").exit_code == 0
+    assert snapshot(digits.parent) == before
