@@ -609,8 +609,12 @@ def check(manifest: ManifestArg) -> None:
         loaded = pipeline.check(manifest)
         stages = ", ".join(r.name for r in loaded.runs)
         n_params = sum(_numel(s) for s in loaded.info.trainable.values())
+        evals = f"eval data {loaded.evaluator.data.source}"
+        if len(loaded.evaluators) > 1:
+            evals = f"{len(loaded.evaluators)} behaviours (" + ", ".join(
+                f"{n}: {e.data.source}" for n, e in loaded.evaluators.items()) + ")"
         _emit(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), {n_params:,} trainable "
-              f"parameters, eval data {loaded.evaluator.data.source}\n", None)
+              f"parameters, {evals}\n", None)
         for w in loaded.warnings:
             _err(f"warning: {w}")
 
