@@ -142,3 +142,34 @@ def test_hugging_face_and_peft_runs_give_a_from_pretrained_folder(tmp_path):
         assert value == pytest.approx(cf[stage], rel=1e-5)
         if stage == "lora":
             assert value == pytest.approx(float(run["without_adapter"].mean()), rel=1e-5)
+
+
+def test_lm_run_ablated_folders_load_with_from_pretrained(tmp_path):
+    """On the lm sample run (Trainer folders, a tied GPT-2), every stage's ablated folder
+    loads with from_pretrained and its eval loss (the run's own metric.py) is the
+    counterfactual value `run --evaluate direct` reports (1e-5 relative)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    manifest = SAMPLES / "lm" / "manifest.yaml"
+    emb = tmp_path / "emb"
+    made = cli("embed", manifest, "-o", emb, "--estimator", "frozen", "-q")
+    assert made.exit_code == 0, made.stderr
+    cf = direct("lm", "frozen", "--embeddings", emb)
+    spec = importlib.util.spec_from_file_location("_lm_metric", SAMPLES / "lm" / "metric.py")
+    assert spec is not None and spec.loader is not None
+    metric = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metric)
+    data = load_file(SAMPLES / "lm" / "data" / "eval.safetensors")
+    for stage in ("pretrain", "sft", "poison"):
+        out = tmp_path / f"without-{stage}"
+        got = cli("ablate", manifest, "--stage", stage, "-o", out, "--estimator", "frozen",
+                  "--embeddings", emb, "-q")
+        assert got.exit_code == 0, got.stderr
+        assert (out / "config.json").is_file()
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            loss = metric.next_token_loss(model(input_ids=data["input_ids"]).logits,
+                                          data["labels"]).double()
+        value = math.fsum(loss.tolist()) / loss.numel()
+        assert value == pytest.approx(cf[stage]["counterfactual_value"], rel=1e-5)
