@@ -2,14 +2,15 @@
 
 For each sample run, estimator and stage: the stage's embedding is computed once
 (``acctattr embed``), ``acctattr ablate --embeddings`` writes theta_T - v_k as a safetensors
-state dict, and the sample's own model code (model.py's build(), strict load) evaluates it on
-the eval set. The retrained counterfactual comes from the run's ``truth.json`` (per example
-f_i(theta_T^(-k)) = f_i(theta_T) - true effect_i; regenerate it with ``make_run.py
---truth``). Printed per stage: the ablated model's measured mean metric, the value ablate
+state dict (a Hugging Face folder for lm), and the sample's own model code (model.py's
+build(), strict load; for lm from_pretrained and its metric.py) evaluates it on the eval
+set. The retrained counterfactual comes from the run's ``truth.json`` (per example
+f_i(theta_T^(-k)) = f_i(theta_T) - true effect_i; regenerate it with the run's
+``make_run.py``). Printed per stage: the ablated model's measured mean metric, the value ablate
 predicted for it, the retrained model's, and the per-example Pearson correlation between
 the ablated and the retrained model's metric (and between their effects).
 
-    OMP_NUM_THREADS=1 python bench/ablate.py [--runs digits toxicity]
+    OMP_NUM_THREADS=1 python bench/ablate.py [--runs digits toxicity lm]
                                              [--estimators unrolled frozen]
 """
 
@@ -30,6 +31,28 @@ from acctattr import ablate, embeddings
 from acctattr.options import Runtime
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.parent.name}_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.dont_write_bytecode = True
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_example_hf(run: str, folder: Path, eval_spec) -> torch.Tensor:
+    """The lm run's metric (metric.py) per eval example for the model in a Hugging Face
+    folder, loaded with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    data = load_file(eval_spec.data)
+    with torch.no_grad():
+        logits = model(**{n: data[n] for n in eval_spec.inputs}).logits
+    return _module(ROOT / run / "metric.py").next_token_loss(logits, data[eval_spec.target]
+                                                              ).double()
 
 
 def per_example(run: str, weights: dict[str, torch.Tensor], eval_spec) -> torch.Tensor:
@@ -56,7 +79,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=["digits", "toxicity"])
+    ap.add_argument("--runs", nargs="+", default=["digits", "toxicity", "lm"])
     ap.add_argument("--estimators", nargs="+", default=["unrolled", "frozen"])
     args = ap.parse_args(argv)
     from acctattr.runs.manifest import load_manifest
@@ -69,16 +92,23 @@ def main(argv: list[str] | None = None) -> int:
             manifest = ROOT / run / "manifest.yaml"
             m = load_manifest(manifest)
             truth = json.loads((ROOT / run / "truth.json").read_text())
-            final = load_file(m.stages[-1].end / "model.safetensors")
-            base = per_example(run, final, m.eval)
+            hf = m.hf is not None
+            if hf:
+                base = per_example_hf(run, m.stages[-1].end, m.eval)
+            else:
+                base = per_example(run, load_file(m.stages[-1].end / "model.safetensors"),
+                                   m.eval)
             for est in args.estimators:
                 emb = Path(tmp) / f"{run}-{est}"
                 embeddings.compute(manifest, emb, est, runtime=runtime)
                 for stage in m.stages:
-                    out = Path(tmp) / f"{run}-{est}-{stage.name}.safetensors"
+                    out = Path(tmp) / f"{run}-{est}-{stage.name}"
+                    if not hf:
+                        out = out.with_suffix(".safetensors")
                     a = ablate.ablate(manifest, stage.name, out, estimator=est,
                                       runtime=runtime, embeddings=emb)
-                    values = per_example(run, load_file(out), m.eval)
+                    values = (per_example_hf(run, out, m.eval) if hf
+                              else per_example(run, load_file(out), m.eval))
                     true_effect = torch.tensor(truth["stages"][stage.name]["examples"],
                                                dtype=torch.float64)
                     retrained = base - true_effect
