@@ -200,3 +200,16 @@ def test_embed_run_and_ablate_leave_the_run_untouched(digits, tmp_path):
     assert cli("ablate", digits, "--stage", "shortcut", "-o", tmp_path / "abl", "--estimator",
                "frozen", "--embeddings", out, "-q").exit_code == 0
     assert snapshot(digits.parent) == before
+
+
+def test_missing_input_is_refused(digits, tmp_path):
+    """A recorded input file that no longer exists is refused with exit 2, naming it."""
+    out = tmp_path / "emb"
+    assert cli("embed", digits, "-o", out, "--estimator", "naive", "-q").exit_code == 0
+    index = out / "embeddings.json"
+    doc = json.loads(index.read_text())
+    doc["inputs"].append({"what": "stage 'polish': data", "path": "data/gone.safetensors",
+                          "sha256": "0" * 64})
+    index.write_text(json.dumps(doc))
+    got = cli("run", digits, "--estimator", "naive", "-q", "--embeddings", out)
+    assert got.exit_code == 2 and "gone.safetensors" in got.stderr and "is gone" in got.stderr
