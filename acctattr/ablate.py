@@ -14,10 +14,12 @@ does, or reads it from ``--embeddings``) and writes the model as if stage k had 
   else ``OUT/model.safetensors``.
 
 Every tensor of the model's ``state_dict()`` is written: trainable parameters ablated,
-the rest (frozen parameters, persistent buffers) as in theta_T. The ablated weights are
-exactly the ones ``run --evaluate direct`` evaluates (theta_T - v_k in the dtype theta_T is
-evaluated in, float32 for fp32/bf16/fp16 checkpoints), so the eval value printed for them,
-the mean over the eval set of f_i(theta_T - S v_k), is what the written model measures.
+the rest (frozen parameters, persistent buffers) as in theta_T, each in the dtype the final
+checkpoint stores it in. The ablated weights are exactly the ones ``run --evaluate direct``
+evaluates (theta_T - v_k in the dtype theta_T is evaluated in, float32 for fp32/bf16/fp16
+checkpoints), so the eval value printed for them, the mean over the eval set of
+f_i(theta_T - S v_k), is what the written model measures; a bf16 / fp16 checkpoint's are
+rounded back to its dtype on writing (a warning says so).
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
             predictions.append(Prediction(name, ev.metric.name, ev.metric.higher_is_better,
                                           final, final - effect))
         ablated = {n: (p - shift[n].to(p.dtype).to(p.device)).cpu() for n, p in params.items()}
-        state = _state_dict(loaded, ablated)
+        state, rounded = _state_dict(loaded, ablated)
+        notes = [f"the ablated weights are written in {', '.join(sorted(rounded))}, as the "
+                 "final checkpoint stores them; the predicted values are for the float32 "
+                 "weights acctattr computed, before that rounding"] if rounded else []
         source = _hf_source(loaded.manifest)
         provenance = {
             "acctattr": "ablate", "manifest": str(path), "stage": stage, "scale": scale,
@@ -190,12 +195,43 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
                 (tmp / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
             written = out / "model.safetensors"
     return Ablation(stage, scale, chosen.name, note, fmt, written, tuple(predictions),
-                    (*loaded.warnings, *chosen.warnings()))
+                    (*loaded.warnings, *chosen.warnings(), *notes))
 
 
-def _state_dict(loaded: Any, ablated: Params) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                       "F64": torch.float64}
+
+
+def stored_dtype(reader: Any, name: str) -> torch.dtype | None:
+    """The dtype ``name`` is stored in by a checkpoint reader (acctattr reads floats as
+    float32); None where it cannot tell. A merged LoRA stage: its base's."""
+    try:
+        from acctattr.runs.checkpoints import RenamedReader
+        from acctattr.runs.lora import LoraMergedReader
+
+        if isinstance(reader, LoraMergedReader):
+            return stored_dtype(reader.base, name)
+        if isinstance(reader, RenamedReader):
+            return stored_dtype(reader.inner, reader.prefix + name)
+        tensors = getattr(reader, "_tensors", None)
+        if tensors is not None:
+            t = tensors.get(name)
+            return t.dtype if t is not None else None
+        file = getattr(reader, "_shards", {}).get(name)
+        if file is None:
+            return None
+        return _SAFETENSORS_DTYPES.get(reader._handle(file).get_slice(name).get_dtype())
+    except Exception:  # a reader that does not say: the dtype acctattr computed in
+        return None
+
+
+def _state_dict(loaded: Any, ablated: Params) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The model's state_dict() names (persistent tensors), trainable ones ablated, the rest
-    as in theta_T; each its own contiguous tensor (safetensors refuses shared storage)."""
+    as in theta_T, each floating tensor in the dtype the final checkpoint stores it in
+    (bf16 stays bf16); each its own contiguous tensor (safetensors refuses shared
+    storage). Also returns the dtypes trainable parameters were rounded to."""
+    final = loaded.runs[-1].end
+    rounded: set[str] = set()
     fixed = loaded.evaluator.fixed
     model = loaded.model
     own = model.state_dict()
@@ -209,5 +245,10 @@ def _state_dict(loaded: Any, ablated: Params) -> dict[str, torch.Tensor]:
         t = ablated.get(key)
         if t is None:
             t = fixed.get(key, own[name])
+        dtype = stored_dtype(final, key) if t.is_floating_point() else None
+        if dtype is not None and dtype != t.dtype:
+            t = t.to(dtype)
+            if key in ablated:
+                rounded.add(str(dtype).replace("torch.", ""))
         out[name] = t.detach().cpu().contiguous().clone()
-    return out
+    return out, rounded

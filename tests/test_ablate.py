@@ -173,3 +173,35 @@ def test_lm_run_ablated_folders_load_with_from_pretrained(tmp_path):
                                           data["labels"]).double()
         value = math.fsum(loss.tolist()) / loss.numel()
         assert value == pytest.approx(cf[stage]["counterfactual_value"], rel=1e-5)
+
+
+def test_bf16_checkpoint_is_written_in_bf16(tmp_path):
+    """A final checkpoint stored in bfloat16 gives an ablated state dict in bfloat16 (the
+    float32 result rounded), with a warning that the prediction is for the float32 weights;
+    the bf16 model measures the prediction to bf16 precision."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "digits"
+    shutil.copytree(SAMPLES / "digits", run, ignore=shutil.ignore_patterns("__pycache__"))
+    final = run / "ckpt" / "polish" / "model.safetensors"
+    save_file({n: t.to(torch.bfloat16) for n, t in load_file(final).items()}, final)
+    out = tmp_path / "without.safetensors"
+    got = cli("ablate", run / "manifest.yaml", "--stage", "shortcut", "-o", out,
+              "--estimator", "frozen", "-q")
+    assert got.exit_code == 0, got.stderr
+    assert "written in bfloat16" in got.stderr
+    written = load_file(out)
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    fp32 = {n: t.float() for n, t in written.items()}
+    assert measured("digits", _saved(tmp_path, fp32)) == pytest.approx(_predicted(got.stdout),
+                                                                       rel=2e-2)
+
+
+def _saved(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "as-float32.safetensors"
+    save_file(tensors, path)
+    return path
