@@ -96,7 +96,13 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
     """Write theta_T - scale * v_k for stage ``stage`` to ``out`` (module doc) and return what
     was written with the eval value predicted for it on every behaviour."""
     from acctattr import distributed, estimators, pipeline
-    from acctattr.output.atomic import atomic_file, atomic_folder, refuse_inside
+    from acctattr.output.atomic import (
+        atomic_file,
+        atomic_folder,
+        check_folder_target,
+        check_target,
+        refuse_inside,
+    )
     from acctattr.runs.manifest import load_manifest
 
     if distributed.from_env()[1] > 1:
@@ -110,6 +116,10 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
         raise AcctattrError(f"--stage {stage!r}: {path} has no stage of that name",
                             f"choose one of {', '.join(names)}")
     refuse_inside(out, manifest.root, "--output")
+    if out.suffix == ".safetensors":
+        check_target(out, "--output")
+    else:
+        check_folder_target(out, "--output", MARKER)
     k = names.index(stage)
     config = config or UnrolledConfig()
     runtime = runtime or Runtime()

@@ -173,7 +173,7 @@ def compute(path: str | Path, out: Path, estimator: str = "auto",
     """
     from acctattr import distributed, pipeline
     from acctattr.estimators import auto_note, candidates
-    from acctattr.output.atomic import atomic_folder, refuse_inside
+    from acctattr.output.atomic import atomic_folder, check_folder_target, refuse_inside
     from acctattr.runs.manifest import load_manifest
 
     if distributed.from_env()[1] > 1:
@@ -185,6 +185,7 @@ def compute(path: str | Path, out: Path, estimator: str = "auto",
     config = config or UnrolledConfig()
     runtime = runtime or Runtime()
     refuse_inside(out, load_manifest(path).root, "--output")
+    check_folder_target(out, "--output", INDEX)
     device = devices.resolve(runtime.device)
     with devices.threads(runtime.threads):
         loaded = pipeline.check(path, device, runtime.batch_size)

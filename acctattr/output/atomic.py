@@ -45,6 +45,21 @@ def atomic_file(path: Path, option: str, binary: bool = False) -> Iterator[IO]:
         raise
 
 
+def check_target(path: Path, option: str) -> None:
+    """Fail before any computing when ``path`` cannot be written: its folder missing, not a
+    folder or not writable, or ``path`` itself a folder."""
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist",
+                            "create it first, or name a file in an existing folder")
+    if path.is_dir():
+        raise AcctattrError(f"{option} {path}: is a folder", "name a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable")
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(folder, os.W_OK):
+        raise AcctattrError(f"{option} {path}: is not writable")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -85,16 +100,8 @@ def atomic_folder(path: Path, option: str, marker: str) -> Iterator[Path]:
         option: the command-line option that named ``path``, for messages (``--output``).
         marker: the file an earlier output of this kind holds (``embeddings.json``).
     """
+    check_folder_target(path, option, marker)
     folder = path.resolve().parent
-    if not folder.is_dir():
-        raise AcctattrError(f"{option} {path}: folder {folder} does not exist")
-    if path.exists() and not path.is_dir():
-        raise AcctattrError(f"{option} {path}: exists and is not a folder",
-                            "name a new folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise AcctattrError(f"{option} {path}: the folder is not empty and holds no {marker} "
-                            "(it is not an earlier output of this command)",
-                            "name a new or empty folder; nothing was written")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         yield tmp
@@ -116,6 +123,25 @@ def atomic_folder(path: Path, option: str, marker: str) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise AcctattrError(f"{option} {path}: cannot write ({e.strerror})") from e
         raise
+
+
+def check_folder_target(path: Path, option: str, marker: str) -> None:
+    """Fail before any computing when atomic_folder could not write ``path``: its parent
+    missing or not writable, ``path`` a file, or a non-empty folder that is not an earlier
+    output of the same kind (it lacks ``marker``)."""
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist",
+                            "create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable")
+    if path.exists() and not path.is_dir():
+        raise AcctattrError(f"{option} {path}: exists and is not a folder",
+                            "name a new folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise AcctattrError(f"{option} {path}: the folder is not empty and holds no {marker} "
+                            "(it is not an earlier output of this command)",
+                            "name a new or empty folder; nothing was written")
 
 
 def refuse_inside(path: Path, run_folder: Path, option: str) -> None:
