@@ -176,7 +176,7 @@ class Evaluator:
     def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
         """f_i(theta_T) - f_i(theta_T - v) for every example [N] float64 on the CPU;
         ``base`` = f_i(theta_T)."""
-        shifted = {n: _shift(p, v[n]) for n, p in self.params.items()}
+        shifted = {n: subtract(p, v[n]) for n, p in self.params.items()}
 
         def one(batch: Batch) -> tuple[torch.Tensor, ...]:
             return (self._metric(shifted, batch).cpu().double(),)
@@ -185,7 +185,7 @@ class Evaluator:
             return base - self._each(one)[0]
 
 
-def _shift(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def subtract(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """theta_T - v in p's dtype; for half-precision p the difference is taken in float32
     and rounded once."""
     if p.dtype in HALF:
