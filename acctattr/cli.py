@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -25,6 +25,9 @@ from acctattr.errors import AcctattrError
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.output.atomic import check_target, write_atomic
 from acctattr.output.text import printable
+
+if TYPE_CHECKING:
+    from acctattr.results import Result
 
 UNROLLED = UnrolledConfig()
 
@@ -159,6 +162,12 @@ BatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, metavar="N", help="Eval batch size (default: eval.batch_size).",
     rich_help_panel="Compute", show_default=False)]
 
+EmbeddingsOpt = Annotated[Path | None, typer.Option(
+    "--embeddings", metavar="DIR",
+    help="Evaluate the stage embeddings `acctattr embed` wrote to DIR instead of computing "
+         "them (refused when an input changed or DIR holds another estimator).",
+    show_default=False)]
+
 
 def _runtime(device: str, threads: int | None, batch_size: int | None,
              check: bool = False) -> Runtime:
@@ -232,6 +241,10 @@ def run(
         "--gate-group", metavar="NAME|worst",
         help="Gate this eval group's harm (worst: every group). Default: all examples.")]
     = None,
+    gate_behaviour: Annotated[str | None, typer.Option(
+        "--gate-behaviour", metavar="NAME",
+        help="With several behaviours (evals:), gate only this one. Default: every one.")]
+    = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png|FILE.svg",
         help="Also draw the effects (needs matplotlib: pip install "
@@ -264,6 +277,7 @@ def run(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     batch_size: BatchOpt = None,
+    embeddings: EmbeddingsOpt = None,
 ) -> None:
     """Estimate every stage's effect on the eval set and print them ranked.
 
@@ -277,6 +291,7 @@ def run(
 
         _check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
+        _check_gate_behaviour(manifest, fail_on_harm, gate_behaviour)
         if plot is not None:
             from acctattr.output import plots
 
@@ -290,8 +305,12 @@ def run(
         with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
-                                  config, runtime)
+                                  config, runtime, embeddings)
         gate = None
+        if result.behaviours is not None:
+            _several(result, format, output, plot, confidence, fail_on_harm, gate_stage,
+                     gate_group, gate_behaviour)
+            return
         if fail_on_harm is not None:
             from acctattr.output import gates
 
@@ -319,6 +338,66 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _several(result: Result, format: Format, output: Path | None, plot: Path | None,
+             confidence: float, fail_on_harm: float | None, gate_stage: str | None,
+             gate_group: str | None, gate_behaviour: str | None) -> None:
+    """Render a run over several behaviours (evals:): one table per behaviour and a stage ×
+    behaviour summary (JSON acctattr.effects/2); gate each behaviour asked, exit 1 on any."""
+    from acctattr.output import gates, report
+
+    assert result.behaviours is not None
+    checked = {}
+    if fail_on_harm is not None:
+        checked = {name: gates.evaluate(r, fail_on_harm, confidence, gate_stage, gate_group)
+                   for name, r in result.behaviours if gate_behaviour in (None, name)}
+    if result.estimator_note:
+        _err(f"estimator: {result.estimator} ({result.estimator_note})")
+    shown: list[str] = []
+    for name, r in result.behaviours:
+        for w in r.warnings:
+            shared = all(w in other.warnings for _, other in result.behaviours)
+            line = f"warning: {w}" if shared else f"warning: behaviour {name}: {w}"
+            if line not in shown:
+                shown.append(line)
+                _err(line)
+    if format is Format.json:
+        text = report.behaviours_to_json(result, checked, gate_behaviour)
+    elif format is Format.markdown:
+        text = report.behaviours_to_markdown(result, checked)
+    else:
+        text = report.behaviours_to_table(result, color=_color(output),
+                                          width=_terminal_width(output))
+    _emit(text, output)
+    if plot is not None and is_primary():
+        from acctattr.output import plots
+
+        for name, r in result.behaviours:
+            target = plot.with_name(f"{plot.stem}.{name}{plot.suffix}")
+            plots.render(r, target, confidence)
+            _err(f"wrote {target}")
+    for name, gate in checked.items():
+        _err(f"behaviour {name}: {gates.describe(gate, dict(result.behaviours)[name].metric)}")
+    if any(g.tripped for g in checked.values()):
+        raise typer.Exit(1)
+
+
+def _check_gate_behaviour(manifest: Path, fail_on_harm: float | None,
+                          gate_behaviour: str | None) -> None:
+    """A --gate-behaviour that names no behaviour, or comes without --fail-on-harm, fails
+    before any computing (exit 2)."""
+    if gate_behaviour is None:
+        return
+    if fail_on_harm is None:
+        raise AcctattrError("--gate-behaviour chooses what --fail-on-harm checks",
+                            "add --fail-on-harm X")
+    from acctattr.runs.manifest import load_manifest
+
+    names = [n for n, _ in load_manifest(manifest).behaviours]
+    if gate_behaviour not in names:
+        raise AcctattrError(f"--gate-behaviour {gate_behaviour!r}: {manifest} has no behaviour "
+                            "of that name", f"choose one of {', '.join(names)}")
 
 
 def _check_paths(paths: list[Path], what: str) -> None:
@@ -409,6 +488,133 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
         if gate_group is not None:
             gates.check_group_name(gate_group, m.eval.group is not None,
                                    group_names(m.eval))
+
+
+@app.command()
+def embed(
+    manifest: ManifestArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="DIR",
+        help="The folder to write (atomically; an earlier embed folder is replaced). Never "
+             "inside the run's folder.", show_default=False)],
+    estimator: Annotated[Estimator, typer.Option(
+        help="How to estimate each stage's embedding (as for run).")] = Estimator.auto,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
+    lanczos_iters: Annotated[int, typer.Option(
+        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
+    sample_size: Annotated[int, typer.Option(
+        min=1, help="unrolled: training examples per later stage for its curvature.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
+    dynamics: Annotated[Dynamics, typer.Option(
+        help="unrolled: flow or linear (as for run).",
+        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+    flow_substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled, flow: substeps per later stage.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
+    hessian_at: Annotated[HessianAt | None, typer.Option(
+        help="unrolled, linear: where along a segment the Hessian is taken.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    substeps: Annotated[int | None, typer.Option(
+        min=1, help="unrolled, linear: integrator substeps per segment.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Compute every stage's embedding v_k once and write it to DIR, for
+    `acctattr run --embeddings DIR` (any eval set) and `acctattr ablate --embeddings DIR`."""
+
+    def go() -> None:
+        from acctattr import embeddings
+        from acctattr.output import report
+
+        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                  hessian_at, substeps)
+        runtime = _runtime(device, threads, None, check=True)
+        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+            index = embeddings.compute(manifest, output, estimator.value, config, runtime,
+                                       progress)
+        est = index["estimator"]
+        if est["note"]:
+            _err(f"estimator: {est['name']} ({est['note']})")
+        for w in est["warnings"]:
+            _err(f"warning: {w}")
+        _err(f"wrote {output}: {len(index['stages'])} stage embeddings ({est['name']}), "
+             f"{len(index['inputs'])} input files hashed")
+
+    guarded(go)
+
+
+@app.command()
+def ablate(
+    manifest: ManifestArg,
+    stage: Annotated[str, typer.Option(
+        "--stage", metavar="NAME", help="The stage to take out.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="OUT",
+        help="Where to write the model (atomically; never inside the run's folder): a "
+             "folder, or FILE.safetensors for a plain state dict.", show_default=False)],
+    scale: Annotated[float, typer.Option(
+        "--scale", metavar="S",
+        help="Write theta_T - S * v_k: 1 removes the stage, 0 < S < 1 damps it.")] = 1.0,
+    estimator: Annotated[Estimator, typer.Option(
+        help="How to estimate the stage's embedding (as for run).")] = Estimator.auto,
+    embeddings: EmbeddingsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    show_progress: Annotated[bool, typer.Option(
+        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
+    lanczos_iters: Annotated[int, typer.Option(
+        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
+    sample_size: Annotated[int, typer.Option(
+        min=1, help="unrolled: training examples per later stage for its curvature.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
+    dynamics: Annotated[Dynamics, typer.Option(
+        help="unrolled: flow or linear (as for run).",
+        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+    flow_substeps: Annotated[int, typer.Option(
+        min=1, help="unrolled, flow: substeps per later stage.",
+        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
+    hessian_at: Annotated[HessianAt | None, typer.Option(
+        help="unrolled, linear: where along a segment the Hessian is taken.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    substeps: Annotated[int | None, typer.Option(
+        min=1, help="unrolled, linear: integrator substeps per segment.",
+        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = None,
+) -> None:
+    """Write the model as if a stage never ran (theta_T - S * v_k) in the final checkpoint's
+    format, and print the eval value the estimate predicts for it (stdout)."""
+
+    def go() -> None:
+        from acctattr import ablate as ablation
+        from acctattr.output import report
+
+        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+                                  hessian_at, substeps)
+        runtime = _runtime(device, threads, batch_size, check=True)
+        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+            a = ablation.ablate(manifest, stage, output, scale, estimator.value, config,
+                                runtime, embeddings, progress)
+        if a.estimator_note:
+            _err(f"estimator: {a.estimator} ({a.estimator_note})")
+        for w in a.warnings:
+            _err(f"warning: {w}")
+        what = "a Hugging Face folder" if a.format == "hf" else "a safetensors state dict"
+        _err(f"wrote {a.written} ({what})")
+        lines = [f"stage {a.stage} taken out (scale {a.scale:g}, estimator {a.estimator}); "
+                 "eval value the estimate predicts for the written model:"]
+        for p in a.predictions:
+            lines.append(f"  {p.behaviour}: {p.metric} {p.predicted:.6g} (deployed model "
+                         f"{p.final_value:.6g}, {'higher' if p.higher_is_better else 'lower'} "
+                         "is better)")
+        _emit("\n".join(lines) + "\n", None)
+
+    guarded(go)
 
 
 @app.command()
@@ -507,8 +713,12 @@ def check(manifest: ManifestArg) -> None:
         loaded = pipeline.check(manifest)
         stages = ", ".join(r.name for r in loaded.runs)
         n_params = sum(_numel(s) for s in loaded.info.trainable.values())
+        evals = f"eval data {loaded.evaluator.data.source}"
+        if len(loaded.evaluators) > 1:
+            evals = f"{len(loaded.evaluators)} behaviours (" + ", ".join(
+                f"{n}: {e.data.source}" for n, e in loaded.evaluators.items()) + ")"
         _emit(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), {n_params:,} trainable "
-              f"parameters, eval data {loaded.evaluator.data.source}\n", None)
+              f"parameters, {evals}\n", None)
         for w in loaded.warnings:
             _err(f"warning: {w}")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -60,6 +60,9 @@ class Loaded:
     runs: list[StageRun]
     evaluator: Evaluator
     warnings: list[str]
+    # every behaviour's evaluator (name -> Evaluator) in manifest order; ``evaluator`` is
+    # the first. They share theta_T's tensors.
+    evaluators: dict[str, Evaluator] = field(default_factory=dict)
 
 
 def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
@@ -184,6 +187,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
                 attempt(lambda r=reader, k=key, s=stage: _check_params(r, info, s.name, k))
+        if isinstance(start, StateDictReader) and isinstance(end, StateDictReader):
+            attempt(lambda a=start, b=end, s=stage: _check_dtypes(a, b, info, s.name))
         ckpts = []
         for ref in stage.checkpoints:
             r = attempt(lambda p=ref.path: readers(p))
@@ -228,15 +233,22 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         prev = stage
 
     final = runs[-1].end if len(runs) == len(manifest.stages) else None
-    evaluator = None
-    data = attempt(lambda: EvalData(manifest.eval, batch_size))
-    metric = attempt(lambda: resolve_metric(manifest.eval.metric,
-                                            manifest.eval.higher_is_better, "eval.metric"))
-    if final is not None and data is not None and metric is not None:
-        params = {n: final.get(n).to(device) for n in info.trainable}
-        fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
-        evaluator = Evaluator(model, params, fixed, data, metric)  # type: ignore[arg-type]
-    return Loaded(manifest, model, info, runs, evaluator, warnings)  # type: ignore[arg-type]
+    evaluators: dict[str, Evaluator] = {}
+    at_end: tuple[Params, Params] | None = None  # theta_T, shared by every behaviour
+    for name, spec in manifest.behaviours:
+        key = f"evals.{name}" if manifest.evals else "eval"
+        data = attempt(lambda spec=spec: EvalData(spec, batch_size))
+        metric = attempt(lambda spec=spec, key=key: resolve_metric(
+            spec.metric, spec.higher_is_better, f"{key}.metric"))
+        if final is not None and data is not None and metric is not None:
+            if at_end is None:
+                at_end = (_final_params(model, final, info, device),
+                          {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()})
+            evaluators[name] = Evaluator(model, at_end[0], at_end[1], data,  # type: ignore[arg-type]
+                                         metric)  # type: ignore[arg-type]
+    evaluator = next(iter(evaluators.values()), None)
+    return Loaded(manifest, model, info, runs, evaluator, warnings,  # type: ignore[arg-type]
+                  evaluators)
 
 
 def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictReader:
@@ -245,11 +257,60 @@ def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictRe
     return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
 
 
+# how much of a stage's update the rounding between its checkpoints' dtypes may be
+ROUNDING_SHARE = 0.1
+
+
+def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
+                  stage: str) -> None:
+    """A stage whose start and end hold a parameter in different floating dtypes is refused
+    where the rounding between the dtypes is more than ROUNDING_SHARE of the stage's update
+    (Delta_k would be mostly rounding); otherwise Delta_k is computed in float32 or better."""
+    mixed = [n for n in info.trainable if n in start and n in end  # else _check_params
+             and start.shape(n) == end.shape(n)
+             and (da := start.torch_dtype(n)) is not None and (db := end.torch_dtype(n)) is not None
+             and da != db and da.is_floating_point and db.is_floating_point]
+    if not mixed:
+        return
+    rounding = update = 0.0
+    for n in mixed:
+        a, b = start.get(n, native=True), end.get(n, native=True)
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        high = b if low == a.dtype else a
+        rounding += float((high.to(low).double() - high.double()).square().sum())
+        update += float((b.double() - a.double()).square().sum())
+    share = math.sqrt(rounding / update) if update > 0 else math.inf
+    if share > ROUNDING_SHARE:
+        n = mixed[0]
+        raise CheckpointError(
+            f"stage '{stage}': start {start.path} holds '{n}' as "
+            f"{str(start.torch_dtype(n)).replace('torch.', '')} but end {end.path} as "
+            f"{str(end.torch_dtype(n)).replace('torch.', '')} ({len(mixed)} parameter(s) differ): "
+            f"rounding between the two dtypes alone is {share:.0%} of the stage's update, so "
+            "its Delta would be mostly rounding, not training",
+            "save the stage's start and end in the same dtype (convert the start to the "
+            "end's dtype: that is the weights the stage began from)")
+
+
+def _final_params(model: torch.nn.Module, final: StateDictReader, info: ModelInfo,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """theta_T's trainable parameters on ``device`` in the checkpoint's own dtype (a bf16
+    run is evaluated in bf16), read one at a time into the model's own parameters (the
+    factory's initial values freed as they go: one copy of the model, not two)."""
+    own = dict(model.named_parameters())
+    params = {}
+    for n in info.trainable:
+        t = final.get(n, native=True).to(device)
+        own[n].data = t
+        params[n] = t
+    return params
+
+
 def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,
                    info: ModelInfo) -> dict[str, torch.Tensor]:
     """Frozen parameters and buffers at theta_T (the model's own where not saved)."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    return {n: (final.get(n) if n in final else own[n].detach())
+    return {n: (final.get(n, native=True) if n in final else own[n].detach())
             for n in (*info.frozen, *info.buffers)}
 
 
@@ -261,19 +322,20 @@ def check(path: str | Path, device: torch.device | None = None,
         device, batch_size: as open_manifest.
     """
     manifest = load_manifest(path)
-    if batch_size is not None and manifest.eval.data_fn is not None:
-        raise AcctattrError(f"--batch-size {batch_size}: eval.data {manifest.eval.data_fn.text} "
-                            "is a function that yields its own batches",
-                            "drop --batch-size, or change the batches the function yields")
+    for _, spec in manifest.behaviours:
+        if batch_size is not None and spec.data_fn is not None:
+            raise AcctattrError(f"--batch-size {batch_size}: eval.data {spec.data_fn.text} "
+                                "is a function that yields its own batches",
+                                "drop --batch-size, or change the batches the function yields")
     problems: list[str] = []
     try:
         loaded = open_manifest(manifest, collect=problems, device=device, batch_size=batch_size)
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
-    if not problems and loaded.evaluator is not None:
+    for ev in loaded.evaluators.values() if not problems else ():
         try:  # one forward pass on the first batch: data the model cannot take shows here
-            loaded.evaluator.probe()
+            ev.probe()
         except AcctattrError as e:
             problems.append(str(e))
     if problems:
@@ -348,7 +410,8 @@ def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -
 
 def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         per_example: bool = False, progress: Progress | None = None,
-        config: UnrolledConfig | None = None, runtime: Runtime | None = None) -> Result:
+        config: UnrolledConfig | None = None, runtime: Runtime | None = None,
+        embeddings: Path | None = None) -> Result:
     """Estimate every stage's effect on the eval set (SPEC sections 1, 2 and 5).
 
     Args:
@@ -359,6 +422,9 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
             count, the manifest's batch size). Started by torchrun (WORLD_SIZE > 1), the
             processes share the work (acctattr.distributed) and each returns the whole
             result.
+        embeddings: a folder written by ``acctattr embed`` (acctattr.embeddings): its
+            stored v_k are evaluated instead of being computed; refused when an input
+            changed or it holds another estimator than ``estimator``.
     """
     if estimator not in (*ESTIMATORS, "auto"):
         raise AcctattrError(f"unknown estimator {estimator!r}",
@@ -376,29 +442,53 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         stack.enter_context(devices.threads(runtime.threads))
         ranks = stack.enter_context(distributed.joined(device))
         loaded = ranks.together(lambda: check(path, device, runtime.batch_size))
-        available = None
-        if estimator == "auto":  # a GPU's own free memory; the ranks on a machine share it
-            mem = devices.gpu_free_memory(device) if device.type == "cuda" else \
-                available_memory()
-            share = 1 if device.type == "cuda" else distributed.local_world()
-            least = ranks.min(math.inf if mem is None else mem / share)
-            available = None if math.isinf(least) else int(least)
         passed: list[str] = []  # why auto passed over the estimators before the one it took
-        tried = estimators.candidates(estimator, training(loaded, config), config, available,
-                                      passed)
-        chosen = next(tried)  # before any work: a named estimator that cannot run is refused
-        base, groups = loaded.evaluator.sharded(ranks).values()
+        stored_note: str | None = None
+        if embeddings is not None:
+            from acctattr import embeddings as stored
+
+            chosen, stored_note = ranks.together(lambda: stored.load(
+                embeddings, loaded.manifest, loaded.info.trainable,
+                [r.name for r in loaded.runs], estimator, config or UnrolledConfig()))
+            tried: Iterator[Estimator] = iter(())
+        else:
+            available = auto_memory(device, ranks) if estimator == "auto" else None
+            tried = estimators.candidates(estimator, training(loaded, config), config,
+                                          available, passed)
+            chosen = next(tried)  # before any work: a named estimator that cannot run is refused
+        behaviours = list(loaded.evaluators.items())
+        values = [ev.sharded(ranks).values() for _, ev in behaviours]
         while True:
             modes = stage_evaluations(len(loaded.runs), evaluate or chosen.evaluate)
-            try:
-                per_stage = _effects(loaded, chosen, modes, base, progress, ranks)
+            try:  # each embedding computed once, then evaluated for every behaviour
+                effects = _effects(loaded, chosen, modes, [b for b, _ in values], progress,
+                                   ranks, [ev for _, ev in behaviours])
                 break
             except Unsuitable as e:
                 passed.append(e.reason)
                 chosen = next(tried)
     note = estimators.auto_note(chosen, passed) if estimator == "auto" else None
-    return summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
-                     per_stage, per_example, note, chosen.warnings(), modes)
+    if embeddings is not None:
+        note = stored_note
+    results = [summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
+                         per_stage, per_example, note, chosen.warnings(), modes, ev)
+               for (base, groups), per_stage, (_, ev) in zip(values, effects, behaviours,
+                                                             strict=True)]
+    if len(results) == 1:
+        return results[0]
+    # several behaviours: the first one's result, carrying every behaviour's
+    return replace(results[0], behaviours=tuple(
+        (name, r) for (name, _), r in zip(behaviours, results, strict=True)))
+
+
+def auto_memory(device: torch.device, ranks: Ranks = ALONE) -> int | None:
+    """The memory auto lets an estimator take, in bytes (None: unknown): a GPU's own free
+    memory; on the CPU MemAvailable shared by the ranks on this machine; the least over
+    ranks."""
+    mem = devices.gpu_free_memory(device) if device.type == "cuda" else available_memory()
+    share = 1 if device.type == "cuda" else distributed.local_world()
+    least = ranks.min(math.inf if mem is None else mem / share)
+    return None if math.isinf(least) else int(least)
 
 
 def stage_evaluations(n_stages: int, evaluate: str) -> list[str]:
@@ -412,10 +502,13 @@ def stage_evaluations(n_stages: int, evaluate: str) -> list[str]:
     return [evaluate] * (n_stages - 1) + ["direct"]
 
 
-def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], base: torch.Tensor,
-             progress: Progress | None, ranks: Ranks = ALONE) -> list[torch.Tensor]:
-    """Per-example effects of every stage [K][N] (stage k evaluated by ``modes[k]``), one
-    embedding in memory at a time.
+def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], bases: list[torch.Tensor],
+             progress: Progress | None, ranks: Ranks = ALONE,
+             evaluators: list[Evaluator] | None = None) -> list[list[torch.Tensor]]:
+    """Per-example effects [B][K][N] of every stage on every behaviour (stage k evaluated by
+    ``modes[k]``), one embedding in memory at a time, each computed once and evaluated for
+    every behaviour. ``bases``: f_i(theta_T) per behaviour; ``evaluators``: the behaviours'
+    (default the manifest's first).
 
     With several ranks: every rank builds every embedding and evaluates its share of the
     eval set; or, for an estimator with ``shard_stages``, rank r builds and evaluates (on
@@ -424,7 +517,8 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], base: torch
     """
     names = [r.name for r in loaded.runs]
     by_stage = ranks.world > 1 and estimator.shard_stages
-    ev = loaded.evaluator.whole() if by_stage else loaded.evaluator.sharded(ranks)
+    evs = [e.whole() if by_stage else e.sharded(ranks)
+           for e in (evaluators or [loaded.evaluator])]
     if progress:
         estimator.progress = partial(progress, level=1)
 
@@ -450,11 +544,15 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], base: torch
             progress(f"stage {names[k]}", k, len(names))
         return staged(k, partial(estimator.embed, k))
 
-    def evaluated(k: int, v: Params) -> torch.Tensor:
-        return staged(k, lambda: ev.linear(v) if modes[k] == "linear" else ev.direct(v, base))
+    def one(ev: Evaluator, base: torch.Tensor, k: int, v: Params) -> torch.Tensor:
+        return ev.linear(v) if modes[k] == "linear" else ev.direct(v, base)
+
+    def evaluated(k: int, v: Params) -> list[torch.Tensor]:
+        return [staged(k, partial(one, ev, base, k, v))
+                for ev, base in zip(evs, bases, strict=True)]
 
     if by_stage:  # no collective inside: each rank's stages, then one exchange
-        done: dict[int, torch.Tensor] = {}
+        done: dict[int, list[torch.Tensor]] = {}
         for got in ranks.all(lambda: {k: evaluated(k, embed(k)) for k in range(len(names))
                                       if ranks.mine(k)}):
             done.update(got)
@@ -464,7 +562,7 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], base: torch
                      for k in range(len(names))]
     if progress:
         progress("done", len(names), len(names))
-    return per_stage
+    return [[per_stage[k][b] for k in range(len(names))] for b in range(len(evs))]
 
 
 def _fsum_mean(x: torch.Tensor) -> float:
@@ -503,14 +601,15 @@ def standard_error(x: torch.Tensor) -> float:
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
               groups: torch.Tensor | None, per_stage: list[torch.Tensor],
               per_example: bool, estimator_note: str | None = None,
-              warnings: list[str] | None = None, modes: list[str] | None = None) -> Result:
+              warnings: list[str] | None = None, modes: list[str] | None = None,
+              evaluator: Evaluator | None = None) -> Result:
     """Per-example effects [K][N] -> ranked stage effects (and per-example rows).
 
     ``modes``: each stage's evaluation (default ``evaluate`` for every stage). A stage whose
     estimated counterfactual values f_i(theta_T) - effect_i leave the metric's range (a
     cross-entropy below 0) is flagged: the estimate extrapolated too far there.
     """
-    metric = loaded.evaluator.metric
+    metric = (evaluator or loaded.evaluator).metric
     names = [r.name for r in loaded.runs]
     modes = modes or [evaluate] * len(names)
     outside = [_out_of_range(base - e, metric.value_range) for e in per_stage]

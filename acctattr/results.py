@@ -57,6 +57,9 @@ class Result:
     examples: tuple[ExampleEffects, ...] | None = None
     warnings: tuple[str, ...] = ()
     estimator_note: str | None = None  # why ``auto`` chose the estimator it did
+    # several behaviours (``evals:``): every one's result (name, Result) in manifest order;
+    # this Result is the first one's. None: one behaviour.
+    behaviours: tuple[tuple[str, Result], ...] | None = None
 
     def harm(self, effect: float) -> float:
         """How much an effect made the metric worse (negative: it helped)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -108,3 +109,70 @@ def _test_slow_write() -> float:
         return max(0.0, float(os.environ.get("ACCTATTR_TEST_SLOW_WRITE", "0")))
     except ValueError:
         return 0.0
+
+
+@contextmanager
+def atomic_folder(path: Path, option: str, marker: str) -> Iterator[Path]:
+    """A temporary folder beside ``path`` whose contents replace ``path`` when the block ends.
+
+    The caller writes into the yielded folder; its files are fsynced, then it is renamed to
+    ``path``. An existing ``path`` is replaced only when it is empty or an earlier output of
+    the same kind (it holds ``marker``); anything else is refused, never deleted. Readers
+    see the old folder or the whole new one (a moment with neither while the old one is
+    moved aside: a folder cannot be renamed over a non-empty one on POSIX).
+
+    Args:
+        option: the command-line option that named ``path``, for messages (``--output``).
+        marker: the file an earlier output of this kind holds (``embeddings.json``).
+    """
+    check_folder_target(path, option, marker)
+    folder = path.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~_umask())  # some writers make 0600
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=folder))
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AcctattrError(f"{option} {path}: cannot write ({e.strerror})") from e
+        raise
+
+
+def check_folder_target(path: Path, option: str, marker: str) -> None:
+    """Fail before any computing when atomic_folder could not write ``path``: its parent
+    missing or not writable, ``path`` a file, or a non-empty folder that is not an earlier
+    output of the same kind (it lacks ``marker``)."""
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist",
+                            "create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable")
+    if path.exists() and not path.is_dir():
+        raise AcctattrError(f"{option} {path}: exists and is not a folder",
+                            "name a new folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise AcctattrError(f"{option} {path}: the folder is not empty and holds no {marker} "
+                            "(it is not an earlier output of this command)",
+                            "name a new or empty folder; nothing was written")
+
+
+def refuse_inside(path: Path, run_folder: Path, option: str) -> None:
+    """Refuse an output at or under the run's own folder (acctattr never writes there)."""
+    out, root = path.resolve(), run_folder.resolve()
+    if out == root or root in out.parents:
+        raise AcctattrError(f"{option} {path}: inside the run's folder {run_folder}; acctattr "
+                            "never writes into a run's folder",
+                            "write it somewhere else, e.g. beside the run folder")

@@ -514,3 +514,90 @@ def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | No
                 bar.update(inside, completed=done)
 
         yield live
+
+
+# ---------------------------------------------------------------- several behaviours
+
+SCHEMA_BEHAVIOURS = "acctattr.effects/2"
+
+
+def _behaviours(result: Result) -> list[tuple[str, Result]]:
+    return list(result.behaviours or [("eval", result)])
+
+
+def _training_order(result: Result) -> list[StageEffect]:
+    return sorted(result.stages, key=lambda s: s.position)
+
+
+def behaviours_to_dict(result: Result, gates: dict[str, Gate] | None = None,
+                       gate_behaviour: str | None = None) -> dict[str, Any]:
+    """Several behaviours (``evals:``) as one ``acctattr.effects/2`` document: the estimator,
+    ``behaviours`` (name -> that behaviour's ``acctattr.effects/1`` document, exactly as a
+    run with that eval section alone would write it, its gate inside), ``summary`` (per stage
+    in training order, its effect and verdict on each behaviour) and, when a gate was asked,
+    ``gate`` (the behaviour asked, null: all; tripped on any)."""
+    first = to_dict(result)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_BEHAVIOURS,
+        "estimator": first["estimator"],
+        "behaviours": {name: to_dict(r, (gates or {}).get(name))
+                       for name, r in _behaviours(result)},
+        "summary": [],
+    }
+    by_name = {name: {s.name: s for s in r.stages} for name, r in _behaviours(result)}
+    for s in _training_order(result):
+        doc["summary"].append({
+            "stage": s.name, "position": s.position,
+            "effects": {b: _num(by_name[b][s.name].effect) for b in by_name},
+            "verdicts": {b: by_name[b][s.name].verdict for b in by_name}})
+    if gates:
+        doc["gate"] = {"behaviour": gate_behaviour,
+                       "tripped": any(g.tripped for g in gates.values())}
+    return doc
+
+
+def behaviours_to_json(result: Result, gates: dict[str, Gate] | None = None,
+                       gate_behaviour: str | None = None) -> str:
+    return json.dumps(behaviours_to_dict(result, gates, gate_behaviour), indent=2,
+                      allow_nan=False) + "\n"
+
+
+def behaviours_to_table(result: Result, *, color: bool | None = None,
+                        width: int | None = None) -> str:
+    """One ranked table per behaviour (headed by its name), then a stage × behaviour
+    summary: each stage's effect and verdict on each behaviour, in training order."""
+    parts = []
+    for name, r in _behaviours(result):
+        parts.append(f"behaviour {name}\n" + to_table(r, color=color, width=width))
+    table = Table(title="Stage × behaviour: effect (verdict)",
+                  caption="effect = final value minus the value had the stage never run, "
+                          "in each behaviour's metric")
+    table.add_column("stage", no_wrap=True)
+    for name, r in _behaviours(result):
+        table.add_column(f"{name}\n{r.metric} ({_direction(r.higher_is_better)})",
+                         justify="right")
+    by_name = [{s.name: s for s in r.stages} for _, r in _behaviours(result)]
+    for s in _training_order(result):
+        cells: list[str | Text] = [s.name]
+        for stages in by_name:
+            e = stages[s.name]
+            style = {"hurt": "red", "helped": "green"}.get(e.verdict, "")
+            cells.append(Text(f"{_fmt(e.effect)} ({e.verdict})", style=style))
+        table.add_row(*cells)
+    parts.append(_render(table, color, width))
+    return "\n".join(parts)
+
+
+def behaviours_to_markdown(result: Result, gates: dict[str, Gate] | None = None) -> str:
+    """Each behaviour's markdown report under its name, then the stage × behaviour table."""
+    out = []
+    for name, r in _behaviours(result):
+        out.append(f"## Behaviour `{name}`\n\n" + to_markdown(r, (gates or {}).get(name)))
+    names = [n for n, _ in _behaviours(result)]
+    by_name = [{s.name: s for s in r.stages} for _, r in _behaviours(result)]
+    rows = [[s.name, *(f"{_fmt(st[s.name].effect)} ({_md_verdict(st[s.name].verdict)})"
+                       for st in by_name)] for s in _training_order(result)]
+    out.append("\n".join(["### Stage × behaviour", "",
+                          *_md_table(["stage", *names], ["l"] + ["r"] * len(names), rows)])
+               + "\n")
+    return "\n".join(out)

@@ -115,6 +115,13 @@ class Manifest:
     replay: Ref | None = None
     hf: Path | None = None  # model: {hf: DIR}: built from DIR/config.json
     hf_class: str | None = None  # model.class: the transformers class to build
+    # every behaviour (name, eval section) in manifest order: ``evals:`` or the one
+    # ``eval:`` (named "eval"); ``eval`` above is the first
+    evals: tuple[tuple[str, EvalSpec], ...] = ()
+
+    @property
+    def behaviours(self) -> tuple[tuple[str, EvalSpec], ...]:
+        return self.evals or (("eval", self.eval),)
 
     @property
     def root(self) -> Path:
@@ -127,7 +134,7 @@ class Manifest:
         raise KeyError(name)
 
 
-_TOP_KEYS = {"version", "model", "stages", "eval", "train", "replay"}
+_TOP_KEYS = {"version", "model", "stages", "eval", "evals", "train", "replay"}
 _MODEL_KEYS = {"factory", "hf", "class"}
 _STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
 _OPT_KEYS = {
@@ -385,7 +392,7 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
             f"{where}: still the placeholder {text!r} written by acctattr init; replace it"
             for where, text in placeholders])
     c = _Collector(path.parent)
-    top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages", "eval"})
+    top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages"})
     if "version" in top and top["version"] != 1:
         c.add("version", f"only version 1 is supported, got {top['version']!r}")
 
@@ -401,7 +408,8 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
         c.add("model.class", "'class' only goes with 'hf'")
 
     stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
-    ev = _parse_eval(c, top["eval"]) if "eval" in top else None
+    evals = _parse_evals(c, top) if isinstance(raw, dict) else ()
+    ev = evals[0][1] if evals else None
 
     train_loss: str | Ref = "cross_entropy"
     if "train" in top:
@@ -413,7 +421,8 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
     if c.problems or (factory is None and hf is None) or ev is None:
         raise ManifestError(shown or str(path), c.problems or ["incomplete manifest"])
     return Manifest(path=path, factory=factory, stages=stages, eval=ev,
-                    train_loss=train_loss, replay=replay, hf=hf, hf_class=hf_class)
+                    train_loss=train_loss, replay=replay, hf=hf, hf_class=hf_class,
+                    evals=evals if "evals" in top else ())
 
 
 def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
@@ -668,16 +677,42 @@ def _metric(c: _Collector, value: Any, where: str) -> str | Ref | None:
     return None
 
 
-def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
-    e = c.mapping(value, "eval", _EVAL_KEYS, {"data", "inputs", "target"})
+def _parse_evals(c: _Collector, top: dict) -> tuple[tuple[str, EvalSpec], ...]:
+    """The behaviours: ``eval:`` (one, named "eval") or ``evals:`` (name -> eval section)."""
+    if ("eval" in top) == ("evals" in top):
+        c.add("", "give exactly one of 'eval' (one eval section) or 'evals' (a mapping of "
+              "behaviour name -> eval section)" if "eval" in top else
+              "missing required key 'eval' (or 'evals', several named eval sections)")
+        return ()
+    if "eval" in top:
+        ev = _parse_eval(c, top["eval"])
+        return (("eval", ev),) if ev is not None else ()
+    value = top["evals"]
+    if not isinstance(value, dict) or not value:
+        c.add("evals", f"expected a mapping of behaviour name -> eval section, got "
+              f"{_kind(value)}")
+        return ()
+    out = []
+    for name, section in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            c.add("evals", f"behaviour name {name!r}: use letters, digits, '_', '.', '-'")
+            continue
+        ev = _parse_eval(c, section, f"evals.{name}")
+        if ev is not None:
+            out.append((name, ev))
+    return tuple(out) if len(out) == len(value) else ()
+
+
+def _parse_eval(c: _Collector, value: Any, where: str = "eval") -> EvalSpec | None:
+    e = c.mapping(value, where, _EVAL_KEYS, {"data", "inputs", "target"})
     data: Path | None = None
     data_fn: Ref | None = None
     if "data" in e:
         d = e["data"]
         if isinstance(d, str) and ":" in d and d.rpartition(":")[0].endswith(".py"):
-            data_fn = c.ref(d, "eval.data")
+            data_fn = c.ref(d, f"{where}.data")
         else:
-            data = c.path(d, "eval.data")
+            data = c.path(d, f"{where}.data")
     inputs: tuple[str, ...] | None = None
     if "inputs" in e:
         v = e["inputs"]
@@ -685,15 +720,15 @@ def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
             inputs = (v,)
         elif isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
             if len(set(v)) != len(v):
-                c.add("eval.inputs", "tensor names must be unique")
+                c.add(f"{where}.inputs", "tensor names must be unique")
             inputs = tuple(v)
         else:
-            c.add("eval.inputs", f"expected a list of tensor names, got {_kind(v)}")
-    target = c.string(e["target"], "eval.target") if "target" in e else None
-    group = c.string(e["group"], "eval.group") if "group" in e else None
-    metric = _metric(c, e.get("metric", "cross_entropy"), "eval.metric")
-    batch = c.integer(e.get("batch_size", 256), "eval.batch_size", lo=1)
-    hib = c.boolean(e["higher_is_better"], "eval.higher_is_better") \
+            c.add(f"{where}.inputs", f"expected a list of tensor names, got {_kind(v)}")
+    target = c.string(e["target"], f"{where}.target") if "target" in e else None
+    group = c.string(e["group"], f"{where}.group") if "group" in e else None
+    metric = _metric(c, e.get("metric", "cross_entropy"), f"{where}.metric")
+    batch = c.integer(e.get("batch_size", 256), f"{where}.batch_size", lo=1)
+    hib = c.boolean(e["higher_is_better"], f"{where}.higher_is_better") \
         if "higher_is_better" in e else None
     if (data is None and data_fn is None) or inputs is None or target is None \
             or metric is None or batch is None:
