@@ -28,7 +28,7 @@ from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import EvalData, load_stage_sample
 from acctattr.evaluation.evaluator import Evaluator
-from acctattr.evaluation.metrics import Metric, resolve_metric
+from acctattr.evaluation.metrics import TOKEN_METRICS, Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
@@ -216,9 +216,11 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
 
     final = runs[-1].end if len(runs) == len(manifest.stages) else None
     evaluator = None
-    data = attempt(lambda: EvalData(manifest.eval, batch_size))
     metric = attempt(lambda: resolve_metric(manifest.eval.metric,
                                             manifest.eval.higher_is_better, "eval.metric"))
+    # the metric's further batch tensors (attention_mask for next-token metrics) are read too
+    data = attempt(lambda: EvalData(manifest.eval, batch_size,
+                                    metric.batch_keys if isinstance(metric, Metric) else None))
     if final is not None and data is not None and metric is not None:
         params = {n: final.get(n).to(device) for n in info.trainable}
         fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
@@ -299,9 +301,14 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
                     f"stage '{run.name}': the unrolled estimator needs the stage's training "
                     "data (key 'data') to measure its curvature",
                     "add data: to every stage after the first, or use --estimator frozen")
-            sample = load_stage_sample(run.data, (*spec.inputs, spec.target),
-                                       config.sample_size, run.name)
-            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, train_loss(), sample,
+            loss = train_loss()
+            stage = loaded.manifest.stage(run.name)
+            sample = load_stage_sample(
+                run.data, (*spec.inputs, spec.target), config.sample_size, run.name,
+                extra=loss.batch_keys,
+                tokens=loss.name if loss.name in TOKEN_METRICS else None,
+                tokenizer=stage.tokenizer, max_length=stage.max_length)
+            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, loss, sample,
                                  spec.inputs, spec.target, device=loaded.evaluator.device)
         return cache[j]
 

@@ -1,4 +1,5 @@
-"""Eval batches and stage training samples, read from safetensors files or user functions."""
+"""Eval batches and stage training samples, read from safetensors files, JSONL text (tokenised
+with the run's tokenizer, acctattr.evaluation.lm) or user functions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from acctattr.errors import DataError
-from acctattr.evaluation.metrics import CLASS_METRICS
+from acctattr.evaluation import lm
+from acctattr.evaluation.metrics import BATCH_KEYS, CLASS_METRICS, TOKEN_METRICS
 from acctattr.evaluation.model import load_ref
 from acctattr.runs.manifest import EvalSpec
 
@@ -20,11 +22,14 @@ _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 class EvalData:
     """Eval batches streamed from a safetensors file (sliced per batch) or a user function."""
 
-    def __init__(self, spec: EvalSpec, batch_size: int | None = None) -> None:
+    def __init__(self, spec: EvalSpec, batch_size: int | None = None,
+                 extra: tuple[str, ...] | None = None) -> None:
         """
         Args:
             batch_size: overrides eval.batch_size (--batch-size); a FILE.py:FUNC source
                 yields its own batches, so it cannot take one.
+            extra: further tensors the metric reads (Metric.batch_keys), read where the
+                file holds them; default: those of a builtin eval.metric.
         """
         self.spec = spec
         self.batch_size = batch_size or spec.batch_size
@@ -33,10 +38,21 @@ class EvalData:
                             "function that yields its own batches",
                             "drop --batch-size, or change the batches the function yields")
         self.names = (*spec.inputs, spec.target, *((spec.group,) if spec.group else ()))
+        if extra is None:
+            extra = BATCH_KEYS.get(spec.metric, ()) if isinstance(spec.metric, str) else ()
+        self._extra = tuple(k for k in extra if k not in self.names)
         self._fn: Callable[[], Iterable[Batch]] | None = None
+        self._memory: Batch | None = None  # JSONL text, tokenised
+        # a next-token metric: every example must count a token (else 0/0)
+        self._tokens = spec.metric if spec.metric in TOKEN_METRICS else None
         if spec.data_fn is not None:
             self._fn = load_ref(spec.data_fn, "eval.data")
             self.source = spec.data_fn.text
+        elif spec.data is not None and spec.data.suffix == ".jsonl":
+            self.source = str(spec.data)
+            self._memory = lm.load_jsonl(spec.data, spec.tokenizer, spec.max_length,
+                                         f"eval.data {self.source}", spec.group, self._tokens)
+            self.n: int = int(self._memory["input_ids"].shape[0])
         else:
             assert spec.data is not None
             self.source = str(spec.data)
@@ -59,7 +75,7 @@ class EvalData:
             raise DataError(f"eval.data {self.source}: tensors have different numbers of "
                             f"examples (first dimensions {sizes})",
                             "every eval tensor needs one row per example")
-        self.n: int = next(iter(sizes.values())) or 0  # None was refused above
+        self.n = next(iter(sizes.values())) or 0  # None was refused above
         if not self.n:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
@@ -74,6 +90,11 @@ class EvalData:
         if group and handle.get_slice(group).get_dtype() not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has dtype "
                             f"{handle.get_slice(group).get_dtype()}; groups must be integers")
+        self.names = (*self.names, *(k for k in self._extra if k in keys))
+        if self._tokens is not None:
+            mask = handle.get_tensor("attention_mask") if "attention_mask" in keys else None
+            lm.refuse_uncounted(handle.get_tensor(self.spec.target), mask,
+                                f"eval.data {self.source}", self._tokens)
 
     def batches(self) -> Iterator[Batch]:
         for _, batch in self.numbered():
@@ -94,6 +115,9 @@ class EvalData:
             if mine is not None and not mine(i):
                 continue
             hi = min(lo + bs, self.n)
+            if self._memory is not None:
+                yield i, {n: self._memory[n][lo:hi] for n in self.names}
+                continue
             # A fresh memory map per batch: slices are views into it, and it is unmapped when
             # the batch is dropped, so resident memory stays one batch deep however large the
             # file (one long-lived map would keep every page it touched resident).
@@ -116,7 +140,14 @@ class EvalData:
                     raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
                                     "each batch must be a dict holding eval.inputs, "
                                     "eval.target (and eval.group)")
-            seen += 1
+            if self._tokens is not None:
+                target = b[self.spec.target]
+                lm.refuse_uncounted(target, b.get("attention_mask"),
+                                    f"eval.data {self.source} (batch {i})", self._tokens,
+                                    offset=seen)
+                seen += int(target.shape[0])
+            else:
+                seen += 1
             yield b
         if not seen:
             raise DataError(f"eval.data {self.source}: the eval set is empty (no batches)")
@@ -125,8 +156,18 @@ class EvalData:
 
 
 def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
+                      seed: int = 0, extra: tuple[str, ...] = (), tokens: str | None = None,
+                      tokenizer: Path | None = None, max_length: int | None = None) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data.
+
+    Args:
+        extra: further tensors the training loss reads, taken where the data has them.
+        tokens: the training loss when it is a next-token metric: an example that counts no
+            token is refused.
+        tokenizer, max_length: how JSONL text data is tokenised.
+    """
+    if path.suffix == ".jsonl":
+        return _stage_text(path, names, size, stage, seed, tokens, tokenizer, max_length)
     from acctattr.runs.checkpoints import safe_open_checked
 
     handle = safe_open_checked(path)
@@ -141,7 +182,49 @@ def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
     n = handle.get_slice(names[0]).get_shape()[0]
     if n == 0:
         raise DataError(f"stage '{stage}': data {path} is empty")
+    target = names[-1]  # (*inputs, target)
+    names = (*names, *(k for k in extra if k in keys and k not in names))
     if n <= size:
-        return {k: handle.get_tensor(k) for k in names}
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return {k: handle.get_tensor(k)[idx] for k in names}
+        out = {k: handle.get_tensor(k) for k in names}
+        idx = None
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+        idx = idx.sort().values
+        out = {k: handle.get_tensor(k)[idx] for k in names}
+    if tokens is not None:
+        bad = lm.uncounted(out[target], out.get("attention_mask"))
+        if bad:
+            where = int(idx[bad[0]]) if idx is not None else bad[0]
+            raise DataError(f"stage '{stage}': data {path}: example {where} has no token "
+                            f"that {tokens} counts (every next-token label is -100 or masked)",
+                            "give each training example at least one label token after its "
+                            "first, or drop it")
+    return out
+
+
+def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int,
+                tokens: str | None, tokenizer: Path | None,
+                max_length: int | None) -> Batch:
+    """A stage's JSONL text: every line is checked, a seeded sample tokenised."""
+    where = f"stage '{stage}': data {path}"
+    unknown = [n for n in names if n not in lm.TOKEN_NAMES]
+    if unknown:
+        raise DataError(f"{where}: JSONL text is tokenised into input_ids, attention_mask and "
+                        f"labels; there is no {unknown[0]!r}",
+                        "name those in eval.inputs / eval.target")
+    if tokenizer is None:
+        raise DataError(f"{where}: JSONL text needs a tokenizer folder, and none is given",
+                        "add tokenizer: DIR to the stage or to eval")
+    texts, lines, _ = lm.read_jsonl(path, where)
+    n = len(texts)
+    picked = list(range(n))
+    if n > size:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+        picked = [int(i) for i in keep.sort().values]
+        texts, lines = [texts[i] for i in picked], [lines[i] for i in picked]
+    tok = lm.load_tokenizer(tokenizer, f"stage '{stage}': tokenizer")
+    out = lm.tokenize(texts, tok, max_length)
+    if tokens is not None:
+        lm.refuse_uncounted(out["labels"], out["attention_mask"], where, tokens, lines=lines,
+                            examples=picked)
+    return out

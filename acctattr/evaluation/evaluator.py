@@ -108,7 +108,7 @@ class Evaluator:
                             f"{target.dtype}, but eval.metric {self.metric.name} needs integer "
                             "class ids", "give the target as an integer tensor")
         try:
-            vals = self.metric.fn(out, target)
+            vals = self.metric.compute(out, target, batch)
         except AcctattrError:
             raise
         except Exception as e:

@@ -6,9 +6,10 @@ one pass. This module never imports torch: `acctattr check` stays fast.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,12 @@ from acctattr.runs import formats
 
 OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
-BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse")
+BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse", "next_token_loss",
+                   "sequence_logprob")
+# JSONL text is tokenised into these tensors (acctattr.evaluation.lm): the defaults of
+# eval.inputs and eval.target for such data
+JSONL_INPUTS = ("input_ids", "attention_mask")
+JSONL_TARGET = "labels"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class Stage:
     # the stage trained a PEFT LoRA adapter (``end: {adapter: DIR}``); ``end`` is that folder
     # and the stage left every base weight it did not adapt untouched
     adapter: bool = False
+    # JSONL ``data``: the tokenizer folder and length it is tokenised with (default: eval's)
+    tokenizer: Path | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,9 @@ class EvalSpec:
     group: str | None = None
     batch_size: int = 256
     higher_is_better: bool | None = None  # overrides the metric's own direction
+    # JSONL ``data``: the run's tokenizer folder and the length examples are truncated to
+    tokenizer: Path | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,8 @@ class Manifest:
 
 _TOP_KEYS = {"version", "model", "stages", "eval", "train", "replay"}
 _MODEL_KEYS = {"factory", "hf", "class"}
-_STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
+_STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints", "tokenizer",
+               "max_length"}
 _OPT_KEYS = {
     "type", "steps", "lr", "momentum", "dampening", "nesterov", "betas", "eps",
     "weight_decay", "state", "continues", "param_names", "max_grad_norm", "batch_size",
@@ -132,7 +145,8 @@ _OPT_KEYS = {
 }
 _SGD_ONLY = {"momentum", "dampening", "nesterov"}
 _ADAM_ONLY = {"betas", "eps"}
-_EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better"}
+_EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better",
+              "tokenizer", "max_length"}
 _TRAIN_KEYS = {"loss"}
 _LR_SCHEDULE_KEYS = {"schedule", "base", "warmup", "min"}
 
@@ -292,14 +306,23 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
     if "class" in model and "hf" not in model:
         c.add("model.class", "'class' only goes with 'hf'")
 
+    causal = hf is not None and _causal_lm(hf, hf_class)
     stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
-    ev = _parse_eval(c, top["eval"]) if "eval" in top else None
+    ev = _parse_eval(c, top["eval"], causal) if "eval" in top else None
+    own_tokenizer = _tokenizer_folder(hf) if hf is not None else None
+    if ev is not None and ev.data is not None and _jsonl(ev.data) and ev.tokenizer is None:
+        if own_tokenizer is None:
+            c.add("eval.tokenizer", f"eval.data {ev.data.name} is JSONL text and needs the "
+                  "run's tokenizer folder (tokenizer: DIR); model.hf holds no tokenizer files")
+        ev = replace(ev, tokenizer=own_tokenizer)
+    stages = tuple(_stage_tokenizer(c, s, ev, own_tokenizer) for s in stages)
 
-    train_loss: str | Ref = "cross_entropy"
+    # a causal LM is trained on next-token loss; anything else defaults to cross-entropy
+    train_loss: str | Ref = "next_token_loss" if causal else "cross_entropy"
     if "train" in top:
         train = c.mapping(top["train"], "train", _TRAIN_KEYS, set())
         if "loss" in train:
-            train_loss = _metric(c, train["loss"], "train.loss") or "cross_entropy"
+            train_loss = _metric(c, train["loss"], "train.loss") or train_loss
     replay = c.ref(top["replay"], "replay") if "replay" in top else None
 
     if c.problems or (factory is None and hf is None) or ev is None:
@@ -359,12 +382,20 @@ def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
                   "adapter's matrices, not the model's weights; a stage cannot continue it, "
                   "nor can an adapter stage continue an earlier optimizer; set continues: false")
         data = c.path(st["data"], f"{where}: data") if "data" in st else None
+        tokenizer = c.path(st["tokenizer"], f"{where}: tokenizer") if "tokenizer" in st \
+            else None
+        max_length = c.integer(st["max_length"], f"{where}: max_length", lo=1) \
+            if "max_length" in st else None
+        for key in ("tokenizer", "max_length"):
+            if key in st and (data is None or not _jsonl(data)):
+                c.add(f"{where}: {key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
         ckpts = _parse_checkpoints(c, st.get("checkpoints", []), where,
                                    opt.steps if opt else None)
         prev_end = end
         prev_adapter = is_adapter
         if name is not None and start is not None and end is not None and opt is not None:
-            out.append(Stage(name, start, end, opt, data, ckpts, adapter=is_adapter))
+            out.append(Stage(name, start, end, opt, data, ckpts, adapter=is_adapter,
+                             tokenizer=tokenizer, max_length=max_length))
     return tuple(out)
 
 
@@ -560,8 +591,13 @@ def _metric(c: _Collector, value: Any, where: str) -> str | Ref | None:
     return None
 
 
-def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
-    e = c.mapping(value, "eval", _EVAL_KEYS, {"data", "inputs", "target"})
+def _parse_eval(c: _Collector, value: Any, causal: bool = False) -> EvalSpec | None:
+    """The eval section. JSONL text data (``data: FILE.jsonl``) is tokenised into
+    input_ids, attention_mask and labels, the defaults of inputs and target; a causal LM's
+    default metric is next_token_loss."""
+    d = value.get("data") if isinstance(value, dict) else None
+    text = isinstance(d, str) and d.endswith(".jsonl")
+    e = c.mapping(value, "eval", _EVAL_KEYS, {"data"} if text else {"data", "inputs", "target"})
     data: Path | None = None
     data_fn: Ref | None = None
     if "data" in e:
@@ -570,7 +606,13 @@ def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
             data_fn = c.ref(d, "eval.data")
         else:
             data = c.path(d, "eval.data")
-    inputs: tuple[str, ...] | None = None
+    tokenizer = c.path(e["tokenizer"], "eval.tokenizer") if "tokenizer" in e else None
+    max_length = c.integer(e["max_length"], "eval.max_length", lo=1) if "max_length" in e \
+        else None
+    for key in ("tokenizer", "max_length"):
+        if key in e and not text:
+            c.add(f"eval.{key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
+    inputs: tuple[str, ...] | None = JSONL_INPUTS if text else None
     if "inputs" in e:
         v = e["inputs"]
         if isinstance(v, str) and v:
@@ -581,9 +623,17 @@ def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
             inputs = tuple(v)
         else:
             c.add("eval.inputs", f"expected a list of tensor names, got {_kind(v)}")
-    target = c.string(e["target"], "eval.target") if "target" in e else None
+    target = c.string(e["target"], "eval.target") if "target" in e else \
+        (JSONL_TARGET if text else None)
+    if text:
+        for key, got in (("inputs", inputs or ()), ("target", (target,) if target else ())):
+            unknown = [n for n in got if n not in (*JSONL_INPUTS, JSONL_TARGET)]
+            if unknown:
+                c.add(f"eval.{key}", f"JSONL text is tokenised into input_ids, attention_mask "
+                      f"and labels; there is no {unknown[0]!r}")
     group = c.string(e["group"], "eval.group") if "group" in e else None
-    metric = _metric(c, e.get("metric", "cross_entropy"), "eval.metric")
+    metric = _metric(c, e.get("metric", "next_token_loss" if causal else "cross_entropy"),
+                     "eval.metric")
     batch = c.integer(e.get("batch_size", 256), "eval.batch_size", lo=1)
     hib = c.boolean(e["higher_is_better"], "eval.higher_is_better") \
         if "higher_is_better" in e else None
@@ -591,7 +641,51 @@ def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
             or metric is None or batch is None:
         return None
     return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
-                    group=group, batch_size=batch, higher_is_better=hib)
+                    group=group, batch_size=batch, higher_is_better=hib, tokenizer=tokenizer,
+                    max_length=max_length)
+
+
+def _jsonl(path: Path) -> bool:
+    return path.suffix == ".jsonl"
+
+
+# files a tokenizer's save_pretrained() writes (any one will do)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer_folder(folder: Path) -> Path | None:
+    """``folder`` when it holds a saved tokenizer (a Trainer folder given one does)."""
+    return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
+
+
+def _stage_tokenizer(c: _Collector, stage: Stage, ev: EvalSpec | None,
+                     own: Path | None) -> Stage:
+    """A stage with JSONL data gets its tokenizer and max_length: its own, else eval's, else
+    the model.hf folder's tokenizer."""
+    if stage.data is None or not _jsonl(stage.data):
+        return stage
+    tokenizer = stage.tokenizer or (ev.tokenizer if ev is not None else None) or own
+    if tokenizer is None:
+        c.add(f"stage '{stage.name}': tokenizer", f"data {stage.data.name} is JSONL text and "
+              "needs the run's tokenizer folder (tokenizer: DIR here or under eval)")
+    max_length = stage.max_length if stage.max_length is not None else \
+        (ev.max_length if ev is not None else None)
+    return replace(stage, tokenizer=tokenizer, max_length=max_length)
+
+
+def _causal_lm(folder: Path, cls: str | None) -> bool:
+    """Whether model.hf is a causal LM: its class (model.class, else config.json's
+    architectures[0]) is a *ForCausalLM or *LMHeadModel."""
+    name = cls
+    if name is None:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False  # building the model reports an unreadable config
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) \
+            else None
+    return name is not None and name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 PLACEHOLDER = "TODO(acctattr)"
