@@ -22,7 +22,7 @@ import torch
 
 from acctattr import devices, distributed, estimators
 from acctattr.distributed import ALONE, Ranks
-from acctattr.errors import AcctattrError, CheckpointError, ManifestError
+from acctattr.errors import AcctattrError, CheckpointError, DataError, ManifestError
 from acctattr.estimators import Estimator, Params, StageRun, Training, Unsuitable
 from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
@@ -242,6 +242,20 @@ def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,
             for n in (*info.frozen, *info.buffers)}
 
 
+def check_stage_text(stage: Stage) -> None:
+    """A stage's JSONL data: every line well-formed, its tokenizer loadable (nothing is
+    tokenised: unrolled tokenises its sample when it runs)."""
+    from acctattr.evaluation import lm
+
+    assert stage.data is not None
+    where = f"stage '{stage.name}': data {stage.data}"
+    lm.read_jsonl(stage.data, where)
+    if stage.tokenizer is None:
+        raise DataError(f"{where}: JSONL text needs a tokenizer folder, and none is given",
+                        "add tokenizer: DIR to the stage or to eval")
+    lm.load_tokenizer(stage.tokenizer, f"stage '{stage.name}': tokenizer")
+
+
 def check(path: str | Path, device: torch.device | None = None,
           batch_size: int | None = None) -> Loaded:
     """Validate the manifest and every file it names; raise once listing every problem.
@@ -260,6 +274,12 @@ def check(path: str | Path, device: torch.device | None = None,
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
+    for stage in manifest.stages:  # JSONL text: every line, and the tokenizer's folder
+        if stage.data is not None and stage.data.suffix == ".jsonl":
+            try:
+                check_stage_text(stage)
+            except AcctattrError as e:
+                problems.append(str(e))
     if not problems and loaded.evaluator is not None:
         try:  # one forward pass on the first batch: data the model cannot take shows here
             loaded.evaluator.probe()

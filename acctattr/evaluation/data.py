@@ -80,7 +80,8 @@ class EvalData:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
         target_dtype = handle.get_slice(self.spec.target).get_dtype()
-        if self.spec.metric in CLASS_METRICS and target_dtype not in _INT_DTYPES:
+        if self.spec.metric in (*CLASS_METRICS, *TOKEN_METRICS) \
+                and target_dtype not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.target tensor '{self.spec.target}' "
                             f"has dtype {target_dtype}, but eval.metric {self.spec.metric} "
                             "needs integer class ids",

@@ -18,7 +18,7 @@ from torch.func import functional_call, jvp
 
 from acctattr.errors import AcctattrError, DataError
 from acctattr.evaluation.data import Batch, EvalData
-from acctattr.evaluation.metrics import CLASS_METRICS, Metric
+from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric
 
 if TYPE_CHECKING:
     from acctattr.distributed import Ranks
@@ -103,7 +103,7 @@ class Evaluator:
                 f"check that eval.inputs ({', '.join(spec.inputs)}) hold what the model's "
                 "forward takes (names, shapes, dtypes)") from e
         target = batch[spec.target]
-        if self.metric.name in CLASS_METRICS and target.is_floating_point():
+        if self.metric.name in (*CLASS_METRICS, *TOKEN_METRICS) and target.is_floating_point():
             raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
                             f"{target.dtype}, but eval.metric {self.metric.name} needs integer "
                             "class ids", "give the target as an integer tensor")

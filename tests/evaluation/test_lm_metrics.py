@@ -472,3 +472,38 @@ def test_tokenizer_keys_need_jsonl_data(tmp_path):
     assert "eval.tokenizer: 'tokenizer' goes with JSONL text data" in str(e.value)
     assert "stage 'a': max_length: 'max_length' goes with JSONL text data" in str(e.value)
 
+
+
+def test_check_validates_stage_jsonl_lines(lm_run, tmp_path):
+    """`acctattr check` reads every line of a stage's JSONL data: a non-string completion
+    exits 2 naming the stage, the file, the line and the key."""
+    shutil.copytree(lm_run, tmp_path / "run")
+    path = tmp_path / "run" / "sft.jsonl"
+    lines = path.read_text().splitlines()
+    lines[6] = '{"prompt": "the cat ", "completion": ["sat"]}'
+    path.write_text("\n".join(lines) + "\n")
+    res = runner.invoke(app, ["check", str(tmp_path / "run" / "manifest.yaml")])
+    assert res.exit_code == 2, res.output
+    assert re.search(r"stage 'sft': data .*sft.jsonl, line 7: key 'completion' must be a "
+                     r"string, got list", res.stderr), res.stderr
+
+
+def test_eval_function_batches_without_counted_tokens_are_refused(tmp_path):
+    """Batches from an eval.data function: an example counting no token is refused naming
+    its index over the whole eval set (offset by the batches before it)."""
+    (tmp_path / "d.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    for k in range(2):\n"
+        "        lab = torch.ones(3, 4, dtype=torch.long)\n"
+        "        if k == 1:\n"
+        "            lab[2, 1:] = -100\n"
+        "        yield {'input_ids': lab.clone(), 'labels': lab,\n"
+        "               'attention_mask': torch.ones(3, 4, dtype=torch.long)}\n")
+    from acctattr.runs.manifest import Ref
+
+    spec = EvalSpec(inputs=("input_ids",), target="labels", metric="sequence_logprob",
+                    data_fn=Ref("d.py:batches", tmp_path / "d.py", None, "batches"))
+    with pytest.raises(DataError, match=r"d.py:batches \(batch 1\): example 5 has no token "
+                                        "that sequence_logprob counts"):
+        list(EvalData(spec).batches())
