@@ -53,6 +53,7 @@ class EvalData:
             self._memory = lm.load_jsonl(spec.data, spec.tokenizer, spec.max_length,
                                          f"eval.data {self.source}", spec.group, self._tokens)
             self.n: int = int(self._memory["input_ids"].shape[0])
+            self.names = (*self.names, *(k for k in self._extra if k in self._memory))
         else:
             assert spec.data is not None
             self.source = str(spec.data)

@@ -302,10 +302,13 @@ def test_readme_language_model_manifest_checks_and_runs(lm_run):
     assert all(s["groups"].keys() == {"0", "1"} for s in doc["stages"])
 
 
-def test_jsonl_eval_is_tokenised_with_labels_masked_on_prompts_and_padding(lm_run, tmp_path):
+@pytest.mark.parametrize("inputs", [("input_ids", "attention_mask"), ("input_ids",)])
+def test_jsonl_eval_is_tokenised_with_labels_masked_on_prompts_and_padding(lm_run, tmp_path,
+                                                                          inputs):
     """JSONL eval text becomes input_ids / attention_mask / labels: text rows label every
     token, prompt/completion rows -100 on the prompt's tokens, padding -100 with mask 0,
-    truncation at max_length; next_token_loss on it equals HF's loss per example."""
+    truncation at max_length; next_token_loss on it equals HF's loss per example, and the
+    metric gets attention_mask even when the model does not."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(lm_run / "tokenizer"), local_files_only=True)
@@ -315,12 +318,13 @@ def test_jsonl_eval_is_tokenised_with_labels_masked_on_prompts_and_padding(lm_ru
         {"text": "a big red bird flew over the log and then it was happy", "group": 1},
     ])
     (tmp_path / "e.jsonl").write_text((tmp_path / "e.jsonl").read_text() + "\n\n")  # blank
-    spec = EvalSpec(inputs=("input_ids", "attention_mask"), target="labels",
+    spec = EvalSpec(inputs=inputs, target="labels",
                     metric="next_token_loss", data=tmp_path / "e.jsonl", group="group",
                     batch_size=2, tokenizer=lm_run / "tokenizer", max_length=8)
     data = EvalData(spec)
     batch = {k: torch.cat([b[k] for b in data.batches()]) for k in data.names}
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert "attention_mask" in data.names
     assert ids.shape == (3, 8) and batch["group"].tolist() == [0, 1, 1]
     assert ids[0, :6].tolist() == tok("the cat sat on the mat")["input_ids"]
     assert mask.sum(1).tolist() == [6, 6, 8]
