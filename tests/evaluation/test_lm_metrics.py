@@ -511,3 +511,22 @@ def test_eval_function_batches_without_counted_tokens_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"d.py:batches \(batch 1\): example 5 has no token "
                                         "that sequence_logprob counts"):
         list(EvalData(spec).batches())
+
+
+def test_stage_safetensors_sample_reads_the_mask_and_refuses_uncounted_examples(tmp_path):
+    """A stage's safetensors sample carries attention_mask when the training loss reads it
+    (even if no input names it); an example counting no token is refused with its index."""
+    ids, mask, labels, _ = padded_batch()
+    save_file({"input_ids": ids, "attention_mask": mask, "labels": labels},
+              tmp_path / "s.safetensors")
+    got = load_stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 4, "ft",
+                            extra=("attention_mask",), tokens="next_token_loss")
+    assert set(got) == {"input_ids", "attention_mask", "labels"}
+    assert got["input_ids"].shape[0] == 4
+    labels[3] = -100
+    save_file({"input_ids": ids, "attention_mask": mask, "labels": labels},
+              tmp_path / "s.safetensors")
+    with pytest.raises(DataError, match=r"stage 'ft': data .*s.safetensors: example 3 has no "
+                                        "token that next_token_loss counts"):
+        load_stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 100, "ft",
+                          extra=("attention_mask",), tokens="next_token_loss")
