@@ -26,7 +26,7 @@ from acctattr.errors import AcctattrError, CheckpointError, DataError, ManifestE
 from acctattr.estimators import Estimator, Params, StageRun, Training, Unsuitable
 from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
-from acctattr.evaluation.data import EvalData, load_stage_sample
+from acctattr.evaluation.data import EvalData, stage_sample
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.metrics import TOKEN_METRICS, Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
@@ -216,11 +216,9 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
 
     final = runs[-1].end if len(runs) == len(manifest.stages) else None
     evaluator = None
+    data = attempt(lambda: EvalData(manifest.eval, batch_size))
     metric = attempt(lambda: resolve_metric(manifest.eval.metric,
                                             manifest.eval.higher_is_better, "eval.metric"))
-    # the metric's further batch tensors (attention_mask for next-token metrics) are read too
-    data = attempt(lambda: EvalData(manifest.eval, batch_size,
-                                    metric.batch_keys if isinstance(metric, Metric) else None))
     if final is not None and data is not None and metric is not None:
         params = {n: final.get(n).to(device) for n in info.trainable}
         fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
@@ -274,20 +272,27 @@ def check(path: str | Path, device: torch.device | None = None,
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
-    for stage in manifest.stages:  # JSONL text: every line, and the tokenizer's folder
-        if stage.data is not None and stage.data.suffix == ".jsonl":
-            try:
-                check_stage_text(stage)
-            except AcctattrError as e:
-                problems.append(str(e))
     if not problems and loaded.evaluator is not None:
         try:  # one forward pass on the first batch: data the model cannot take shows here
             loaded.evaluator.probe()
         except AcctattrError as e:
             problems.append(str(e))
+    problems += _text_problems(manifest)
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
+
+
+def _text_problems(manifest: Manifest) -> list[str]:
+    """What is wrong with the stages' JSONL data (check_stage_text), one line each."""
+    problems = []
+    for stage in manifest.stages:
+        if stage.data is not None and stage.data.suffix == ".jsonl":
+            try:
+                check_stage_text(stage)
+            except AcctattrError as e:
+                problems.append(str(e))
+    return problems
 
 
 # ---------------------------------------------------------------- computing
@@ -323,7 +328,7 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
                     "add data: to every stage after the first, or use --estimator frozen")
             loss = train_loss()
             stage = loaded.manifest.stage(run.name)
-            sample = load_stage_sample(
+            sample = stage_sample(
                 run.data, (*spec.inputs, spec.target), config.sample_size, run.name,
                 extra=loss.batch_keys,
                 tokens=loss.name if loss.name in TOKEN_METRICS else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -29,7 +30,7 @@ class EvalData:
             batch_size: overrides eval.batch_size (--batch-size); a FILE.py:FUNC source
                 yields its own batches, so it cannot take one.
             extra: further tensors the metric reads (Metric.batch_keys), read where the
-                file holds them; default: those of a builtin eval.metric.
+                data holds them; default: eval.metric's own (_metric_keys).
         """
         self.spec = spec
         self.batch_size = batch_size or spec.batch_size
@@ -38,26 +39,18 @@ class EvalData:
                             "function that yields its own batches",
                             "drop --batch-size, or change the batches the function yields")
         self.names = (*spec.inputs, spec.target, *((spec.group,) if spec.group else ()))
-        if extra is None:
-            extra = BATCH_KEYS.get(spec.metric, ()) if isinstance(spec.metric, str) else ()
-        self._extra = tuple(k for k in extra if k not in self.names)
         self._fn: Callable[[], Iterable[Batch]] | None = None
-        self._memory: Batch | None = None  # JSONL text, tokenised
-        # a next-token metric: every example must count a token (else 0/0)
-        self._tokens = spec.metric if spec.metric in TOKEN_METRICS else None
+        self._text_init(extra)
         if spec.data_fn is not None:
             self._fn = load_ref(spec.data_fn, "eval.data")
             self.source = spec.data_fn.text
-        elif spec.data is not None and spec.data.suffix == ".jsonl":
+        elif self._memory is not None:
             self.source = str(spec.data)
-            self._memory = lm.load_jsonl(spec.data, spec.tokenizer, spec.max_length,
-                                         f"eval.data {self.source}", spec.group, self._tokens)
-            self.n: int = int(self._memory["input_ids"].shape[0])
-            self.names = (*self.names, *(k for k in self._extra if k in self._memory))
         else:
             assert spec.data is not None
             self.source = str(spec.data)
             self._check_file()
+            self._check_file_tokens()
 
     def _check_file(self) -> None:
         from acctattr.runs.checkpoints import safe_open_checked  # header checks with clear messages
@@ -76,13 +69,12 @@ class EvalData:
             raise DataError(f"eval.data {self.source}: tensors have different numbers of "
                             f"examples (first dimensions {sizes})",
                             "every eval tensor needs one row per example")
-        self.n = next(iter(sizes.values())) or 0  # None was refused above
+        self.n: int = next(iter(sizes.values())) or 0  # None was refused above
         if not self.n:
             raise DataError(f"eval.data {self.source}: the eval set is empty (0 examples)",
                             "point eval.data at a file with at least one example")
         target_dtype = handle.get_slice(self.spec.target).get_dtype()
-        if self.spec.metric in (*CLASS_METRICS, *TOKEN_METRICS) \
-                and target_dtype not in _INT_DTYPES:
+        if self.spec.metric in CLASS_METRICS and target_dtype not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.target tensor '{self.spec.target}' "
                             f"has dtype {target_dtype}, but eval.metric {self.spec.metric} "
                             "needs integer class ids",
@@ -92,11 +84,6 @@ class EvalData:
         if group and handle.get_slice(group).get_dtype() not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has dtype "
                             f"{handle.get_slice(group).get_dtype()}; groups must be integers")
-        self.names = (*self.names, *(k for k in self._extra if k in keys))
-        if self._tokens is not None:
-            mask = handle.get_tensor("attention_mask") if "attention_mask" in keys else None
-            lm.refuse_uncounted(handle.get_tensor(self.spec.target), mask,
-                                f"eval.data {self.source}", self._tokens)
 
     def batches(self) -> Iterator[Batch]:
         for _, batch in self.numbered():
@@ -108,7 +95,7 @@ class EvalData:
         share: a file's other batches are not even read; a function's are produced and
         dropped)."""
         if self._fn is not None:
-            for i, batch in enumerate(self._user_batches()):
+            for i, batch in enumerate(self._counted(self._user_batches())):
                 if mine is None or mine(i):
                     yield i, batch
             return
@@ -117,7 +104,7 @@ class EvalData:
             if mine is not None and not mine(i):
                 continue
             hi = min(lo + bs, self.n)
-            if self._memory is not None:
+            if self._memory is not None:  # JSONL text, tokenised up front
                 yield i, {n: self._memory[n][lo:hi] for n in self.names}
                 continue
             # A fresh memory map per batch: slices are views into it, and it is unmapped when
@@ -142,34 +129,68 @@ class EvalData:
                     raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
                                     "each batch must be a dict holding eval.inputs, "
                                     "eval.target (and eval.group)")
+            seen += 1
+            yield b
+        if not seen:
+            raise DataError(f"eval.data {self.source}: the eval set is empty (no batches)")
+
+    # ---- language models: JSONL text, the metric's further tensors, counted tokens
+
+    def _text_init(self, extra: tuple[str, ...] | None) -> None:
+        """The metric's further tensors (``extra``), whether it is a next-token metric, and
+        JSONL text data tokenised into memory (acctattr.evaluation.lm)."""
+        spec = self.spec
+        if extra is None:
+            extra = _metric_keys(spec)
+        self._extra = tuple(k for k in extra if k not in self.names)
+        # a next-token metric: every example must count a token (its value is 0/0 else)
+        self._tokens = spec.metric if spec.metric in TOKEN_METRICS else None
+        self._memory: Batch | None = None
+        if spec.data_fn is None and spec.data is not None and spec.data.suffix == ".jsonl":
+            self._memory = lm.load_jsonl(spec.data, spec.tokenizer, spec.max_length,
+                                         f"eval.data {spec.data}", spec.group, self._tokens)
+            self.n = int(self._memory["input_ids"].shape[0])
+            self.names = (*self.names, *(k for k in self._extra if k in self._memory))
+
+    def _check_file_tokens(self) -> None:
+        """A safetensors file: the metric's further tensors it holds are read with the rest;
+        with a next-token metric, an example that counts no token is refused."""
+        with safe_open(self.source, framework="pt") as f:
+            keys = set(f.keys())
+            self.names = (*self.names, *(k for k in self._extra if k in keys))
+            if self._tokens is not None:
+                mask = f.get_tensor("attention_mask") if "attention_mask" in keys else None
+                lm.refuse_uncounted(f.get_tensor(self.spec.target), mask,
+                                    f"eval.data {self.source}", self._tokens)
+
+    def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """A function's batches, each checked (with a next-token metric) for examples that
+        count no token, named by their index over the whole eval set."""
+        seen = 0
+        for i, b in enumerate(batches):
             if self._tokens is not None:
                 target = b[self.spec.target]
                 lm.refuse_uncounted(target, b.get("attention_mask"),
                                     f"eval.data {self.source} (batch {i})", self._tokens,
                                     offset=seen)
-                seen += int(target.shape[0])
-            else:
-                seen += 1
+                seen += int(target.shape[0]) if target.ndim else 1
             yield b
-        if not seen:
-            raise DataError(f"eval.data {self.source}: the eval set is empty (no batches)")
+
+
+def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
+    """The further batch tensors eval.metric reads: a builtin's, or a user function's
+    ``batch_keys``."""
+    if isinstance(spec.metric, str):
+        return BATCH_KEYS.get(spec.metric, ())
+    keys = getattr(load_ref(spec.metric, "eval.metric"), "batch_keys", ())
+    return tuple(k for k in keys if isinstance(k, str)) if not isinstance(keys, str) else ()
 
 
 
 
 def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0, extra: tuple[str, ...] = (), tokens: str | None = None,
-                      tokenizer: Path | None = None, max_length: int | None = None) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data.
-
-    Args:
-        extra: further tensors the training loss reads, taken where the data has them.
-        tokens: the training loss when it is a next-token metric: an example that counts no
-            token is refused.
-        tokenizer, max_length: how JSONL text data is tokenised.
-    """
-    if path.suffix == ".jsonl":
-        return _stage_text(path, names, size, stage, seed, tokens, tokenizer, max_length)
+                      seed: int = 0) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
     from acctattr.runs.checkpoints import safe_open_checked
 
     handle = safe_open_checked(path)
@@ -184,24 +205,56 @@ def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
     n = handle.get_slice(names[0]).get_shape()[0]
     if n == 0:
         raise DataError(f"stage '{stage}': data {path} is empty")
-    target = names[-1]  # (*inputs, target)
-    names = (*names, *(k for k in extra if k in keys and k not in names))
     if n <= size:
-        out = {k: handle.get_tensor(k) for k in names}
-        idx = None
-    else:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
-        idx = idx.sort().values
-        out = {k: handle.get_tensor(k)[idx] for k in names}
+        return {k: handle.get_tensor(k) for k in names}
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return {k: handle.get_tensor(k)[idx] for k in names}
+
+
+def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
+                 extra: tuple[str, ...] = (), tokens: str | None = None,
+                 tokenizer: Path | None = None, max_length: int | None = None,
+                 **kw: Any) -> Batch:
+    """A stage's training sample (load_stage_sample), with what a language model's training
+    loss needs.
+
+    Args:
+        names: (*inputs, target).
+        extra: further tensors the training loss reads (Metric.batch_keys), taken where the
+            data has them.
+        tokens: the training loss when it is a next-token metric: examples that count no
+            token are left out of the sample (they added nothing to the Trainer's loss
+            either); none left is an error.
+        tokenizer, max_length: how JSONL text data (``.jsonl``) is tokenised.
+        kw: passed on to load_stage_sample.
+    """
+    if path.suffix == ".jsonl":
+        return _stage_text(path, names, size, stage, seed, tokens, tokenizer, max_length)
+    if extra:
+        from acctattr.runs.checkpoints import safe_open_checked
+
+        keys = set(safe_open_checked(path).keys())
+        more = tuple(k for k in extra if k in keys and k not in names)
+        names = (*names[:-1], *more, names[-1])  # the target stays last
+    sample = load_stage_sample(path, names, size, stage, seed, **kw)
     if tokens is not None:
-        bad = lm.uncounted(out[target], out.get("attention_mask"))
-        if bad:
-            where = int(idx[bad[0]]) if idx is not None else bad[0]
-            raise DataError(f"stage '{stage}': data {path}: example {where} has no token "
-                            f"that {tokens} counts (every next-token label is -100 or masked)",
-                            "give each training example at least one label token after its "
-                            "first, or drop it")
-    return out
+        sample = _drop_uncounted(sample, names[-1], f"stage '{stage}': data {path}")
+    return sample
+
+
+def _drop_uncounted(sample: Batch, target: str, where: str) -> Batch:
+    """The sample without the examples that count no next-token label."""
+    bad = lm.uncounted(sample[target], sample.get("attention_mask"))
+    if not bad:
+        return sample
+    n = sample[target].shape[0]
+    if len(bad) == n:
+        raise DataError(f"{where}: no example of the sample counts a token (every next-token "
+                        "label is -100 or masked)",
+                        "the training loss needs label tokens; check the data's labels")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[bad] = False
+    return {k: v[keep] for k, v in sample.items()}
 
 
 def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int,
@@ -227,6 +280,5 @@ def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed:
     tok = lm.load_tokenizer(tokenizer, f"stage '{stage}': tokenizer")
     out = lm.tokenize(texts, tok, max_length)
     if tokens is not None:
-        lm.refuse_uncounted(out["labels"], out["attention_mask"], where, tokens, lines=lines,
-                            examples=picked)
+        out = _drop_uncounted(out, "labels", where)
     return out

@@ -308,14 +308,8 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
 
     causal = hf is not None and _causal_lm(hf, hf_class)
     stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
-    ev = _parse_eval(c, top["eval"], causal) if "eval" in top else None
-    own_tokenizer = _tokenizer_folder(hf) if hf is not None else None
-    if ev is not None and ev.data is not None and _jsonl(ev.data) and ev.tokenizer is None:
-        if own_tokenizer is None:
-            c.add("eval.tokenizer", f"eval.data {ev.data.name} is JSONL text and needs the "
-                  "run's tokenizer folder (tokenizer: DIR); model.hf holds no tokenizer files")
-        ev = replace(ev, tokenizer=own_tokenizer)
-    stages = tuple(_stage_tokenizer(c, s, ev, own_tokenizer) for s in stages)
+    ev = _parse_eval_text(c, top["eval"], causal) if "eval" in top else None
+    stages, ev = _tokenizers(c, stages, ev, hf)
 
     # a causal LM is trained on next-token loss; anything else defaults to cross-entropy
     train_loss: str | Ref = "next_token_loss" if causal else "cross_entropy"
@@ -591,13 +585,8 @@ def _metric(c: _Collector, value: Any, where: str) -> str | Ref | None:
     return None
 
 
-def _parse_eval(c: _Collector, value: Any, causal: bool = False) -> EvalSpec | None:
-    """The eval section. JSONL text data (``data: FILE.jsonl``) is tokenised into
-    input_ids, attention_mask and labels, the defaults of inputs and target; a causal LM's
-    default metric is next_token_loss."""
-    d = value.get("data") if isinstance(value, dict) else None
-    text = isinstance(d, str) and d.endswith(".jsonl")
-    e = c.mapping(value, "eval", _EVAL_KEYS, {"data"} if text else {"data", "inputs", "target"})
+def _parse_eval(c: _Collector, value: Any) -> EvalSpec | None:
+    e = c.mapping(value, "eval", _EVAL_KEYS, {"data", "inputs", "target"})
     data: Path | None = None
     data_fn: Ref | None = None
     if "data" in e:
@@ -606,13 +595,7 @@ def _parse_eval(c: _Collector, value: Any, causal: bool = False) -> EvalSpec | N
             data_fn = c.ref(d, "eval.data")
         else:
             data = c.path(d, "eval.data")
-    tokenizer = c.path(e["tokenizer"], "eval.tokenizer") if "tokenizer" in e else None
-    max_length = c.integer(e["max_length"], "eval.max_length", lo=1) if "max_length" in e \
-        else None
-    for key in ("tokenizer", "max_length"):
-        if key in e and not text:
-            c.add(f"eval.{key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
-    inputs: tuple[str, ...] | None = JSONL_INPUTS if text else None
+    inputs: tuple[str, ...] | None = None
     if "inputs" in e:
         v = e["inputs"]
         if isinstance(v, str) and v:
@@ -623,17 +606,9 @@ def _parse_eval(c: _Collector, value: Any, causal: bool = False) -> EvalSpec | N
             inputs = tuple(v)
         else:
             c.add("eval.inputs", f"expected a list of tensor names, got {_kind(v)}")
-    target = c.string(e["target"], "eval.target") if "target" in e else \
-        (JSONL_TARGET if text else None)
-    if text:
-        for key, got in (("inputs", inputs or ()), ("target", (target,) if target else ())):
-            unknown = [n for n in got if n not in (*JSONL_INPUTS, JSONL_TARGET)]
-            if unknown:
-                c.add(f"eval.{key}", f"JSONL text is tokenised into input_ids, attention_mask "
-                      f"and labels; there is no {unknown[0]!r}")
+    target = c.string(e["target"], "eval.target") if "target" in e else None
     group = c.string(e["group"], "eval.group") if "group" in e else None
-    metric = _metric(c, e.get("metric", "next_token_loss" if causal else "cross_entropy"),
-                     "eval.metric")
+    metric = _metric(c, e.get("metric", "cross_entropy"), "eval.metric")
     batch = c.integer(e.get("batch_size", 256), "eval.batch_size", lo=1)
     hib = c.boolean(e["higher_is_better"], "eval.higher_is_better") \
         if "higher_is_better" in e else None
@@ -641,8 +616,42 @@ def _parse_eval(c: _Collector, value: Any, causal: bool = False) -> EvalSpec | N
             or metric is None or batch is None:
         return None
     return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
-                    group=group, batch_size=batch, higher_is_better=hib, tokenizer=tokenizer,
-                    max_length=max_length)
+                    group=group, batch_size=batch, higher_is_better=hib)
+
+
+def _parse_eval_text(c: _Collector, value: Any, causal: bool = False,
+                     where: str = "eval") -> EvalSpec | None:
+    """An eval section (_parse_eval) with the defaults of language models: JSONL text data
+    (``data: FILE.jsonl``, tokenised with ``tokenizer`` to ``max_length``) is tokenised into
+    input_ids, attention_mask and labels, the defaults of inputs and target; a causal LM's
+    default metric is next_token_loss."""
+    if not isinstance(value, dict):
+        return _parse_eval(c, value)
+    section = dict(value)
+    d = section.get("data")
+    text = isinstance(d, str) and d.endswith(".jsonl")
+    raw_tok, raw_len = section.pop("tokenizer", None), section.pop("max_length", None)
+    tokenizer = c.path(raw_tok, f"{where}.tokenizer") if raw_tok is not None else None
+    max_length = c.integer(raw_len, f"{where}.max_length", lo=1) if raw_len is not None \
+        else None
+    for key, got in (("tokenizer", raw_tok), ("max_length", raw_len)):
+        if got is not None and not text:
+            c.add(f"{where}.{key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
+    if text:
+        section.setdefault("inputs", list(JSONL_INPUTS))
+        section.setdefault("target", JSONL_TARGET)
+    if causal:
+        section.setdefault("metric", "next_token_loss")
+    ev = _parse_eval(c, section)
+    if ev is None:
+        return None
+    if text:
+        for key, names in (("inputs", ev.inputs), ("target", (ev.target,))):
+            unknown = [n for n in names if n not in (*JSONL_INPUTS, JSONL_TARGET)]
+            if unknown:
+                c.add(f"{where}.{key}", f"JSONL text is tokenised into input_ids, "
+                      f"attention_mask and labels; there is no {unknown[0]!r}")
+    return replace(ev, tokenizer=tokenizer, max_length=max_length)
 
 
 def _jsonl(path: Path) -> bool:
@@ -656,6 +665,19 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 def _tokenizer_folder(folder: Path) -> Path | None:
     """``folder`` when it holds a saved tokenizer (a Trainer folder given one does)."""
     return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
+
+
+def _tokenizers(c: _Collector, stages: tuple[Stage, ...], ev: EvalSpec | None,
+                hf: Path | None) -> tuple[tuple[Stage, ...], EvalSpec | None]:
+    """JSONL eval data without a tokenizer takes the model.hf folder's own tokenizer files;
+    a stage's JSONL data takes its own, else eval's (_stage_tokenizer)."""
+    own = _tokenizer_folder(hf) if hf is not None else None
+    if ev is not None and ev.data is not None and _jsonl(ev.data) and ev.tokenizer is None:
+        if own is None:
+            c.add("eval.tokenizer", f"eval.data {ev.data.name} is JSONL text and needs the "
+                  "run's tokenizer folder (tokenizer: DIR); model.hf holds no tokenizer files")
+        ev = replace(ev, tokenizer=own)
+    return tuple(_stage_tokenizer(c, s, ev, own) for s in stages), ev
 
 
 def _stage_tokenizer(c: _Collector, stage: Stage, ev: EvalSpec | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from acctattr.cli import app
 from acctattr.errors import DataError, ManifestError
 from acctattr.evaluation.curvature import Curvature
-from acctattr.evaluation.data import EvalData, load_stage_sample
+from acctattr.evaluation.data import EvalData, stage_sample
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.lm import next_token_loss, sequence_logprob
 from acctattr.evaluation.metrics import RANGES, resolve_metric
@@ -176,8 +177,10 @@ def test_user_metric_with_batch_keys_gets_the_attention_mask(lm, tmp_path):
 
     spec = _eval_file(tmp_path, False)
     builtin = _evaluator(lm, spec).values()[0]
-    masked = resolve_metric(Ref("m.py:masked", tmp_path / "m.py", None, "masked"), None, "m")
+    ref = Ref("m.py:masked", tmp_path / "m.py", None, "masked")
+    masked = resolve_metric(ref, None, "m")
     assert masked.batch_keys == ("attention_mask",)
+    assert "attention_mask" in EvalData(replace(spec, metric=ref)).names  # read for it
     torch.testing.assert_close(_evaluator(lm, spec, masked).values()[0], builtin)
     plain = resolve_metric(Ref("m.py:plain", tmp_path / "m.py", None, "plain"), None, "m")
     assert plain.batch_keys == ()
@@ -408,19 +411,24 @@ def test_stage_jsonl_sample_is_seeded_and_checked(lm_run, tmp_path):
     """A stage's JSONL sample: every line checked, a seeded subset tokenised (the same each
     time), prompt tokens -100; a bad line far from the sample still names its line."""
     names = ("input_ids", "attention_mask", "labels")
-    a = load_stage_sample(lm_run / "sft.jsonl", names, 8, "sft", tokens="next_token_loss",
+    a = stage_sample(lm_run / "sft.jsonl", names, 8, "sft", tokens="next_token_loss",
                           tokenizer=lm_run / "tokenizer", max_length=32)
-    b = load_stage_sample(lm_run / "sft.jsonl", names, 8, "sft", tokens="next_token_loss",
+    b = stage_sample(lm_run / "sft.jsonl", names, 8, "sft", tokens="next_token_loss",
                           tokenizer=lm_run / "tokenizer", max_length=32)
     assert a["input_ids"].shape[0] == 8
     assert all(torch.equal(a[k], b[k]) for k in names)
     assert (a["labels"][:, 0] == -100).all()  # every prompt is at least one token
     lines = (lm_run / "sft.jsonl").read_text().splitlines()
+    lines[3] = '{"prompt": "the cat ", "completion": ""}'  # counts no token: left out
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    whole = stage_sample(tmp_path / "s.jsonl", names, 100, "sft", tokens="next_token_loss",
+                         tokenizer=lm_run / "tokenizer")
+    assert whole["input_ids"].shape[0] == len(lines) - 1
     lines[29] = '{"prompt": 1, "completion": "x"}'
     (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"stage 'sft': data .*s.jsonl, line 30: key 'prompt' "
                                         "must be a string"):
-        load_stage_sample(tmp_path / "s.jsonl", names, 8, "sft",
+        stage_sample(tmp_path / "s.jsonl", names, 8, "sft",
                           tokenizer=lm_run / "tokenizer")
 
 
@@ -513,20 +521,26 @@ def test_eval_function_batches_without_counted_tokens_are_refused(tmp_path):
         list(EvalData(spec).batches())
 
 
-def test_stage_safetensors_sample_reads_the_mask_and_refuses_uncounted_examples(tmp_path):
+def test_stage_sample_reads_the_mask_and_leaves_out_uncounted_examples(tmp_path):
     """A stage's safetensors sample carries attention_mask when the training loss reads it
-    (even if no input names it); an example counting no token is refused with its index."""
+    (even if no input names it); examples that count no token are left out of the sample
+    (they added nothing to the Trainer's loss), and a sample with none left is refused."""
     ids, mask, labels, _ = padded_batch()
     save_file({"input_ids": ids, "attention_mask": mask, "labels": labels},
               tmp_path / "s.safetensors")
-    got = load_stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 4, "ft",
-                            extra=("attention_mask",), tokens="next_token_loss")
+    got = stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 4, "ft",
+                       extra=("attention_mask",), tokens="next_token_loss")
     assert set(got) == {"input_ids", "attention_mask", "labels"}
     assert got["input_ids"].shape[0] == 4
     labels[3] = -100
     save_file({"input_ids": ids, "attention_mask": mask, "labels": labels},
               tmp_path / "s.safetensors")
-    with pytest.raises(DataError, match=r"stage 'ft': data .*s.safetensors: example 3 has no "
-                                        "token that next_token_loss counts"):
-        load_stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 100, "ft",
-                          extra=("attention_mask",), tokens="next_token_loss")
+    got = stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 100, "ft",
+                       extra=("attention_mask",), tokens="next_token_loss")
+    assert torch.equal(got["input_ids"], ids[[0, 1, 2, 4, 5]])
+    save_file({"input_ids": ids, "attention_mask": mask,
+               "labels": torch.full_like(labels, -100)}, tmp_path / "s.safetensors")
+    with pytest.raises(DataError, match=r"stage 'ft': data .*s.safetensors: no example of "
+                                        "the sample counts a token"):
+        stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 100, "ft",
+                     extra=("attention_mask",), tokens="next_token_loss")
