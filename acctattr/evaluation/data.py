@@ -188,29 +188,6 @@ def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
 
 
 
-def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
-    from acctattr.runs.checkpoints import safe_open_checked
-
-    handle = safe_open_checked(path)
-    keys = set(handle.keys())
-    missing = [n for n in names if n not in keys]
-    if missing:
-        raise DataError(f"stage '{stage}': data {path} has no tensor named "
-                        f"{', '.join(repr(m) for m in missing)} (it has: "
-                        f"{', '.join(sorted(keys)) or 'nothing'})",
-                        "a stage's data uses the same tensor names as eval.inputs and "
-                        "eval.target")
-    n = handle.get_slice(names[0]).get_shape()[0]
-    if n == 0:
-        raise DataError(f"stage '{stage}': data {path} is empty")
-    if n <= size:
-        return {k: handle.get_tensor(k) for k in names}
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return {k: handle.get_tensor(k)[idx] for k in names}
-
-
 def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
                  extra: tuple[str, ...] = (), tokens: str | None = None,
                  tokenizer: Path | None = None, max_length: int | None = None,
@@ -282,3 +259,26 @@ def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed:
     if tokens is not None:
         out = _drop_uncounted(out, "labels", where)
     return out
+
+
+def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
+                      seed: int = 0) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
+    from acctattr.runs.checkpoints import safe_open_checked
+
+    handle = safe_open_checked(path)
+    keys = set(handle.keys())
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise DataError(f"stage '{stage}': data {path} has no tensor named "
+                        f"{', '.join(repr(m) for m in missing)} (it has: "
+                        f"{', '.join(sorted(keys)) or 'nothing'})",
+                        "a stage's data uses the same tensor names as eval.inputs and "
+                        "eval.target")
+    n = handle.get_slice(names[0]).get_shape()[0]
+    if n == 0:
+        raise DataError(f"stage '{stage}': data {path} is empty")
+    if n <= size:
+        return {k: handle.get_tensor(k) for k in names}
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return {k: handle.get_tensor(k)[idx] for k in names}
