@@ -8,7 +8,17 @@ the wall time of ``acctattr run`` (the default, auto estimator, in process) divi
 time retraining took, both measured in this one run, interleaved, --repeat times (median);
 and the same ratio for frozen, which only reads the run's files and evaluates: the floor.
 
-    python bench/fidelity.py [--runs digits toxicity] [--estimators naive frozen unrolled]
+Beside the estimates: the truth floor where the run's truth.json records one (``floor``:
+the Pearson correlation of the per-example truth retrained under a second seed with the
+first's; the lm run has it), and the baseline a user would otherwise reach for, Captum's
+TracInCP summed over each stage's training examples (bench/tracin.py).
+
+``--lm-variants`` also writes the lm run at 4x its steps and with sft as a LoRA adapter
+(sample_runs/lm/make_run.py, with truth and floor: about 5 minutes) and prints auto's
+fidelity on each against its truth.
+
+    python bench/fidelity.py [--runs digits toxicity lm] [--estimators naive frozen unrolled]
+                             [--lm-variants] [--no-tracin]
                              [--lanczos-iters N] [--sample-size N] [--substeps N] ...
 """
 
@@ -22,10 +32,85 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from acctattr import pipeline
 from acctattr.options import UnrolledConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
+
+
+def floors(manifest: Path) -> dict[str, float]:
+    """Per stage, the truth floor truth.json records (empty where it records none)."""
+    path = manifest.parent / "truth.json"
+    if not path.is_file():
+        return {}
+    stages = json.loads(path.read_text())["stages"]
+    return {k: v["floor"]["pearson"] for k, v in stages.items() if "floor" in v}
+
+
+def against_truth_file(manifest: Path, estimator: str = "auto",
+                       config: UnrolledConfig | None = None) -> list[dict]:
+    """``estimator`` on ``manifest`` against the truth.json beside it: per stage Pearson,
+    mean effect, true mean, and the floor."""
+    truth = json.loads((manifest.parent / "truth.json").read_text())["stages"]
+    result = pipeline.run(manifest, estimator, per_example=True, config=config)
+    assert result.examples is not None
+    rows = []
+    for s in result.stages:
+        est = torch.tensor([e.effects[s.name] for e in result.examples], dtype=torch.float64)
+        ref = torch.tensor(truth[s.name]["examples"], dtype=torch.float64)
+        rows.append({"stage": s.name, "estimator": f"{result.estimator}/{result.evaluate}",
+                     "pearson": float(torch.corrcoef(torch.stack([est, ref]))[0, 1]),
+                     "effect": s.effect, "true_effect": float(ref.mean()),
+                     "floor": truth[s.name].get("floor", {}).get("pearson")})
+    return rows
+
+
+def tracin_rows(manifest: Path) -> list[dict]:
+    """Captum TracInCP summed per stage (bench/tracin.py) against the truth.json."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tracin import stage_effects
+
+    truth = json.loads((manifest.parent / "truth.json").read_text())["stages"]
+    rows = []
+    for name, eff in stage_effects(manifest).items():
+        ref = torch.tensor(truth[name]["examples"], dtype=torch.float64)
+        rows.append({"stage": name, "pearson": None if eff is None else float(
+            torch.corrcoef(torch.stack([eff, ref]))[0, 1]),
+            "effect": None if eff is None else float(eff.mean()),
+            "true_effect": float(ref.mean())})
+    return rows
+
+
+def print_rows(run: str, what: str, rows: list[dict]) -> None:
+    for r in rows:
+        if r["pearson"] is None:
+            print(f"{run:<10} {what:<16} {r['stage']:<18} n/a (adapter stage)")
+            continue
+        floor = f"{r['floor']:6.3f}" if r.get("floor") is not None else "     -"
+        ratio = r["effect"] / r["true_effect"] if r["true_effect"] else float("nan")
+        print(f"{run:<10} {what:<16} {r['stage']:<18} {r['pearson']:8.3f} {floor} "
+              f"{r['effect']:+10.4g} {r['true_effect']:+9.4f} mean ratio {ratio:6.2f}")
+
+
+def lm_variants(config: UnrolledConfig | None) -> list[dict]:
+    """The lm run at 4x steps and with a LoRA sft, written with truth into a temporary
+    folder; auto's fidelity on each."""
+    import subprocess
+
+    make = ROOT / "lm" / "make_run.py"
+    out = []
+    with tempfile.TemporaryDirectory(prefix="acctattr-lm-") as tmp:
+        for name, flags in (("lm-4x", ["--scale", "4"]), ("lm-lora", ["--lora"])):
+            folder = Path(tmp) / name
+            subprocess.run([sys.executable, str(make), "--truth", "--out", str(folder), *flags],
+                           check=True, stdout=subprocess.DEVNULL)
+            rows = against_truth_file(folder / "manifest.yaml", "auto", config)
+            print_rows(name, "auto", rows)
+            sys.stdout.flush()
+            out.append({"run": name, "stages": rows})
+    return out
 
 
 def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None,
@@ -59,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate", nargs="+", default=list(pipeline.EVALUATIONS))
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--repeat", type=int, default=3, help="timings of the cost ratio")
+    ap.add_argument("--lm-variants", action="store_true",
+                    help="also the lm run at 4x steps and with a LoRA sft (about 5 minutes)")
+    ap.add_argument("--no-tracin", action="store_true", help="skip the TracInCP baseline")
     defaults = UnrolledConfig()
     for f in fields(UnrolledConfig):
         kind = type(getattr(defaults, f.name))
@@ -75,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         manifest = ROOT / run / "manifest.yaml"
         v = pipeline.validate(manifest, tuple(args.estimators), tuple(args.evaluate),
                               config=config)
+        floor = floors(manifest)
         for fid in v.results:
             for i, s in enumerate(fid.stages):
                 rank = ("ok" if fid.ranking_ok else "BAD") if i == 0 else ""
                 print(f"{run:<10} {fid.estimator:<9} {fid.evaluate:<6} {s.stage:<18} "
                       f"{s.pearson:8.3f} {s.spearman:8.3f} {s.effect:+9.4f} "
                       f"{s.true_effect:+9.4f} {'ok ' if s.sign_ok else 'BAD'}  {rank}")
+        for name, r in floor.items():
+            print(f"{run:<10} truth floor (second seed) {name:<18} {r:8.3f}")
+        tracin = [] if args.no_tracin else tracin_rows(manifest)
+        print_rows(run, "TracInCP", tracin)
         result, ratio, seconds, retrain, spread = cost(manifest, args.repeat, config)
         print(f"{run:<10} cost: acctattr run ({result.estimator}/{result.evaluate}) "
               f"{seconds:.2f} s; retraining {len(v.results[0].stages)} counterfactuals "
@@ -91,15 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run:<10} cost: under 5% once training runs {ratio / 0.05:.1f}x "
                   "as many steps as this sample run")
         # the floor: frozen only reads the checkpoints and state files and evaluates
-        _, floor, f_seconds, f_retrain, _ = cost(manifest, args.repeat, config, "frozen")
+        _, f_ratio, f_seconds, f_retrain, _ = cost(manifest, args.repeat, config, "frozen")
         print(f"{run:<10} cost: for reference, frozen (no simulation) {f_seconds:.2f} s; "
-              f"retraining {f_retrain:.2f} s; ratio {floor:.1%}")
+              f"retraining {f_retrain:.2f} s; ratio {f_ratio:.1%}")
         sys.stdout.flush()
         report.append({"run": run, "run_seconds": seconds, "retrain_seconds": retrain,
-                       "cost_ratio": ratio, "frozen_cost_ratio": floor, "results": [
+                       "cost_ratio": ratio, "frozen_cost_ratio": f_ratio,
+                       "truth_floor": floor, "tracin": tracin, "results": [
                            {"estimator": f.estimator, "evaluate": f.evaluate,
                             "ranking_ok": f.ranking_ok, "stages": [s.__dict__ for s in f.stages]}
                            for f in v.results]})
+    if args.lm_variants:
+        report.append({"variants": lm_variants(config)})
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -12,14 +12,16 @@ all measured in this one run:
 - cost: `acctattr run` time / time to retrain its counterfactuals, the median of --repeat
   interleaved pairs;
 - how well unrolled's simulation reproduces each later stage: its training loss's fall
-  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/3-3).
+  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/2-2).
 
-    python bench/scaling.py [--runs digits toxicity] [--scales 1 2 4] [--repeat 3]
-                            [--variants digits-adamw toxicity-sgd ...]
+    python bench/scaling.py [--runs digits toxicity lm] [--scales 1 2 4] [--repeat 3]
+                            [--variants digits-adamw toxicity-sgd lm-lora ...]
 
 --variants also runs the sample runs with other optimizers and hyperparameters (VARIANTS:
 digits with AdamW, digits with fresh nesterov stages, toxicity with SGD, toxicity with
-other Adam betas and eps), the same way.
+other Adam betas and eps) and the lm run with its sft a LoRA adapter (lm-lora), the same
+way. The lm run is written by transformers.Trainer (sample_runs/lm/make_run.py), about
+20 s per 1x copy.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def load_make_run(run: str) -> ModuleType:
     return module
 
 
+# the lm run's variant: its sft stage a PEFT LoRA adapter (sample_runs/lm/make_run.py)
+LM_VARIANTS = ("lm-lora",)
+
+
 def stages_of(run: str, scale: int, variant: str | None = None) -> tuple:
     """The sample run's stages, trained ``scale`` times longer, as ``variant`` changes them."""
     mr = load_make_run(run)
@@ -114,6 +120,8 @@ def write_scaled(run: str, scale: int, folder: Path, variant: str | None = None)
     """The sample run trained ``scale`` times longer (and changed by ``variant``), laid out
     as make_run.py does."""
     mr = load_make_run(run)
+    if run == "lm":  # written by transformers.Trainer: make_run.py lays out its variants
+        return mr.build_run(folder, scale, lora=variant == "lm-lora")
     c = mr.C
     stages = stages_of(run, scale, variant)
     stage_data, eval_set = mr.make_data()
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="*", default=["digits", "toxicity"])
     ap.add_argument("--scales", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+    ap.add_argument("--variants", nargs="*", default=[],
+                    choices=sorted(VARIANTS) + list(LM_VARIANTS),
                     help="also these changed runs, at scale 1")
     ap.add_argument("--also", nargs="*", default=[], choices=["naive", "frozen"],
                     help="also print these estimators' Pearson per stage")
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'run':<22} {'x':>3} {'estimator':<16} {'pearson per stage':<26} {'sign':<5} "
           f"{'rank':<5} {'run s':>6} {'retrain s':>9} {'ratio':>7}")
     cases = [(run, scale, None) for run in args.runs for scale in args.scales]
-    cases += [(VARIANTS[v][0], 1, v) for v in args.variants]
+    cases += [("lm" if v in LM_VARIANTS else VARIANTS[v][0], 1, v) for v in args.variants]
     report = []
     for run, scale, variant in cases:
         with tempfile.TemporaryDirectory(prefix=f"acctattr-{run}-x{scale}-") as tmp:

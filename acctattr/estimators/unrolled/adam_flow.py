@@ -23,7 +23,13 @@ import torch
 
 from acctattr.estimators.unrolled.flat import FlatRun
 from acctattr.estimators.unrolled.noise import fit_noise
-from acctattr.estimators.unrolled.path import ActualPath, check_reproduction, spans, walk
+from acctattr.estimators.unrolled.path import (
+    ActualPath,
+    check_reproduction,
+    next_pace,
+    spans,
+    walk,
+)
 
 # (exp_avg_sq, step count): an Adam optimizer's second moment and where it is in its life
 Moment = tuple[torch.Tensor, int]
@@ -64,7 +70,8 @@ class AdamFlow:
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
             u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
-            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-float(sum(run.lrs[k0:k1]))),
+            s_cf = self.settled_step(j, cf, g_cf,
+                                     u_cf.mul_(-path.pace * float(sum(run.lrs[k0:k1]))),
                                      positive, lam_c, rho)
             d.add_(s_act).sub_(s_cf)
             if run.opt_type == "adamw":
@@ -98,7 +105,7 @@ class AdamFlow:
         weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
             1 - g.beta2**b)) for _, k0, k1 in substeps]
 
-        def simulate(c: float):
+        def simulate(c: float, pace: float = 1.0):
             v = v_start.clone()
             squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
 
@@ -112,7 +119,8 @@ class AdamFlow:
                 spread.addcmul_(weight[q], noise)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 u = self.direction(j, g, v, step0 + k1, eps)
-                return self.settled_step(j, theta, g, u.mul_(-float(sum(run.lrs[k0:k1]))),
+                return self.settled_step(j, theta, g,
+                                         u.mul_(-pace * float(sum(run.lrs[k0:k1]))),
                                          positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
@@ -124,9 +132,17 @@ class AdamFlow:
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
             c = fit_noise(sums[0], sums[1], keep_all * v_start, v_end, positive)
             starts, steps, sums, v_sim, ends = simulate(c)
-        flat.reproduction[j] = check_reproduction(flat, j, ends)
+        # the check judges the flow as the optimizer's expected steps; the path it keeps is
+        # the one paced to lower the loss as much as the recorded run did (next_pace)
+        flat.reproduction[j] = rep = check_reproduction(flat, j, ends)
+        tried: list[tuple[float, float]] = [(1.0, rep.simulated_drop)]
+        pace = 1.0
+        while (nxt := next_pace(rep.recorded_drop, tried, self.config.pace_tolerance)):
+            pace = nxt
+            starts, steps, sums, v_sim, ends = simulate(c, pace)
+            tried.append((pace, check_reproduction(flat, j, ends).simulated_drop))
         path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, v_end, v_sim,
-                          decay)
+                          decay, pace)
         flat.paths = {j: path}
         flat.noise_scale[j] = c
         return path

@@ -10,6 +10,7 @@ points between are rebuilt on iteration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ class ActualPath:
     v_sim: torch.Tensor | None = None
     # AdamW: substep (first, end) -> its decoupled decay factor, applied after the step
     decay: Callable[[int, int], torch.Tensor] | None = None
+    # the learning-rate multiplier under which the simulated run reproduces the recorded
+    # one's loss decrease (Adam); the counterfactual runs at the same pace
+    pace: float = 1.0
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
         """(first step, end step), start point, step; the tensors in float64."""
@@ -120,6 +124,37 @@ def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
             theta = theta * decay(k0, k1)
         ends[i] = theta
     return starts, steps, ends
+
+
+def next_pace(recorded: float, tried: list[tuple[float, float]], tolerance: float,
+              most: int = 3) -> float | None:
+    """The next learning-rate multiplier (pace) to simulate a stage's actual run at, so that
+    its loss falls as far as the recorded run's did, or None to stop.
+
+    The flow takes the optimizer's expected steps from the mean gradient. A real run's steps
+    also carry batch noise, whose curvature term (1/2 tr(H Cov)) raises the loss each step,
+    and dropout: it learns less per step than its expected step suggests, and the
+    counterfactual's re-learning would be overstated by the same amount. ``tried`` holds
+    (pace, simulated drop) pairs, the first at pace 1. Stops once a drop is within
+    ``tolerance`` (relative) of ``recorded``, after ``most`` tries, or where the drops do not
+    respond to the pace; otherwise a secant step on log(drop) against log(pace) (the first
+    step assumes the drop proportional to the pace). Paces stay within [1/10, 10].
+    """
+    pace, drop = tried[-1]
+    if tolerance <= 0 or recorded <= 0 or drop <= 0 or len(tried) > most:
+        return None
+    if abs(drop / recorded - 1.0) <= tolerance:
+        return None
+    slope = 1.0
+    if len(tried) > 1:
+        (p0, d0), (p1, d1) = tried[-2], tried[-1]
+        if d0 <= 0 or p0 == p1:
+            return None
+        slope = math.log(d1 / d0) / math.log(p1 / p0)
+        if not 0.05 <= slope <= 5.0:
+            return None  # the loss's fall barely follows the pace: nothing to calibrate
+    nxt = pace * math.exp(math.log(recorded / drop) / slope)
+    return min(10.0, max(0.1, nxt))
 
 
 def check_reproduction(flat: FlatRun, j: int, ends: dict[int, torch.Tensor]) -> Reproduction:

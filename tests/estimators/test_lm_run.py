@@ -1,0 +1,57 @@
+"""The lm sample run (a tiny GPT-2 fine-tuned in three stages by transformers.Trainer with
+clipping, dropout, warmup and accumulation) against its retraining truth.
+
+The README's figures come from bench/fidelity.py; these are looser versions of them, so CI
+stays deterministic. The last stage is evaluated directly, so it is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from acctattr import pipeline
+
+ROOT = Path(__file__).resolve().parents[2] / "sample_runs" / "lm"
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def auto_result():
+    return pipeline.run(ROOT / "manifest.yaml", per_example=True)
+
+
+def test_the_lm_run_records_what_trainer_did():
+    """The manifest reads clipping and batch size; the truth carries its second-seed floor;
+    clipping was active (Trainer logged gradient norms above max_grad_norm)."""
+    loaded = pipeline.check(ROOT / "manifest.yaml")
+    assert [r.max_grad_norm for r in loaded.runs] == [1.0, 1.0, 1.0]
+    assert [r.batch_size for r in loaded.runs] == [16, 16, 16]  # sft: 8 x 2 accumulation
+    truth = json.loads((ROOT / "truth.json").read_text())["stages"]
+    assert all(0.5 < truth[n]["floor"]["pearson"] <= 1.0 for n in truth)
+    norms = [h["grad_norm"] for f in sorted(ROOT.glob("*/checkpoint-*/trainer_state.json"))
+             for h in json.loads(f.read_text())["log_history"] if "grad_norm" in h]
+    assert sum(n > 1.0 for n in norms) > len(norms) / 2
+
+
+def test_auto_keeps_unrolled_and_tracks_retraining_on_the_lm_run(auto_result):
+    """auto keeps unrolled (its simulation reproduces every later stage); per-example
+    Pearson >= 0.9 and the sign right on every stage, means within 35% (README: the
+    bench's figures), the last stage exact."""
+    truth = json.loads((ROOT / "truth.json").read_text())["stages"]
+    assert auto_result.estimator == "unrolled", auto_result.estimator_note
+    assert auto_result.examples is not None
+    for s in auto_result.stages:
+        est = torch.tensor([e.effects[s.name] for e in auto_result.examples],
+                           dtype=torch.float64)
+        ref = torch.tensor(truth[s.name]["examples"], dtype=torch.float64)
+        assert _pearson(est, ref) >= 0.9, (s.name, _pearson(est, ref))
+        assert (s.effect > 0) == (float(ref.mean()) > 0), s.name
+        assert abs(s.effect / float(ref.mean()) - 1) < 0.35, (s.name, s.effect)
+        if s.name == "poison":
+            assert torch.allclose(est, ref, atol=1e-4)
