@@ -38,8 +38,21 @@ class Format(str, Enum):
     markdown = "markdown"
 
 
+class TableOrJson(str, Enum):
+    table = "table"
+    json = "json"
+
+
 class Estimator(str, Enum):
     auto = "auto"
+    naive = "naive"
+    frozen = "frozen"
+    unrolled = "unrolled"
+
+
+class Concrete(str, Enum):
+    """The estimators validate can measure (auto is a choice among them)."""
+
     naive = "naive"
     frozen = "frozen"
     unrolled = "unrolled"
@@ -113,7 +126,8 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(3) from None
 
 
-ManifestArg = Annotated[Path, typer.Argument(help="The run's manifest.yaml.", show_default=False)]
+ManifestArg = Annotated[Path, typer.Argument(
+    help="The run's manifest.yaml.", metavar="MANIFEST", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="cpu|cuda|cuda:N|mps|auto",
     help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
@@ -128,11 +142,42 @@ BatchOpt = Annotated[int | None, typer.Option(
     rich_help_panel="Compute", show_default=False)]
 
 
-def _runtime(device: str, threads: int | None, batch_size: int | None) -> Runtime:
-    """The compute options; the thread count defaults as devices.default_threads says."""
-    from acctattr.devices import default_threads
+def _runtime(device: str, threads: int | None, batch_size: int | None,
+             check: bool = False) -> Runtime:
+    """The compute options; the thread count defaults as devices.default_threads says.
+    ``check``: resolve --device now, so a wrong one fails before any computing."""
+    from acctattr.devices import default_threads, resolve
 
+    if check:
+        resolve(device, from_env()[2])
     return Runtime(device=device, threads=threads or default_threads(), batch_size=batch_size)
+
+
+def _check_output(output: Path | None, option: str = "--output") -> None:
+    """A result file that cannot be written fails before any computing (exit 2)."""
+    if output is not None:
+        from acctattr.output.atomic import check_target
+
+        check_target(output, option)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("acctattr")
+        except PackageNotFoundError:
+            from acctattr import __version__ as text
+        print(f"acctattr {text}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print acctattr's version and exit.")] = False) -> None:
+    """Which training stage is accountable for how a model behaves."""
 
 
 @app.command()
@@ -171,7 +216,8 @@ def run(
     = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png|FILE.svg",
-        help="Also draw the effects (needs acctattr[plot]).")] = None,
+        help="Also draw the effects (needs matplotlib: pip install "
+             "'acctattr\\[plot]').")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
     show_progress: Annotated[bool, typer.Option(
         "--progress", help="Progress on stderr even when it is not a terminal (a CI log); "
@@ -211,6 +257,7 @@ def run(
         from acctattr import pipeline
         from acctattr.output import report
 
+        _check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         if plot is not None:
             from acctattr.output import plots
@@ -218,7 +265,10 @@ def run(
             plots.check_target(plot)
         config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
-        runtime = _runtime(device, threads, batch_size)
+        runtime = _runtime(device, threads, batch_size, check=True)
+        if per_example and format is not Format.json:
+            _err(f"warning: --per-example adds every example's effects to JSON only; the "
+                 f"{format.value} output shows stages and groups (use --format json)")
         with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
@@ -237,7 +287,7 @@ def run(
         elif format is Format.markdown:
             text = report.to_markdown(result, gate)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.to_table(result, color=color, width=_terminal_width(output))
         _emit(text, output)
         if plot is not None and is_primary():
@@ -251,6 +301,12 @@ def run(
                 raise typer.Exit(1)
 
     guarded(go)
+
+
+def _color(output: Path | None) -> bool:
+    """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
+    an empty NO_COLOR does not turn colour off)."""
+    return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def _terminal_width(output: Path | None) -> int | None:
@@ -292,27 +348,32 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
     """Bad gate options fail before any computing (exit 2)."""
     from acctattr.output import gates
 
+    gates.z_value(confidence)
     if fail_on_harm is None:
         if gate_stage is not None or gate_group is not None:
             raise AcctattrError("--gate-stage and --gate-group choose what --fail-on-harm "
                                 "checks", "add --fail-on-harm X")
         return
-    gates.z_value(confidence)
-    if gate_stage is not None:
+    gates.check_threshold(fail_on_harm)
+    if gate_stage is not None or gate_group is not None:
+        from acctattr.evaluation.data import group_names
         from acctattr.runs.manifest import load_manifest
 
-        names = [s.name for s in load_manifest(manifest).stages]
-        gates.check_stage_name(gate_stage, names)
+        m = load_manifest(manifest)
+        gates.check_stage_name(gate_stage, [s.name for s in m.stages])
+        if gate_group is not None:
+            gates.check_group_name(gate_group, m.eval.group is not None,
+                                   group_names(m.eval))
 
 
 @app.command()
 def validate(
     manifest: ManifestArg,
-    estimator: Annotated[list[Estimator] | None, typer.Option(
+    estimator: Annotated[list[Concrete] | None, typer.Option(
         "--estimator", help="Estimators to measure (repeat the option). Default: every one "
         "the manifest allows.", show_default=False)] = None,
-    format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] =
-    Format.table,
+    format: Annotated[TableOrJson, typer.Option("--format", "-f", help="Output format.")] =
+    TableOrJson.table,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the table to FILE (atomically) instead of stdout.")]
     = None,
@@ -332,22 +393,20 @@ def validate(
         from acctattr import pipeline
         from acctattr.output import report
 
-        if format is Format.markdown:
-            raise AcctattrError("validate writes table or json", "use --format table|json")
+        _check_output(output)
+        if workdir is not None and workdir.exists() and not workdir.is_dir():
+            raise AcctattrError(f"--workdir {workdir}: is a file, not a folder")
         chosen = None
         if estimator:
-            if Estimator.auto in estimator:
-                raise AcctattrError("validate measures concrete estimators, not auto",
-                                    "name naive, frozen or unrolled")
             chosen = tuple(e.value for e in estimator)
-        runtime = _runtime(device, threads, batch_size)
+        runtime = _runtime(device, threads, batch_size, check=True)
         with report.progress_bar(not quiet, show_progress) as progress:
             v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
                                   runtime=runtime)
-        if format is Format.json:
+        if format is TableOrJson.json:
             text = report.validation_to_json(v)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.validation_to_table(v, color=color, width=110)
         _emit(text, output)
 
@@ -374,6 +433,7 @@ def diff(
         from acctattr.output import diff as diffs
         from acctattr.output import report
 
+        _check_output(output)
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
             _err(f"warning: {w}")
@@ -382,7 +442,7 @@ def diff(
         elif format is Format.markdown:
             text = report.diff_to_markdown(d)
         else:
-            color = output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            color = _color(output)
             text = report.diff_to_table(d, color=color)
         _emit(text, output)
         if fail_on_growth is not None:
@@ -414,20 +474,29 @@ def check(manifest: ManifestArg) -> None:
 @app.command()
 def init(
     paths: Annotated[list[Path], typer.Argument(
-        help="Each stage's end checkpoint, in training order: Hugging Face Trainer folders, "
-             "PEFT adapter folders, Lightning .ckpt files, weight folders.",
-        show_default=False)],
+        help="Each stage's end checkpoint, in training order, or a folder holding them: "
+             "Hugging Face Trainer output_dirs (checkpoint-N/ inside) or checkpoint-N "
+             "folders, PEFT adapter folders, Lightning .ckpt files or folders of them, a run "
+             "root with one folder per stage, weight folders.",
+        metavar="PATH...", show_default=False)],
     start: Annotated[Path | None, typer.Option(
         help="The checkpoint before the first stage.")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the manifest to FILE (atomically) instead of stdout.")]
     = None,
 ) -> None:
-    """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr)."""
+    """Draft a manifest from checkpoints; what they do not say is left as TODO(acctattr).
+
+    PATH: each stage's end, in training order, or a folder holding stages: a Hugging Face
+    Trainer output_dir (its last checkpoint-N is the end, the others intermediate
+    checkpoints), a run root with one folder per stage, a PEFT adapter folder, a folder of
+    Lightning .ckpt files, a folder of weights.
+    """
 
     def go() -> None:
         from acctattr.runs.scaffold import scaffold
 
+        _check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
         if not is_primary():
@@ -437,9 +506,27 @@ def init(
             _err(f"wrote {output}")
         else:
             sys.stdout.write(text)
-        n = text.count("TODO(acctattr)")
+        n = text.count("TODO(acctattr):")
         if n:
             _err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
+
+    guarded(go)
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the schema to FILE (atomically) instead of stdout.")]
+    = None,
+) -> None:
+    """Print the manifest's JSON Schema, for editors: save it and start a manifest with
+    # yaml-language-server: $schema=acctattr.schema.json"""
+
+    def go() -> None:
+        from acctattr.runs.schema import schema_text
+
+        _check_output(output)
+        _emit(schema_text(), output)
 
     guarded(go)
 

@@ -35,8 +35,9 @@ class _Tokens(torch.utils.data.Dataset):
 def _args(out: Path, steps: int, lr: float, **kw):
     from transformers import TrainingArguments
 
+    kw.setdefault("save_steps", steps)
     return TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=lr, save_strategy="steps", save_steps=steps,
+                             learning_rate=lr, save_strategy="steps",
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
                              dataloader_num_workers=0, **kw)
 
@@ -203,3 +204,146 @@ def write_lightning_run(root: Path) -> Path:
     }
     (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return root / "manifest.yaml"
+
+
+# ---------------------------------------------------------------- run folders as users have them
+
+def write_trainer_root(root: Path) -> dict:
+    """A run root as a Trainer user leaves it, nothing written by hand:
+
+    init/      the model before training (save_pretrained)
+    pretrain/  Trainer output_dir: checkpoint-3, checkpoint-6 (AdamW, grad accumulation 2,
+               max_grad_norm 0.5, linear schedule with warmup)
+    sft/       resumed from pretrain/checkpoint-6 (resume_from_checkpoint) to step 10:
+               checkpoint-8, checkpoint-10
+    lora/      a PEFT LoRA adapter trained by a new Trainer: checkpoint-4
+
+    Returns the paths and a hand-written manifest of the same run (without eval)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
+    model = tiny_gpt2()
+    model.save_pretrained(root / "init")
+    Trainer(model=model, args=_args(root / "pretrain", 6, 1e-2, save_steps=3, warmup_steps=2,
+                                    weight_decay=0.1, lr_scheduler_type="linear",
+                                    gradient_accumulation_steps=2, max_grad_norm=0.5,
+                                    logging_steps=1),
+            train_dataset=_Tokens(1)).train()
+    Trainer(model=model, args=_args(root / "sft", 10, 1e-2, save_steps=2, weight_decay=0.1,
+                                    lr_scheduler_type="linear", logging_steps=1),
+            train_dataset=_Tokens(4)).train(
+        resume_from_checkpoint=str(root / "pretrain" / "checkpoint-6"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                      lora_dropout=0.0)
+    Trainer(model=get_peft_model(model, lora),
+            args=_args(root / "lora", 4, 5e-2, logging_steps=1), train_dataset=_Tokens(2)).train()
+    x, y = token_data(3, N_EVAL)
+    save_file({"input_ids": x, "label": y, "group": x[:, 1] % 2}, root / "eval.safetensors")
+    hand = {
+        "version": 1,
+        "model": {"hf": "sft/checkpoint-10"},
+        "stages": [
+            {"name": "pretrain", "start": "init", "end": "pretrain/checkpoint-6",
+             "optimizer": {"type": "adamw", "steps": 6,
+                           "lr": {"trainer_state": "pretrain/checkpoint-6/trainer_state.json"},
+                           "state": "pretrain/checkpoint-6/optimizer.pt",
+                           "max_grad_norm": 0.5, "batch_size": 4, "grad_accumulation": 2},
+             "checkpoints": [{"step": 3, "path": "pretrain/checkpoint-3"}]},
+            {"name": "sft", "end": "sft/checkpoint-10",
+             "optimizer": {"type": "adamw", "steps": 4, "continues": True,
+                           "lr": {"trainer_state": "sft/checkpoint-10/trainer_state.json"},
+                           "state": "sft/checkpoint-10/optimizer.pt",
+                           "max_grad_norm": 1.0, "batch_size": 4},
+             "checkpoints": [{"step": int(c.name.split("-")[1]) - 6,
+                              "path": f"sft/{c.name}"} for c in sorted(
+                                  (root / "sft").glob("checkpoint-*"))
+                             if c.name != "checkpoint-10"]},
+            {"name": "lora", "end": {"adapter": "lora/checkpoint-4"}},
+        ],
+        "eval": EVAL_TOKENS,
+    }
+    return {"root": root, "hand": hand}
+
+
+EVAL_TOKENS = {"data": "eval.safetensors", "inputs": ["input_ids"], "target": "label",
+               "group": "group", "batch_size": 16}
+EVAL_LIGHTNING = {"data": "eval.safetensors", "inputs": ["x"], "target": "y"}
+
+
+def write_lightning_root(root: Path) -> dict:
+    """A Lightning run folder as Lightning leaves it (a logger, ModelCheckpoint every 3
+    steps, Adam with a per-step CosineAnnealingLR):
+
+    model.py, init.safetensors
+    pretrain/lightning_logs/version_0/checkpoints/epoch=0-step=3.ckpt, epoch=1-step=6.ckpt
+    finetune/lightning_logs/version_0/checkpoints/epoch=..-step=8.ckpt, ..-step=10.ckpt
+              (resumed from pretrain's step-6 checkpoint with ckpt_path=)
+
+    Returns the paths, the lrs each stage's steps used (recorded by a callback) and a
+    hand-written manifest."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    lrs: list[float] = []
+
+    class RecordLr(Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    class Module(L.LightningModule):
+        def __init__(self, net: torch.nn.Module, batch_size: int = 8) -> None:
+            super().__init__()
+            self.model = net
+            self.save_hyperparameters(ignore=["net"])
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=1e-2)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-3)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.py").write_text(LIGHTNING_MODEL_PY)
+    ns: dict = {}
+    exec(LIGHTNING_MODEL_PY, ns)
+    net = ns["build"]()
+    save_file(dict(net.state_dict()), root / "init.safetensors")
+    g = torch.Generator().manual_seed(10)
+    ds = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=g),
+                                        torch.randint(0, 3, (24,), generator=g))
+    ckpt_paths = {}
+    for name, steps, resume in (("pretrain", 6, None), ("finetune", 10, "pretrain")):
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root / name,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[RecordLr(), ModelCheckpoint(every_n_train_steps=3 if
+                                                                   name == "pretrain" else 2,
+                                                                   save_top_k=-1)])
+        trainer.fit(Module(net), torch.utils.data.DataLoader(ds, batch_size=8),
+                    ckpt_path=ckpt_paths.get(resume))
+        ckpt_paths[name] = max((root / name).rglob("*.ckpt"),
+                               key=lambda p: torch.load(p, weights_only=True)["global_step"])
+    g = torch.Generator().manual_seed(99)
+    save_file({"x": torch.randn(24, 4, generator=g), "y": torch.randint(0, 3, (24,), generator=g)},
+              root / "eval.safetensors")
+    rel = {k: v.relative_to(root).as_posix() for k, v in ckpt_paths.items()}
+    inner = {k: sorted(p.relative_to(root).as_posix() for p in (root / k).rglob("*.ckpt")
+                       if p != ckpt_paths[k]) for k in ckpt_paths}
+    hand = {
+        "version": 1,
+        "model": {"factory": "model.py:build"},
+        "stages": [
+            {"name": "pretrain", "start": "init.safetensors", "end": rel["pretrain"],
+             "optimizer": {"type": "adamw", "steps": 6, "lr": lrs[:6],
+                           "state": rel["pretrain"], "batch_size": 8},
+             "checkpoints": [{"step": 3, "path": inner["pretrain"][0]}]},
+            {"name": "finetune", "end": rel["finetune"],
+             "optimizer": {"type": "adamw", "steps": 4, "lr": lrs[6:], "continues": True,
+                           "state": rel["finetune"], "batch_size": 8},
+             "checkpoints": [{"step": 2, "path": inner["finetune"][0]}]},
+        ],
+        "eval": EVAL_LIGHTNING,
+    }
+    return {"root": root, "lrs": lrs, "hand": hand, "ends": ckpt_paths, "inner": inner}

@@ -7,8 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
-import click.testing
 import pytest
+import typer.testing
 import yaml
 from typer.testing import CliRunner
 
@@ -26,7 +26,7 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def invoke(runner: CliRunner, *args: str, env: dict | None = None) -> click.testing.Result:
+def invoke(runner: CliRunner, *args: str, env: dict | None = None) -> typer.testing.Result:
     return runner.invoke(app, [str(a) for a in args], env=env)
 
 
@@ -205,8 +205,17 @@ def test_check_passes_on_a_valid_run(runner):
 
 def test_no_color_removes_ansi_escapes(runner, monkeypatch):
     """On a terminal the table is coloured, and with NO_COLOR set it has no ANSI escapes."""
-    monkeypatch.setattr(click.testing._NamedTextIOWrapper, "isatty", lambda self: True,
-                        raising=False)
+    # the runner's stdout wrapper: typer's own where typer vendors click, else click's
+    import importlib
+
+    for where in ("typer.testing", "typer._click.testing", "click.testing"):
+        try:
+            wrapper = getattr(importlib.import_module(where), "_NamedTextIOWrapper", None)
+        except ImportError:
+            wrapper = None
+        if wrapper is not None:
+            break
+    monkeypatch.setattr(wrapper, "isatty", lambda self: True, raising=False)
     env = {"TERM": "xterm-256color", "NO_COLOR": None, "FORCE_COLOR": None}
     coloured = invoke(runner, "run", DIGITS, "-q", env=env)
     assert coloured.exit_code == 0, coloured.stderr

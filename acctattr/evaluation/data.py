@@ -20,6 +20,22 @@ Batch = dict[str, torch.Tensor]
 _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
+def group_names(spec: EvalSpec) -> list[str] | None:
+    """The eval set's group ids as results name them (sorted), read from the group tensor
+    alone; None when they cannot be known without running a FILE.py:FUNC source."""
+    if spec.group is None or spec.data is None:
+        return None
+    from acctattr.runs.checkpoints import safe_open_checked
+
+    handle = safe_open_checked(spec.data)
+    if spec.group not in set(handle.keys()):
+        return None  # the evaluator names this problem
+    ids = handle.get_tensor(spec.group)
+    if ids.is_floating_point():
+        return None
+    return [str(g) for g in sorted(set(ids.reshape(-1).tolist()))]
+
+
 class EvalData:
     """Eval batches streamed from a safetensors file (sliced per batch) or a user function."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,17 +72,30 @@ class ModelInfo:
     trainable: dict[str, tuple[int, ...]]  # name -> shape, named_parameters() order
     frozen: tuple[str, ...]  # parameters with requires_grad=False
     buffers: tuple[str, ...]
-    no_decay: frozenset[str]  # biases and norm-layer parameters (HF Trainer rule)
+    no_decay: frozenset[str]  # the Hugging Face Trainer's no-decay group (hf_no_decay)
+
+
+# transformers.Trainer.get_decay_parameter_names (transformers 5.x): a parameter is not
+# decayed when it sits in an nn.LayerNorm or its lowercased full name matches one of these
+HF_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                        r"_norm(?:$|\.)")
+
+
+def hf_no_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters the Hugging Face Trainer puts in its no-decay group: the
+    rule of ``Trainer.get_decay_parameter_names`` (held equal to it in the tests), without
+    importing transformers."""
+    patterns = [re.compile(p) for p in HF_NO_DECAY_PATTERNS]
+    in_layernorm = {f"{m}.{n}" if m else n
+                    for m, mod in model.named_modules() if isinstance(mod, nn.LayerNorm)
+                    for n, _ in mod.named_parameters()}
+    return {n for n, _ in model.named_parameters()
+            if n in in_layernorm or any(p.search(n.lower()) for p in patterns)}
 
 
 def model_info(model: nn.Module) -> ModelInfo:
-    norm_params: set[str] = set()
-    for mname, module in model.named_modules():
-        if "norm" in type(module).__name__.lower():
-            for pname, _ in module.named_parameters(recurse=False):
-                norm_params.add(f"{mname}.{pname}" if mname else pname)
     trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
-    no_decay = {n for n in trainable if n in norm_params or n.endswith("bias")}
+    no_decay = hf_no_decay(model) & set(trainable)
     return ModelInfo(trainable, frozen, tuple(n for n, _ in model.named_buffers()),
                      frozenset(no_decay))

@@ -44,6 +44,21 @@ def atomic_file(path: Path, option: str, binary: bool = False) -> Iterator[IO]:
         raise
 
 
+def check_target(path: Path, option: str) -> None:
+    """Fail before any computing when ``path`` cannot be written: its folder missing, not a
+    folder or not writable, or ``path`` itself a folder."""
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist",
+                            "create it first, or name a file in an existing folder")
+    if path.is_dir():
+        raise AcctattrError(f"{option} {path}: is a folder", "name a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable")
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(folder, os.W_OK):
+        raise AcctattrError(f"{option} {path}: is not writable")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

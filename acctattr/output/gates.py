@@ -95,11 +95,29 @@ def check_stage_name(stage: str | None, names: list[str]) -> None:
                             f"choose one of {', '.join(names)}, or 'newest'")
 
 
+def check_group_name(group: str | None, has_group: bool, names: list[str] | None) -> None:
+    """Fail fast on a --gate-group the eval set cannot have: no eval.group in the manifest,
+    or (``names`` known from the data) a group id not among them."""
+    if group is None:
+        return
+    if not has_group:
+        raise AcctattrError(f"--gate-group {group!r}: the manifest names no eval.group",
+                            "name a group tensor in the manifest's eval.group, or drop "
+                            "--gate-group")
+    if group != WORST and names is not None and group not in names:
+        raise AcctattrError(f"--gate-group {group!r}: the eval set has no group of that name",
+                            f"choose one of {', '.join(names)}, or 'worst'")
+
+
+def check_threshold(threshold: float) -> None:
+    if not math.isfinite(threshold):
+        raise AcctattrError(f"--fail-on-harm {threshold}: must be a finite number")
+
+
 def evaluate(result: Result, threshold: float, confidence: float = 0.5,
              stage: str | None = None, group: str | None = None) -> Gate:
     """Check the selected stage(s) and group(s) against ``threshold`` (see module doc)."""
-    if not math.isfinite(threshold):
-        raise AcctattrError(f"--fail-on-harm {threshold}: must be a finite number")
+    check_threshold(threshold)
     z = z_value(confidence)
     stages = select_stages(result, stage)
     checks: list[GateCheck] = []

@@ -136,41 +136,87 @@ def _group_cell(s: StageEffect, g: str) -> str:
     return f"{_fmt((s.groups or {})[g])} ±{_se(se)}"
 
 
+def _bar(share: float) -> str:
+    """The share as a bar of up to _BAR blocks; none where the share shows as 0%."""
+    if f"{share:.0%}" == "0%":
+        return ""
+    return "█" * max(1, round(share * _BAR))
+
+
+def _num_column(table: Table, header: str, cells: list[str]) -> None:
+    """A right-aligned number column that a narrow terminal can never cut or wrap."""
+    width = max([len(header), *(len(c) for c in cells)])
+    table.add_column(header, justify="right", no_wrap=True, min_width=width)
+
+
 def to_table(result: Result, *, color: bool | None = None, width: int | None = None) -> str:
-    """The ranked table as text (ANSI colours only when ``color`` and a terminal allow)."""
+    """The ranked table as text (ANSI colours only when ``color`` and a terminal allow).
+
+    Numbers are never cut: where the table does not fit ``width``, the share bar goes
+    first, then the per-group effects move to a table of their own below."""
     direction = _direction(result.higher_is_better)
-    table = Table(
-        title=f"Stage effects on {result.metric} ({direction}): final "
-              f"{result.final_value:.4g} over {result.n_examples} examples",
-        caption=f"estimator {result.estimator}, {_evaluation_text(result)}. effect = "
-                "final value minus the value had the stage never run; ± one standard "
-                "error over eval examples",
-    )
-    table.add_column("rank", justify="right")
+    title = (f"Stage effects on {result.metric} ({direction}): final "
+             f"{result.final_value:.4g} over {result.n_examples} examples")
+    caption = (f"estimator {result.estimator}, {_evaluation_text(result)}. effect = "
+               "final value minus the value had the stage never run; ± one standard "
+               "error over eval examples")
+    group_names = _group_names(result)
+    layouts = [(True, True), (False, True)]
+    if group_names:
+        layouts += [(True, False), (False, False)]
+    tables: list[Table] = []
+    for bar, inline in layouts:
+        tables = _stage_tables(result, title, caption, group_names, bar, inline)
+        if width is None or all(_natural(t) <= width for t in tables):
+            break
+    return "".join(_render(t, color, width) for t in tables)
+
+
+def _natural(table: Table) -> int:
+    return Console(file=StringIO(), width=1000).measure(table).maximum
+
+
+def _stage_tables(result: Result, title: str, caption: str, group_names: list[str],
+                  bar: bool, inline: bool) -> list[Table]:
+    table = Table(title=title, caption=caption)
+    stages = result.stages
+    _num_column(table, "rank", [str(s.rank) for s in stages])
     # a stage's name is never cut, however narrow the terminal
     table.add_column("stage", no_wrap=True,
-                     min_width=max((len(s.name) for s in result.stages), default=5))
-    table.add_column("effect", justify="right")
-    table.add_column("±", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("verdict")
-    table.add_column("", no_wrap=True)
-    group_names = _group_names(result)
-    for g in group_names:
-        table.add_column(f"group {g}", justify="right")
-    for s in result.stages:
+                     min_width=max((len(s.name) for s in stages), default=5))
+    _num_column(table, "effect", [_fmt(s.effect) for s in stages])
+    _num_column(table, "±", [_se(s.effect_se) for s in stages])
+    _num_column(table, "share", [f"{s.share:.0%}" for s in stages])
+    table.add_column("verdict", no_wrap=True)
+    if bar:
+        table.add_column("", no_wrap=True)
+    if inline:
+        for g in group_names:
+            _num_column(table, f"group {g}", [_group_cell(s, g) for s in stages])
+    for s in stages:
         style = {"hurt": "red", "helped": "green"}.get(s.verdict, "")
-        bar = Text("█" * max(1, round(s.share * _BAR)) if s.share > 0 else "", style=style)
         cells: list[str | Text] = [str(s.rank), s.name, _fmt(s.effect), _se(s.effect_se),
-                                   f"{s.share:.0%}", Text(s.verdict, style=style), bar]
-        cells += [_group_cell(s, g) for g in group_names]
+                                   f"{s.share:.0%}", Text(s.verdict, style=style)]
+        if bar:
+            cells.append(Text(_bar(s.share), style=style))
+        if inline:
+            cells += [_group_cell(s, g) for g in group_names]
         table.add_row(*cells)
-    return _render(table, color, width)
+    if inline or not group_names:
+        return [table]
+    groups = Table(title="Effects by eval group (± one standard error)")
+    groups.add_column("stage", no_wrap=True,
+                      min_width=max((len(s.name) for s in stages), default=5))
+    for g in group_names:
+        _num_column(groups, f"group {g}", [_group_cell(s, g) for s in stages])
+    for s in stages:
+        groups.add_row(s.name, *[_group_cell(s, g) for g in group_names])
+    return [table, groups]
 
 
 def _render(table: Table, color: bool | None, width: int | None) -> str:
     """The table as text at its natural width (no wrapped cells), at most ``width``."""
-    natural = Console(file=StringIO(), width=1000).measure(table).maximum
+    natural = _natural(table)
     buf = StringIO()
     console = Console(file=buf, force_terminal=bool(color), no_color=not color,
                       width=min(natural, width) if width else natural, highlight=False)

@@ -124,9 +124,12 @@ def resolve_checkpoint_file(path: Path) -> Path:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
+        from acctattr.runs.formats import describe_folder
+
         raise CheckpointError(
-            f"{path}: no model weights found in this folder",
-            f"expected one of {', '.join(_FOLDER_FILES)} (or a single *.safetensors file)")
+            f"{path}: no model weights found in this folder ({describe_folder(path)})",
+            f"expected one of {', '.join(_FOLDER_FILES)} (or a single *.safetensors file); "
+            "acctattr init drafts a manifest from such a folder")
     raise CheckpointError(f"{path}: checkpoint not found")
 
 
@@ -209,23 +212,6 @@ def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: expected a state dict (tensor name -> tensor)",
                               "save it with torch.save(model.state_dict(), path)")
     return obj
-
-
-def read_trainer_state(path: Path) -> tuple[list[tuple[int, float]], int | None]:
-    """(global_step, learning_rate) log points and global_step from a trainer_state.json."""
-    try:
-        doc = json.loads(path.read_text())
-        history = doc.get("log_history", [])
-        points = [(int(h["step"]), float(h["learning_rate"])) for h in history
-                  if isinstance(h, dict) and "learning_rate" in h and "step" in h]
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a readable trainer_state.json ({e})") from e
-    if not points:
-        raise CheckpointError(f"{path}: log_history has no learning_rate entries",
-                              "set logging_steps so the Trainer logs the learning rate, or give "
-                              "lr as a schedule or a per-step list")
-    step = doc.get("global_step")
-    return points, int(step) if isinstance(step, int) else None
 
 
 class RenamedReader(StateDictReader):

@@ -129,6 +129,19 @@ def transformers_version(folder: Path) -> tuple[int, int] | None:
         return None
 
 
+def trainer_resumed(start: Path | None, end: Path) -> bool:
+    """Whether the Trainer run that wrote ``end`` resumed from ``start`` (``resume_from_
+    checkpoint``): its log_history continues the start's and its global_step is further on.
+    A resumed run also reloaded the start's optimizer and scheduler state."""
+    if start is None or not start.is_dir() or not (start / TRAINER_STATE).is_file():
+        return False
+    last = read_trainer_state(end)
+    first = read_trainer_state(start)
+    n = len(first.log_history)
+    return (0 < first.global_step < last.global_step and n > 0
+            and list(last.log_history[:n]) == list(first.log_history))
+
+
 def trainer_stage_steps(start: Path | None, end: Path) -> int:
     """Optimizer steps a stage took, from its start and end ``trainer_state.json``.
 
@@ -137,13 +150,89 @@ def trainer_stage_steps(start: Path | None, end: Path) -> int:
     counting at 0 again and took ``global_step(end)`` steps.
     """
     last = read_trainer_state(end)
-    if start is None or not (start / TRAINER_STATE).is_file():
-        return last.global_step
-    first = read_trainer_state(start)
-    n = len(first.log_history)
-    resumed = (0 < first.global_step < last.global_step and n > 0
-               and list(last.log_history[:n]) == list(first.log_history))
-    return last.global_step - first.global_step if resumed else last.global_step
+    if trainer_resumed(start, end):
+        assert start is not None
+        return last.global_step - read_trainer_state(start).global_step
+    return last.global_step
+
+
+def trainer_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` folders a Trainer ``output_dir`` holds, as (N, folder) by N."""
+    out = []
+    if folder.is_dir():
+        for sub in folder.iterdir():
+            head, _, tail = sub.name.partition("-")
+            if head == "checkpoint" and tail.isdigit() and sub.is_dir():
+                out.append((int(tail), sub))
+    return sorted(out)
+
+
+# TrainingArguments fields acctattr init reads from training_args.bin
+TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
+                      "gradient_accumulation_steps", "optim", "lr_scheduler_type")
+
+
+def training_args(folder: Path) -> dict[str, Any]:
+    """Plain values of a few TrainingArguments fields in ``folder/training_args.bin``.
+
+    The file is a pickle (inside torch.save's zip) of a TrainingArguments object; loading it
+    would run code. It is never unpickled: its opcodes are only scanned (``pickletools``)
+    for a field name followed directly by a number or a string. Anything unreadable gives
+    an empty dict.
+    """
+    import io
+    import pickletools
+    import zipfile
+
+    file = folder / "training_args.bin"
+    try:
+        raw = file.read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(raw)):
+            with zipfile.ZipFile(io.BytesIO(raw)) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                raw = z.read(name)
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
+    except Exception:
+        return {}
+    out: dict[str, Any] = {}
+    skip = {"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
+    for i, (name, arg) in enumerate(ops):
+        if not (name.endswith("UNICODE") and arg in TRAINING_ARGS_KEYS) or arg in out:
+            continue
+        j = i + 1
+        while j < len(ops) and ops[j][0] in skip:
+            j += 1
+        if j >= len(ops):
+            continue
+        vname, value = ops[j]
+        if vname in ("BINFLOAT", "FLOAT") or vname.startswith("BININT") or vname == "INT":
+            out[arg] = value
+        elif vname.endswith("UNICODE"):
+            out[arg] = value
+        elif vname == "NONE":
+            out[arg] = None
+    return out
+
+
+def describe_folder(folder: Path) -> str:
+    """What a folder that holds no weights of its own does hold, for error messages: its
+    Trainer ``checkpoint-N`` folders, Lightning ``.ckpt`` files, adapter or state files."""
+    if not folder.is_dir():
+        return ""
+    parts = []
+    ckpts = trainer_checkpoints(folder)
+    if ckpts:
+        names = ", ".join(p.name for _, p in ckpts[-3:])
+        parts.append(f"{len(ckpts)} Trainer checkpoint folder(s) ({names}): name one of them, "
+                     f"e.g. {ckpts[-1][1]}")
+    lightning = sorted(p for p in folder.rglob("*.ckpt") if p.is_file())
+    if lightning:
+        names = ", ".join(str(p.relative_to(folder)) for p in lightning[:3])
+        parts.append(f"{len(lightning)} Lightning .ckpt file(s) ({names}): name the file")
+    if not parts:
+        files = sorted(p.name for p in folder.iterdir())[:8]
+        parts.append("it holds " + (", ".join(files) if files else "nothing"))
+    return "; ".join(parts)
 
 
 def adapter_weights(folder: Path) -> Path:

@@ -1,23 +1,41 @@
-"""``acctattr init``: a manifest drafted from checkpoint folders given in training order.
+"""``acctattr init``: a manifest drafted from the folders a training run left behind.
 
-Each path is a stage's end. Its format decides what can be read off it:
+Each path given is one stage, or a folder holding several, in training order:
 
-- Hugging Face Trainer folder: steps (trainer_state.json global_step), lr (its log), state
-  (optimizer.pt), optimizer type (from optimizer.pt's param_groups);
-- PEFT adapter folder: an adapter stage (no optimizer needed);
-- Lightning .ckpt: steps (global_step), optimizer type and state (optimizer_states), the lr
-  when no scheduler ran;
+- a Hugging Face Trainer ``output_dir`` (``checkpoint-N/`` folders): its last checkpoint is
+  the stage's end, the others its intermediate ``checkpoints:``; steps (``global_step``,
+  less the start's when the run resumed from it), lr (the logged learning rates),
+  ``continues: true`` when the run resumed from the start (its log_history continues the
+  start's), optimizer type and state (``optimizer.pt``), batch size (``trainer_state.json``),
+  ``max_grad_norm`` and gradient accumulation (``training_args.bin``, scanned, never
+  unpickled). A single ``checkpoint-N`` folder works too;
+- a PEFT adapter folder (``adapter_config.json``), or a Trainer ``output_dir`` of one: an
+  adapter stage (no optimizer needed);
+- a folder of Lightning ``.ckpt`` files (``lightning_logs/version_0/checkpoints/...``):
+  the one with the largest ``global_step`` is the end, the others intermediate checkpoints;
+  steps, optimizer type and state (``optimizer_states``), lr (the constant lr, or the
+  per-step lrs replayed from the saved ``lr_schedulers`` state), ``continues`` when the run
+  resumed from the start (an Adam step count or scheduler count that goes on from it);
+- a run root holding several of the above: one stage per folder (or per user-named
+  ``.ckpt``), ordered by when each stage's last checkpoint was written; a folder of plain
+  weights with no optimizer state there is the first stage's start (unless ``--start``);
 - plain weights: only the end; an ``optimizer.pt`` beside them gives type and state.
 
-What cannot be read off the files is written as a ``TODO(acctattr): ...`` string, which
-``acctattr check`` lists as a problem naming its key. Hyperparameters found in a state file
-are listed in a comment only: the state file already supplies them per parameter group, and
-a value written in the manifest would override every group.
+Stage names are folder names (a Trainer's ``checkpoint-N`` and Lightning's
+``epoch=2-step=40.ckpt`` name the run, not the stage). ``model: {hf: ...}`` is the last
+checkpoint folder holding a ``config.json``. What cannot be read off the files is written as
+a ``TODO(acctattr): ...`` string, which ``acctattr check`` lists as a problem naming its key;
+``data:`` (optional, for the unrolled estimator) is drafted as a comment. Hyperparameters
+found in a state file are listed in a comment only: the state file already supplies them per
+parameter group, and a value written in the manifest would override every group.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +46,271 @@ from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
 
+# what eval.data, the stages' data and the metric accept, written into the draft
+EVAL_DATA_FORMATS = ("a .safetensors file of tensors with one row per example (the model's "
+                     "inputs, the target, optionally a group id), or FILE.py:FUNC returning an "
+                     "iterable of dict batches of such tensors")
+DATA_COMMENT = ("# data: TRAIN.safetensors  # optional (the unrolled estimator): this stage's "
+                "training examples, tensors named as eval.inputs and eval.target")
+METRIC_COMMENT = "cross_entropy | margin | logprob | mse | FILE.py:FUNC"
+
+_LIGHTNING_AUTO = re.compile(r"^(last|(epoch=\d+)?-?(step=\d+)?)(-v\d+)?$")
+_LIGHTNING_DIRS = re.compile(r"^(checkpoints|lightning_logs|version_\d+)$")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_NOT_WEIGHTS = ("optim", "scheduler", "rng_state", "training_args", "scaler")
+
 
 def todo(what: str) -> str:
     return f"{PLACEHOLDER}: {what}"
 
+
+@dataclass
+class _Stage:
+    """One stage found on disk: its end and the intermediate checkpoints of the same run."""
+
+    name: str
+    end: Path
+    kind: str
+    checkpoints: list[Path] = field(default_factory=list)
+    how: str = ""
+    guessed: bool = False  # ordered by file times that say nothing (a copy, a checkout)
+
+
+# ------------------------------------------------------------------ finding the stages
+
+def _mtime(path: Path) -> float:
+    """When a checkpoint was finished: its newest file's modification time."""
+    if path.is_file():
+        return path.stat().st_mtime
+    times = [p.stat().st_mtime for p in path.iterdir() if p.is_file()]
+    return max(times, default=path.stat().st_mtime)
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a folder holds a model's weights by name (not any lone .safetensors file,
+    which in a run root is as likely the eval data)."""
+    from acctattr.runs.checkpoints import _FOLDER_FILES
+
+    return any((folder / n).is_file() for n in _FOLDER_FILES)
+
+
+def _is_weights_file(p: Path) -> bool:
+    """A file that can be a start checkpoint: a state dict of floating tensors (data files
+    hold integer labels or ids)."""
+    if not p.is_file() or p.suffix not in _WEIGHT_SUFFIXES \
+            or any(w in p.name for w in _NOT_WEIGHTS):
+        return False
+    if p.suffix != ".safetensors":
+        return True
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception:
+        return False
+    return bool(dtypes) and dtypes <= {"F16", "BF16", "F32", "F64"}
+
+
+def _lightning_name(ckpt: Path, top: Path) -> str:
+    """A stage name for a .ckpt: its stem when the user named it, else the nearest folder
+    that is not one Lightning made (checkpoints, lightning_logs, version_N)."""
+    if not _LIGHTNING_AUTO.match(ckpt.stem) or not ckpt.stem:
+        return ckpt.stem
+    p = ckpt.parent
+    while _LIGHTNING_DIRS.match(p.name) and p != top and p.parent != p:
+        p = p.parent
+    return p.name if not _LIGHTNING_DIRS.match(p.name) else ckpt.stem
+
+
+def _global_step(ckpt: Path) -> int:
+    doc = load_torch_file(ckpt)
+    step = doc.get("global_step") if isinstance(doc, dict) else None
+    return step if isinstance(step, int) else 0
+
+
+def _lightning_stages(files: list[Path], top: Path) -> list[_Stage]:
+    """Group .ckpt files by stage name; each group's largest global_step is its end."""
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(files):
+        groups.setdefault(_lightning_name(f, top), []).append(f)
+    out = []
+    for name, group in groups.items():
+        by_step: dict[int, Path] = {}
+        # for equal steps keep the auto-named file over last.ckpt, then the newer one
+        for f in sorted(group, key=lambda f: (f.stem.startswith("last"), -_mtime(f))):
+            by_step.setdefault(_global_step(f), f)
+        steps = sorted(by_step)
+        out.append(_Stage(name, by_step[steps[-1]], "lightning",
+                          [by_step[s] for s in steps[:-1] if s > 0],
+                          f"Lightning checkpoint {by_step[steps[-1]].name}"))
+    return out
+
+
+def _trainer_stage(folder: Path, name: str) -> _Stage:
+    ckpts = formats.trainer_checkpoints(folder)
+    end = ckpts[-1][1]
+    if (folder / formats.TRAINER_STATE).is_file() and _has_weights(folder):
+        try:  # a final save_model()/save_state() beyond the last checkpoint
+            if formats.read_trainer_state(folder).global_step > ckpts[-1][0]:
+                end = folder
+        except formats.FormatError:
+            pass
+    k = formats.kind(end)
+    inner = [p for _, p in ckpts if p != end] if k == "hf-trainer" else []
+    return _Stage(name, end, k, inner,
+                  f"Trainer output_dir, {len(ckpts)} checkpoint folder(s), end {end.name}")
+
+
+def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
+    """The stages a path holds, and the plain-weight checkpoints that could be a start."""
+    k = formats.kind(path)
+    if k == "missing":
+        raise AcctattrError(f"acctattr init: {path} not found")
+    if k == "dcp":
+        raise CheckpointError(f"acctattr init: {path} is a torch.distributed.checkpoint "
+                              "folder", formats.DCP_HINT.format(src=path, dst=f"{path}.pt"))
+    if path.is_file():
+        if k == "lightning":
+            return _lightning_stages([path], Path(path.resolve().anchor)), []
+        return [_Stage(path.stem, path, k)], []
+    name = path.name
+    if re.fullmatch(r"checkpoint-\d+", name):  # a Trainer checkpoint names its run
+        name = path.parent.name
+    if formats.trainer_checkpoints(path):
+        return [_trainer_stage(path, name)], []
+    if k in ("peft-adapter", "hf-trainer", "hf-model") or _has_weights(path):
+        return [_Stage(name, path, k)], []
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    stages: list[_Stage] = []
+    starts = [p for p in files if _is_weights_file(p)]
+    nested = [p for p in path.rglob("*.ckpt") if p.is_file()]
+    if nested and not any(formats.trainer_checkpoints(s) for s in subs):
+        # a folder of Lightning checkpoints: one stage per run folder or user-named file
+        stages = _lightning_stages(nested, path)
+    elif top:
+        for sub in subs:
+            found, _ = _stages_in(sub, top=False)
+            for st in found:
+                if st.kind in ("hf-model", "weights") and not _has_state(st.end):
+                    starts.append(st.end)
+                else:
+                    stages.append(st)
+        stages += _lightning_stages([f for f in files if f.suffix == ".ckpt"], path)
+    if not stages and top and len(starts) > 1:
+        # only plain weights (save_pretrained / save_model folders): the oldest is the start
+        starts.sort(key=lambda q: (_mtime(q), q.name))
+        stages = [_Stage(q.stem if q.is_file() else q.name, q, formats.kind(q))
+                  for q in starts[1:]]
+        starts = starts[:1]
+    if not stages:
+        lone = sorted(path.glob("*.safetensors"))
+        if len(lone) == 1 and not subs:
+            return [_Stage(name, path, "weights")], []
+        if not top:
+            return [], []
+        raise AcctattrError(
+            f"acctattr init: found no checkpoints to draft stages from in {path} "
+            f"({formats.describe_folder(path)})",
+            "name each stage's end checkpoint (a Trainer output_dir or checkpoint-N folder, "
+            "a PEFT adapter folder, a Lightning .ckpt, a folder of weights)")
+    if len(stages) > 1:
+        numbers = [_number(st.name) for st in stages]
+        if None not in numbers and len(set(numbers)) == len(numbers):
+            order = "by the numbers in their names"
+            stages.sort(key=lambda st: _number(st.name) or 0)
+        else:
+            order = "by when each last checkpoint was written"
+            times = [_mtime(st.end) for st in stages]
+            stages.sort(key=lambda st: (_mtime(st.end), st.name))
+            if max(times) - min(times) < 2.0:
+                for st in stages:
+                    st.guessed = True
+                order += (", but those times are within 2 s of each other (a copy or a "
+                          "checkout?): the order is a guess, put the stages in training order")
+        for st in stages:
+            st.how = (st.how or formats.kind(st.end)) + \
+                f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
+    return stages, starts
+
+
+def _fingerprint(path: Path) -> dict[str, Any] | None:
+    """A few thousand weights of a checkpoint (the first elements of its first floating
+    tensors by name), to tell which checkpoint another started from; None if unreadable."""
+    import torch
+
+    from acctattr.runs.checkpoints import open_checkpoint
+
+    try:
+        reader = open_checkpoint(path)
+        out = {}
+        for name in sorted(reader.names())[:64]:
+            t = reader.get(name, check_finite=False)
+            if t.is_floating_point():
+                out[name] = t.reshape(-1)[:4096].to(torch.float64).clone()
+        return out or None
+    except (CheckpointError, OSError, RuntimeError):
+        return None
+
+
+def _chain(stages: list[_Stage], start: Path) -> list[_Stage] | None:
+    """Stages in training order by their weights: from the start, each next stage is the one
+    whose earliest checkpoint (first intermediate, else its end) is nearest to the current
+    end. None when a stage is not plain weights or a checkpoint cannot be read."""
+    if any(st.kind not in ("hf-trainer", "hf-model", "weights") for st in stages):
+        return None
+    current = _fingerprint(start)
+    firsts = {id(st): _fingerprint(st.checkpoints[0] if st.checkpoints else st.end)
+              for st in stages}
+    ends = {id(st): _fingerprint(st.end) for st in stages}
+    if current is None or any(v is None for v in [*firsts.values(), *ends.values()]):
+        return None
+
+    def distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+        keys = sorted(set(a) & set(b))
+        if not keys or any(a[k].shape != b[k].shape for k in keys):
+            return float("inf")
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+
+    left, out = list(stages), []
+    while left:
+        fp = current
+        best = min(left, key=lambda st: distance(fp, firsts[id(st)]))  # type: ignore[arg-type]
+        out.append(best)
+        left.remove(best)
+        current = ends[id(best)]
+    return out
+
+
+def _number(name: str) -> int | None:
+    """The number a stage folder is named by (01-pretrain, stage2), if any."""
+    found = re.search(r"\d+", name)
+    return int(found.group()) if found else None
+
+
+_START_NAMES = re.compile(r"(init|base|start|pretrained|original|before)", re.IGNORECASE)
+
+
+def _pick_start(starts: list[Path]) -> Path | None:
+    """The run root's start checkpoint among plain-weight candidates: the only one; else the
+    only one named like a start (init, base, ...); else the only folder (a loose float
+    .safetensors file may be data)."""
+    if len(starts) == 1:
+        return starts[0]
+    for pick in ([q for q in starts if _START_NAMES.search(q.name)],
+                 [q for q in starts if q.is_dir()]):
+        if len(pick) == 1:
+            return pick[0]
+    return None
+
+
+def _has_state(end: Path) -> bool:
+    folder = end if end.is_dir() else end.parent
+    return end.is_dir() and (folder / "optimizer.pt").is_file()
+
+
+# ------------------------------------------------------------------ reading a stage
 
 def _optimizer_type(sd: Any, default: str | None) -> tuple[str, list[dict]]:
     """(type or placeholder, hyperparameters per group) of a torch optimizer state_dict."""
@@ -51,17 +330,102 @@ def _optimizer_type(sd: Any, default: str | None) -> tuple[str, list[dict]]:
         if "decoupled_weight_decay" in pg:
             return ("adamw" if pg["decoupled_weight_decay"] else "adam"), hp
         return (default or todo("adam or adamw (the state file does not say)")), hp
-    return todo("sgd, adam or adamw (unrecognised optimizer)"), hp
+    return todo("sgd, adam or adamw (the state file's optimizer is none of them: "
+                f"param_groups keys {sorted(pg)})"), hp
 
 
-def _name(path: Path, seen: set[str]) -> str:
-    base = path.parent.name if path.name.startswith("checkpoint-") else path.stem
-    base = base or "stage"
-    name, i = base, 2
-    while name in seen:
-        name, i = f"{base}-{i}", i + 1
-    seen.add(name)
-    return name
+def _adam_step(sd: Any) -> int | None:
+    """The step count in an Adam state (the same for every parameter), if there is one."""
+    if isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list) \
+            and sd["optimizer_states"]:
+        sd = sd["optimizer_states"][0]
+    state = sd.get("state") if isinstance(sd, dict) else None
+    if not isinstance(state, dict):
+        return None
+    for v in state.values():
+        if isinstance(v, dict) and "step" in v:
+            s = v["step"]
+            return int(s.item() if hasattr(s, "item") else s)
+    return None
+
+
+# torch.optim.lr_scheduler classes recognised by their state_dict keys: (class, args)
+_SCHEDULERS = (
+    ("CosineAnnealingLR", ("T_max", "eta_min")),
+    ("MultiStepLR", ("milestones", "gamma")),
+    ("StepLR", ("step_size", "gamma")),
+    ("LinearLR", ("start_factor", "end_factor", "total_iters")),
+    ("ConstantLR", ("factor", "total_iters")),
+    ("PolynomialLR", ("total_iters", "power")),
+    ("ExponentialLR", ("gamma",)),
+)
+
+
+def _replay_scheduler(state: dict, calls: int) -> list[float] | None:
+    """lr of param group 0 after 0..calls scheduler steps, replayed from a saved
+    torch.optim.lr_scheduler state_dict; None when the class is not recognised or the
+    replay does not end at the saved ``_last_lr``."""
+    import torch
+
+    keys = set(state)
+    known = [(c, a) for c, a in _SCHEDULERS if set(a) <= keys]
+    if not known:
+        return None
+    cls_name, args = known[0]
+    base = state.get("base_lrs")
+    last = state.get("_last_lr")
+    if not isinstance(base, list) or not base or not isinstance(last, list):
+        return None
+    kw = {a: state[a] for a in args}
+    if cls_name == "MultiStepLR":
+        kw["milestones"] = sorted(
+            m for m, n in dict(state["milestones"]).items() for _ in range(n))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=float(base[0]))
+    sched = getattr(torch.optim.lr_scheduler, cls_name)(opt, **kw)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(calls):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    if not math.isclose(lrs[-1], float(last[0]), rel_tol=1e-9, abs_tol=1e-15):
+        return None
+    return lrs
+
+
+def _lightning_lr(ckpt: dict, hp: list[dict], first: int, steps: int) -> tuple[Any, str]:
+    """The stage's lr from a Lightning checkpoint: (manifest value, how it was found).
+
+    ``first`` is the global step the stage started at (non-zero when it resumed)."""
+    sched = ckpt.get("lr_schedulers") or []
+    total = first + steps
+    if not sched:
+        lrs = {float(g["lr"]) for g in hp if "lr" in g}
+        if len(lrs) == 1:
+            return lrs.pop(), "no scheduler; the optimizer's lr"
+        return todo("the learning rate (param groups have different lrs)"), ""
+    if len(sched) != 1 or not isinstance(sched[0], dict):
+        return todo("the learning rate per step (several schedulers ran)"), ""
+    state = sched[0]
+    calls = state.get("last_epoch")
+    if not isinstance(calls, int) or calls <= 0:
+        return todo("the learning rate per step (the scheduler state has no last_epoch)"), ""
+    if calls == total:  # interval: step
+        per = 1
+    elif total % calls == 0:  # interval: epoch, total / calls steps per epoch
+        per = total // calls
+    else:
+        return todo(f"the learning rate per step (the scheduler stepped {calls} times in "
+                    f"{total} optimizer steps)"), ""
+    replay = _replay_scheduler(state, calls)
+    if replay is None:
+        return todo("the learning rate per step (a scheduler acctattr cannot replay ran: "
+                    f"state keys {sorted(state)})"), ""
+    per_step = [float(replay[(first + s) // per]) for s in range(steps)]
+    how = f"replayed from the saved scheduler state ({calls} scheduler steps)"
+    if len(set(per_step)) == 1:
+        return per_step[0], how
+    return per_step, how
 
 
 def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
@@ -69,77 +433,77 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), root.resolve())).as_posix()
 
+    found: list[_Stage] = []
+    starts: list[Path] = []
+    for p in ends:
+        in_p, cand = _stages_in(p, top=True)
+        found += in_p
+        starts += cand
     notes: list[str] = []
-    stages: list[dict[str, Any]] = []
+    picked = _pick_start(starts) if start is None else None
+    if picked is not None:
+        start = picked
+        notes.append(f"start {rel(start)}: the run root's plain-weights checkpoint (no "
+                     "optimizer state beside it)")
+    elif start is None and starts:
+        notes.append("start: several plain-weights checkpoints could be the start ("
+                     + ", ".join(rel(q) for q in starts) + "); pass --start")
+    guessed = [f for f in found if f.guessed]
+    if start is not None and len(guessed) == len(found) > 1:
+        chained = _chain(found, start)
+        if chained is not None:
+            found = chained
+            for f in found:
+                f.how = f.how.split(" (one of")[0] + " (ordered by its weights: see order)"
+            notes.append("order: the file times say nothing (within 2 s), so each next stage "
+                         "is the one whose first checkpoint lies nearest (in weights) to the "
+                         "previous stage's end, starting from the start")
     seen: set[str] = set()
+    stages: list[dict[str, Any]] = []
     prev: Path | None = start
-    for i, end in enumerate(ends):
-        k = formats.kind(end)
-        name = _name(end, seen)
+    for i, f in enumerate(found):
+        name, n = f.name or "stage", 2
+        while name in seen:
+            name, n = f"{f.name}-{n}", n + 1
+        seen.add(name)
         st: dict[str, Any] = {"name": name}
         if i == 0:
             st["start"] = rel(start) if start is not None else todo(
                 "the checkpoint before the first stage (or pass --start to acctattr init)")
-        if k == "missing":
-            raise AcctattrError(f"acctattr init: {end} not found")
-        if k == "dcp":
-            raise CheckpointError(f"acctattr init: {end} is a torch.distributed.checkpoint "
-                                  "folder", formats.DCP_HINT.format(src=end, dst=f"{end}.pt"))
-        if k == "peft-adapter":
-            st["end"] = {"adapter": rel(end)}
-            notes.append(f"stage '{name}': PEFT adapter {rel(end)}; base weights stay frozen")
+        if f.how:
+            notes.append(f"stage '{name}': {f.how}")
+        if f.kind == "peft-adapter":
+            st["end"] = {"adapter": rel(f.end)}
+            notes.append(f"stage '{name}': PEFT adapter {rel(f.end)}; base weights stay frozen")
             stages.append(st)
-            prev = end
+            prev = f.end
             continue
-        st["end"] = rel(end)
-        opt: dict[str, Any] = {}
-        if k == "hf-trainer":
-            state_file = end / "optimizer.pt"
-            typ, hp = (_optimizer_type(load_torch_file(state_file), "adamw")
-                       if state_file.is_file() else (todo("sgd, adam or adamw"), []))
-            try:
-                steps: Any = formats.trainer_stage_steps(prev, end)
-            except formats.FormatError as e:
-                raise CheckpointError(f"acctattr init: {e}") from e
-            opt = {"type": typ, "steps": steps,
-                   "lr": {"trainer_state": rel(end / formats.TRAINER_STATE)}}
-            if state_file.is_file():
-                opt["state"] = rel(state_file)
-            notes.append(f"stage '{name}': Hugging Face Trainer folder, {steps} steps")
-        elif k == "lightning":
-            ckpt = load_torch_file(end)
-            typ, hp = _optimizer_type(ckpt, None)
-            step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
-            sched = ckpt.get("lr_schedulers") if isinstance(ckpt, dict) else None
-            lr: Any = todo("the learning rate per step (a scheduler ran)")
-            if not sched and hp and "lr" in hp[0] and len({g.get("lr") for g in hp}) == 1:
-                lr = float(hp[0]["lr"])
-            opt = {"type": typ,
-                   "steps": step if isinstance(step, int) and step > 0 else todo(
-                       "optimizer steps in the stage"),
-                   "lr": lr}
-            if isinstance(ckpt, dict) and ckpt.get("optimizer_states"):
-                opt["state"] = rel(end)
-            notes.append(f"stage '{name}': Lightning checkpoint, global_step {step} (a new "
-                         "Trainer per stage assumed: steps = global_step)")
+        st["end"] = rel(f.end)
+        if f.kind == "hf-trainer":
+            opt, ckpts = _trainer_optimizer(f, prev, name, rel, notes)
+        elif f.kind == "lightning":
+            opt, ckpts = _lightning_optimizer(f, prev, name, rel, notes)
         else:
-            folder = end if end.is_dir() else end.parent
+            folder = f.end if f.end.is_dir() else f.end.parent
             state_file = folder / "optimizer.pt"
             typ, hp = (_optimizer_type(load_torch_file(state_file), None)
                        if state_file.is_file() else (todo("sgd, adam or adamw"), []))
+            _note_groups(notes, name, hp)
             opt = {"type": typ, "steps": todo("optimizer steps in the stage"),
-                   "lr": todo("a number, a per-step list or {schedule, base, warmup, min}")}
+                   "lr": todo("a number, a per-step list, {schedule: constant|linear|cosine, "
+                              "base, warmup, min} or {trainer_state: PATH}")}
             if state_file.is_file():
                 opt["state"] = rel(state_file)
-        for g, h in enumerate(hp):
-            notes.append(f"stage '{name}': state file param group {g}: "
-                         + ", ".join(f"{key}={_plain(v)}" for key, v in sorted(h.items())))
+            ckpts = []
         st["optimizer"] = opt
+        if ckpts:
+            st["checkpoints"] = ckpts
         stages.append(st)
-        prev = end
+        prev = f.end
 
-    hf_dir = next((p for p in ([start] if start else []) + ends
-                   if p is not None and p.is_dir() and (p / "config.json").is_file()), None)
+    # the architecture of the final checkpoint that has one (an adapter folder has none)
+    hf_dir = next((p for p in [f.end for f in reversed(found)] + ([start] if start else [])
+                   if p.is_dir() and (p / "config.json").is_file()), None)
     model = {"hf": rel(hf_dir)} if hf_dir is not None else {
         "factory": todo("FILE.py:FUNC that builds the model (a torch.nn.Module)")}
     doc = {
@@ -147,15 +511,174 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
         "model": model,
         "stages": stages,
         "eval": {
-            "data": todo("eval data: a .safetensors file or FILE.py:FUNC yielding batches"),
-            "inputs": todo("tensor name(s) given to the model"),
-            "target": todo("tensor name of the target"),
+            "data": todo(f"eval data: {EVAL_DATA_FORMATS}"),
+            "inputs": todo("tensor name(s) given to the model: one name -> model(x), a list "
+                           "-> model(**named), e.g. [input_ids, attention_mask]"),
+            "target": todo("tensor name of the target (class ids for cross_entropy)"),
         },
     }
     head = ["# Drafted by acctattr init. Replace every TODO(acctattr) value, then run",
             "# `acctattr check` on this file.", "#", "# Detected:"]
     head += [f"#   {n}" for n in notes] or ["#   nothing"]
-    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)
+    body = yaml.safe_dump(doc, sort_keys=False, width=100)
+    return "\n".join(head) + "\n" + _with_comments(body)
+
+
+def _with_comments(body: str) -> str:
+    """Insert the optional ``data:`` line (commented) into every stage with an optimizer,
+    and the accepted metrics and group under ``eval:``."""
+    out: list[str] = []
+    lines = body.splitlines()
+    in_stages = False
+    pending = False
+    for line in lines:
+        if line == "stages:":
+            in_stages = True
+        elif in_stages and (line.startswith("- name:") or not line.startswith((" ", "-"))):
+            if pending:
+                out.append("  " + DATA_COMMENT)
+            pending = line.startswith("- name:")
+            if not line.startswith(("- ", " ")):
+                in_stages = False
+        if in_stages and line.startswith(("    adapter:", "  end: {adapter")):
+            pending = False  # an adapter stage: nothing to simulate
+        out.append(line)
+        if line == "eval:":
+            out.append(f"  # metric: cross_entropy  # {METRIC_COMMENT}")
+            out.append("  # group: GROUP  # optional: tensor of integer group ids, "
+                       "for per-group effects")
+            out.append("  # batch_size: 256")
+    return "\n".join(out) + "\n"
+
+
+def _note_groups(notes: list[str], name: str, hp: list[dict]) -> None:
+    for g, h in enumerate(hp):
+        notes.append(f"stage '{name}': state file param group {g}: "
+                     + ", ".join(f"{key}={_plain(v)}" for key, v in sorted(h.items())))
+
+
+def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
+                       notes: list[str]) -> tuple[dict, list[dict]]:
+    end = f.end
+    state_file = end / "optimizer.pt"
+    args = formats.training_args(end)
+    typ, hp = (_optimizer_type(load_torch_file(state_file), "adamw")
+               if state_file.is_file() else (_optim_name(args.get("optim")), []))
+    try:
+        steps = formats.trainer_stage_steps(prev, end)
+        resumed = formats.trainer_resumed(prev, end)
+        first = formats.read_trainer_state(prev).global_step if resumed and prev else 0
+        ts = formats.read_trainer_state(end)
+    except formats.FormatError as e:
+        raise CheckpointError(f"acctattr init: {e}") from e
+    opt: dict[str, Any] = {"type": typ, "steps": steps}
+    if ts.lr_points:
+        opt["lr"] = {"trainer_state": rel(end / formats.TRAINER_STATE)}
+    else:
+        opt["lr"] = todo(f"the learning rate ({rel(end / formats.TRAINER_STATE)} logged none: "
+                         "set logging_steps) as a number, a per-step list or {schedule, base, "
+                         "warmup, min}")
+    if state_file.is_file():
+        opt["state"] = rel(state_file)
+    if resumed:
+        opt["continues"] = True
+    clip = args.get("max_grad_norm")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        opt["max_grad_norm"] = float(clip) if clip > 0 else None
+    batch = formats.trainer_batch_size(end)
+    if batch is None and isinstance(args.get("per_device_train_batch_size"), int):
+        batch = args["per_device_train_batch_size"]
+    if batch is not None:
+        opt["batch_size"] = batch
+        notes.append(f"stage '{name}': batch_size {batch} is per process; trained on several "
+                     "processes (GPUs), multiply it by their number")
+    accum = args.get("gradient_accumulation_steps")
+    if isinstance(accum, int) and not isinstance(accum, bool) and accum > 1:
+        opt["grad_accumulation"] = accum
+    how = f"Hugging Face Trainer folder, {steps} steps"
+    how += (f", resumed from {rel(prev)} at step {first} (its log continues there)"
+            if resumed else ", a new Trainer run")
+    if "max_grad_norm" not in opt:
+        how += ("; training_args.bin missing or unreadable: Trainer's max_grad_norm 1.0 is "
+                "assumed and no gradient accumulation; set optimizer.max_grad_norm and "
+                "grad_accumulation if the run used others")
+    notes.append(f"stage '{name}': {how}")
+    if "lr_scheduler_type" in args or "optim" in args:
+        notes.append(f"stage '{name}': training_args.bin: optim={args.get('optim')}, "
+                     f"lr_scheduler_type={args.get('lr_scheduler_type')}")
+    _note_groups(notes, name, hp)
+    ckpts = []
+    for c in f.checkpoints:
+        try:
+            step = formats.read_trainer_state(c).global_step - first
+        except formats.FormatError:
+            continue
+        if 1 <= step < steps:
+            ckpts.append({"step": step, "path": rel(c)})
+    return opt, ckpts
+
+
+def _optim_name(optim: Any) -> str:
+    """The manifest's optimizer type for TrainingArguments.optim (adamw_torch, sgd, ...)."""
+    if isinstance(optim, str):
+        if optim.startswith("adamw"):
+            return "adamw"
+        if optim == "sgd":
+            return "sgd"
+        return todo(f"sgd, adam or adamw (the Trainer ran optim={optim}, which acctattr does "
+                    "not model)")
+    return todo("sgd, adam or adamw (no optimizer.pt in the folder)")
+
+
+def _lightning_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
+                         notes: list[str]) -> tuple[dict, list[dict]]:
+    ckpt = load_torch_file(f.end)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"acctattr init: {f.end}: not a Lightning checkpoint (a dict)")
+    typ, hp = _optimizer_type(ckpt, None)
+    step = ckpt.get("global_step")
+    total = step if isinstance(step, int) else 0
+    first = 0
+    resumed = False
+    if prev is not None and prev.is_file() and prev.suffix == ".ckpt":
+        g0 = _global_step(prev)
+        adam = _adam_step(ckpt)
+        sched = ckpt.get("lr_schedulers") or []
+        calls = sched[0].get("last_epoch") if sched and isinstance(sched[0], dict) else None
+        # a run that resumed from the start goes on counting from it: its Adam step count
+        # or its scheduler's count includes the start's steps
+        if 0 < g0 < total and (adam == total or calls == total):
+            first, resumed = g0, True
+        elif 0 < g0 < total and typ == "sgd":
+            notes.append(f"stage '{name}': global_step {total} goes on from the start's {g0}; "
+                         "if the run resumed from it (ckpt_path=), set steps: "
+                         f"{total - g0} and continues: true")
+    steps = total - first
+    lr, how = _lightning_lr(ckpt, hp, first, steps) if steps > 0 else (todo("lr"), "")
+    opt: dict[str, Any] = {
+        "type": typ,
+        "steps": steps if steps > 0 else todo("optimizer steps in the stage"),
+        "lr": lr}
+    if ckpt.get("optimizer_states"):
+        opt["state"] = rel(f.end)
+    if resumed:
+        opt["continues"] = True
+    hparams = ckpt.get("hyper_parameters")
+    if isinstance(hparams, dict):
+        b = hparams.get("batch_size")
+        if isinstance(b, int) and not isinstance(b, bool) and b > 0:
+            opt["batch_size"] = b
+    notes.append(f"stage '{name}': Lightning checkpoint, global_step {step}"
+                 + (f", resumed from the start at {first}" if resumed else
+                    " (a new Trainer: steps = global_step)")
+                 + (f"; lr {how}" if how else ""))
+    _note_groups(notes, name, hp)
+    ckpts = []
+    for c in f.checkpoints:
+        s = _global_step(c) - first
+        if 1 <= s < steps:
+            ckpts.append({"step": s, "path": rel(c)})
+    return opt, ckpts
 
 
 def _plain(v: Any) -> str:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from acctattr.errors import CheckpointError
-from acctattr.runs.checkpoints import open_checkpoint, read_trainer_state
+from acctattr.runs.checkpoints import open_checkpoint
+from acctattr.runs.formats import FormatError, read_trainer_state
 
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -183,13 +184,15 @@ def test_pt_that_is_not_a_state_dict(tmp_path):
 
 
 def test_trainer_state_learning_rates(tmp_path):
-    """trainer_state.json yields its logged (step, learning_rate) points and global_step."""
+    """trainer_state.json (the one reader, formats.read_trainer_state) yields its logged
+    (step, learning_rate) points and global_step; without a transformers_version the lr
+    logged at step N is the lr of 0-indexed step N (the older convention)."""
     doc = {"global_step": 30, "log_history": [
         {"step": 10, "learning_rate": 0.1, "loss": 1.0}, {"step": 20, "loss": 0.5},
         {"step": 20, "learning_rate": 0.05}, {"eval_loss": 0.3, "step": 30}]}
     (tmp_path / "trainer_state.json").write_text(json.dumps(doc))
-    points, step = read_trainer_state(tmp_path / "trainer_state.json")
-    assert points == [(10, 0.1), (20, 0.05)] and step == 30
+    ts = read_trainer_state(tmp_path / "trainer_state.json")
+    assert ts.lr_points == ((10, 0.1), (20, 0.05)) and ts.global_step == 30
     (tmp_path / "empty.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 1}]}))
-    with pytest.raises(CheckpointError, match="no learning_rate"):
+    with pytest.raises(FormatError, match="no integer global_step"):
         read_trainer_state(tmp_path / "empty.json")

@@ -214,7 +214,7 @@ def test_init_then_filled_equals_hand_written(hf_run, tmp_path):
     assert doc["stages"][0]["optimizer"]["type"] == "adamw"
     assert doc["stages"][0]["optimizer"]["steps"] == 6
     assert doc["stages"][1]["end"] == {"adapter": "lora/checkpoint-4"}
-    assert doc["model"] == {"hf": "init"}
+    assert doc["model"] == {"hf": "sft/checkpoint-6"}  # the final checkpoint with a config
     doc["eval"] = yaml.safe_load(hf_run["manifest"].read_text())["eval"]
     out.write_text(yaml.safe_dump(doc))
     a = runner.invoke(app, ["run", str(out), "--format", "json", "-q"])
