@@ -544,3 +544,20 @@ def test_stage_sample_reads_the_mask_and_leaves_out_uncounted_examples(tmp_path)
                                         "the sample counts a token"):
         stage_sample(tmp_path / "s.safetensors", ("input_ids", "labels"), 100, "ft",
                      extra=("attention_mask",), tokens="next_token_loss")
+
+
+def test_the_schema_takes_the_language_model_manifest():
+    """acctattr schema accepts the README's LM manifest (JSONL eval without inputs / target,
+    tokenizer, max_length, the next-token metrics) and still requires inputs and target for
+    safetensors eval data."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from acctattr.runs.manifest import _Loader
+    from acctattr.runs.schema import manifest_schema
+
+    validator = jsonschema.Draft7Validator(manifest_schema())
+    doc = yaml.load(readme_manifest(), Loader=_Loader)
+    doc["stages"][0]["tokenizer"] = "tokenizer"
+    doc["stages"][0]["max_length"] = 16
+    assert [e.message for e in validator.iter_errors(doc)] == []
+    doc["eval"]["data"] = "eval.safetensors"
+    assert list(validator.iter_errors(doc)), "inputs and target are required there"
