@@ -1,7 +1,8 @@
 """The command line: parse options, call the pipeline, render.
 
-The one place that turns AcctattrError into an exit code (2), a tripped gate into 1, and
-Ctrl-C into 130. Results go to stdout; progress, warnings and errors to stderr.
+The one place that turns AcctattrError into an exit code (2), a tripped gate into 1,
+Ctrl-C into 130 and SIGTERM into 143 (acctattr.signals). Results go to stdout; progress,
+warnings and errors to stderr, with control characters of user strings escaped.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from acctattr import signals
 from acctattr.distributed import from_env, is_primary
 from acctattr.errors import AcctattrError
 from acctattr.options import Runtime, UnrolledConfig
-from acctattr.output.atomic import write_atomic
+from acctattr.output.atomic import check_target, write_atomic
+from acctattr.output.text import printable
 
 UNROLLED = UnrolledConfig()
 
@@ -84,7 +87,7 @@ class Evaluate(str, Enum):
 def _err(text: str) -> None:
     """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
     if is_primary():
-        print(text, file=sys.stderr)
+        print(printable(text, keep="\n"), file=sys.stderr)
 
 
 def _err_of(error: BaseException, text: str) -> None:
@@ -100,14 +103,16 @@ def _err_of(error: BaseException, text: str) -> None:
         prefix = f"rank {rank}: "
     else:
         return
-    print(prefix + text, file=sys.stderr)
+    print(printable(prefix + text, keep="\n"), file=sys.stderr)
 
 
 def guarded(fn: Callable[[], T]) -> T:
     """The error boundary: bad input -> exit 2 with a message, Ctrl-C -> 130, no traceback."""
     debug = bool(os.environ.get("ACCTATTR_DEBUG"))
     try:
-        return fn()
+        out = fn()
+        signals.raise_if_received()  # a signal whose exception something swallowed
+        return out
     except AcctattrError as e:
         if debug:
             traceback.print_exc()
@@ -116,8 +121,21 @@ def guarded(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130) from None
+    except signals.Terminated:
+        _err("terminated")
+        raise typer.Exit(143) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head``, ``| true``): say so once and make sure
+        # Python's own flush at exit cannot fail on the closed pipe again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        _err("error: stdout was closed before the whole result was written (broken pipe)")
+        raise typer.Exit(2) from None
     except Exception as e:
         if debug:
             traceback.print_exc()
@@ -133,7 +151,7 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
     rich_help_panel="Compute")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, metavar="N",
+    "--threads", min=1, max=4096, metavar="N",
     help="CPU threads. Default: OMP_NUM_THREADS when set, else the CPUs other processes "
          "leave idle (at least 1). Results do not depend on it.",
     rich_help_panel="Compute", show_default=False)]
@@ -303,6 +321,33 @@ def run(
     guarded(go)
 
 
+def _check_paths(paths: list[Path], what: str) -> None:
+    """Paths the OS cannot use (symlink loop, NUL, too long) or that are FIFOs or devices
+    are refused before anything reads them; a missing one is left to the command."""
+    from acctattr.files import path_problem
+
+    for p in paths:
+        problem = path_problem(p)
+        if problem is not None and problem != "not found":
+            raise AcctattrError(f"{what} {p}: {problem}")
+
+
+def _check_workdir(workdir: Path | None) -> None:
+    """--workdir: an existing folder, or one that can be created, that takes new files."""
+    if workdir is None:
+        return
+    from acctattr.files import path_problem
+
+    folder = workdir
+    while path_problem(folder) == "not found" and folder.parent != folder:
+        folder = folder.parent  # the nearest existing ancestor is where it will be made
+    problem = path_problem(folder, "folder")
+    if problem is not None:
+        raise AcctattrError(f"--workdir {workdir}: {folder}: {problem}",
+                            "name a folder (or a new one) where replay may write")
+    check_target(folder / ".acctattr-workdir-probe", "--workdir")
+
+
 def _color(output: Path | None) -> bool:
     """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
     an empty NO_COLOR does not turn colour off)."""
@@ -394,8 +439,7 @@ def validate(
         from acctattr.output import report
 
         _check_output(output)
-        if workdir is not None and workdir.exists() and not workdir.is_dir():
-            raise AcctattrError(f"--workdir {workdir}: is a file, not a folder")
+        _check_workdir(workdir)
         chosen = None
         if estimator:
             chosen = tuple(e.value for e in estimator)
@@ -496,6 +540,7 @@ def init(
     def go() -> None:
         from acctattr.runs.scaffold import scaffold
 
+        _check_paths([*paths, *([start] if start is not None else [])], "acctattr init:")
         _check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
@@ -539,7 +584,20 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def main() -> None:
-    app()
+    """The console command (via acctattr.__main__, which handles signals from the start)."""
+    signals.install()
+    try:
+        app()
+    except SystemExit as e:
+        got = signals.received()
+        if got is None:
+            raise
+        if e.code != signals.EXIT_CODES[got]:
+            # a signal while typer parsed the command line (click calls it "Aborted!")
+            _err(signals.WORDS[got])
+        signals.exit_now(got)
+    except (KeyboardInterrupt, signals.Terminated):
+        signals.say_and_exit()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -28,12 +28,17 @@ from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import EvalData, stage_sample
 from acctattr.evaluation.evaluator import Evaluator
-from acctattr.evaluation.metrics import TOKEN_METRICS, Metric, resolve_metric
+from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
 from acctattr.runs import formats
-from acctattr.runs.checkpoints import StateDictReader, align_names, open_checkpoint
+from acctattr.runs.checkpoints import (
+    FLOAT_DTYPES,
+    StateDictReader,
+    align_names,
+    open_checkpoint,
+)
 from acctattr.runs.manifest import Manifest, Stage, load_manifest
 from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
 from acctattr.runs.schedules import interpolate_logged_lrs, lrs_from_spec
@@ -57,7 +62,7 @@ class Loaded:
     warnings: list[str]
 
 
-def _stage_lrs(stage: Stage, warnings: list[str]) -> list[float]:
+def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     spec = stage.optimizer.lr
     steps = stage.optimizer.steps
     if spec.trainer_state is None:
@@ -106,6 +111,14 @@ def _check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str
     missing = [n for n in info.trainable if n not in reader]
     wrong = [f"{n} {reader.shape(n)} vs model {s}" for n, s in info.trainable.items()
              if n in reader and reader.shape(n) != s]
+    dtypes = {n: reader.dtype(n) for n in info.trainable if n in reader}
+    kinds = [f"{n} {d}" for n, d in dtypes.items() if d not in FLOAT_DTYPES]
+    if kinds:
+        raise CheckpointError(f"stage '{stage}': {key} {reader.path}: {len(kinds)} trainable "
+                              f"parameter(s) are not floating point: {', '.join(kinds[:5])}",
+                              "acctattr reads float16, bfloat16, float32 and float64 weights "
+                              "(no integer, bool, complex or fp8 checkpoints); point the "
+                              "manifest at the full-precision checkpoint")
     if missing or wrong:
         parts = []
         if missing:
@@ -332,14 +345,32 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
                 run.data, (*spec.inputs, spec.target), config.sample_size, run.name,
                 extra=loss.batch_keys,
                 tokens=loss.name if loss.name in TOKEN_METRICS else None,
-                tokenizer=stage.tokenizer, max_length=stage.max_length)
+                tokenizer=stage.tokenizer, max_length=stage.max_length,
+                class_metric=loaded.manifest.train_loss in CLASS_METRICS)
             cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, loss, sample,
                                  spec.inputs, spec.target, device=loaded.evaluator.device)
+            _probe_training(cache[j], loaded, run)
         return cache[j]
 
     dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
     return Training(loaded.runs, loaded.info.trainable, dtypes, curvature, train_loss,
                     loaded.evaluator.device)
+
+
+def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None:
+    """The training loss once on the stage's sample at theta_T: data the model or the loss
+    cannot take (a label beyond the model's classes) is the data's fault, exit 2."""
+    try:
+        with torch.no_grad():
+            curvature.value(loaded.evaluator.params)
+    except AcctattrError:
+        raise
+    except Exception as e:
+        raise DataError(f"stage '{run.name}': data {run.data}: the training loss failed on "
+                        f"the stage's sample: {type(e).__name__}: {str(e).splitlines()[0]}",
+                        "a stage's data must hold what eval data holds: inputs the model "
+                        "takes and targets the loss accepts (class ids below the number "
+                        "of model outputs)") from e
 
 
 def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -> Estimator:
@@ -521,6 +552,12 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
         f"examples, which no model can reach: its {modes[k]} estimate extrapolated too far"
         + (" (try --evaluate direct)" if modes[k] == "linear" else "")
         for k, n in enumerate(outside) if n)]
+    undefined = int((~torch.isfinite(base)).sum())
+    if undefined:  # a user metric can yield NaN or Inf; such effects are reported, gates trip
+        warnings.append(f"{metric.name} is NaN or infinite at the final model for {undefined} "
+                        f"of {base.shape[0]} eval examples: the final value and every effect "
+                        "are undefined (a gate on them trips)")
+        per_stage = [torch.where(torch.isfinite(base), e, math.nan) for e in per_stage]
     final = _fsum_mean(base)
     effects = [_fsum_mean(e) for e in per_stage]
     total = sum(abs(x) for x in effects)
@@ -536,7 +573,8 @@ def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,
             g_se = {str(gid): standard_error(m) for gid, m in members.items()}
         stages.append(StageEffect(
             name=names[k], rank=rank, effect=effects[k],
-            verdict="hurt" if harm > 0 else "helped" if harm < 0 else "neutral",
+            verdict=("undefined" if not math.isfinite(harm) else  # a gate on it trips
+                     "hurt" if harm > 0 else "helped" if harm < 0 else "neutral"),
             share=abs(effects[k]) / total if total > 0 else 0.0,
             counterfactual_value=final - effects[k], groups=g,
             effect_se=standard_error(per_stage[k]), groups_se=g_se, position=k + 1,
@@ -581,7 +619,11 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
         if progress:
             progress(f"retraining without {name}", k, len(names))
         out = workdir / f"without-{k}"
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AcctattrError(f"--workdir {workdir}: cannot make {out} ({e.strerror or e})",
+                                "name a folder (or a new one) where replay may write") from e
         t0 = time.perf_counter()
         try:
             got = replay(name, str(out))

@@ -12,7 +12,7 @@ eval set. Nothing here opens a file: readers and state come in already opened.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -43,7 +43,7 @@ class StageRun:
     start: StateDictReader
     end: StateDictReader
     opt_type: str
-    lrs: list[float]
+    lrs: Sequence[float]  # one per step; lazy (runs.schedules.Lrs) for a schedule
     fresh: bool
     step0: int  # optimizer steps taken before this stage (0 when fresh)
     state: OptimizerState

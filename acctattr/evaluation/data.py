@@ -18,6 +18,57 @@ from acctattr.runs.manifest import EvalSpec
 
 Batch = dict[str, torch.Tensor]
 _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+IGNORE_INDEX = -100  # a class label that counts for nothing (PyTorch's and Hugging Face's)
+
+
+def check_values(batch: Batch, names: tuple[str, ...], target: str, class_metric: bool,
+                 where: str, first: int = 0, group: str | None = None) -> None:
+    """Refuse NaN/Inf in any named tensor, and (``class_metric``) class labels that are
+    negative other than the ignore index -100, or an example whose labels are all -100
+    (nothing of it would be counted: its metric is undefined, not zero).
+
+    Args:
+        batch: name -> tensor [rows, ...]; rows are examples ``first``, ``first + 1``, ...
+        where: the data's description for messages (``eval.data FILE``).
+    """
+    for n in names:
+        t = batch[n]
+        if t.is_floating_point() or t.is_complex():
+            if t.is_floating_point() and t.element_size() == 1:
+                t = t.float()  # fp8: isfinite is not implemented for it
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = (~finite).reshape(t.shape[0], -1).any(dim=1) if t.ndim else finite
+                rows = bad.nonzero().flatten().tolist() if t.ndim else [0]
+                raise DataError(
+                    f"{where}: tensor '{n}' has {int((~finite).sum())} NaN or Inf values "
+                    f"(first in example {first + rows[0]})",
+                    "remove or repair those examples; acctattr never averages NaN or Inf "
+                    "into an effect")
+    y = batch[target]
+    if group is not None:
+        g = batch[group]
+        if g.ndim != 1 or (y.ndim and g.shape[0] != y.shape[0]) or g.is_floating_point() \
+                or g.is_complex():
+            raise DataError(f"{where}: eval.group tensor '{group}' has shape {tuple(g.shape)} "
+                            f"and dtype {g.dtype}; it needs one integer group id per example")
+    if not class_metric or y.is_floating_point() or y.dtype == torch.bool or y.ndim == 0:
+        return
+    y = y.long()
+    negative = (y < 0) & (y != IGNORE_INDEX)
+    if bool(negative.any()):
+        i = int(negative.reshape(y.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        raise DataError(f"{where}: eval.target '{target}' has a negative class id "
+                        f"{int(y[negative][0])} (example {first + i}); class ids are >= 0, "
+                        f"or {IGNORE_INDEX} for a token that is not counted")
+    empty = (y == IGNORE_INDEX).reshape(y.shape[0], -1).all(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise DataError(
+            f"{where}: eval.target '{target}': {len(rows)} example(s) have every label "
+            f"{IGNORE_INDEX} (the ignore index), first example {first + rows[0]}; nothing of "
+            "them would be counted, so their metric is undefined",
+            "drop those examples from the eval set, or give them at least one counted label")
 
 
 def group_names(spec: EvalSpec) -> list[str] | None:
@@ -100,6 +151,24 @@ class EvalData:
         if group and handle.get_slice(group).get_dtype() not in _INT_DTYPES:
             raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has dtype "
                             f"{handle.get_slice(group).get_dtype()}; groups must be integers")
+        if group and len(lengths[group]) != 1:
+            raise DataError(f"eval.data {self.source}: eval.group tensor '{group}' has shape "
+                            f"{tuple(lengths[group])}; it needs one group id per example "
+                            f"(shape [{self.n}])")
+        del handle
+        self._scan()
+
+    def _scan(self) -> None:
+        """Every value checked once, up front, a slice at a time (see check_values)."""
+        class_metric = isinstance(self.spec.metric, str) and self.spec.metric in CLASS_METRICS
+        # batch-sized slices, each from a fresh map: the scan allocates what evaluation
+        # will (larger blocks would raise glibc's mmap threshold and grow the heap)
+        for lo in range(0, self.n, self.batch_size):
+            hi = min(lo + self.batch_size, self.n)
+            with safe_open(self.source, framework="pt") as f:
+                part = {n: f.get_slice(n)[lo:hi] for n in self.names}
+            check_values(part, self.names, self.spec.target, class_metric,
+                         f"eval.data {self.source}", lo)
 
     def batches(self) -> Iterator[Batch]:
         for _, batch in self.numbered():
@@ -135,7 +204,7 @@ class EvalData:
             it = iter(self._fn())
         except Exception as e:
             raise DataError(f"eval.data {self.source} raised {type(e).__name__}: {e}") from e
-        seen = 0
+        seen = seen_rows = 0
         for i, b in enumerate(it):
             if not isinstance(b, dict):
                 raise DataError(f"eval.data {self.source}: batch {i} is a {type(b).__name__}, "
@@ -145,6 +214,10 @@ class EvalData:
                     raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
                                     "each batch must be a dict holding eval.inputs, "
                                     "eval.target (and eval.group)")
+            check_values(b, self.names, self.spec.target,
+                         isinstance(self.spec.metric, str) and self.spec.metric in CLASS_METRICS,
+                         f"eval.data {self.source}: batch {i}", seen_rows, self.spec.group)
+            seen_rows += int(b[self.spec.target].shape[0]) if b[self.spec.target].ndim else 1
             seen += 1
             yield b
         if not seen:
@@ -174,6 +247,12 @@ class EvalData:
         with safe_open(self.source, framework="pt") as f:
             keys = set(f.keys())
             self.names = (*self.names, *(k for k in self._extra if k in keys))
+            dtype = f.get_slice(self.spec.target).get_dtype()
+            if self._tokens is not None and dtype not in _INT_DTYPES:
+                raise DataError(f"eval.data {self.source}: eval.target tensor "
+                                f"'{self.spec.target}' has dtype {dtype}, but eval.metric "
+                                f"{self._tokens} needs integer token ids (-100: not counted)",
+                                "save the labels as an integer tensor (e.g. torch.long)")
             if self._tokens is not None:
                 mask = f.get_tensor("attention_mask") if "attention_mask" in keys else None
                 lm.refuse_uncounted(f.get_tensor(self.spec.target), mask,
@@ -278,8 +357,9 @@ def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed:
 
 
 def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data."""
+                      seed: int = 0, class_metric: bool = False) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data, checked
+    as eval data is (check_values; ``names[-1]`` is the target)."""
     from acctattr.runs.checkpoints import safe_open_checked
 
     handle = safe_open_checked(path)
@@ -291,10 +371,20 @@ def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
                         f"{', '.join(sorted(keys)) or 'nothing'})",
                         "a stage's data uses the same tensor names as eval.inputs and "
                         "eval.target")
-    n = handle.get_slice(names[0]).get_shape()[0]
+    shapes = {k: handle.get_slice(k).get_shape() for k in names}
+    firsts = {k: (s[0] if s else None) for k, s in shapes.items()}
+    if len(set(firsts.values())) != 1 or None in firsts.values():
+        raise DataError(f"stage '{stage}': data {path}: tensors have different numbers of "
+                        f"examples (first dimensions {firsts})",
+                        "every tensor of a stage's data needs one row per example")
+    n = int(firsts[names[0]] or 0)
     if n == 0:
         raise DataError(f"stage '{stage}': data {path} is empty")
     if n <= size:
-        return {k: handle.get_tensor(k) for k in names}
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return {k: handle.get_tensor(k)[idx] for k in names}
+        sample = {k: handle.get_tensor(k) for k in names}
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+        idx = idx.sort().values
+        sample = {k: handle.get_tensor(k)[idx] for k in names}
+    check_values(sample, names, names[-1], class_metric, f"stage '{stage}': data {path}")
+    return sample

@@ -21,20 +21,49 @@ from acctattr.runs.manifest import Ref
 MetricFn = Callable[..., torch.Tensor]
 
 
+IGNORE_INDEX = -100  # a label that counts for nothing (PyTorch's ignore_index default)
+
+
+def _per_example(out: torch.Tensor, y: torch.Tensor,
+                 token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A class metric per example.
+
+    ``out`` [B, C] with ``y`` [B]: ``token(out, y)`` as it is. ``out`` [B, T..., C] with
+    ``y`` [B, T...] (a sequence): the mean of ``token`` over each example's counted labels,
+    those not -100; an example with none is NaN (eval data holding one is refused before).
+    """
+    y = y.long()
+    if y.ndim <= 1:
+        return token(out, y)
+    counted = y != IGNORE_INDEX
+    flat = token(out.reshape(-1, out.shape[-1]), torch.where(counted, y, 0).reshape(-1))
+    per = torch.where(counted, flat.reshape(y.shape), 0.0)
+    total = per.reshape(y.shape[0], -1).sum(dim=1)
+    n = counted.reshape(y.shape[0], -1).sum(dim=1)
+    return total / n.to(total.dtype)  # 0 / 0 = NaN where nothing is counted, never 0
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y.long(), reduction="none")
+    return _per_example(out, y, _ce)
 
 
 def _logprob(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(out, y.long(), reduction="none")
+    return -_per_example(out, y, _ce)
+
+
+def _margin_tokens(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    target = out.gather(1, y[:, None])[:, 0]
+    other = out.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return target - other
 
 
 def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Target logit minus the largest other logit."""
-    y = y.long()
-    target = out.gather(1, y[:, None])[:, 0]
-    other = out.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return target - other
+    return _per_example(out, y, _margin_tokens)
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,10 @@ from acctattr.runs.manifest import Ref
 
 def load_ref(ref: Ref, what: str) -> Callable[..., Any]:
     """Import the function a ``FILE.py:FUNC`` or ``package.module:FUNC`` reference names."""
+    if ref.file is not None:
+        from acctattr.files import check_file
+
+        check_file(ref.file, f"{what} {ref.text}:")
     try:
         if ref.file is not None:
             name = f"_acctattr_user_{abs(hash(str(ref.file)))}"

@@ -10,7 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from acctattr import signals
 from acctattr.errors import AcctattrError
+from acctattr.files import path_problem
+from acctattr.output.text import printable
 
 
 @contextmanager
@@ -18,17 +21,23 @@ def atomic_file(path: Path, option: str, binary: bool = False) -> Iterator[IO]:
     """A file handle whose contents replace ``path`` atomically when the block ends.
 
     The data goes to ``.NAME.XXXX.tmp`` in the same folder, is fsynced, then renamed over
-    ``path`` (atomic on POSIX). An exception or Ctrl-C removes the temporary file; a SIGKILL
-    (or power loss) between its creation and the rename cannot, and leaves it behind, while
-    ``path`` itself is always the old file or the complete new one.
+    ``path`` (atomic on POSIX). An exception, Ctrl-C or SIGTERM removes the temporary file;
+    a SIGKILL (or power loss) between its creation and the rename cannot, and leaves it
+    behind, while ``path`` itself is always the old file or the complete new one.
+
+    A ``path`` that is a symlink is written through to its target, as editors do: the
+    target file is replaced (atomically, in its own folder) and the link stays a link.
 
     Args:
         option: the command-line option that named ``path``, for messages (``--output``).
     """
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise AcctattrError(f"{option} {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    target = check_target(path, option)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise AcctattrError(f"{option} {path}: cannot write in {target.parent} "
+                            f"({e.strerror or e})") from e
+    signals.track(tmp)
     try:
         fh: IO = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
         with fh:
@@ -36,27 +45,43 @@ def atomic_file(path: Path, option: str, binary: bool = False) -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result gets the usual mode
-        os.replace(tmp, path)
+        signals.raise_if_received()  # an interrupted run never commits a result
+        os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise AcctattrError(f"{option} {path}: cannot write ({e.strerror})") from e
         raise
+    finally:
+        signals.untrack(tmp)
 
 
-def check_target(path: Path, option: str) -> None:
-    """Fail before any computing when ``path`` cannot be written: its folder missing, not a
-    folder or not writable, or ``path`` itself a folder."""
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise AcctattrError(f"{option} {path}: folder {folder} does not exist",
-                            "create it first, or name a file in an existing folder")
-    if path.is_dir():
-        raise AcctattrError(f"{option} {path}: is a folder", "name a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AcctattrError(f"{option} {path}: folder {folder} is not writable")
-    if path.exists() and not os.access(path, os.W_OK) and not os.access(folder, os.W_OK):
-        raise AcctattrError(f"{option} {path}: is not writable")
+def check_target(path: Path, option: str = "--output") -> Path:
+    """Where writing ``path`` lands (a symlink's target), refused (exit 2) unless its folder
+    exists and takes a new file and ``path`` is absent or a regular file. Called before
+    any computing, so a run never ends in "cannot write"."""
+    problem = path_problem(path, "file")
+    if problem is not None and problem != "not found":
+        said = f"is {problem}" if problem.startswith("a ") else problem  # "is a folder, ..."
+        raise AcctattrError(f"{option} {printable(str(path))}: {said}",
+                            "name a regular file (or a new one) in a folder you can write")
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path.absolute()
+    folder = target.parent
+    if path_problem(folder, "folder") is not None:
+        raise AcctattrError(f"{option} {path}: folder {folder} does not exist"
+                            + (f" (it is where the symlink {path} points)"
+                               if target != path.absolute() else ""))
+    try:  # the only test that holds for root, read-only mounts and ACLs alike
+        fd, probe = tempfile.mkstemp(prefix=".acctattr-probe-", dir=folder)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
+    except OSError as e:
+        raise AcctattrError(f"{option} {path}: folder {folder} is not writable, cannot write "
+                            f"in it ({e.strerror or e})",
+                            "choose a folder you can write, or fix its permissions") from e
+    return target
 
 
 def _umask() -> int:

@@ -91,9 +91,17 @@ class Diff:
         return self.stages[0] if self.stages else None
 
     @property
+    def undefined(self) -> tuple[StageChange, ...]:
+        """Stages in both results whose harm growth is NaN or infinite (an effect written as
+        null): a gate cannot show they stayed below the threshold, so it trips on them."""
+        return tuple(c for c in self.stages if not math.isfinite(c.harm_growth))
+
+    @property
     def tripped(self) -> bool:
         w = self.worst
-        return self.threshold is not None and w is not None and w.harm_growth > self.threshold
+        if self.threshold is None or w is None:
+            return False
+        return bool(self.undefined) or w.harm_growth > self.threshold
 
 
 def _bad(path: str, what: str) -> AcctattrError:
@@ -159,6 +167,10 @@ def parse(doc: Any, path: str) -> ResultDoc:
 def load(path: str | Path) -> ResultDoc:
     """Read and validate a result JSON file (exit 2 on anything unreadable or off-schema)."""
     shown = str(path)
+    from acctattr.files import check_file, path_problem
+
+    if path_problem(path, "any") not in (None, "not found"):
+        check_file(path)  # a FIFO, device, symlink loop, NUL byte or too long a name
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as e:
@@ -172,7 +184,12 @@ def load(path: str | Path) -> ResultDoc:
     except json.JSONDecodeError as e:
         raise _bad(shown, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
             from e
-    return parse(doc, shown)
+    except RecursionError as e:
+        raise _bad(shown, "not valid JSON (nested too deeply)") from e
+    try:
+        return parse(doc, shown)
+    except RecursionError as e:
+        raise _bad(shown, "nested too deeply") from e
 
 
 def compare(old: ResultDoc, new: ResultDoc, threshold: float | None = None) -> Diff:

@@ -10,6 +10,12 @@ metric worse" (Result.harm); ``se`` is its standard error over eval examples, so
 says "on another eval set of this size the harm would still exceed X with probability C".
 Each check has its own confidence C; checking several stages or groups at once does not
 widen the bounds (no multiple-comparison correction).
+
+Gates fail closed: a check whose harm is NaN or infinite (a metric that overflowed), or
+whose standard error or bound is undefined or infinite when the confidence needs it (C >
+0.5 with a group of one example, an eval set of one), cannot show that the harm is below
+the threshold, so it trips, and ``GateCheck.reason`` says why. At C = 0.5 the bound is the
+point estimate and the standard error plays no part.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class GateCheck:
     se: float
     bound: float  # harm − z·se; NaN when se is undefined (fewer than 2 examples)
     tripped: bool
+    # why the check tripped without a comparison: its harm, standard error or bound is
+    # undefined or not finite (gates fail closed); None when the numbers decided
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,9 @@ class Gate:
     def worst(self) -> GateCheck:
         """The check with the highest lower bound (a tripping one if any tripped)."""
 
-        def key(c: GateCheck) -> tuple[float, float]:
-            return (-math.inf if math.isnan(c.bound) else c.bound, c.harm)
+        def key(c: GateCheck) -> tuple[bool, float, float]:
+            return (c.reason is not None, -math.inf if math.isnan(c.bound) else c.bound,
+                    -math.inf if math.isnan(c.harm) else c.harm)
 
         return max(self.checks, key=key)
 
@@ -143,9 +153,31 @@ def evaluate(result: Result, threshold: float, confidence: float = 0.5,
         for g, effect, err in targets:
             harm = result.harm(effect)
             bound = harm - z * err if z > 0 else harm
+            reason = undefined_reason(harm, err if z > 0 else 0.0, bound, result.n_examples)
             checks.append(GateCheck(s.name, g, harm, err, bound,
-                                    tripped=bool(bound > threshold)))
+                                    tripped=reason is not None or bool(bound > threshold),
+                                    reason=reason))
     return Gate(threshold, confidence, z, stage, group, tuple(checks))
+
+
+def undefined_reason(harm: float, se: float, bound: float, n_examples: int) -> str | None:
+    """Why a check cannot be decided by its numbers (it then trips), or None. ``se`` is 0
+    where the confidence does not use it (C = 0.5)."""
+    if not math.isfinite(harm):
+        return f"the effect is {_word(harm)}, so the harm is unknown"
+    if math.isnan(se):
+        return ("the standard error is undefined (fewer than 2 examples"
+                + (f" in the group; {n_examples} in the eval set)" if n_examples >= 2 else ")")
+                + ", so the harm's noise is unknown")
+    if not math.isfinite(se):
+        return f"the standard error is {_word(se)}"
+    if not math.isfinite(bound):
+        return f"the lower bound is {_word(bound)}"
+    return None
+
+
+def _word(x: float) -> str:
+    return "NaN" if math.isnan(x) else "infinite"
 
 
 def describe(gate: Gate, metric: str) -> str:
@@ -153,6 +185,11 @@ def describe(gate: Gate, metric: str) -> str:
     w = gate.worst
     where = f"stage '{w.stage}'" + (f", group '{w.group}'" if w.group is not None else "")
     conf = f"{gate.confidence:.0%} confidence"
+    if w.reason is not None:
+        more = sum(c.tripped for c in gate.checks) - 1
+        extra = f" (and {more} more check{'s' if more != 1 else ''} tripped)" if more else ""
+        return (f"gate tripped (fail closed): {where}: {w.reason}; a gate cannot pass on "
+                f"numbers it cannot check{extra}")
     if math.isnan(w.se):
         stats = f"harm {w.harm:+.4g}, standard error undefined (fewer than 2 examples)"
     else:

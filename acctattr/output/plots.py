@@ -9,6 +9,7 @@ only when a plot is asked for; it renders with the Agg backend (no display neede
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ def render(result: Result, path: Path, confidence: float = 0.95) -> None:
         fig.suptitle(f"Stage effects on {result.metric} ({direction})\n{result.n_examples} "
                      f"eval examples, estimator {result.estimator}; error bars: "
                      f"{confidence:.0%} interval over eval examples", fontsize=11)
-        _save(fig, path)
+        with warnings.catch_warnings():  # undefined (NaN) effects draw as gaps, silently
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _save(fig, path)
     finally:
         plt.close(fig)
 

@@ -14,6 +14,7 @@ from io import StringIO
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from acctattr.output.text import printable
 from acctattr.results import Progress as ProgressFn
 from acctattr.results import Result, StageEffect, Validation
 
@@ -88,8 +90,11 @@ def to_dict(result: Result, gate: Gate | None = None) -> dict[str, Any]:
 
 
 def _check_dict(c: GateCheck) -> dict[str, Any]:
-    return {"stage": c.stage, "group": c.group, "harm": _num(c.harm), "se": _num(c.se),
-            "bound": _num(c.bound), "tripped": c.tripped}
+    doc = {"stage": c.stage, "group": c.group, "harm": _num(c.harm), "se": _num(c.se),
+           "bound": _num(c.bound), "tripped": c.tripped}
+    if c.reason is not None:  # fail closed: the check tripped on undefined numbers
+        doc["reason"] = c.reason
+    return doc
 
 
 def gate_dict(gate: Gate) -> dict[str, Any]:
@@ -155,7 +160,7 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
     Numbers are never cut: where the table does not fit ``width``, the share bar goes
     first, then the per-group effects move to a table of their own below."""
     direction = _direction(result.higher_is_better)
-    title = (f"Stage effects on {result.metric} ({direction}): final "
+    title = (f"Stage effects on {printable(result.metric)} ({direction}): final "
              f"{result.final_value:.4g} over {result.n_examples} examples")
     caption = (f"estimator {result.estimator}, {_evaluation_text(result)}. effect = "
                "final value minus the value had the stage never run; ± one standard "
@@ -173,7 +178,7 @@ def to_table(result: Result, *, color: bool | None = None, width: int | None = N
 
 
 def _natural(table: Table) -> int:
-    return Console(file=StringIO(), width=1000).measure(table).maximum
+    return Console(file=StringIO(), width=1000, markup=False).measure(table).maximum
 
 
 def _stage_tables(result: Result, title: str, caption: str, group_names: list[str],
@@ -183,7 +188,7 @@ def _stage_tables(result: Result, title: str, caption: str, group_names: list[st
     _num_column(table, "rank", [str(s.rank) for s in stages])
     # a stage's name is never cut, however narrow the terminal
     table.add_column("stage", no_wrap=True,
-                     min_width=max((len(s.name) for s in stages), default=5))
+                     min_width=max((len(printable(s.name)) for s in stages), default=5))
     _num_column(table, "effect", [_fmt(s.effect) for s in stages])
     _num_column(table, "±", [_se(s.effect_se) for s in stages])
     _num_column(table, "share", [f"{s.share:.0%}" for s in stages])
@@ -192,10 +197,11 @@ def _stage_tables(result: Result, title: str, caption: str, group_names: list[st
         table.add_column("", no_wrap=True)
     if inline:
         for g in group_names:
-            _num_column(table, f"group {g}", [_group_cell(s, g) for s in stages])
+            _num_column(table, f"group {printable(g)}", [_group_cell(s, g) for s in stages])
     for s in stages:
         style = {"hurt": "red", "helped": "green"}.get(s.verdict, "")
-        cells: list[str | Text] = [str(s.rank), s.name, _fmt(s.effect), _se(s.effect_se),
+        cells: list[str | Text] = [str(s.rank), printable(s.name), _fmt(s.effect),
+                                   _se(s.effect_se),
                                    f"{s.share:.0%}", Text(s.verdict, style=style)]
         if bar:
             cells.append(Text(_bar(s.share), style=style))
@@ -206,11 +212,11 @@ def _stage_tables(result: Result, title: str, caption: str, group_names: list[st
         return [table]
     groups = Table(title="Effects by eval group (± one standard error)")
     groups.add_column("stage", no_wrap=True,
-                      min_width=max((len(s.name) for s in stages), default=5))
+                      min_width=max((len(printable(s.name)) for s in stages), default=5))
     for g in group_names:
-        _num_column(groups, f"group {g}", [_group_cell(s, g) for s in stages])
+        _num_column(groups, f"group {printable(g)}", [_group_cell(s, g) for s in stages])
     for s in stages:
-        groups.add_row(s.name, *[_group_cell(s, g) for g in group_names])
+        groups.add_row(printable(s.name), *[_group_cell(s, g) for g in group_names])
     return [table, groups]
 
 
@@ -219,7 +225,8 @@ def _render(table: Table, color: bool | None, width: int | None) -> str:
     natural = _natural(table)
     buf = StringIO()
     console = Console(file=buf, force_terminal=bool(color), no_color=not color,
-                      width=min(natural, width) if width else natural, highlight=False)
+                      width=min(natural, width) if width else natural, highlight=False,
+                      markup=False)  # user strings ('[red]' in a stage name) stay text
     console.print(table)
     return buf.getvalue()
 
@@ -227,8 +234,10 @@ def _render(table: Table, color: bool | None, width: int | None) -> str:
 # ---------------------------------------------------------------- markdown
 
 def _md_cell(text: str) -> str:
-    """A table cell: pipes escaped, newlines flattened (GitHub-flavoured markdown)."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """A table cell: pipes escaped, newlines flattened, controls shown as escapes and
+    ``<`` ``>`` as entities, so no name becomes HTML (GitHub-flavoured markdown)."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return printable(text).replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _md_table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
@@ -264,7 +273,8 @@ def to_markdown(result: Result, gate: Gate | None = None) -> str:
                _md_verdict(s.verdict)]
         row += [_group_cell(s, g) for g in groups]
         rows.append(row)
-    out = [f"### Stage effects on {result.metric} ({_direction(result.higher_is_better)})",
+    out = [f"### Stage effects on {_md_cell(result.metric)} "
+           f"({_direction(result.higher_is_better)})",
            "",
            f"Final value **{result.final_value:.4g}** over {result.n_examples} examples; "
            f"estimator `{result.estimator}`, {_evaluation_text(result)}. "
@@ -272,9 +282,9 @@ def to_markdown(result: Result, gate: Gate | None = None) -> str:
            "± = one standard error over eval examples.",
            "", *_md_table(header, align, rows)]
     if gate is not None:
-        out += ["", md_gate_line(describe(gate, result.metric), gate.tripped)]
+        out += ["", md_gate_line(_md_cell(describe(gate, result.metric)), gate.tripped)]
     for w in result.warnings:
-        out += ["", f"> warning: {w}"]
+        out += ["", f"> warning: {_md_cell(w)}"]
     return "\n".join(out) + "\n"
 
 
@@ -318,6 +328,11 @@ def diff_dict(d: Diff) -> dict[str, Any]:
         doc["gate"] = {"threshold": _num(d.threshold), "tripped": d.tripped,
                        "stage": None if w is None else w.name,
                        "harm_growth": None if w is None else _num(w.harm_growth)}
+        if d.undefined:  # fail closed: the gate tripped on a stage it could not check
+            doc["gate"]["stage"] = d.undefined[0].name
+            doc["gate"]["harm_growth"] = None
+            doc["gate"]["reason"] = (f"stage '{d.undefined[0].name}' has an undefined "
+                                     "effect in the old or new result")
     return doc
 
 
@@ -331,6 +346,11 @@ def describe_growth(d: Diff) -> str:
     if w is None:
         return (f"gate passed: no stage is in both results, so no harm could grow by more "
                 f"than {d.threshold:g}")
+    if d.tripped and d.undefined:
+        u = d.undefined[0]
+        return (f"gate tripped (fail closed): stage '{printable(u.name)}': its effect is "
+                f"undefined (null, NaN or infinite) in the old or new result, so the growth "
+                f"of its harm is unknown; a gate cannot pass on numbers it cannot check")
     if d.tripped:
         more = sum(c.harm_growth > (d.threshold or 0) for c in d.stages) - 1
         extra = f" (and {more} more)" if more else ""
@@ -345,17 +365,17 @@ def _diff_rows(d: Diff, groups: list[str]) -> list[list[str]]:
     for c in d.stages:
         verdict = c.new_verdict if c.old_verdict == c.new_verdict else \
             f"{c.old_verdict} → {c.new_verdict}"
-        row = [c.name, _fmt(c.old_effect), _fmt(c.new_effect), _fmt(c.change),
+        row = [printable(c.name), _fmt(c.old_effect), _fmt(c.new_effect), _fmt(c.change),
                _fmt(c.harm_growth), verdict]
         for g in groups:
             v = (c.groups or {}).get(g)
             row.append(_fmt(v.change) if v is not None and v.change is not None else "n/a")
         rows.append(row)
     for s in d.only_new:
-        rows.append([s.name, "—", _fmt(s.effect), "new stage", "", s.verdict]
+        rows.append([printable(s.name), "—", _fmt(s.effect), "new stage", "", s.verdict]
                     + [""] * len(groups))
     for s in d.only_old:
-        rows.append([s.name, _fmt(s.effect), "—", "removed", "", s.verdict]
+        rows.append([printable(s.name), _fmt(s.effect), "—", "removed", "", s.verdict]
                     + [""] * len(groups))
     return rows
 
@@ -376,8 +396,9 @@ def _diff_caption(d: Diff) -> str:
 def diff_to_table(d: Diff, *, color: bool | None = None, width: int | None = None) -> str:
     """The diff as a rich table (largest harm growth first)."""
     groups = _diff_groups(d)
-    table = Table(title=f"Stage effects on {d.metric} ({_direction(d.new.higher_is_better)})"
-                        f": {d.old.path} → {d.new.path}", caption=_diff_caption(d))
+    table = Table(title=printable(f"Stage effects on {d.metric} "
+                                  f"({_direction(d.new.higher_is_better)}): {d.old.path} → "
+                                  f"{d.new.path}"), caption=_diff_caption(d))
     for i, h in enumerate(_DIFF_HEADER + [f"group {g} change" for g in groups]):
         table.add_column(h, justify="left" if i in (0, 5) else "right")
     for row in _diff_rows(d, groups):
@@ -391,8 +412,10 @@ def diff_to_markdown(d: Diff) -> str:
     groups = _diff_groups(d)
     header = _DIFF_HEADER + [f"group {g} change" for g in groups]
     align = ["l", "r", "r", "r", "r", "l"] + ["r"] * len(groups)
-    out = [f"### Stage effects on {d.metric} ({_direction(d.new.higher_is_better)}): "
-           f"`{d.old.path}` → `{d.new.path}`", "", _diff_caption(d) + ".", "",
+    out = [f"### Stage effects on {_md_cell(d.metric)} "
+           f"({_direction(d.new.higher_is_better)}): "
+           f"`{_md_cell(str(d.old.path))}` → `{_md_cell(str(d.new.path))}`", "",
+           _diff_caption(d) + ".", "",
            *_md_table(header, align, _diff_rows(d, groups))]
     if d.threshold is not None:
         out += ["", md_gate_line(describe_growth(d), d.tripped)]
@@ -426,8 +449,8 @@ def validation_to_json(v: Validation) -> str:
 def validation_to_table(v: Validation, *, color: bool | None = None,
                         width: int | None = None) -> str:
     """One row per (estimator, evaluation, stage): correlations, effects, sign, ranking."""
-    table = Table(title=f"Fidelity against retraining ({v.replay}) on {v.metric}, "
-                        f"{v.n_examples} examples",
+    table = Table(title=printable(f"Fidelity against retraining ({v.replay}) on {v.metric}, "
+                                  f"{v.n_examples} examples"),
                   caption=f"retraining every counterfactual took {v.retrain_seconds:.1f} s; "
                           "seconds = estimator time for all stages")
     for col, just in (("estimator", "left"), ("evaluate", "left"), ("stage", "left"),
@@ -438,7 +461,8 @@ def validation_to_table(v: Validation, *, color: bool | None = None,
     for f in v.results:
         for i, s in enumerate(f.stages):
             first = i == 0
-            table.add_row(f.estimator if first else "", f.evaluate if first else "", s.stage,
+            table.add_row(f.estimator if first else "", f.evaluate if first else "",
+                          printable(s.stage),
                           f"{s.pearson:.3f}", f"{s.spearman:.3f}", _fmt(s.effect),
                           _fmt(s.true_effect), "ok" if s.sign_ok else "WRONG",
                           ("ok" if f.ranking_ok else "WRONG") if first else "",
@@ -466,9 +490,11 @@ def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | No
     if not console.is_terminal:
         def plain(what: str, done: int, total: int, level: int = 0) -> None:
             if level == 0 and done < total:
-                console.print(f"[{done + 1}/{total}] {what}", highlight=False, markup=False)
+                console.print(f"[{done + 1}/{total}] {printable(what)}", highlight=False,
+                              markup=False)
             elif level == 1 and done == 0:  # one line per step of the estimate, not per substep
-                console.print(f"    {what} ({total} substeps)", highlight=False, markup=False)
+                console.print(f"    {printable(what)} ({total} substeps)", highlight=False,
+                              markup=False)
         yield plain
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -478,6 +504,7 @@ def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | No
         inside = bar.add_task("", total=None, visible=False)
 
         def live(what: str, done: int, total: int, level: int = 0) -> None:
+            what = escape(printable(what))  # a rich description is markup
             if level == 0:
                 bar.update(stages, description=what, completed=done, total=total)
                 bar.update(inside, visible=False)

@@ -19,7 +19,14 @@ import torch
 from safetensors import safe_open
 
 from acctattr.errors import CheckpointError
+from acctattr.files import check_any, check_file, is_file, read_bytes_limited
 
+# The dtypes a parameter may have (safetensors' names); integer, bool, complex and fp8
+# tensors are no trained weights acctattr can difference and propagate.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                 torch.float64: "F64"}
+_INDEX_LIMIT = 64 << 20  # a shard index is a small JSON map of names to files
 _FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "model.pt", "model.bin", "pytorch_model.bin.index.json")
 
@@ -61,6 +68,19 @@ class StateDictReader:
             raise CheckpointError(f"{file}: cannot read the header entry of tensor '{name}': {e}",
                                   "the file is truncated or corrupted; re-save it") from e
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of ``name`` as safetensors names it (F32, BF16, I64, ...),
+        read from the header without loading the tensor."""
+        if self._tensors is not None:
+            t = self._tensors[name]
+            return _TORCH_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+        file = self._shards[name]
+        try:
+            return str(self._handle(file).get_slice(name).get_dtype())
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read the header entry of tensor '{name}': {e}",
+                                  "the file is truncated or corrupted; re-save it") from e
+
     def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
         if self._tensors is not None:
             t = self._tensors[name]
@@ -72,6 +92,11 @@ class StateDictReader:
             except Exception as e:
                 raise CheckpointError(f"{where}: cannot read tensor '{name}': {e}",
                                       "the file is truncated or corrupted; re-save it") from e
+        if t.is_complex() or (t.is_floating_point() and t.dtype not in _TORCH_DTYPES):
+            raise CheckpointError(f"{where}: tensor '{name}' has dtype "
+                                  f"{str(t.dtype).removeprefix('torch.')}; acctattr reads "
+                                  "float16, bfloat16, float32 and float64 weights",
+                                  "save the checkpoint in one of those dtypes")
         if t.is_floating_point() and t.dtype != torch.float64:
             t = t.float()
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -87,7 +112,12 @@ class StateDictReader:
 
 
 def safe_open_checked(file: Path) -> Any:
-    """Open a safetensors file, turning header problems into a clear error."""
+    """Open a safetensors file, turning header problems into a clear error.
+
+    The file must be a regular file (never a FIFO or device), and the 8-byte header length
+    at its start must fit inside it, before safetensors reads anything.
+    """
+    check_file(file, "", CheckpointError)
     try:
         size = file.stat().st_size
         with open(file, "rb") as fh:
@@ -108,6 +138,12 @@ def safe_open_checked(file: Path) -> Any:
 
 def resolve_checkpoint_file(path: Path) -> Path:
     """The file (or shard index) a checkpoint path stands for."""
+    from acctattr.files import path_problem
+
+    problem = path_problem(path)
+    if problem == "not found":
+        raise CheckpointError(f"{path}: checkpoint not found")
+    check_any(path, "checkpoint", CheckpointError)
     if path.is_file():
         return path
     if path.is_dir():
@@ -119,7 +155,7 @@ def resolve_checkpoint_file(path: Path) -> Path:
                 "does not read it in place",
                 DCP_HINT.format(src=path, dst=f"{path.as_posix().rstrip('/')}.pt"))
         for name in _FOLDER_FILES:
-            if (path / name).is_file():
+            if is_file(path / name):
                 return path / name
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
@@ -151,16 +187,17 @@ def open_checkpoint(path: Path) -> StateDictReader:
 
 def _open_index(index: Path) -> StateDictReader:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        raw = read_bytes_limited(index, _INDEX_LIMIT, "shard index", CheckpointError)
+        weight_map = json.loads(raw)["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({e})",
                               "it must hold a 'weight_map' of tensor name -> shard file") from e
     shards: dict[str, Path] = {}
     for name, shard in weight_map.items():
         f = index.parent / str(shard)
-        if not f.is_file():
+        if not is_file(f):
             raise CheckpointError(f"{index}: shard {shard} (for tensor '{name}') not found")
         shards[name] = f
     if index.name.startswith("pytorch_model"):
@@ -173,6 +210,7 @@ def _open_index(index: Path) -> StateDictReader:
 
 def load_torch_file(file: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (memory-mapped where the format allows)."""
+    check_file(file, "", CheckpointError)
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes are noise to a user
             warnings.simplefilter("ignore")
@@ -211,7 +249,19 @@ def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     ):
         raise CheckpointError(f"{file}: expected a state dict (tensor name -> tensor)",
                               "save it with torch.save(model.state_dict(), path)")
+    for k, v in obj.items():
+        check_dense(v, f"{file}: tensor '{k}'")
     return obj
+
+
+def check_dense(t: torch.Tensor, where: str) -> None:
+    """Refuse a tensor that is not a plain dense (strided) one: sparse, quantized, nested
+    or meta tensors hold no values acctattr can difference."""
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.is_meta:
+        kind = "quantized" if t.is_quantized else "nested" if t.is_nested else \
+            "meta (no data)" if t.is_meta else str(t.layout).removeprefix("torch.")
+        raise CheckpointError(f"{where} is a {kind} tensor, not a dense one",
+                              "save dense tensors (tensor.to_dense(), dequantize())")
 
 
 class RenamedReader(StateDictReader):
@@ -231,6 +281,9 @@ class RenamedReader(StateDictReader):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.inner.shape(self.prefix + name)
+
+    def dtype(self, name: str) -> str:
+        return self.inner.dtype(self.prefix + name)
 
     def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
         return self.inner.get(self.prefix + name, check_finite=check_finite)

@@ -14,6 +14,7 @@ can use it to fill in what a Trainer folder already says.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ DCP_METADATA = ".metadata"
 _LR_FIX_VERSION = (4, 51)
 
 
+MAX_STEPS = 10**12  # optimizer steps in a stage; more is a corrupted count, not a run
+
+
 class FormatError(ValueError):
     """A file of a known layout that cannot be read; the message names the file."""
 
@@ -34,7 +38,9 @@ class FormatError(ValueError):
 def kind(path: Path) -> str:
     """What a checkpoint path is: one of ``hf-trainer``, ``peft-adapter``, ``lightning``,
     ``dcp``, ``hf-model``, ``weights`` (any other folder or file), ``missing``."""
-    if not path.exists():
+    from acctattr.files import path_problem
+
+    if path_problem(path) is not None:
         return "missing"
     if path.is_file():
         return "lightning" if path.suffix == ".ckpt" else "weights"
@@ -50,9 +56,14 @@ def kind(path: Path) -> str:
 
 
 def _read_json(path: Path) -> Any:
+    from acctattr.files import path_problem
+
+    problem = path_problem(path, "file")
+    if problem is not None:
+        raise FormatError(f"{path}: {problem}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: not readable JSON ({e})") from e
 
 
@@ -84,6 +95,8 @@ def read_trainer_state(path: Path) -> TrainerState:
     history = doc.get("log_history", [])
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise FormatError(f"{file}: no integer global_step")
+    if step > MAX_STEPS:
+        raise FormatError(f"{file}: global_step {step} is more than {MAX_STEPS:.0e}")
     if not isinstance(history, list):
         raise FormatError(f"{file}: log_history is not a list")
     history = [h for h in history if isinstance(h, dict)]
@@ -96,10 +109,14 @@ def read_trainer_state(path: Path) -> TrainerState:
     for h in history:
         if "learning_rate" in h and isinstance(h.get("step"), int):
             try:
-                points.append((h["step"] - shift, float(h["learning_rate"])))
+                lr = float(h["learning_rate"])
             except (TypeError, ValueError) as e:
                 raise FormatError(f"{file}: learning_rate {h['learning_rate']!r} at step "
                                   f"{h['step']} is not a number") from e
+            if not math.isfinite(lr) or lr < 0:
+                raise FormatError(f"{file}: learning_rate {lr!r} at step {h['step']} is not "
+                                  "a finite number >= 0")
+            points.append((h["step"] - shift, lr))
     return TrainerState(file, step, tuple(history), tuple(points), convention)
 
 

@@ -30,7 +30,9 @@ def build_hf_model(folder: Path, cls: str | None = None) -> nn.Module:
         raise AcctattrError(f"{where}: building a Hugging Face model needs transformers, "
                             "which is not installed",
                             "pip install 'acctattr[hf]' (or pip install transformers)") from e
-    if not (folder / "config.json").is_file():
+    from acctattr.files import is_file
+
+    if not is_file(folder / "config.json"):
         raise AcctattrError(f"{where}: no config.json in that folder",
                             "point model.hf at a folder saved with save_pretrained() or a "
                             "Trainer checkpoint-N folder")

@@ -123,6 +123,9 @@ class LoraMergedReader(StateDictReader):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)
 
+    def dtype(self, name: str) -> str:
+        return self.base.dtype(name)
+
     def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
         w = self.base.get(name, check_finite=check_finite)
         if name not in self._pairs:

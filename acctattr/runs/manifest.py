@@ -15,9 +15,14 @@ from typing import Any
 
 import yaml
 
-from acctattr.errors import ManifestError
+from acctattr.errors import AcctattrError, ManifestError
+from acctattr.files import path_problem, read_bytes_limited
 from acctattr.runs import formats
 
+# Resource bounds: a manifest is a small hand-written file. Aliases are expanded when the
+# document is walked, so the expanded size is what is bounded ("billion laughs").
+MAX_MANIFEST_BYTES = 8 << 20
+MAX_YAML_NODES = 2_000_000  # after alias expansion; a 1M-step per-step lr list fits
 OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse", "next_token_loss",
@@ -205,12 +210,16 @@ class _Collector:
             return None
         return x
 
-    def integer(self, value: Any, where: str, *, lo: int = 0) -> int | None:
+    def integer(self, value: Any, where: str, *, lo: int = 0,
+                hi: int = formats.MAX_STEPS) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
             self.add(where, f"expected an integer, got {_kind(value)}")
             return None
         if value < lo:
             self.add(where, f"must be >= {lo}, got {value}")
+            return None
+        if value > hi:  # a count this large is a typo or garbage, and overflows indexes
+            self.add(where, f"must be <= {hi:.0e}, got {value}")
             return None
         return value
 
@@ -230,9 +239,20 @@ class _Collector:
         text = self.string(value, where)
         if text is None:
             return None
-        p = (self.root / text).resolve() if not Path(text).is_absolute() else Path(text)
-        if must_exist and not p.exists():
+        if "\x00" in text:
+            self.add(where, f"{text!r}: the path holds a NUL byte")
+            return None
+        p = Path(text) if Path(text).is_absolute() else self.root / text
+        try:
+            p = p.resolve()
+        except (OSError, RuntimeError, ValueError):
+            pass  # a symlink loop or an unusable name: path_problem below says which
+        problem = path_problem(p) if must_exist else None
+        if problem == "not found":
             self.add(where, f"{text} not found (looked for {p})")
+            return None
+        if problem is not None:
+            self.add(where, f"{text}: {problem} (at {p})")
             return None
         return p
 
@@ -266,21 +286,109 @@ def _kind(value: Any) -> str:
 def load_manifest(path: str | Path) -> Manifest:
     """Parse and validate a manifest file; raise one ManifestError listing every problem."""
     path = Path(path)
-    shown = str(path)
+    shown = str(path).replace("\x00", "\\0")
+    problem = path_problem(path, "file")
+    if problem == "not found":
+        raise ManifestError(shown, [f"file not found ({path.absolute()})"])
+    if problem is not None:
+        raise ManifestError(shown, [problem])
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise ManifestError(shown, [f"file not found ({path.resolve()})"]) from e
+        text = read_bytes_limited(path, MAX_MANIFEST_BYTES).decode("utf-8")
+    except AcctattrError as e:
+        raise ManifestError(shown, [e.message.removeprefix(f"{path}: ")]) from e
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(shown, [f"cannot read the file: {e}"]) from e
+    raw = load_yaml(text, shown)
+    return parse_manifest(raw, path.resolve(), shown)
+
+
+class _YamlRefused(Exception):
+    """A YAML document refused before it is built (duplicate keys, aliases, size)."""
+
+
+def load_yaml(text: str, shown: str) -> Any:
+    """A YAML document, safely: SafeLoader tags only, and refused (ManifestError) when a
+    mapping repeats a key (the last would silently win), an alias refers to a node that
+    contains it (a recursive structure), or aliases expand to more than MAX_YAML_NODES
+    nodes ("billion laughs"). Checked on the node graph, before anything is built."""
+    loader: _Loader | None = None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader: never builds Python objects
+        loader = _Loader(text)  # the reader refuses non-printable characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return loader.construct_document(node)
+    except _YamlRefused as e:
+        raise ManifestError(shown, [str(e)]) from None
     except yaml.YAMLError as e:
         detail = str(e).replace("\n", " ")
         hint = " (Python object tags such as !!python/object are never loaded)" \
             if "python/" in detail else ""
         raise ManifestError(shown, [f"not valid YAML{hint}: {detail}"]) from e
-    return parse_manifest(raw, path.resolve(), shown)
+    except RecursionError as e:
+        raise ManifestError(shown, ["not valid YAML: nested too deeply"]) from e
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Duplicate keys, recursive aliases and the expanded size, without recursion (the
+    graph is walked once per distinct node; an alias is a second edge to the same node)."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            on_path.discard(key)
+            total = 1 + sum(size[id(c)] for c in children)
+            if total > MAX_YAML_NODES:
+                raise _YamlRefused(
+                    f"line {node.start_mark.line + 1}: its aliases expand to more than "
+                    f"{MAX_YAML_NODES:,} values (a manifest is small; is this a 'billion "
+                    "laughs' document?)")
+            size[key] = total
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise _YamlRefused(f"line {node.start_mark.line + 1}: a recursive alias (a node "
+                               "that contains itself); write the value out")
+        on_path.add(key)
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicates(node)
+        stack.append((node, True))
+        for c in children:
+            if id(c) in on_path:
+                raise _YamlRefused(f"line {c.start_mark.line + 1}: a recursive alias (a node "
+                                   "that contains itself); write the value out")
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_duplicates(node: yaml.MappingNode) -> None:
+    seen: dict[str, int] = {}
+    for k, _ in node.value:
+        if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = k.start_mark.line + 1
+        if k.value in seen:
+            raise _YamlRefused(f"line {line}: duplicate key {k.value!r} (also on line "
+                               f"{seen[k.value]}); YAML would silently keep the last; "
+                               "remove one")
+        seen[k.value] = line
 
 
 def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:

@@ -22,13 +22,24 @@ from pathlib import Path
 import torch
 
 from acctattr.errors import CheckpointError
-from acctattr.runs.checkpoints import StateDictReader, load_torch_file, open_checkpoint
+from acctattr.runs.checkpoints import (
+    StateDictReader,
+    check_dense,
+    load_torch_file,
+    open_checkpoint,
+)
 from acctattr.runs.manifest import OptimizerSpec
 
 # State tensors each optimizer keeps per parameter.
 STATE_NAMES = {"sgd": ("momentum_buffer",),
                "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
                "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")}
+# Beyond these, a state value is garbage rather than a training statistic: a first moment
+# (momentum buffer, exp_avg) is a running mean of gradients, a second moment of their squares.
+MAX_FIRST_MOMENT = 1e15
+MAX_SECOND_MOMENT = 1e30
+MAX_STEP = 10**12
+_SECOND = ("exp_avg_sq", "max_exp_avg_sq")
 _HINT = ("state the mapping in the manifest: optimizer.param_names: a list of parameter "
          "names per param group, in the order they were passed to the optimizer")
 
@@ -160,7 +171,20 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                               "save it with torch.save(optimizer.state_dict(), path)")
     pgs = sd["param_groups"]
     if not isinstance(pgs, list) or not all(isinstance(g, dict) and "params" in g for g in pgs):
-        raise CheckpointError(f"{where}: 'param_groups' is malformed")
+        raise CheckpointError(f"{where}: 'param_groups' is malformed",
+                              "it must be a list of dicts, each with a 'params' list")
+    for i, g in enumerate(pgs):
+        if not isinstance(g["params"], (list, tuple)) or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in g["params"]):
+            raise CheckpointError(f"{where}: param_groups[{i}].params is not a list of "
+                                  "integer parameter ids",
+                                  "save it with torch.save(optimizer.state_dict(), path)")
+    if not isinstance(sd["state"], dict) or not all(
+            isinstance(e, dict) and all(isinstance(k, str) for k in e)
+            for e in sd["state"].values()):
+        raise CheckpointError(f"{where}: 'state' is not a mapping of parameter id -> "
+                              "{state name: tensor}",
+                              "save it with torch.save(optimizer.state_dict(), path)")
     _check_type(spec, stage, file, pgs, sd["state"])
     ids = [list(g["params"]) for g in pgs]
     names = list(trainable)
@@ -195,10 +219,14 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
         for pid, name in zip(gids, gnames, strict=True):
             entry = state.get(pid, {})
             for key, value in entry.items():
+                if key == "step" and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    value = torch.tensor(float(value))
                 if not isinstance(value, torch.Tensor):
                     continue
+                check_dense(value, f"{where}: state '{key}' of param id {pid}")
                 if key == "step":
-                    step = int(value.item())
+                    step = _step(value, f"{where}: state 'step' of '{name}'")
                     continue
                 if tuple(value.shape) != trainable[name]:
                     raise CheckpointError(
@@ -208,11 +236,50 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
                                           "values", "use a state file from before divergence")
-                tensors.setdefault(name, {})[key] = value.float()
+                value = value.float() if value.is_floating_point() else value
+                _check_moment(value, key, f"{where}: state '{key}' of '{name}'")
+                tensors.setdefault(name, {})[key] = value
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
     return OptimizerState(groups_h, tensors, step, file)
+
+
+def _step(value: torch.Tensor, where: str) -> int:
+    """Adam's step count: one finite, whole number in [1, MAX_STEP]."""
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise CheckpointError(f"{where} is not one number (shape {tuple(value.shape)}, "
+                              f"{value.dtype})", "use the file the optimizer saved")
+    x = float(value.item())
+    if not math.isfinite(x) or x != int(x) or not 1 <= x <= MAX_STEP:
+        raise CheckpointError(f"{where} is {x:g}; Adam's step count is a whole number from 1 "
+                              f"to {MAX_STEP:.0e} (its bias correction divides by "
+                              "1 - beta^step)", "use the file the optimizer saved")
+    return int(x)
+
+
+def _check_moment(value: torch.Tensor, key: str, where: str) -> None:
+    """A moment must be a floating tensor in a plausible range; a second moment (a mean of
+    squared gradients) is never negative."""
+    if not value.is_floating_point():
+        raise CheckpointError(f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, "
+                              "not floating point", "use the file the optimizer saved")
+    if value.numel() == 0:
+        return
+    if key in _SECOND:
+        low = float(value.min())
+        if low < 0:
+            raise CheckpointError(f"{where} has negative values (down to {low:.3g}); a "
+                                  "second moment is a running mean of squared gradients",
+                                  "use the file the optimizer saved")
+        limit = MAX_SECOND_MOMENT
+    else:
+        limit = MAX_FIRST_MOMENT
+    big = float(value.abs().max())
+    if big > limit:
+        raise CheckpointError(f"{where} reaches {big:.3g}, beyond {limit:.0e}: not a "
+                              "training statistic (a corrupted or diverged state)",
+                              "use a state file from before divergence")
 
 
 def _has_max(tensors: dict[str, dict[str, torch.Tensor]], names: list[str]) -> bool:
@@ -298,11 +365,12 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
                 f"{', '.join(allowed)}", "name keys like 'layer.weight.exp_avg'")
         value = reader.get(key)
         if state_name == "step":
-            step = int(value.item())
+            step = _step(value, f"{where}: '{key}'")
             continue
         if tuple(value.shape) != trainable[param]:
             raise CheckpointError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
                                   f"parameter '{param}' has {trainable[param]}")
+        _check_moment(value, state_name, f"{where}: '{key}'")
         tensors.setdefault(param, {})[state_name] = value
     groups = default_groups(list(trainable), spec)
     _check_cover(groups, trainable, stage, "optimizer.param_names")

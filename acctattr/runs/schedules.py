@@ -10,35 +10,97 @@ The formulas (also in the README), with T = steps, W = warmup, base and min:
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from typing import overload
 
 from acctattr.runs.manifest import LrSpec
 
 
-def schedule_lrs(schedule: str, steps: int, base: float, warmup: int = 0,
-                 minimum: float = 0.0) -> list[float]:
-    """Per-step learning rates of a named schedule (formulas in the module docstring)."""
-    out = []
+class Lrs(Sequence[float]):
+    """A stage's per-step learning rates, computed on demand in closed form: never a list
+    of ``steps`` floats (a stage of 1e8 steps costs nothing to hold or check).
+
+    Supports ``len``, indexing, slicing (a slice is another lazy view) and iteration; each
+    value is computed by exactly the arithmetic a list would have held, so sums over it
+    are bit-identical to sums over that list. ``lr_at(s)`` maps a 0-based step to its lr.
+    """
+
+    def __init__(self, lr_at: Callable[[int], float], start: int, stop: int) -> None:
+        self._at = lr_at
+        self._start = start
+        self._stop = max(start, stop)
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> float: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[float]: ...
+
+    def __getitem__(self, index: int | slice) -> float | Sequence[float]:
+        n = len(self)
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(n)
+            if step == 1:
+                return Lrs(self._at, self._start + lo, self._start + max(lo, hi))
+            return [self._at(self._start + i) for i in range(lo, hi, step)]
+        i = operator.index(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("learning-rate step out of range")
+        return self._at(self._start + i)
+
+    def __iter__(self) -> Iterator[float]:
+        return map(self._at, range(self._start, self._stop))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other,
+                                                                       strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Lrs(steps {self._start}..{self._stop})"
+
+
+def schedule_at(schedule: str, steps: int, base: float, warmup: int = 0,
+                minimum: float = 0.0) -> Callable[[int], float]:
+    """The lr of 0-based step s of a named schedule (formulas in the module docstring)."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}")
     span = max(steps - warmup, 1)
-    for s in range(steps):
+
+    def at(s: int) -> float:
         if s < warmup:
-            out.append(base * s / warmup)
-            continue
+            return base * s / warmup
         if schedule == "constant":
             factor = 1.0
         elif schedule == "linear":
             factor = (steps - s) / span
-        elif schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / span))
         else:
-            raise ValueError(f"unknown schedule {schedule!r}")
-        out.append(minimum + (base - minimum) * factor)
-    return out
+            factor = 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / span))
+        return minimum + (base - minimum) * factor
+
+    return at
+
+
+def schedule_lrs(schedule: str, steps: int, base: float, warmup: int = 0,
+                 minimum: float = 0.0) -> list[float]:
+    """Per-step learning rates of a named schedule, as a list (formulas in the module
+    docstring; ``lrs_from_spec`` gives the same values lazily)."""
+    return list(Lrs(schedule_at(schedule, steps, base, warmup, minimum), 0, steps))
 
 
 def interpolate_logged_lrs(logged: Sequence[tuple[int, float]], first_step: int,
-                           steps: int) -> tuple[list[float], int]:
+                           steps: int) -> tuple[Sequence[float], int]:
     """Per-step lrs from sparse (global_step, lr) log points, linearly interpolated.
 
     A Hugging Face Trainer logs ``learning_rate`` at global step N after the scheduler has
@@ -50,41 +112,42 @@ def interpolate_logged_lrs(logged: Sequence[tuple[int, float]], first_step: int,
         first_step: 0-indexed global step of the stage's first optimizer step.
         steps: the stage's number of optimizer steps.
     Returns:
-        (per-step lrs, how many of them were interpolated or extrapolated rather than logged)
+        (per-step lrs, lazy (Lrs), how many of them were interpolated or extrapolated
+        rather than logged)
     """
     points = sorted(dict(logged).items())
     if not points:
         raise ValueError("no learning_rate entries")
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
-    out: list[float] = []
-    guessed = 0
-    j = 0
-    for s in range(first_step, first_step + steps):
-        while j + 1 < len(xs) and xs[j + 1] <= s:
-            j += 1
+
+    def at(i: int) -> float:
+        s = first_step + i
+        j = max(bisect.bisect_right(xs, s) - 1, 0)  # the last log point at or before s
         if s == xs[j]:
-            out.append(ys[j])
-            continue
-        guessed += 1
+            return ys[j]
         if s < xs[0]:
-            out.append(ys[0])
-        elif j + 1 >= len(xs):
-            out.append(ys[-1])
-        else:
-            t = (s - xs[j]) / (xs[j + 1] - xs[j])
-            out.append(ys[j] + t * (ys[j + 1] - ys[j]))
-    return out, guessed
+            return ys[0]
+        if j + 1 >= len(xs):
+            return ys[-1]
+        t = (s - xs[j]) / (xs[j + 1] - xs[j])
+        return ys[j] + t * (ys[j + 1] - ys[j])
+
+    logged_here = bisect.bisect_left(xs, first_step + steps) - bisect.bisect_left(xs, first_step)
+    return Lrs(at, 0, steps), steps - logged_here
 
 
-def lrs_from_spec(spec: LrSpec, steps: int) -> list[float]:
-    """Per-step lrs of a manifest lr spec (not ``trainer_state``, which needs file I/O)."""
+def lrs_from_spec(spec: LrSpec, steps: int) -> Sequence[float]:
+    """Per-step lrs of a manifest lr spec (not ``trainer_state``, which needs file I/O):
+    lazy (Lrs) for a number or a schedule, a list for a per-step list."""
     if spec.value is not None:
-        return [spec.value] * steps
+        value = spec.value
+        return Lrs(lambda s: value, 0, steps)
     if spec.values is not None:
         if len(spec.values) != steps:
             raise ValueError(f"{len(spec.values)} per-step lrs for {steps} steps")
         return list(spec.values)
     if spec.schedule is not None:
-        return schedule_lrs(spec.schedule, steps, spec.base, spec.warmup, spec.min)
+        return Lrs(schedule_at(spec.schedule, steps, spec.base, spec.warmup, spec.min),
+                   0, steps)
     raise ValueError("lr spec names a trainer_state file; read it with checkpoints.read_lrs")

@@ -187,6 +187,16 @@ def test_user_metric_with_batch_keys_gets_the_attention_mask(lm, tmp_path):
     torch.testing.assert_close(_evaluator(lm, spec, plain).values()[0], builtin)  # -100 pads
 
 
+def test_float_labels_are_refused_for_next_token_metrics(tmp_path):
+    """Labels saved as floats would be truncated to token ids silently: refused, naming the
+    file and tensor."""
+    spec = _eval_file(tmp_path, True, lambda lab: lab.float())
+    with pytest.raises(DataError, match=r"eval.safetensors: eval.target tensor 'labels' has "
+                                        "dtype F32, but eval.metric next_token_loss needs "
+                                        "integer token ids"):
+        EvalData(spec)
+
+
 def test_an_eval_example_without_counted_tokens_is_refused(tmp_path):
     """A safetensors eval example whose labels are all -100 is refused (DataError, exit 2)
     naming the file and the example index."""

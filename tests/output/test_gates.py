@@ -93,8 +93,9 @@ def test_unknown_selectors_and_bad_confidence_are_usage_errors():
         gates.check_stage_name("nope", ["a", "b"])
 
 
-def test_harm_follows_the_metric_direction_and_undefined_se_never_trips():
-    """On a higher-is-better metric a negative effect is harm; NaN se cannot trip."""
+def test_harm_follows_the_metric_direction_and_undefined_se_fails_closed():
+    """On a higher-is-better metric a negative effect is harm; a NaN se plays no part at
+    confidence 0.5 and trips the gate (fail closed) at a confidence that needs it."""
     stages = (StageEffect("a", 1, -0.3, "hurt", 0.75, 0.9, None, 0.01, None, 1),
               StageEffect("b", 2, 0.1, "helped", 0.25, 0.5, None, math.nan, None, 2))
     result = Result("accuracy", True, "frozen", "linear", 100, 0.6, stages)
@@ -102,7 +103,9 @@ def test_harm_follows_the_metric_direction_and_undefined_se_never_trips():
     assert gate.tripped and gate.worst.stage == "a" and gate.worst.harm == pytest.approx(0.3)
     lone = Result("accuracy", True, "frozen", "linear", 1, 0.6,
                   (replace(stages[0], effect_se=math.nan),))
-    assert not gates.evaluate(lone, 0.2, 0.95).tripped
+    closed = gates.evaluate(lone, 0.2, 0.95)
+    assert closed.tripped and "standard error is undefined" in (closed.worst.reason or "")
+    assert "fail closed" in gates.describe(closed, "accuracy")
     assert "undefined" in gates.describe(gates.evaluate(lone, 0.2), "accuracy")
 
 
