@@ -184,6 +184,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
                 attempt(lambda r=reader, k=key, s=stage: _check_params(r, info, s.name, k))
+        if isinstance(start, StateDictReader) and isinstance(end, StateDictReader):
+            attempt(lambda a=start, b=end, s=stage: _check_dtypes(a, b, info, s.name))
         ckpts = []
         for ref in stage.checkpoints:
             r = attempt(lambda p=ref.path: readers(p))
@@ -233,7 +235,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
     metric = attempt(lambda: resolve_metric(manifest.eval.metric,
                                             manifest.eval.higher_is_better, "eval.metric"))
     if final is not None and data is not None and metric is not None:
-        params = {n: final.get(n).to(device) for n in info.trainable}
+        params = _final_params(model, final, info, device)
         fixed = {n: t.to(device) for n, t in _fixed_tensors(model, final, info).items()}
         evaluator = Evaluator(model, params, fixed, data, metric)  # type: ignore[arg-type]
     return Loaded(manifest, model, info, runs, evaluator, warnings)  # type: ignore[arg-type]
@@ -245,11 +247,60 @@ def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictRe
     return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
 
 
+# how much of a stage's update the rounding between its checkpoints' dtypes may be
+ROUNDING_SHARE = 0.1
+
+
+def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
+                  stage: str) -> None:
+    """A stage whose start and end hold a parameter in different floating dtypes is refused
+    where the rounding between the dtypes is more than ROUNDING_SHARE of the stage's update
+    (Delta_k would be mostly rounding); otherwise Delta_k is computed in float32 or better."""
+    mixed = [n for n in info.trainable if n in start and n in end  # else _check_params
+             and start.shape(n) == end.shape(n)
+             and (da := start.torch_dtype(n)) is not None and (db := end.torch_dtype(n)) is not None
+             and da != db and da.is_floating_point and db.is_floating_point]
+    if not mixed:
+        return
+    rounding = update = 0.0
+    for n in mixed:
+        a, b = start.get(n, native=True), end.get(n, native=True)
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        high = b if low == a.dtype else a
+        rounding += float((high.to(low).double() - high.double()).square().sum())
+        update += float((b.double() - a.double()).square().sum())
+    share = math.sqrt(rounding / update) if update > 0 else math.inf
+    if share > ROUNDING_SHARE:
+        n = mixed[0]
+        raise CheckpointError(
+            f"stage '{stage}': start {start.path} holds '{n}' as "
+            f"{str(start.torch_dtype(n)).replace('torch.', '')} but end {end.path} as "
+            f"{str(end.torch_dtype(n)).replace('torch.', '')} ({len(mixed)} parameter(s) differ): "
+            f"rounding between the two dtypes alone is {share:.0%} of the stage's update, so "
+            "its Delta would be mostly rounding, not training",
+            "save the stage's start and end in the same dtype (convert the start to the "
+            "end's dtype: that is the weights the stage began from)")
+
+
+def _final_params(model: torch.nn.Module, final: StateDictReader, info: ModelInfo,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """theta_T's trainable parameters on ``device`` in the checkpoint's own dtype (a bf16
+    run is evaluated in bf16), read one at a time into the model's own parameters (the
+    factory's initial values freed as they go: one copy of the model, not two)."""
+    own = dict(model.named_parameters())
+    params = {}
+    for n in info.trainable:
+        t = final.get(n, native=True).to(device)
+        own[n].data = t
+        params[n] = t
+    return params
+
+
 def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,
                    info: ModelInfo) -> dict[str, torch.Tensor]:
     """Frozen parameters and buffers at theta_T (the model's own where not saved)."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    return {n: (final.get(n) if n in final else own[n].detach())
+    return {n: (final.get(n, native=True) if n in final else own[n].detach())
             for n in (*info.frozen, *info.buffers)}
 
 

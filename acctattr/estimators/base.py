@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 # The optimizer state that carries a parameter perturbation forward.
 FIRST_MOMENT = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg"}
 Params = dict[str, torch.Tensor]
+# elements of one parameter computed at a time where the math is elementwise: at most
+# CHUNK (32 MB of float64), and a 32nd of the model where that is less but at least
+# MIN_CHUNK: memory does not grow with the largest tensor (an embedding matrix), and a few
+# float64 slices stay small next to the model
+CHUNK = 1 << 22
+MIN_CHUNK = 1 << 16
 
 
 @dataclass
@@ -150,8 +156,28 @@ class Estimator:
         return int(self.copies * 4 * self.training.n_params)
 
     def embed(self, k: int) -> Params:
-        """v_k for stage k, by parameter name (float64)."""
+        """v_k for stage k, by parameter name: float64, or (naive, frozen: computed in
+        float64 one piece at a time) the dtype ``embed_dtype`` gives."""
         raise NotImplementedError
+
+    def embed_dtype(self, name: str) -> torch.dtype:
+        """The dtype an elementwise embedding of a parameter is kept in: the model's own
+        float32 or float64, float32 for half-precision parameters (the evaluation rounds
+        it to the model's dtype; the sums that build it run in float64)."""
+        dtype = self.training.dtypes.get(name, torch.float32)
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    def streamed(self, name: str, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """One parameter's embedding built from fn(start, stop), its flat elements
+        start..stop (float64), CHUNK elements at a time, kept in ``embed_dtype``."""
+        shape = self.training.trainable[name]
+        n = math.prod(shape)
+        step = min(CHUNK, max(MIN_CHUNK, self.training.n_params // 32))
+        out = torch.empty(n, dtype=self.embed_dtype(name), device=self.stages.device)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            out[a:b] = fn(a, b)
+        return out.reshape(shape)
 
     def warnings(self) -> list[str]:
         """What the user should know about the embeddings computed so far."""
@@ -160,7 +186,8 @@ class Estimator:
 
 class Stages:
     """Per-stage pieces shared by the estimators: Delta_k, delta_b_k and Adam's frozen
-    preconditioner, read one parameter at a time (the preconditioner cached)."""
+    preconditioner, read from the files one parameter (or a flat slice start..stop of one
+    parameter) at a time; nothing is kept between calls."""
 
     def __init__(self, runs: list[StageRun], trainable: dict[str, tuple[int, ...]],
                  device: torch.device | None = None) -> None:
@@ -168,20 +195,27 @@ class Stages:
         self.trainable = trainable
         self.device = device or torch.device("cpu")
         self.groups = [r.state.group_of() for r in runs]
-        self._precond: dict[tuple[int, str], torch.Tensor] = {}
 
-    def delta(self, k: int, name: str) -> torch.Tensor:
-        """Delta_k for one parameter, float64."""
+    def delta(self, k: int, name: str, start: int | None = None,
+              stop: int | None = None) -> torch.Tensor:
+        """Delta_k for one parameter (flat elements start..stop of it), float64."""
         run = self.runs[k]
-        return (run.end.get(name).to(self.device).double()
-                - run.start.get(name).to(self.device).double())
+
+        def read(reader: StateDictReader) -> torch.Tensor:
+            t = reader.get(name) if start is None else reader.get_flat(
+                name, start, stop if stop is not None else math.prod(self.trainable[name]))
+            return t.to(self.device).double()
+
+        return read(run.end) - read(run.start)
 
     def deltas(self, k: int) -> Params:
         """Delta_k for every trainable parameter (the naive embedding)."""
         return {name: self.delta(k, name) for name in self.trainable}
 
-    def delta_state(self, k: int, name: str) -> torch.Tensor | None:
-        """delta_b_k: first-moment state at the end of stage k minus at the end of stage k-1.
+    def delta_state(self, k: int, name: str, start: int | None = None,
+                    stop: int | None = None) -> torch.Tensor | None:
+        """delta_b_k: first-moment state at the end of stage k minus at the end of stage k-1
+        (flat elements start..stop of it).
 
         Needed only when stage k+1 continues stage k's optimizer state; None otherwise.
         """
@@ -194,7 +228,7 @@ class Stages:
                 f"stage '{nxt.name}' continues the optimizer state of stage '{run.name}', so "
                 f"stage '{run.name}' needs optimizer.state (its {key} at the end)",
                 "add optimizer.state to that stage, or set continues: false if it did not")
-        now = run.state.tensor(name, key)
+        now = run.state.tensor(name, key, start, stop)
         before = None
         if k > 0 and self.runs[k - 1].opt_type == nxt.opt_type:
             prev = self.runs[k - 1]
@@ -203,29 +237,29 @@ class Stages:
                     f"skipping stage '{run.name}' makes stage '{nxt.name}' continue the state "
                     f"of stage '{prev.name}', which has no optimizer.state",
                     f"add optimizer.state to stage '{prev.name}'")
-            before = prev.state.tensor(name, key)
+            before = prev.state.tensor(name, key, start, stop)
         if now is None and before is None:
             return None
-        zero = torch.zeros(self.trainable[name], dtype=torch.float64, device=self.device)
+        shape = self.trainable[name] if start is None else (
+            len(range(math.prod(self.trainable[name]))[start:stop]),)
+        zero = torch.zeros(shape, dtype=torch.float64, device=self.device)
         return (now.to(self.device).double() if now is not None else zero) - (
             before.to(self.device).double() if before is not None else zero)
 
-    def preconditioner(self, j: int, name: str) -> torch.Tensor:
-        """Stage j's frozen Adam preconditioner for one parameter, from its state file."""
-        key = (j, name)
-        if key not in self._precond:
-            run = self.runs[j]
-            hp = run.state.groups[self.groups[j][name]]
-            # amsgrad divides by the running maximum of the second moment
-            moment = "max_exp_avg_sq" if hp.amsgrad else "exp_avg_sq"
-            v = run.state.tensor(name, moment)
-            if v is None:
-                why = "there is none" if run.state.source is None else "it lacks that tensor"
-                raise CheckpointError(
-                    f"stage '{run.name}': the estimator needs the Adam second moment "
-                    f"({moment}) of '{name}' from optimizer.state, and {why}",
-                    "give the stage's optimizer.state (its optimizer.pt at the stage's end)")
-            step = run.state.step if run.state.step is not None else run.step0 + run.steps
-            self._precond[key] = adam_preconditioner(v.to(self.device), step, hp.beta2,
-                                                     hp.eps)
-        return self._precond[key]
+    def preconditioner(self, j: int, name: str, start: int | None = None,
+                       stop: int | None = None) -> torch.Tensor:
+        """Stage j's frozen Adam preconditioner for one parameter (flat elements start..stop
+        of it), float64, from its state file (read again on every call: not kept)."""
+        run = self.runs[j]
+        hp = run.state.groups[self.groups[j][name]]
+        # amsgrad divides by the running maximum of the second moment
+        moment = "max_exp_avg_sq" if hp.amsgrad else "exp_avg_sq"
+        v = run.state.tensor(name, moment, start, stop)
+        if v is None:
+            why = "there is none" if run.state.source is None else "it lacks that tensor"
+            raise CheckpointError(
+                f"stage '{run.name}': the estimator needs the Adam second moment "
+                f"({moment}) of '{name}' from optimizer.state, and {why}",
+                "give the stage's optimizer.state (its optimizer.pt at the stage's end)")
+        step = run.state.step if run.state.step is not None else run.step0 + run.steps
+        return adam_preconditioner(v.to(self.device), step, hp.beta2, hp.eps)

@@ -8,6 +8,8 @@ v_k = alpha * Delta_k + beta * delta_b_k.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from acctattr.estimators.base import Estimator, Params, Training
@@ -24,8 +26,9 @@ from acctattr.options import UnrolledConfig
 class Frozen(Estimator):
     name = "frozen"
     evaluate = "linear"
-    # bench/unrolled_memory.py: 13.4-17.4 float32 copies of the parameters at its peak
-    copies = 16
+    # bench/scale.py, 124M GPT-2-style run: 3.7-3.9 checkpoints above start-up at its peak,
+    # the model itself (theta_T) included, whatever the number of stages
+    copies = 5
 
     def __init__(self, training: Training, config: UnrolledConfig | None = None,
                  strict: bool = False) -> None:
@@ -33,18 +36,24 @@ class Frozen(Estimator):
         self._transforms: dict[tuple[int, int], SgdTransform | AdamwTransform] = {}
 
     def embed(self, k: int) -> Params:
-        return {name: self._param(k, name) for name in self.training.trainable}
+        # every step is elementwise: each parameter is built a slice at a time, every
+        # stage's files read for that slice only
+        return {name: self.streamed(name, partial(self._param, k, name))
+                for name in self.training.trainable}
 
-    def _param(self, k: int, name: str) -> torch.Tensor:
-        d = self.stages.delta(k, name)
-        e = self.stages.delta_state(k, name)
+    def _param(self, k: int, name: str, start: int | None = None,
+               stop: int | None = None) -> torch.Tensor:
+        d = self.stages.delta(k, name, start, stop)
+        e = self.stages.delta_state(k, name, start, stop)
         for j in range(k + 1, len(self.training.runs)):
-            d, e = self.propagate(j, name, d, e)
+            d, e = self.propagate(j, name, d, e, start, stop)
         return d
 
-    def propagate(self, j: int, name: str, d: torch.Tensor,
-                  e: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Carry (d, e) of one parameter through stage j with gradients held fixed."""
+    def propagate(self, j: int, name: str, d: torch.Tensor, e: torch.Tensor | None,
+                  start: int | None = None, stop: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry (d, e) of one parameter (flat elements start..stop of it) through stage j
+        with gradients held fixed."""
         run = self.training.runs[j]
         if run.fresh:
             e = None
@@ -55,12 +64,13 @@ class Frozen(Estimator):
         group = self.stages.groups[j][name]
         hp = run.state.groups[group]
         if run.opt_type == "adam" and hp.weight_decay > 0:
-            return adam_l2_propagate(d, e, self.stages.preconditioner(j, name), run.lrs,
-                                     hp.beta1, hp.weight_decay, run.step0)
+            pre = self.stages.preconditioner(j, name, start, stop)
+            return adam_l2_propagate(d, e, pre, run.lrs, hp.beta1, hp.weight_decay, run.step0)
         t = self._transform(j, group)
         if isinstance(t, SgdTransform):
             return t.apply(d, e)
-        p = self.stages.preconditioner(j, name) if (e is not None and t.b != 0.0) else None
+        p = (self.stages.preconditioner(j, name, start, stop)
+             if (e is not None and t.b != 0.0) else None)
         return t.apply(d, e, p)
 
     def _transform(self, j: int, group: int) -> SgdTransform | AdamwTransform:

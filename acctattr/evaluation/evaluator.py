@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from acctattr.distributed import Ranks
 
 Params = dict[str, torch.Tensor]
+HALF = (torch.bfloat16, torch.float16)
 
 
 def forward(model: nn.Module, state: Params, inputs: tuple[str, ...],
@@ -102,6 +103,8 @@ class Evaluator:
                 f"{_describe(batch, spec.inputs)}: {type(e).__name__}: {_first_line(e)}",
                 f"check that eval.inputs ({', '.join(spec.inputs)}) hold what the model's "
                 "forward takes (names, shapes, dtypes)") from e
+        if isinstance(out, torch.Tensor) and out.dtype in HALF:
+            out = out.float()  # a half-precision model's metric computed in float32
         target = batch[spec.target]
         if self.metric.name in (*CLASS_METRICS, *TOKEN_METRICS) and target.is_floating_point():
             raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
@@ -173,13 +176,21 @@ class Evaluator:
     def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
         """f_i(theta_T) - f_i(theta_T - v) for every example [N] float64 on the CPU;
         ``base`` = f_i(theta_T)."""
-        shifted = {n: p - _like(v[n], p) for n, p in self.params.items()}
+        shifted = {n: _shift(p, v[n]) for n, p in self.params.items()}
 
         def one(batch: Batch) -> tuple[torch.Tensor, ...]:
             return (self._metric(shifted, batch).cpu().double(),)
 
         with torch.no_grad():
             return base - self._each(one)[0]
+
+
+def _shift(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """theta_T - v in p's dtype; for half-precision p the difference is taken in float32
+    and rounded once."""
+    if p.dtype in HALF:
+        return (p.float() - v.to(torch.float32).to(p.device)).to(p.dtype)
+    return p - _like(v, p)
 
 
 def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@ more than the tensors its caller keeps. PyTorch files are only ever loaded with
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import mmap
 import pickle
 import struct
 import warnings
@@ -31,11 +34,76 @@ _FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "model.pt", "model.bin", "pytorch_model.bin.index.json")
 
 
+# safetensors dtype names -> torch dtypes (the file's bytes are little-endian, as is torch here)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Header:
+    """A safetensors file's header: name -> (dtype, shape, byte offset of its data)."""
+
+    def __init__(self, file: Path) -> None:
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            doc = json.loads(fh.read(n))
+        self.entries: dict[str, tuple[str, tuple[int, ...], int]] = {
+            k: (v["dtype"], tuple(v["shape"]), 8 + n + int(v["data_offsets"][0]))
+            for k, v in doc.items() if k != "__metadata__"}
+
+
+def _pread(file: Path, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+    """``count`` elements of ``dtype`` at byte ``offset`` of ``file``, read into fresh memory
+    (no mapping of the file stays resident)."""
+    out = torch.empty(count, dtype=dtype)
+    if count:
+        with open(file, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            view = out.view(torch.uint8).numpy().data.cast("B")
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise OSError(f"file ends {len(view) - got} bytes early")
+                got += n
+    return out
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages of a tensor that lies in a read-only private
+    file mapping (``torch.load(mmap=True)``), as after reading it once: they count as the
+    process's memory until then. Never call it on memory the process wrote."""
+    n = t.numel() * t.element_size()
+    if n:
+        drop_range(t.data_ptr(), t.data_ptr() + n)
+
+
+def drop_range(start: int, stop: int) -> None:
+    """``drop_pages`` for the bytes start..stop of such a mapping: every page they touch,
+    those shared with neighbours too (the mapping is read-only file data: a dropped page is
+    read again from the file if needed). The kernel maps pages around each one a read
+    touches (fault-around), so callers pad the range or drop a whole file's span."""
+    if _LIBC is None or stop <= start:
+        return
+    a = start // mmap.PAGESIZE * mmap.PAGESIZE
+    b = -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+
+
+try:
+    _LIBC: Any = ctypes.CDLL(None)
+    _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError, TypeError):  # no libc madvise: pages stay until unmapped
+    _LIBC = None
+
+
 class StateDictReader:
     """Read-only, lazy view of one checkpoint's tensors (name -> tensor).
 
     ``get`` returns floating tensors as float32 (bf16/fp16 checkpoints are computed in fp32;
-    float64 is kept) and refuses NaN or Inf, naming the tensor.
+    float64 is kept) unless asked for the file's own dtype, and refuses NaN or Inf, naming
+    the tensor. safetensors tensors are read from the file into fresh memory each time (a
+    tensor or a flat slice of it, ``get_flat``): nothing of the file stays resident.
     """
 
     def __init__(self, path: Path, shards: dict[str, Path] | None = None,
@@ -44,6 +112,7 @@ class StateDictReader:
         self._shards = shards or {}
         self._tensors = tensors
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, _Header] = {}
 
     def names(self) -> list[str]:
         if self._tensors is not None:
@@ -81,23 +150,62 @@ class StateDictReader:
             raise CheckpointError(f"{file}: cannot read the header entry of tensor '{name}': {e}",
                                   "the file is truncated or corrupted; re-save it") from e
 
-    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+    def torch_dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's dtype as stored (None where the format does not say)."""
+        if self._tensors is not None:
+            return self._tensors[name].dtype
+        entry = self._entry(name)
+        return _ST_DTYPES.get(entry[0]) if entry is not None else None
+
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...], int] | None:
+        file = self._shards[name]
+        if file not in self._headers:
+            try:
+                self._headers[file] = _Header(file)
+            except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+                return None  # read through safetensors itself, which says what is wrong
+        return self._headers[file].entries.get(name)
+
+    def _read(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        """The tensor as stored (or flat elements start..stop of it)."""
         if self._tensors is not None:
             t = self._tensors[name]
-            where = self.path
-        else:
-            where = self._shards[name]
-            try:
+            return t if start is None else t.reshape(-1)[start:stop]
+        where = self._shards[name]
+        entry = self._entry(name)
+        try:
+            if entry is None or entry[0] not in _ST_DTYPES:
                 t = self._handle(where).get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{where}: cannot read tensor '{name}': {e}",
-                                      "the file is truncated or corrupted; re-save it") from e
+                return t if start is None else t.reshape(-1)[start:stop]
+            dtype = _ST_DTYPES[entry[0]]
+            n = math.prod(entry[1])
+            a, b = (0, n) if start is None else (start, min(n, n if stop is None else stop))
+            size = torch.empty((), dtype=dtype).element_size()
+            t = _pread(where, dtype, entry[2] + a * size, max(b - a, 0))
+            return t.reshape(entry[1]) if start is None else t
+        except Exception as e:
+            raise CheckpointError(f"{where}: cannot read tensor '{name}': {e}",
+                                  "the file is truncated or corrupted; re-save it") from e
+
+    def get_flat(self, name: str, start: int, stop: int, *,
+                 native: bool = False) -> torch.Tensor:
+        """Flat elements start..stop of a tensor (as ``get``)."""
+        return self._checked(name, self._read(name, start, stop), True, native)
+
+    def get(self, name: str, *, check_finite: bool = True,
+            native: bool = False) -> torch.Tensor:
+        """A tensor; ``native``: floating tensors in the file's own dtype."""
+        return self._checked(name, self._read(name, None, None), check_finite, native)
+
+    def _checked(self, name: str, t: torch.Tensor, check_finite: bool,
+                 native: bool) -> torch.Tensor:
+        where = self.path if self._tensors is not None else self._shards[name]
         if t.is_complex() or (t.is_floating_point() and t.dtype not in _TORCH_DTYPES):
             raise CheckpointError(f"{where}: tensor '{name}' has dtype "
                                   f"{str(t.dtype).removeprefix('torch.')}; acctattr reads "
                                   "float16, bfloat16, float32 and float64 weights",
                                   "save the checkpoint in one of those dtypes")
-        if t.is_floating_point() and t.dtype != torch.float64:
+        if not native and t.is_floating_point() and t.dtype != torch.float64:
             t = t.float()
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
@@ -210,6 +318,12 @@ def _open_index(index: Path) -> StateDictReader:
 
 def load_torch_file(file: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (memory-mapped where the format allows)."""
+    return load_torch_file_mapped(file)[0]
+
+
+def load_torch_file_mapped(file: Path) -> tuple[Any, bool]:
+    """``load_torch_file``, and whether the file was memory-mapped (its tensors then lie in a
+    read-only private mapping: ``drop_pages`` may give their pages back)."""
     check_file(file, "", CheckpointError)
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes are noise to a user
@@ -226,13 +340,13 @@ def load_torch_file(file: Path) -> Any:
                               "the file is truncated or corrupted; re-save it") from e
 
 
-def _torch_load(file: Path) -> Any:
+def _torch_load(file: Path) -> tuple[Any, bool]:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True), False
 
 
 def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
@@ -285,8 +399,16 @@ class RenamedReader(StateDictReader):
     def dtype(self, name: str) -> str:
         return self.inner.dtype(self.prefix + name)
 
-    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
-        return self.inner.get(self.prefix + name, check_finite=check_finite)
+    def torch_dtype(self, name: str) -> torch.dtype | None:
+        return self.inner.torch_dtype(self.prefix + name)
+
+    def get(self, name: str, *, check_finite: bool = True,
+            native: bool = False) -> torch.Tensor:
+        return self.inner.get(self.prefix + name, check_finite=check_finite, native=native)
+
+    def get_flat(self, name: str, start: int, stop: int, *,
+                 native: bool = False) -> torch.Tensor:
+        return self.inner.get_flat(self.prefix + name, start, stop, native=native)
 
 
 def align_names(reader: StateDictReader, expected: list[str]) -> StateDictReader:

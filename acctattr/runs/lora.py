@@ -126,8 +126,16 @@ class LoraMergedReader(StateDictReader):
     def dtype(self, name: str) -> str:
         return self.base.dtype(name)
 
-    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
-        w = self.base.get(name, check_finite=check_finite)
+    def torch_dtype(self, name: str) -> torch.dtype | None:
+        return self.base.torch_dtype(name)
+
+    def get_flat(self, name: str, start: int, stop: int, *,
+                 native: bool = False) -> torch.Tensor:
+        return self.get(name, native=native).reshape(-1)[start:stop]
+
+    def get(self, name: str, *, check_finite: bool = True,
+            native: bool = False) -> torch.Tensor:
+        w = self.base.get(name, check_finite=check_finite, native=native)
         if name not in self._pairs:
             return w
         return (w.double() + self.delta(name)).to(w.dtype)

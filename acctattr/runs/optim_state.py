@@ -25,7 +25,8 @@ from acctattr.errors import CheckpointError
 from acctattr.runs.checkpoints import (
     StateDictReader,
     check_dense,
-    load_torch_file,
+    drop_range,
+    load_torch_file_mapped,
     open_checkpoint,
 )
 from acctattr.runs.manifest import OptimizerSpec
@@ -65,18 +66,45 @@ class GroupHparams:
 
 @dataclass
 class OptimizerState:
-    """Hyperparameters per group and, when a state file was read, per-parameter state."""
+    """Hyperparameters per group and, when a state file was read, per-parameter state.
+
+    The state tensors stay in the file until asked for: ``tensors`` are views into the
+    memory-mapped ``torch.save`` file (their pages given back after each read), ``keys``
+    the names of a safetensors state file's tensors in ``reader``.
+    """
 
     groups: list[GroupHparams]
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     step: int | None = None  # the optimizer's step count at the end of the stage (Adam)
     source: Path | None = None
+    reader: StateDictReader | None = None
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)
+    mapped: bool = False  # ``tensors`` lie in a read-only private mapping of the file
+    span: tuple[int, int] = (0, 0)  # the addresses those tensors span in it
 
     def group_of(self) -> dict[str, int]:
         return {n: i for i, g in enumerate(self.groups) for n in g.names}
 
-    def tensor(self, param: str, state_name: str) -> torch.Tensor | None:
-        return self.tensors.get(param, {}).get(state_name)
+    def tensor(self, param: str, state_name: str, start: int | None = None,
+               stop: int | None = None) -> torch.Tensor | None:
+        """One state tensor (or flat elements start..stop of it) in fresh memory, float32
+        (float64 kept); None where the file has none."""
+        key = self.keys.get(param, {}).get(state_name)
+        if key is not None and self.reader is not None:
+            if start is None:
+                return self.reader.get(key)
+            return self.reader.get(key).reshape(-1)[start:stop] if stop is None else \
+                self.reader.get_flat(key, start, stop)
+        t = self.tensors.get(param, {}).get(state_name)
+        if t is None:
+            return None
+        src = t if start is None else t.reshape(-1)[start:stop]
+        out = src.to(torch.float64 if src.dtype == torch.float64 else torch.float32, copy=True)
+        if self.mapped:  # with the pages the kernel mapped around them (fault-around)
+            a = src.data_ptr()
+            b = a + src.numel() * src.element_size()
+            drop_range(max(self.span[0], a - _AROUND), min(self.span[1], b + _AROUND))
+        return out
 
 
 def default_groups(trainable: list[str], spec: OptimizerSpec) -> list[list[str]]:
@@ -155,7 +183,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 no_decay: set[str]) -> OptimizerState:
     file = spec.state
     assert file is not None
-    sd = load_torch_file(file)
+    sd, mapped = load_torch_file_mapped(file)
     where = f"stage '{stage}': optimizer.state {file}"
     if isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list):
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
@@ -236,13 +264,26 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
                                           "values", "use a state file from before divergence")
-                value = value.float() if value.is_floating_point() else value
                 _check_moment(value, key, f"{where}: state '{key}' of '{name}'")
                 tensors.setdefault(name, {})[key] = value
+    span = _span(tensors)
+    if mapped:  # read once for the checks above; read again when used
+        drop_range(*span)
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
-    return OptimizerState(groups_h, tensors, step, file)
+    return OptimizerState(groups_h, tensors, step, file, mapped=mapped, span=span)
+
+
+# the kernel maps up to 64 KiB around a faulting page (fault_around_bytes)
+_AROUND = 1 << 16
+
+
+def _span(tensors: dict[str, dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """The lowest and highest address the tensors' data occupy."""
+    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+            for per in tensors.values() for t in per.values() if t.numel()]
+    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else (0, 0)
 
 
 def _step(value: torch.Tensor, where: str) -> int:
@@ -282,7 +323,8 @@ def _check_moment(value: torch.Tensor, key: str, where: str) -> None:
                               "use a state file from before divergence")
 
 
-def _has_max(tensors: dict[str, dict[str, torch.Tensor]], names: list[str]) -> bool:
+def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, str]],
+             names: list[str]) -> bool:
     return any("max_exp_avg_sq" in tensors.get(n, {}) for n in names)
 
 
@@ -354,7 +396,7 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
     assert spec.state is not None
     reader: StateDictReader = open_checkpoint(spec.state)
     where = f"stage '{stage}': optimizer.state {spec.state}"
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, str]] = {}
     step: int | None = None
     allowed = STATE_NAMES[spec.type]
     for key in reader.names():
@@ -363,16 +405,17 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
             raise CheckpointError(
                 f"{where}: key '{key}' is not <trainable parameter>.<state> with state one of "
                 f"{', '.join(allowed)}", "name keys like 'layer.weight.exp_avg'")
-        value = reader.get(key)
         if state_name == "step":
-            step = _step(value, f"{where}: '{key}'")
+            step = _step(reader.get(key), f"{where}: '{key}'")
             continue
+        value = reader.get(key)  # checked here, read again (from the file) when used
         if tuple(value.shape) != trainable[param]:
             raise CheckpointError(f"{where}: '{key}' has shape {tuple(value.shape)}, "
                                   f"parameter '{param}' has {trainable[param]}")
         _check_moment(value, state_name, f"{where}: '{key}'")
-        tensors.setdefault(param, {})[state_name] = value
+        del value
+        keys.setdefault(param, {})[state_name] = key
     groups = default_groups(list(trainable), spec)
     _check_cover(groups, trainable, stage, "optimizer.param_names")
-    return OptimizerState([_merge(spec, g, None, _has_max(tensors, g)) for g in groups],
-                          tensors, step, spec.state)
+    return OptimizerState([_merge(spec, g, None, _has_max(keys, g)) for g in groups],
+                          {}, step, spec.state, reader=reader, keys=keys)

@@ -175,7 +175,7 @@ class AdamFlow:
                   eps: torch.Tensor) -> torch.Tensor:
         """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)."""
         bias = self.flat.per_group(j, lambda h: 1 - h.beta2**step)
-        return g / bias.reciprocal_().mul_(v).sqrt_().add_(eps)
+        return g / (v * bias.reciprocal_()).sqrt_().add_(eps)
 
     def settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
                      positive: torch.Tensor, lam_c: torch.Tensor,

@@ -35,9 +35,10 @@ class Unrolled(Estimator):
     suited = ("every later stage has training data (data:) and, for Adam, optimizer.state; "
               "it fits in memory; and its simulation reproduces each later stage's "
               "recorded training loss")
-    # Peak memory in float32 copies of the trainable parameters: 99.5-104.5 measured by
-    # bench/unrolled_memory.py (4.2M-parameter AdamW run), rounded up.
-    copies = 110
+    # Peak memory in float32 copies of the trainable parameters: 73.3 measured by
+    # bench/unrolled_memory.py (4.2M-parameter AdamW run), 75.3 checkpoints by
+    # bench/scale.py (10M GPT-2-style run, the model included), rounded up.
+    copies = 80
     # embeddings cost simulations of later stages: under torchrun each rank builds some
     shard_stages = True
 
@@ -122,7 +123,8 @@ class Unrolled(Estimator):
         if self.strict and failed:
             raise Unsuitable("unrolled's simulation does not reproduce the recorded run of "
                              + "; ".join(r.describe() for r in failed))
-        return flat.named(d, torch.float64)
+        # kept as naive and frozen keep theirs (the evaluation rounds to the model's dtype)
+        return {n: t.to(self.embed_dtype(n)) for n, t in flat.named(d, torch.float64).items()}
 
     def warnings(self) -> list[str]:
         return [f"unrolled's simulation does not reproduce the recorded run of {r.describe()}; "

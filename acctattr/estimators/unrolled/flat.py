@@ -72,17 +72,24 @@ class FlatRun:
 
     # ------------------------------------------------------------ per-group constants
     def per_group(self, j: int, value: Callable[..., float]) -> torch.Tensor:
-        """A flat vector holding value(group hyperparameters) for each parameter's group."""
+        """value(group hyperparameters) for each parameter's group: a scalar (0-dim float64
+        tensor, broadcast) where every parameter's group gives the same value, else a flat
+        vector of it per element."""
         run = self.runs[j]
         groups = self.stages.groups[j]
-        return torch.cat([torch.full((size,), float(value(run.state.groups[groups[n]])),
-                                     dtype=torch.float64, device=self.device)
+        values = {i: float(value(run.state.groups[i])) for i in {groups[n] for n in self.names}}
+        if len(set(values.values())) == 1:
+            return torch.tensor(next(iter(values.values())), dtype=torch.float64,
+                                device=self.device)
+        return torch.cat([torch.full((size,), values[groups[n]], dtype=torch.float64,
+                                     device=self.device)
                           for n, size in zip(self.names, self.sizes, strict=True)])
 
     def coupled_decay(self, j: int) -> torch.Tensor:
-        """Stage j's coupled (L2) weight decay per element; AdamW's decoupled one is not."""
+        """Stage j's coupled (L2) weight decay per element (a scalar where uniform); AdamW's
+        decoupled one is not."""
         if self.runs[j].opt_type == "adamw":
-            return torch.zeros(sum(self.sizes), dtype=torch.float64, device=self.device)
+            return torch.tensor(0.0, dtype=torch.float64, device=self.device)
         return self.per_group(j, lambda g: g.weight_decay)
 
     def decay(self, j: int, k0: int, k1: int) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""naive and frozen hold one embedding and read the files a slice at a time: what they
+keep, what they read, and that slicing changes no bit of the result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from staged import StageCfg, write_run
+
+from acctattr import pipeline
+from acctattr.estimators import base
+from acctattr.runs.checkpoints import drop_pages, load_torch_file_mapped, open_checkpoint
+
+WARM_COS = {"schedule": "cosine", "base": 0.02, "warmup": 5, "min": 0.001}
+STAGES = [
+    StageCfg("a", "adamw", 20, WARM_COS, {"betas": (0.9, 0.99)}, (0.1, 0.0)),
+    StageCfg("b", "adamw", 15, WARM_COS, {}, (0.2, 0.0), continues=True),
+    StageCfg("c", "adamw", 10, 0.01, {}, (0.3, 0.05), continues=True),
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _embeddings(manifest: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    loaded = pipeline.check(manifest)
+    est = pipeline.estimator(loaded, name)
+    own = dict(loaded.model.named_parameters())
+    out = [est.embed(k) for k in range(len(loaded.runs))]
+    for v in out:  # kept in the model's own dtype
+        assert all(t.dtype == own[n].dtype for n, t in v.items())
+    return out
+
+
+def test_sliced_embeddings_are_bit_identical_to_whole_tensors(tmp_path, monkeypatch):
+    """Built 7 elements at a time (every parameter split, ragged ends) or whole: the same
+    bits, for naive and frozen (a continued AdamW chain: delta_b and preconditioners)."""
+    manifest = write_run(tmp_path / "run", STAGES)
+    for name in ("naive", "frozen"):
+        whole = _embeddings(manifest, name)
+        monkeypatch.setattr(base, "CHUNK", 7)
+        sliced = _embeddings(manifest, name)
+        monkeypatch.setattr(base, "CHUNK", 1 << 22)
+        for w, s in zip(whole, sliced, strict=True):
+            assert w.keys() == s.keys()
+            for n in w:
+                assert torch.equal(w[n], s[n]), (name, n)
+
+
+def test_frozen_keeps_no_preconditioner_between_calls(tmp_path):
+    manifest = write_run(tmp_path / "run", STAGES)
+    loaded = pipeline.check(manifest)
+    est = pipeline.estimator(loaded, "frozen")
+    est.embed(0)
+    held = [v for v in vars(est.stages).values() if isinstance(v, dict)
+            and any(isinstance(t, torch.Tensor) for t in v.values())]
+    assert held == []
+
+
+def test_reader_slices_equal_the_tensor_and_read_into_fresh_memory(tmp_path):
+    t = torch.randn(33, 17, dtype=torch.float64)
+    h = torch.randn(40).to(torch.bfloat16)
+    save_file({"t": t, "h": h}, tmp_path / "m.safetensors")
+    r = open_checkpoint(tmp_path / "m.safetensors")
+    assert torch.equal(r.get("t"), t)
+    assert torch.equal(r.get_flat("t", 5, 400), t.reshape(-1)[5:400])
+    assert r.torch_dtype("h") == torch.bfloat16
+    assert r.get("h").dtype == torch.float32 and r.get("h", native=True).dtype == torch.bfloat16
+    assert torch.equal(r.get("h", native=True), h)
+    a, b = r.get("t"), r.get("t")
+    assert a.data_ptr() != b.data_ptr()  # nothing shared, nothing cached
+
+
+def test_optimizer_state_read_on_use_and_pages_given_back_keep_values(tmp_path):
+    """A mapped torch.save file: values read after their pages were given back are the
+    same (the pages come back from the file), and every read is a fresh copy."""
+    x = torch.randn(1 << 16)
+    torch.save({"x": x}, tmp_path / "s.pt")
+    sd, mapped = load_torch_file_mapped(tmp_path / "s.pt")
+    assert mapped
+    before = sd["x"].clone()
+    drop_pages(sd["x"])
+    assert torch.equal(sd["x"], before) and torch.equal(sd["x"], x)
+
+
+def test_importing_the_cli_and_checking_a_run_never_imports_transformers():
+    code = ("import sys\nimport acctattr.cli\nfrom acctattr import pipeline\n"
+            "pipeline.check('sample_runs/digits/manifest.yaml')\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, check=False)
+    assert p.returncode == 0, p.stderr
+
+
+def test_the_model_is_built_once_and_holds_theta_t_itself(tmp_path, monkeypatch):
+    """One model per run, and theta_T lives in the model's own parameters (one copy)."""
+    manifest = write_run(tmp_path / "run", STAGES)
+    built = []
+    real = pipeline.build_model
+
+    def counting(ref):
+        built.append(ref)
+        return real(ref)
+
+    monkeypatch.setattr(pipeline, "build_model", counting)
+    loaded = pipeline.check(manifest)
+    assert len(built) == 1
+    own = dict(loaded.model.named_parameters())
+    for n, t in loaded.evaluator.params.items():
+        assert own[n].data_ptr() == t.data_ptr()
+    pipeline.run(manifest, "frozen")
+    assert len(built) == 2  # one more run, one more model
