@@ -26,9 +26,9 @@ from acctattr.errors import AcctattrError, CheckpointError, DataError, ManifestE
 from acctattr.estimators import Estimator, Params, StageRun, Training, Unsuitable
 from acctattr.evaluation import fidelity
 from acctattr.evaluation.curvature import Curvature
-from acctattr.evaluation.data import EvalData, load_stage_sample
+from acctattr.evaluation.data import EvalData, stage_sample
 from acctattr.evaluation.evaluator import Evaluator
-from acctattr.evaluation.metrics import CLASS_METRICS, Metric, resolve_metric
+from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric, resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, load_ref, model_info
 from acctattr.options import Runtime, UnrolledConfig
 from acctattr.results import ExampleEffects, Progress, Result, StageEffect, Validation
@@ -314,6 +314,20 @@ def _fixed_tensors(model: torch.nn.Module, final: StateDictReader,
             for n in (*info.frozen, *info.buffers)}
 
 
+def check_stage_text(stage: Stage) -> None:
+    """A stage's JSONL data: every line well-formed, its tokenizer loadable (nothing is
+    tokenised: unrolled tokenises its sample when it runs)."""
+    from acctattr.evaluation import lm
+
+    assert stage.data is not None
+    where = f"stage '{stage.name}': data {stage.data}"
+    lm.read_jsonl(stage.data, where)
+    if stage.tokenizer is None:
+        raise DataError(f"{where}: JSONL text needs a tokenizer folder, and none is given",
+                        "add tokenizer: DIR to the stage or to eval")
+    lm.load_tokenizer(stage.tokenizer, f"stage '{stage.name}': tokenizer")
+
+
 def check(path: str | Path, device: torch.device | None = None,
           batch_size: int | None = None) -> Loaded:
     """Validate the manifest and every file it names; raise once listing every problem.
@@ -338,9 +352,22 @@ def check(path: str | Path, device: torch.device | None = None,
             ev.probe()
         except AcctattrError as e:
             problems.append(str(e))
+    problems += _text_problems(manifest)
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
+
+
+def _text_problems(manifest: Manifest) -> list[str]:
+    """What is wrong with the stages' JSONL data (check_stage_text), one line each."""
+    problems = []
+    for stage in manifest.stages:
+        if stage.data is not None and stage.data.suffix == ".jsonl":
+            try:
+                check_stage_text(stage)
+            except AcctattrError as e:
+                problems.append(str(e))
+    return problems
 
 
 # ---------------------------------------------------------------- computing
@@ -374,10 +401,15 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
                     f"stage '{run.name}': the unrolled estimator needs the stage's training "
                     "data (key 'data') to measure its curvature",
                     "add data: to every stage after the first, or use --estimator frozen")
-            sample = load_stage_sample(run.data, (*spec.inputs, spec.target),
-                                       config.sample_size, run.name,
-                                       class_metric=loaded.manifest.train_loss in CLASS_METRICS)
-            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, train_loss(), sample,
+            loss = train_loss()
+            stage = loaded.manifest.stage(run.name)
+            sample = stage_sample(
+                run.data, (*spec.inputs, spec.target), config.sample_size, run.name,
+                extra=loss.batch_keys,
+                tokens=loss.name if loss.name in TOKEN_METRICS else None,
+                tokenizer=stage.tokenizer, max_length=stage.max_length,
+                class_metric=loaded.manifest.train_loss in CLASS_METRICS)
+            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, loss, sample,
                                  spec.inputs, spec.target, device=loaded.evaluator.device)
             _probe_training(cache[j], loaded, run)
         return cache[j]

@@ -44,7 +44,7 @@ class Curvature:
 
     def _loss(self, params: Params, batch: Batch) -> torch.Tensor:
         out = forward(self.model, {**self.fixed, **params}, self.inputs, batch)
-        vals = self.loss.fn(out, batch[self.target])
+        vals = self.loss.compute(out, batch[self.target], batch)
         return self.sign * vals.sum() / self.n
 
     @torch.no_grad()
@@ -117,8 +117,9 @@ class Curvature:
         from torch.func import grad, vmap
 
         def group_loss(p: Params, batch: Batch) -> torch.Tensor:
-            vals = self.loss.fn(forward(self.model, {**self.fixed, **p}, self.inputs, batch),
-                                batch[self.target])
+            vals = self.loss.compute(
+                forward(self.model, {**self.fixed, **p}, self.inputs, batch),
+                batch[self.target], batch)
             return self.sign * vals.mean()
 
         per_group = vmap(grad(group_loss), in_dims=(None, 0))
@@ -146,8 +147,8 @@ class Curvature:
             for cols in zip(*(torch.tensor_split(v, parts) for v in whole.values()),
                             strict=True):
                 batch = dict(zip(whole, cols, strict=True))
-                vals = self.loss.fn(forward(self.model, state, self.inputs, batch),
-                                    batch[self.target])
+                vals = self.loss.compute(forward(self.model, state, self.inputs, batch),
+                                         batch[self.target], batch)
                 got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
                 grads.append([torch.zeros_like(x) if gi is None else gi
                               for x, gi in zip(leaves, got, strict=True)])

@@ -1,15 +1,18 @@
-"""Eval batches and stage training samples, read from safetensors files or user functions."""
+"""Eval batches and stage training samples, read from safetensors files, JSONL text (tokenised
+with the run's tokenizer, acctattr.evaluation.lm) or user functions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from acctattr.errors import DataError
-from acctattr.evaluation.metrics import CLASS_METRICS
+from acctattr.evaluation import lm
+from acctattr.evaluation.metrics import BATCH_KEYS, CLASS_METRICS, TOKEN_METRICS
 from acctattr.evaluation.model import load_ref
 from acctattr.runs.manifest import EvalSpec
 
@@ -87,11 +90,14 @@ def group_names(spec: EvalSpec) -> list[str] | None:
 class EvalData:
     """Eval batches streamed from a safetensors file (sliced per batch) or a user function."""
 
-    def __init__(self, spec: EvalSpec, batch_size: int | None = None) -> None:
+    def __init__(self, spec: EvalSpec, batch_size: int | None = None,
+                 extra: tuple[str, ...] | None = None) -> None:
         """
         Args:
             batch_size: overrides eval.batch_size (--batch-size); a FILE.py:FUNC source
                 yields its own batches, so it cannot take one.
+            extra: further tensors the metric reads (Metric.batch_keys), read where the
+                data holds them; default: eval.metric's own (_metric_keys).
         """
         self.spec = spec
         self.batch_size = batch_size or spec.batch_size
@@ -101,13 +107,17 @@ class EvalData:
                             "drop --batch-size, or change the batches the function yields")
         self.names = (*spec.inputs, spec.target, *((spec.group,) if spec.group else ()))
         self._fn: Callable[[], Iterable[Batch]] | None = None
+        self._text_init(extra)
         if spec.data_fn is not None:
             self._fn = load_ref(spec.data_fn, "eval.data")
             self.source = spec.data_fn.text
+        elif self._memory is not None:
+            self.source = str(spec.data)
         else:
             assert spec.data is not None
             self.source = str(spec.data)
             self._check_file()
+            self._check_file_tokens()
 
     def _check_file(self) -> None:
         from acctattr.runs.checkpoints import safe_open_checked  # header checks with clear messages
@@ -170,7 +180,7 @@ class EvalData:
         share: a file's other batches are not even read; a function's are produced and
         dropped)."""
         if self._fn is not None:
-            for i, batch in enumerate(self._user_batches()):
+            for i, batch in enumerate(self._counted(self._user_batches())):
                 if mine is None or mine(i):
                     yield i, batch
             return
@@ -179,6 +189,9 @@ class EvalData:
             if mine is not None and not mine(i):
                 continue
             hi = min(lo + bs, self.n)
+            if self._memory is not None:  # JSONL text, tokenised up front
+                yield i, {n: self._memory[n][lo:hi] for n in self.names}
+                continue
             # A fresh memory map per batch: slices are views into it, and it is unmapped when
             # the batch is dropped, so resident memory stays one batch deep however large the
             # file (one long-lived map would keep every page it touched resident).
@@ -210,7 +223,137 @@ class EvalData:
         if not seen:
             raise DataError(f"eval.data {self.source}: the eval set is empty (no batches)")
 
+    # ---- language models: JSONL text, the metric's further tensors, counted tokens
 
+    def _text_init(self, extra: tuple[str, ...] | None) -> None:
+        """The metric's further tensors (``extra``), whether it is a next-token metric, and
+        JSONL text data tokenised into memory (acctattr.evaluation.lm)."""
+        spec = self.spec
+        if extra is None:
+            extra = _metric_keys(spec)
+        self._extra = tuple(k for k in extra if k not in self.names)
+        # a next-token metric: every example must count a token (its value is 0/0 else)
+        self._tokens = spec.metric if spec.metric in TOKEN_METRICS else None
+        self._memory: Batch | None = None
+        if spec.data_fn is None and spec.data is not None and spec.data.suffix == ".jsonl":
+            self._memory = lm.load_jsonl(spec.data, spec.tokenizer, spec.max_length,
+                                         f"eval.data {spec.data}", spec.group, self._tokens)
+            self.n = int(self._memory["input_ids"].shape[0])
+            self.names = (*self.names, *(k for k in self._extra if k in self._memory))
+
+    def _check_file_tokens(self) -> None:
+        """A safetensors file: the metric's further tensors it holds are read with the rest;
+        with a next-token metric, an example that counts no token is refused."""
+        with safe_open(self.source, framework="pt") as f:
+            keys = set(f.keys())
+            self.names = (*self.names, *(k for k in self._extra if k in keys))
+            dtype = f.get_slice(self.spec.target).get_dtype()
+            if self._tokens is not None and dtype not in _INT_DTYPES:
+                raise DataError(f"eval.data {self.source}: eval.target tensor "
+                                f"'{self.spec.target}' has dtype {dtype}, but eval.metric "
+                                f"{self._tokens} needs integer token ids (-100: not counted)",
+                                "save the labels as an integer tensor (e.g. torch.long)")
+            if self._tokens is not None:
+                mask = f.get_tensor("attention_mask") if "attention_mask" in keys else None
+                lm.refuse_uncounted(f.get_tensor(self.spec.target), mask,
+                                    f"eval.data {self.source}", self._tokens)
+
+    def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """A function's batches, each checked (with a next-token metric) for examples that
+        count no token, named by their index over the whole eval set."""
+        seen = 0
+        for i, b in enumerate(batches):
+            if self._tokens is not None:
+                target = b[self.spec.target]
+                lm.refuse_uncounted(target, b.get("attention_mask"),
+                                    f"eval.data {self.source} (batch {i})", self._tokens,
+                                    offset=seen)
+                seen += int(target.shape[0]) if target.ndim else 1
+            yield b
+
+
+def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
+    """The further batch tensors eval.metric reads: a builtin's, or a user function's
+    ``batch_keys``."""
+    if isinstance(spec.metric, str):
+        return BATCH_KEYS.get(spec.metric, ())
+    keys = getattr(load_ref(spec.metric, "eval.metric"), "batch_keys", ())
+    return tuple(k for k in keys if isinstance(k, str)) if not isinstance(keys, str) else ()
+
+
+
+
+def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
+                 extra: tuple[str, ...] = (), tokens: str | None = None,
+                 tokenizer: Path | None = None, max_length: int | None = None,
+                 **kw: Any) -> Batch:
+    """A stage's training sample (load_stage_sample), with what a language model's training
+    loss needs.
+
+    Args:
+        names: (*inputs, target).
+        extra: further tensors the training loss reads (Metric.batch_keys), taken where the
+            data has them.
+        tokens: the training loss when it is a next-token metric: examples that count no
+            token are left out of the sample (they added nothing to the Trainer's loss
+            either); none left is an error.
+        tokenizer, max_length: how JSONL text data (``.jsonl``) is tokenised.
+        kw: passed on to load_stage_sample.
+    """
+    if path.suffix == ".jsonl":
+        return _stage_text(path, names, size, stage, seed, tokens, tokenizer, max_length)
+    if extra:
+        from acctattr.runs.checkpoints import safe_open_checked
+
+        keys = set(safe_open_checked(path).keys())
+        more = tuple(k for k in extra if k in keys and k not in names)
+        names = (*names[:-1], *more, names[-1])  # the target stays last
+    sample = load_stage_sample(path, names, size, stage, seed, **kw)
+    if tokens is not None:
+        sample = _drop_uncounted(sample, names[-1], f"stage '{stage}': data {path}")
+    return sample
+
+
+def _drop_uncounted(sample: Batch, target: str, where: str) -> Batch:
+    """The sample without the examples that count no next-token label."""
+    bad = lm.uncounted(sample[target], sample.get("attention_mask"))
+    if not bad:
+        return sample
+    n = sample[target].shape[0]
+    if len(bad) == n:
+        raise DataError(f"{where}: no example of the sample counts a token (every next-token "
+                        "label is -100 or masked)",
+                        "the training loss needs label tokens; check the data's labels")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[bad] = False
+    return {k: v[keep] for k, v in sample.items()}
+
+
+def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int,
+                tokens: str | None, tokenizer: Path | None,
+                max_length: int | None) -> Batch:
+    """A stage's JSONL text: every line is checked, a seeded sample tokenised."""
+    where = f"stage '{stage}': data {path}"
+    unknown = [n for n in names if n not in lm.TOKEN_NAMES]
+    if unknown:
+        raise DataError(f"{where}: JSONL text is tokenised into input_ids, attention_mask and "
+                        f"labels; there is no {unknown[0]!r}",
+                        "name those in eval.inputs / eval.target")
+    if tokenizer is None:
+        raise DataError(f"{where}: JSONL text needs a tokenizer folder, and none is given",
+                        "add tokenizer: DIR to the stage or to eval")
+    texts, lines, _ = lm.read_jsonl(path, where)
+    n = len(texts)
+    picked = list(range(n))
+    if n > size:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+        picked = [int(i) for i in keep.sort().values]
+        texts, lines = [texts[i] for i in picked], [lines[i] for i in picked]
+    tok = lm.load_tokenizer(tokenizer, f"stage '{stage}': tokenizer")
+    out = lm.tokenize(texts, tok, max_length)
+    if tokens is not None:
+        out = _drop_uncounted(out, "labels", where)
+    return out
 
 
 def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,

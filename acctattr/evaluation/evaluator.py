@@ -18,7 +18,7 @@ from torch.func import functional_call, jvp
 
 from acctattr.errors import AcctattrError, DataError
 from acctattr.evaluation.data import Batch, EvalData
-from acctattr.evaluation.metrics import CLASS_METRICS, Metric
+from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric
 
 if TYPE_CHECKING:
     from acctattr.distributed import Ranks
@@ -139,12 +139,12 @@ class Evaluator:
         if isinstance(out, torch.Tensor) and out.dtype in HALF:
             out = out.float()  # a half-precision model's metric computed in float32
         target = batch[spec.target]
-        if self.metric.name in CLASS_METRICS and target.is_floating_point():
+        if self.metric.name in (*CLASS_METRICS, *TOKEN_METRICS) and target.is_floating_point():
             raise DataError(f"eval.data {self.data.source}: eval.target '{spec.target}' is "
                             f"{target.dtype}, but eval.metric {self.metric.name} needs integer "
                             "class ids", "give the target as an integer tensor")
         try:
-            vals = self.metric.fn(out, target)
+            vals = self.metric.compute(out, target, batch)
         except AcctattrError:
             raise
         except Exception as e:

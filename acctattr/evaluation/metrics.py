@@ -1,4 +1,9 @@
-"""Per-example metrics: the builtins by name, or a user's ``FILE.py:FUNC(outputs, target)``."""
+"""Per-example metrics: the builtins by name, or a user's ``FILE.py:FUNC(outputs, target)``.
+
+A metric may read more of the batch than its target: it names those tensors in
+``batch_keys`` (a user function as an attribute, ``fn.batch_keys = ("attention_mask",)``)
+and gets each one the batch holds as a keyword argument.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from acctattr.errors import AcctattrError
+from acctattr.evaluation import lm
 from acctattr.evaluation.model import load_ref
 from acctattr.runs.manifest import Ref
 
-MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[..., torch.Tensor]
 
 
 IGNORE_INDEX = -100  # a label that counts for nothing (PyTorch's ignore_index default)
@@ -73,10 +80,19 @@ BUILTIN: dict[str, tuple[MetricFn, bool]] = {
     "margin": (_margin, True),
     "mse": (_mse, False),
 }
+# Builtin next-token metrics of causal LMs (acctattr.evaluation.lm): the target is the
+# labels [B, T] (-100 not counted), the batch's attention_mask is honoured.
+TOKEN_METRICS = ("next_token_loss", "sequence_logprob")
+BUILTIN["next_token_loss"] = (lm.next_token_loss, False)
+BUILTIN["sequence_logprob"] = (lm.sequence_logprob, True)
+# extra batch tensors a builtin reads (given when the batch has them)
+BATCH_KEYS: dict[str, tuple[str, ...]] = {m: ("attention_mask",) for m in TOKEN_METRICS}
+
 # The values a builtin metric can take (None: unbounded). A counterfactual estimated outside
 # them is impossible: the estimate extrapolated too far (pipeline.summarize flags it).
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "cross_entropy": (0.0, None), "logprob": (None, 0.0), "mse": (0.0, None),
+    "next_token_loss": (0.0, None), "sequence_logprob": (None, 0.0),
 }
 
 
@@ -88,6 +104,14 @@ class Metric:
     # (lowest, highest) value the metric can take, None where unbounded; a user function
     # may declare it as a ``value_range = (low, high)`` attribute
     value_range: tuple[float | None, float | None] = (None, None)
+    # further batch tensors fn reads, passed by keyword when the batch holds them
+    batch_keys: tuple[str, ...] = ()
+
+    def compute(self, out: object, target: torch.Tensor,
+                batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example values [B]: fn(outputs, target, **the batch_keys the batch has)."""
+        extra = {k: batch[k] for k in self.batch_keys if k in batch}
+        return self.fn(out, target, **extra)
 
 
 def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metric:
@@ -99,8 +123,13 @@ def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metri
     if isinstance(metric, str):
         fn, hib = BUILTIN[metric]
         return Metric(metric, fn, hib if override is None else override,
-                      RANGES.get(metric, (None, None)))
+                      RANGES.get(metric, (None, None)), BATCH_KEYS.get(metric, ()))
     user = load_ref(metric, what)
     hib = bool(getattr(user, "higher_is_better", False))
     low, high = getattr(user, "value_range", (None, None))
-    return Metric(metric.text, user, hib if override is None else override, (low, high))
+    keys = getattr(user, "batch_keys", ())
+    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+        raise AcctattrError(f"{what} {metric.text}: batch_keys must be a tuple of tensor names, "
+                            f"got {keys!r}")
+    return Metric(metric.text, user, hib if override is None else override, (low, high),
+                  tuple(keys))

@@ -6,9 +6,10 @@ one pass. This module never imports torch: `acctattr check` stays fast.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ MAX_MANIFEST_BYTES = 8 << 20
 MAX_YAML_NODES = 2_000_000  # after alias expansion; a 1M-step per-step lr list fits
 OPTIMIZER_TYPES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
-BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse")
+BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse", "next_token_loss",
+                   "sequence_logprob")
+# JSONL text is tokenised into these tensors (acctattr.evaluation.lm): the defaults of
+# eval.inputs and eval.target for such data
+JSONL_INPUTS = ("input_ids", "attention_mask")
+JSONL_TARGET = "labels"
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class Stage:
     # the stage trained a PEFT LoRA adapter (``end: {adapter: DIR}``); ``end`` is that folder
     # and the stage left every base weight it did not adapt untouched
     adapter: bool = False
+    # JSONL ``data``: the tokenizer folder and length it is tokenised with (default: eval's)
+    tokenizer: Path | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ class EvalSpec:
     group: str | None = None
     batch_size: int = 256
     higher_is_better: bool | None = None  # overrides the metric's own direction
+    # JSONL ``data``: the run's tokenizer folder and the length examples are truncated to
+    tokenizer: Path | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,8 @@ class Manifest:
 
 _TOP_KEYS = {"version", "model", "stages", "eval", "evals", "train", "replay"}
 _MODEL_KEYS = {"factory", "hf", "class"}
-_STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints"}
+_STAGE_KEYS = {"name", "start", "end", "optimizer", "data", "checkpoints", "tokenizer",
+               "max_length"}
 _OPT_KEYS = {
     "type", "steps", "lr", "momentum", "dampening", "nesterov", "betas", "eps",
     "weight_decay", "state", "continues", "param_names", "max_grad_norm", "batch_size",
@@ -144,7 +157,8 @@ _OPT_KEYS = {
 }
 _SGD_ONLY = {"momentum", "dampening", "nesterov"}
 _ADAM_ONLY = {"betas", "eps"}
-_EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better"}
+_EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better",
+              "tokenizer", "max_length"}
 _TRAIN_KEYS = {"loss"}
 _LR_SCHEDULE_KEYS = {"schedule", "base", "warmup", "min"}
 
@@ -407,15 +421,18 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
     if "class" in model and "hf" not in model:
         c.add("model.class", "'class' only goes with 'hf'")
 
+    causal = hf is not None and _causal_lm(hf, hf_class)
     stages = _parse_stages(c, top.get("stages")) if "stages" in top else ()
-    evals = _parse_evals(c, top) if isinstance(raw, dict) else ()
+    evals = _parse_evals(c, top, causal) if isinstance(raw, dict) else ()
+    stages, evals = _tokenizers(c, stages, evals, hf)
     ev = evals[0][1] if evals else None
 
-    train_loss: str | Ref = "cross_entropy"
+    # a causal LM is trained on next-token loss; anything else defaults to cross-entropy
+    train_loss: str | Ref = "next_token_loss" if causal else "cross_entropy"
     if "train" in top:
         train = c.mapping(top["train"], "train", _TRAIN_KEYS, set())
         if "loss" in train:
-            train_loss = _metric(c, train["loss"], "train.loss") or "cross_entropy"
+            train_loss = _metric(c, train["loss"], "train.loss") or train_loss
     replay = c.ref(top["replay"], "replay") if "replay" in top else None
 
     if c.problems or (factory is None and hf is None) or ev is None:
@@ -476,12 +493,20 @@ def _parse_stages(c: _Collector, value: Any) -> tuple[Stage, ...]:
                   "adapter's matrices, not the model's weights; a stage cannot continue it, "
                   "nor can an adapter stage continue an earlier optimizer; set continues: false")
         data = c.path(st["data"], f"{where}: data") if "data" in st else None
+        tokenizer = c.path(st["tokenizer"], f"{where}: tokenizer") if "tokenizer" in st \
+            else None
+        max_length = c.integer(st["max_length"], f"{where}: max_length", lo=1) \
+            if "max_length" in st else None
+        for key in ("tokenizer", "max_length"):
+            if key in st and (data is None or not _jsonl(data)):
+                c.add(f"{where}: {key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
         ckpts = _parse_checkpoints(c, st.get("checkpoints", []), where,
                                    opt.steps if opt else None)
         prev_end = end
         prev_adapter = is_adapter
         if name is not None and start is not None and end is not None and opt is not None:
-            out.append(Stage(name, start, end, opt, data, ckpts, adapter=is_adapter))
+            out.append(Stage(name, start, end, opt, data, ckpts, adapter=is_adapter,
+                             tokenizer=tokenizer, max_length=max_length))
     return tuple(out)
 
 
@@ -677,15 +702,17 @@ def _metric(c: _Collector, value: Any, where: str) -> str | Ref | None:
     return None
 
 
-def _parse_evals(c: _Collector, top: dict) -> tuple[tuple[str, EvalSpec], ...]:
-    """The behaviours: ``eval:`` (one, named "eval") or ``evals:`` (name -> eval section)."""
+def _parse_evals(c: _Collector, top: dict,
+                 causal: bool = False) -> tuple[tuple[str, EvalSpec], ...]:
+    """The behaviours: ``eval:`` (one, named "eval") or ``evals:`` (name -> eval section),
+    each with the defaults of language models (_parse_eval_text)."""
     if ("eval" in top) == ("evals" in top):
         c.add("", "give exactly one of 'eval' (one eval section) or 'evals' (a mapping of "
               "behaviour name -> eval section)" if "eval" in top else
               "missing required key 'eval' (or 'evals', several named eval sections)")
         return ()
     if "eval" in top:
-        ev = _parse_eval(c, top["eval"])
+        ev = _parse_eval_text(c, top["eval"], causal)
         return (("eval", ev),) if ev is not None else ()
     value = top["evals"]
     if not isinstance(value, dict) or not value:
@@ -697,7 +724,7 @@ def _parse_evals(c: _Collector, top: dict) -> tuple[tuple[str, EvalSpec], ...]:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             c.add("evals", f"behaviour name {name!r}: use letters, digits, '_', '.', '-'")
             continue
-        ev = _parse_eval(c, section, f"evals.{name}")
+        ev = _parse_eval_text(c, section, causal, f"evals.{name}")
         if ev is not None:
             out.append((name, ev))
     return tuple(out) if len(out) == len(value) else ()
@@ -735,6 +762,104 @@ def _parse_eval(c: _Collector, value: Any, where: str = "eval") -> EvalSpec | No
         return None
     return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
                     group=group, batch_size=batch, higher_is_better=hib)
+
+
+def _parse_eval_text(c: _Collector, value: Any, causal: bool = False,
+                     where: str = "eval") -> EvalSpec | None:
+    """An eval section (_parse_eval) with the defaults of language models: JSONL text data
+    (``data: FILE.jsonl``, tokenised with ``tokenizer`` to ``max_length``) is tokenised into
+    input_ids, attention_mask and labels, the defaults of inputs and target; a causal LM's
+    default metric is next_token_loss."""
+    if not isinstance(value, dict):
+        return _parse_eval(c, value, where)
+    section = dict(value)
+    d = section.get("data")
+    text = isinstance(d, str) and d.endswith(".jsonl")
+    raw_tok, raw_len = section.pop("tokenizer", None), section.pop("max_length", None)
+    tokenizer = c.path(raw_tok, f"{where}.tokenizer") if raw_tok is not None else None
+    max_length = c.integer(raw_len, f"{where}.max_length", lo=1) if raw_len is not None \
+        else None
+    for key, got in (("tokenizer", raw_tok), ("max_length", raw_len)):
+        if got is not None and not text:
+            c.add(f"{where}.{key}", f"'{key}' goes with JSONL text data (data: FILE.jsonl)")
+    if text:
+        section.setdefault("inputs", list(JSONL_INPUTS))
+        section.setdefault("target", JSONL_TARGET)
+    if causal:
+        section.setdefault("metric", "next_token_loss")
+    ev = _parse_eval(c, section, where)
+    if ev is None:
+        return None
+    if text:
+        for key, names in (("inputs", ev.inputs), ("target", (ev.target,))):
+            unknown = [n for n in names if n not in (*JSONL_INPUTS, JSONL_TARGET)]
+            if unknown:
+                c.add(f"{where}.{key}", f"JSONL text is tokenised into input_ids, "
+                      f"attention_mask and labels; there is no {unknown[0]!r}")
+    return replace(ev, tokenizer=tokenizer, max_length=max_length)
+
+
+def _jsonl(path: Path) -> bool:
+    return path.suffix == ".jsonl"
+
+
+# files a tokenizer's save_pretrained() writes (any one will do)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer_folder(folder: Path) -> Path | None:
+    """``folder`` when it holds a saved tokenizer (a Trainer folder given one does)."""
+    return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
+
+
+def _tokenizers(c: _Collector, stages: tuple[Stage, ...],
+                evals: tuple[tuple[str, EvalSpec], ...], hf: Path | None
+                ) -> tuple[tuple[Stage, ...], tuple[tuple[str, EvalSpec], ...]]:
+    """JSONL eval data without a tokenizer takes the model.hf folder's own tokenizer files;
+    a stage's JSONL data takes its own, else the first behaviour's (_stage_tokenizer)."""
+    own = _tokenizer_folder(hf) if hf is not None else None
+    out = []
+    for name, ev in evals:
+        if ev.data is not None and _jsonl(ev.data) and ev.tokenizer is None:
+            where = "eval" if name == "eval" else f"evals.{name}"
+            if own is None:
+                c.add(f"{where}.tokenizer", f"{where}.data {ev.data.name} is JSONL text and "
+                      "needs the run's tokenizer folder (tokenizer: DIR); model.hf holds no "
+                      "tokenizer files")
+            ev = replace(ev, tokenizer=own)
+        out.append((name, ev))
+    first = out[0][1] if out else None
+    return tuple(_stage_tokenizer(c, s, first, own) for s in stages), tuple(out)
+
+
+def _stage_tokenizer(c: _Collector, stage: Stage, ev: EvalSpec | None,
+                     own: Path | None) -> Stage:
+    """A stage with JSONL data gets its tokenizer and max_length: its own, else eval's, else
+    the model.hf folder's tokenizer."""
+    if stage.data is None or not _jsonl(stage.data):
+        return stage
+    tokenizer = stage.tokenizer or (ev.tokenizer if ev is not None else None) or own
+    if tokenizer is None:
+        c.add(f"stage '{stage.name}': tokenizer", f"data {stage.data.name} is JSONL text and "
+              "needs the run's tokenizer folder (tokenizer: DIR here or under eval)")
+    max_length = stage.max_length if stage.max_length is not None else \
+        (ev.max_length if ev is not None else None)
+    return replace(stage, tokenizer=tokenizer, max_length=max_length)
+
+
+def _causal_lm(folder: Path, cls: str | None) -> bool:
+    """Whether model.hf is a causal LM: its class (model.class, else config.json's
+    architectures[0]) is a *ForCausalLM or *LMHeadModel."""
+    name = cls
+    if name is None:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False  # building the model reports an unreadable config
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) \
+            else None
+    return name is not None and name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 PLACEHOLDER = "TODO(acctattr)"

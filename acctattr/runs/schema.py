@@ -88,14 +88,19 @@ STAGE_PROPS: dict[str, Any] = {
                                   ["adapter"])],
             "description": "the checkpoint after the stage, or {adapter: DIR}"},
     "optimizer": _obj(OPTIMIZER_PROPS, ["type"]),
-    "data": _d(_PATH, "the stage's training data (.safetensors), for unrolled"),
+    "data": _d(_PATH, "the stage's training data (.safetensors, or .jsonl text), for "
+               "unrolled"),
     "checkpoints": {"type": "array", "items": _obj(
         {"step": {"type": "integer", "minimum": 1}, "path": _PATH}, ["step", "path"]),
         "description": "intermediate checkpoints inside the stage"},
+    "tokenizer": _d(_PATH, "with .jsonl data: the run's tokenizer folder (default: eval's)"),
+    "max_length": {"type": "integer", "minimum": 1,
+                   "description": "with .jsonl data: tokens kept per example (default: eval's)"},
 }
 
 EVAL_PROPS: dict[str, Any] = {
-    "data": _d(_PATH, "a .safetensors file, or FILE.py:FUNC yielding dict batches"),
+    "data": _d(_PATH, "a .safetensors file, .jsonl text, or FILE.py:FUNC yielding dict "
+               "batches"),
     "inputs": {"anyOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1},
                           "minItems": 1, "uniqueItems": True}],
@@ -106,7 +111,19 @@ EVAL_PROPS: dict[str, Any] = {
     "metric": _METRIC,
     "batch_size": {"type": "integer", "minimum": 1},
     "higher_is_better": {"type": "boolean"},
+    "tokenizer": _d(_PATH, "with .jsonl data: the run's tokenizer folder (default: the "
+                    "model.hf folder's)"),
+    "max_length": {"type": "integer", "minimum": 1,
+                   "description": "with .jsonl data: tokens kept per example"},
 }
+
+
+def _eval_obj() -> dict[str, Any]:
+    """An eval section: inputs and target are required unless the data is JSONL text
+    (tokenised into input_ids, attention_mask and labels, their defaults)."""
+    return {**_obj(EVAL_PROPS, ["data"]),
+            "if": {"properties": {"data": {"type": "string", "pattern": r"\.jsonl$"}}},
+            "else": {"required": ["inputs", "target"]}}
 
 MODEL_PROPS: dict[str, Any] = {
     "factory": _d(_REF, "builds the model: FILE.py:FUNC -> torch.nn.Module"),
@@ -124,7 +141,7 @@ TOP_PROPS: dict[str, Any] = {
         # a stage that trained the model itself names its optimizer; an adapter stage need not
         "if": {"properties": {"end": {"type": "string"}}},
         "then": {"required": ["optimizer"]}}},
-    "eval": _obj(EVAL_PROPS, ["data", "inputs", "target"]),
+    "eval": _eval_obj(),
     "train": _obj(TRAIN_PROPS),
     "replay": _d(_REF, "validate: FILE.py:FUNC that retrains with a stage skipped"),
 }
@@ -136,7 +153,7 @@ if "evals" in m._TOP_KEYS:  # several named eval sections, where the manifest ta
     TOP_PROPS["evals"] = {
         "type": "object", "minProperties": 1,
         "propertyNames": {"pattern": "^[A-Za-z0-9_.-]+$"},
-        "additionalProperties": _obj(EVAL_PROPS, ["data", "inputs", "target"]),
+        "additionalProperties": _eval_obj(),
         "description": "several behaviours: name -> eval section (instead of eval)"}
     _REQUIRED = ["version", "model", "stages"]
     _ONE_EVAL = {"oneOf": [{"required": ["eval"]}, {"required": ["evals"]}]}

@@ -247,10 +247,10 @@ def manifest(scale: int, lora: bool) -> dict:
         "version": 1,
         "model": {"hf": "init"},
         "stages": stages,
-        "train": {"loss": "metric.py:next_token_loss"},
         "replay": f"make_run.py:{replay_args}",
+        # the training loss of a causal LM defaults to the built-in next_token_loss
         "eval": {"data": "data/eval.safetensors", "inputs": ["input_ids"], "target": "labels",
-                 "group": "group", "metric": "metric.py:next_token_loss", "batch_size": 240},
+                 "group": "group", "metric": "next_token_loss", "batch_size": 240},
     }
 
 
