@@ -109,7 +109,7 @@ def test_harm_follows_the_metric_direction_and_undefined_se_fails_closed():
     assert "undefined" in gates.describe(gates.evaluate(lone, 0.2), "accuracy")
 
 
-@pytest.mark.parametrize("run", ["digits", "toxicity"])
+@pytest.mark.parametrize("run", ["digits", "toxicity", "lm"])
 def test_readme_ci_recipe_trips_exactly_where_retraining_says_the_newest_stage_hurt(run):
     """The README's CI gate (--estimator frozen --gate-stage newest, point estimate) trips
     when, and only when, retraining without the newest stage says it made the metric worse
