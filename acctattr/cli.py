@@ -490,6 +490,29 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
                                    group_names(m.eval))
 
 
+# the options embed and ablate share (run and validate spell theirs out with their own help)
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+ProgressOpt = Annotated[bool, typer.Option(
+    "--progress", help="Progress on stderr even when it is not a terminal.")]
+LanczosOpt = Annotated[int, typer.Option(
+    min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
+    rich_help_panel="Unrolled estimator")]
+SampleSizeOpt = Annotated[int, typer.Option(
+    min=1, help="unrolled: training examples per later stage for its curvature.",
+    rich_help_panel="Unrolled estimator")]
+DynamicsOpt = Annotated[Dynamics, typer.Option(
+    help="unrolled: flow or linear (as for run).", rich_help_panel="Unrolled estimator")]
+FlowSubstepsOpt = Annotated[int, typer.Option(
+    min=1, help="unrolled, flow: substeps per later stage.",
+    rich_help_panel="Unrolled estimator")]
+HessianAtOpt = Annotated[HessianAt | None, typer.Option(
+    help="unrolled, linear: where along a segment the Hessian is taken.",
+    rich_help_panel="Unrolled estimator", show_default=False)]
+SubstepsOpt = Annotated[int | None, typer.Option(
+    min=1, help="unrolled, linear: integrator substeps per segment.",
+    rich_help_panel="Unrolled estimator", show_default=False)]
+
+
 @app.command()
 def embed(
     manifest: ManifestArg,
@@ -499,27 +522,14 @@ def embed(
              "inside the run's folder.", show_default=False)],
     estimator: Annotated[Estimator, typer.Option(
         help="How to estimate each stage's embedding (as for run).")] = Estimator.auto,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
-    show_progress: Annotated[bool, typer.Option(
-        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
-    lanczos_iters: Annotated[int, typer.Option(
-        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
-    sample_size: Annotated[int, typer.Option(
-        min=1, help="unrolled: training examples per later stage for its curvature.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
-    dynamics: Annotated[Dynamics, typer.Option(
-        help="unrolled: flow or linear (as for run).",
-        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
-    flow_substeps: Annotated[int, typer.Option(
-        min=1, help="unrolled, flow: substeps per later stage.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
-    hessian_at: Annotated[HessianAt | None, typer.Option(
-        help="unrolled, linear: where along a segment the Hessian is taken.",
-        rich_help_panel="Unrolled estimator", show_default=False)] = None,
-    substeps: Annotated[int | None, typer.Option(
-        min=1, help="unrolled, linear: integrator substeps per segment.",
-        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    quiet: QuietOpt = False,
+    show_progress: ProgressOpt = False,
+    lanczos_iters: LanczosOpt = UNROLLED.lanczos_iters,
+    sample_size: SampleSizeOpt = UNROLLED.sample_size,
+    dynamics: DynamicsOpt = _DYNAMICS_DEFAULT,
+    flow_substeps: FlowSubstepsOpt = UNROLLED.flow_substeps,
+    hessian_at: HessianAtOpt = None,
+    substeps: SubstepsOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
 ) -> None:
@@ -562,27 +572,14 @@ def ablate(
     estimator: Annotated[Estimator, typer.Option(
         help="How to estimate the stage's embedding (as for run).")] = Estimator.auto,
     embeddings: EmbeddingsOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
-    show_progress: Annotated[bool, typer.Option(
-        "--progress", help="Progress on stderr even when it is not a terminal.")] = False,
-    lanczos_iters: Annotated[int, typer.Option(
-        min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.lanczos_iters,
-    sample_size: Annotated[int, typer.Option(
-        min=1, help="unrolled: training examples per later stage for its curvature.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.sample_size,
-    dynamics: Annotated[Dynamics, typer.Option(
-        help="unrolled: flow or linear (as for run).",
-        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
-    flow_substeps: Annotated[int, typer.Option(
-        min=1, help="unrolled, flow: substeps per later stage.",
-        rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
-    hessian_at: Annotated[HessianAt | None, typer.Option(
-        help="unrolled, linear: where along a segment the Hessian is taken.",
-        rich_help_panel="Unrolled estimator", show_default=False)] = None,
-    substeps: Annotated[int | None, typer.Option(
-        min=1, help="unrolled, linear: integrator substeps per segment.",
-        rich_help_panel="Unrolled estimator", show_default=False)] = None,
+    quiet: QuietOpt = False,
+    show_progress: ProgressOpt = False,
+    lanczos_iters: LanczosOpt = UNROLLED.lanczos_iters,
+    sample_size: SampleSizeOpt = UNROLLED.sample_size,
+    dynamics: DynamicsOpt = _DYNAMICS_DEFAULT,
+    flow_substeps: FlowSubstepsOpt = UNROLLED.flow_substeps,
+    hessian_at: HessianAtOpt = None,
+    substeps: SubstepsOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     batch_size: BatchOpt = None,
