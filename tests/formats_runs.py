@@ -154,6 +154,18 @@ def build():
 """
 
 
+def _lightning_start(root: Path):
+    """root/model.py (LIGHTNING_MODEL_PY) and its seeded network saved as
+    root/init.safetensors; returns the network."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.py").write_text(LIGHTNING_MODEL_PY)
+    ns: dict = {}
+    exec(LIGHTNING_MODEL_PY, ns)
+    net = ns["build"]()
+    save_file(dict(net.state_dict()), root / "init.safetensors")
+    return net
+
+
 def write_lightning_run(root: Path) -> Path:
     """Two stages trained by lightning.Trainer (SGD with momentum), saved as .ckpt files
     whose keys carry the LightningModule's ``model.`` prefix."""
@@ -173,12 +185,7 @@ def write_lightning_run(root: Path) -> Path:
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9,
                                    weight_decay=1e-2)
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.py").write_text(LIGHTNING_MODEL_PY)
-    ns: dict = {}
-    exec(LIGHTNING_MODEL_PY, ns)
-    net = ns["build"]()
-    save_file(dict(net.state_dict()), root / "init.safetensors")
+    net = _lightning_start(root)
     for k, (name, lr) in enumerate((("a", 0.1), ("b", 0.05))):
         g = torch.Generator().manual_seed(10 + k)
         ds = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
@@ -305,12 +312,7 @@ def write_lightning_root(root: Path) -> dict:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-3)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.py").write_text(LIGHTNING_MODEL_PY)
-    ns: dict = {}
-    exec(LIGHTNING_MODEL_PY, ns)
-    net = ns["build"]()
-    save_file(dict(net.state_dict()), root / "init.safetensors")
+    net = _lightning_start(root)
     g = torch.Generator().manual_seed(10)
     ds = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=g),
                                         torch.randint(0, 3, (24,), generator=g))

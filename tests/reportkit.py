@@ -19,6 +19,13 @@ from acctattr import pipeline
 from acctattr.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str | Path) -> Any:
+    """The acctattr command line, in process (typer's CliRunner): its Result."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 DIGITS = ROOT / "sample_runs" / "digits" / "manifest.yaml"
 TRAP = "1"  # the digits sample's trap group: other classes wearing the shortcut's patch
 

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from reportkit import cli
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from acctattr.cli import app
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
 STAGES = {"digits": ["pretrain", "shortcut", "polish"],
           "toxicity": ["pretrain", "identity_shortcut", "polish"]}
 INPUT = {"digits": "x", "toxicity": "tokens"}
 
-
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def measured(run: str, weights: Path) -> float:

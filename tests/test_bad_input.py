@@ -19,11 +19,10 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reportkit import cli
 from safetensors.torch import load_file, save_file
 from staged import StageCfg, write_run
-from typer.testing import CliRunner
 
-from acctattr.cli import app
 from acctattr.errors import ManifestError
 from acctattr.runs.manifest import load_manifest, parse_manifest
 
@@ -46,9 +45,6 @@ def run_dir(pristine: Path, tmp_path: Path) -> Path:
     shutil.copytree(pristine, dst)
     return dst
 
-
-def cli(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def refused(result: Any, *needles: str) -> str:

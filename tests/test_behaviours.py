@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
-from acctattr.cli import app
+from reportkit import cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
 
-
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _copy(tmp_path: Path, run: str, evals: dict | None) -> Path:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from reportkit import cli
 
 from acctattr import devices, pipeline
-from acctattr.cli import app
 from acctattr.errors import AcctattrError
 from acctattr.estimators import make
 from acctattr.estimators.unrolled.adam_flow import AdamFlow
@@ -25,9 +24,6 @@ DIGITS = ROOT / "sample_runs" / "digits" / "manifest.yaml"
 TOXICITY = ROOT / "sample_runs" / "toxicity" / "manifest.yaml"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
-
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def close(a: dict, b: dict, rel: float) -> None:

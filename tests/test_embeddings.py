@@ -8,15 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from acctattr.cli import app
+from reportkit import cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
 
-
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

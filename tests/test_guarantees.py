@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reportkit import cli
 from safetensors.torch import save_file
 from staged import StageCfg, metric_values, train, write_run
-from typer.testing import CliRunner
 
 from acctattr.cli import app
 from acctattr.evaluation.data import EvalData
@@ -27,9 +27,6 @@ STAGES = [
     StageCfg("c", "adamw", 4, 0.01, {}, (0.1, 0.0)),
 ]
 
-
-def cli(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:

@@ -18,11 +18,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from reportkit import cli
 from safetensors.torch import load_file, save_file
 from staged import StageCfg, write_run
-from typer.testing import CliRunner
-
-from acctattr.cli import app
 
 STAGES = [
     StageCfg("a", "sgd", 6, 0.05, {"momentum": 0.9}, (0.01, 0.0)),
@@ -43,9 +41,6 @@ def run_dir(pristine: Path, tmp_path: Path) -> Path:
     shutil.copytree(pristine, dst)
     return dst
 
-
-def cli(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def no_traceback(result: Any) -> None:
