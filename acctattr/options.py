@@ -44,6 +44,11 @@ class UnrolledConfig:
     # flow_substeps Euler steps per stage, each cut where the gradient would change sign
     # (estimators.Unrolled._adam_flow). Per substep: two gradient passes per run.
     adam_dynamics: str = "flow"
+    # the Adam flow keeps each run's first moment m (an EMA of its clipped gradients with
+    # beta1, bias-corrected; a fresh stage starts it at zero) instead of taking m_hat = g:
+    # its lag is how the recorded lm run re-learns slower than the flow did (README
+    # "Fidelity"). False: m_hat = g, the flow before 2026-12-06
+    adam_momentum: bool = True
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
     # flow_substeps exponential Euler steps (lanczos_iters HVPs each), a step that would

@@ -60,6 +60,7 @@ class AdamFlow:
         v_cf, step0 = self.cf_second_moment(j, path)
         # updated in place below (whole-model vectors: fewer fresh allocations)
         d, v_cf = d.clone(), v_cf.clone()
+        m_cf = self.start_first_moment(j, v_cf)
         what = f"carrying the counterfactual through stage '{run.name}'"
         for q, ((k0, k1), theta, s_act) in enumerate(path):
             flat.report(what, q, len(path.spans))
@@ -69,10 +70,9 @@ class AdamFlow:
             g_cf.mul_(rho).addcmul_(lam_c, cf)
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
-            u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
-            s_cf = self.settled_step(j, cf, g_cf,
-                                     u_cf.mul_(-path.pace * float(sum(run.lrs[k0:k1]))),
-                                     positive, lam_c, rho)
+            mean, m_cf = self.first_moment(j, m_cf, g_cf, step0, k0, k1)
+            u_cf = self.direction(j, mean, v_cf, step0 + k1, eps)
+            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-path.pace), positive, lam_c, rho)
             d.add_(s_act).sub_(s_cf)
             if run.opt_type == "adamw":
                 d.mul_(flat.decay(j, k0, k1))
@@ -107,9 +107,11 @@ class AdamFlow:
 
         def simulate(c: float, pace: float = 1.0):
             v = v_start.clone()
+            m = self.start_first_moment(j, v)
             squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
+                nonlocal m
                 g, noise = self.moments(j, theta)
                 rho = self.clip_factor(j, g, noise, c)
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
@@ -118,10 +120,9 @@ class AdamFlow:
                 squares.addcmul_(weight[q], g * g)
                 spread.addcmul_(weight[q], noise)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
-                u = self.direction(j, g, v, step0 + k1, eps)
-                return self.settled_step(j, theta, g,
-                                         u.mul_(-pace * float(sum(run.lrs[k0:k1]))),
-                                         positive, lam_c, rho)
+                mean, m = self.first_moment(j, m, g, step0, k0, k1)
+                u = self.direction(j, mean, v, step0 + k1, eps)
+                return self.settled_step(j, theta, g, u.mul_(-pace), positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
             return starts, steps, (squares, spread), v, ends
@@ -170,6 +171,46 @@ class AdamFlow:
             return 1.0
         norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
         return min(1.0, tau / norm) if norm > 0 else 1.0
+
+    def start_first_moment(self, j: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Either run's exp_avg as Adam stage j starts: zero when fresh; None (set to the
+        run's first gradient: the steady state the flow assumed before it kept m) when the
+        stage continues a state, whose first-moment difference the estimator releases."""
+        if self.flat.runs[j].fresh or not self.config.adam_momentum:
+            return torch.zeros_like(like)
+        return None
+
+    def first_moment(self, j: int, m: torch.Tensor | None, g: torch.Tensor, step0: int,
+                     k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's first moment over steps k0..k1 of stage j with the (clipped) gradient g
+        held for the substep: the lr-weighted sum of its bias-corrected values
+        sum_t lr_t m_hat_t (what the substep's steps add up to, before the division by
+        sqrt(v_hat)), and m at the substep's end.
+
+        m_t = beta1^t m + (1 - beta1^t) g, m_hat_t = m_t / (1 - beta1^(step0 + k0 + t)):
+        a fresh stage's m_hat starts at g, and afterwards lags the gradient by ~1/(1 -
+        beta1) steps. On the lm sample run that lag is what the flow without it (m_hat = g,
+        ``adam_momentum`` off) misses: it re-learns faster than the recorded run."""
+        run = self.flat.runs[j]
+        lrs = run.lrs[k0:k1]
+        if not self.config.adam_momentum:
+            return g * float(sum(lrs)), g
+        flat = self.flat
+        if m is None:  # the steady state: m_hat = g
+            m = g * flat.per_group(j, lambda h: 1 - h.beta1 ** (step0 + k0))
+
+        def weights(h, old: bool) -> float:
+            total = 0.0
+            for t, lr in enumerate(lrs, start=1):
+                part = h.beta1**t if old else 1 - h.beta1**t
+                total += lr * part / (1 - h.beta1 ** (step0 + k0 + t))
+            return total
+
+        a = flat.per_group(j, lambda h: weights(h, True))
+        b = flat.per_group(j, lambda h: weights(h, False))
+        keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta1**n)
+        mean = m * a + g * b
+        return mean, m.mul_(keep).addcmul_(1 - keep, g)
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
