@@ -70,9 +70,10 @@ class AdamFlow:
             g_cf.mul_(rho).addcmul_(lam_c, cf)
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
-            mean, m_cf = self.first_moment(j, m_cf, g_cf, step0, k0, k1)
+            mean, m_cf, lr = self.first_moment(j, m_cf, g_cf, step0, k0, k1)
             u_cf = self.direction(j, mean, v_cf, step0 + k1, eps)
-            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-path.pace), positive, lam_c, rho)
+            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-path.pace * lr), positive, lam_c,
+                                     rho)
             d.add_(s_act).sub_(s_cf)
             if run.opt_type == "adamw":
                 d.mul_(flat.decay(j, k0, k1))
@@ -120,9 +121,9 @@ class AdamFlow:
                 squares.addcmul_(weight[q], g * g)
                 spread.addcmul_(weight[q], noise)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
-                mean, m = self.first_moment(j, m, g, step0, k0, k1)
+                mean, m, lr = self.first_moment(j, m, g, step0, k0, k1)
                 u = self.direction(j, mean, v, step0 + k1, eps)
-                return self.settled_step(j, theta, g, u.mul_(-pace), positive, lam_c, rho)
+                return self.settled_step(j, theta, g, u.mul_(-pace * lr), positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
             return starts, steps, (squares, spread), v, ends
@@ -173,44 +174,44 @@ class AdamFlow:
         return min(1.0, tau / norm) if norm > 0 else 1.0
 
     def start_first_moment(self, j: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Either run's exp_avg as Adam stage j starts: zero when fresh; None (set to the
-        run's first gradient: the steady state the flow assumed before it kept m) when the
-        stage continues a state, whose first-moment difference the estimator releases."""
-        if self.flat.runs[j].fresh or not self.config.adam_momentum:
+        """Either run's exp_avg as Adam stage j starts (``adam_momentum``): zero when fresh;
+        None when the stage continues a state: set at the first substep to the steady state
+        m_hat = g (the flow without momentum's assumption; the estimator releases the
+        runs' recorded first-moment difference into d as before)."""
+        if self.config.adam_momentum and self.flat.runs[j].fresh:
             return torch.zeros_like(like)
         return None
 
     def first_moment(self, j: int, m: torch.Tensor | None, g: torch.Tensor, step0: int,
-                     k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adam's first moment over steps k0..k1 of stage j with the (clipped) gradient g
-        held for the substep: the lr-weighted sum of its bias-corrected values
-        sum_t lr_t m_hat_t (what the substep's steps add up to, before the division by
-        sqrt(v_hat)), and m at the substep's end.
+                     k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """What Adam's steps k0..k1 of stage j add up to before the division by
+        sqrt(v_hat), as (vector, scalar factor); and m at the substep's end.
 
-        m_t = beta1^t m + (1 - beta1^t) g, m_hat_t = m_t / (1 - beta1^(step0 + k0 + t)):
-        a fresh stage's m_hat starts at g, and afterwards lags the gradient by ~1/(1 -
-        beta1) steps. On the lm sample run that lag is what the flow without it (m_hat = g,
-        ``adam_momentum`` off) misses: it re-learns faster than the recorded run."""
-        run = self.flat.runs[j]
-        lrs = run.lrs[k0:k1]
+        Without ``adam_momentum``: m_hat = g, so (g, summed lr). With it, the first moment
+        is kept with g held over the substep (as v is): m_t = beta1^t m + (1 - beta1^t) g,
+        m_hat_t = m_t / (1 - beta1^(step0 + k0 + t)), and the vector is the lr-weighted sum
+        sum_t lr_t m_hat_t, exactly (factor 1). A fresh stage's m_hat starts at g and then
+        lags the gradient by about beta1 / (1 - beta1) steps: on the lm sample run the
+        flow without that lag re-learns faster than the recorded run (README "Fidelity")."""
+        lrs = self.flat.runs[j].lrs[k0:k1]
         if not self.config.adam_momentum:
-            return g * float(sum(lrs)), g
+            return g, None, float(sum(lrs))
         flat = self.flat
-        if m is None:  # the steady state: m_hat = g
+        if m is None:  # a continuing stage: the steady state m_hat = g
             m = g * flat.per_group(j, lambda h: 1 - h.beta1 ** (step0 + k0))
 
-        def weights(h, old: bool) -> float:
+        def weight(h, old: bool) -> float:
             total = 0.0
             for t, lr in enumerate(lrs, start=1):
                 part = h.beta1**t if old else 1 - h.beta1**t
                 total += lr * part / (1 - h.beta1 ** (step0 + k0 + t))
             return total
 
-        a = flat.per_group(j, lambda h: weights(h, True))
-        b = flat.per_group(j, lambda h: weights(h, False))
+        a = flat.per_group(j, lambda h: weight(h, True))
+        b = flat.per_group(j, lambda h: weight(h, False))
         keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta1**n)
         mean = m * a + g * b
-        return mean, m.mul_(keep).addcmul_(1 - keep, g)
+        return mean, m.mul_(keep).addcmul_(1 - keep, g), 1.0
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
