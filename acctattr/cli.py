@@ -341,7 +341,7 @@ def validate(
     """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
 
     def go() -> None:
-        from acctattr import pipeline
+        from acctattr import validation
         from acctattr.output import report
 
         check_output(output)
@@ -351,8 +351,8 @@ def validate(
             chosen = tuple(e.value for e in estimator)
         runtime = make_runtime(device, threads, batch_size, check=True)
         with report.progress_bar(not quiet, show_progress) as progress:
-            v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
-                                  runtime=runtime)
+            v = validation.validate(manifest, chosen, workdir=workdir, progress=progress,
+                                    runtime=runtime)
         if format is TableOrJson.json:
             text = report.validation_to_json(v)
         else:
