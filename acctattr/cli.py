@@ -150,6 +150,7 @@ def run(
     def go() -> None:
         from acctattr import pipeline
         from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
         check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
@@ -164,7 +165,7 @@ def run(
         if per_example and format is not Format.json:
             err(f"warning: --per-example adds every example's effects to JSON only; the "
                  f"{format.value} output shows stages and groups (use --format json)")
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+        with progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config, runtime, embeddings)
@@ -343,6 +344,7 @@ def validate(
     def go() -> None:
         from acctattr import validation
         from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
         check_output(output)
         _check_workdir(workdir)
@@ -350,7 +352,7 @@ def validate(
         if estimator:
             chosen = tuple(e.value for e in estimator)
         runtime = make_runtime(device, threads, batch_size, check=True)
-        with report.progress_bar(not quiet, show_progress) as progress:
+        with progress_bar(not quiet, show_progress) as progress:
             v = validation.validate(manifest, chosen, workdir=workdir, progress=progress,
                                     runtime=runtime)
         if format is TableOrJson.json:

@@ -57,12 +57,12 @@ def embed(
 
     def go() -> None:
         from acctattr import embeddings
-        from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
         config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = make_runtime(device, threads, None, check=True)
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+        with progress_bar(not quiet and is_primary(), show_progress) as progress:
             index = embeddings.compute(manifest, output, estimator.value, config, runtime,
                                        progress)
         est = index["estimator"]
@@ -108,12 +108,12 @@ def ablate(
 
     def go() -> None:
         from acctattr import ablate as ablation
-        from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
         config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = make_runtime(device, threads, batch_size, check=True)
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+        with progress_bar(not quiet and is_primary(), show_progress) as progress:
             a = ablation.ablate(manifest, stage, output, scale, estimator.value, config,
                                 runtime, embeddings, progress)
         if a.estimator_note:
