@@ -21,8 +21,9 @@ from functools import partial
 
 import torch
 
+from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.noise import fit_noise
+from acctattr.estimators.unrolled.noise import GroupMoments, fit_noise
 from acctattr.estimators.unrolled.path import (
     ActualPath,
     check_reproduction,
@@ -45,6 +46,7 @@ class AdamFlow:
         # what the stage just propagated hands on to a continuing next stage: how the
         # counterfactual's v differs from the actual run's, and its step offset
         self.carry: Moment | None = None
+        self.group_moments = GroupMoments()
 
     def propagate(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,13 +150,18 @@ class AdamFlow:
         return path
 
     # ------------------------------------------------------------ one step
-    def moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, j: int, theta: torch.Tensor | Params,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage j's mean training-loss gradient and per-example gradient variance at flat
-        parameters theta (the loss's alone: clipping acts before any coupled decay)."""
+        parameters theta, or at theta already as the model's tensors (flat.at: the caller
+        then need not keep the float64 point while they are computed); the loss's alone:
+        clipping acts before any coupled decay. Flat float64, one sample group at a time
+        (GroupMoments)."""
         flat = self.flat
-        g, noise = flat.curvature(j).gradient_and_noise(flat.at(theta),
-                                                        self.config.noise_chunks)
-        return flat.flat(g), flat.flat(noise)
+        params = flat.at(theta) if isinstance(theta, torch.Tensor) else theta
+        del theta
+        return self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
+                                  flat.sizes, flat.device)
 
     def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float) -> float:
         """How much gradient-norm clipping scales stage j's batch gradients at a point:
