@@ -118,7 +118,11 @@ class Unrolled(Estimator):
             else:
                 self.adam.cf_start = ("carry", self.adam.carry)
             self.adam.carry = None
-            d, e = self.propagate(j, d, e, hand_on)
+            # e is released into d first: not held while the stage is simulated
+            if e is not None and not runs[j].fresh:
+                d.add_(self._release(j, e))
+            e = None
+            d, e = self.propagate(j, d, None, hand_on)
         failed = self._unreproduced()
         if self.strict and failed:
             raise Unsuitable("unrolled's simulation does not reproduce the recorded run of "
@@ -140,7 +144,8 @@ class Unrolled(Estimator):
         if run.fresh:
             e = None
         if e is not None:
-            d = d + self._release(j, e)
+            d = d.add_(self._release(j, e))  # d is the caller's to hand over
+            del e
         if run.adapter:
             return d, None  # the stage trained none of these parameters
         rate = flat.rate(j)
@@ -149,7 +154,9 @@ class Unrolled(Estimator):
             rate = rate * mask
         total = float(sum(run.lrs))
         if run.opt_type != "sgd" and self.config.adam_dynamics == "flow":
-            return self.adam.propagate(j, d, rate, total, hand_on)
+            positive = rate > 0  # all the flow needs of the preconditioner
+            del rate, mask
+            return self.adam.propagate(j, d, positive, total, hand_on)
         if run.opt_type == "sgd" and self.config.sgd_dynamics == "flow":
             return self.sgd.propagate(j, d, rate, total, hand_on)
         return self.linear.propagate(j, d, rate, total, hand_on)
