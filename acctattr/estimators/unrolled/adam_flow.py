@@ -220,18 +220,24 @@ class AdamFlow:
         step.masked_fill_(~positive, 0.0)
         after = theta.add_(step) if own_theta else theta + step
         del theta
-        # the gradient after the step, written over the point it was taken at
-        grads = flat.curvature(j).gradient(flat.at(after))
-        lam = torch.split(lam_c, flat.sizes) if lam_c.dim() else [lam_c] * len(flat.sizes)
-        flip = torch.empty(after.shape, dtype=torch.bool, device=after.device)
-        for n, a, gp, fl, lm in zip(flat.names, torch.split(after, flat.sizes),
-                                    torch.split(g, flat.sizes), torch.split(flip, flat.sizes),
-                                    lam, strict=True):
-            g_after = grads.pop(n).reshape(-1).to(torch.float64).mul_(rho).addcmul_(lm, a)
-            torch.lt(gp * g_after, 0, out=fl)
-            a.copy_(g_after)
-        g_after = after
-        del after, grads
+        # the gradient after the step (summed over the sample's groups, one at a time),
+        # written over the point it was taken at where no coupled decay needs that point
+        params = flat.at(after)
+        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
+        shared = any(p.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
+                     for p in params.values())
+        g_after = torch.empty_like(after) if coupled or shared else after
+        self.group_moments.gradient(flat.curvature(j), j, params, self.config.noise_chunks,
+                                    g_after)
+        del params
+        g_after.mul_(rho)
+        if coupled:
+            g_after.addcmul_(lam_c, after)
+        del after
+        flip = torch.empty(g_after.shape, dtype=torch.bool, device=g_after.device)
+        for gp, ga, fl in zip(torch.split(g, flat.sizes), torch.split(g_after, flat.sizes),
+                              torch.split(flip, flat.sizes), strict=True):
+            torch.lt(gp * ga, 0, out=fl)  # one parameter at a time: no whole-model product
         denom = g_after.neg_().add_(g).masked_fill_(~flip, 1.0)  # g - g_after where it flips
         ratio = torch.div(g, denom, out=denom).masked_fill_(~flip, 1.0)
         return step.mul_(ratio)

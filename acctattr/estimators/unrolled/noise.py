@@ -11,6 +11,8 @@ this matches the state file's exp_avg_sq by least squares.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from acctattr.evaluation.curvature import Curvature
@@ -71,14 +73,8 @@ class GroupMoments:
             for part, n in zip(sums, names, strict=True):
                 part.copy_(g[n].reshape(-1))
             return total, spread
-        whole = {k: torch.cat([c[k] for c in curv.chunks]) for k in curv.chunks[0]} \
-            if len(curv.chunks) > 1 else curv.chunks[0]
         seen = 0
-        lo = 0
-        for rows in torch.tensor_split(torch.arange(curv.n), parts):
-            m = len(rows)
-            batch = {k: v[lo:lo + m] for k, v in whole.items()}
-            lo += m
+        for m, batch in _groups(curv, parts):
             grads = self.group_gradient(curv, j, params, batch)
             for n, s, q in zip(names, sums, m2s, strict=True):
                 r = grads.pop(n).reshape(-1)
@@ -92,6 +88,21 @@ class GroupMoments:
             s.div_(curv.n)
             s.copy_(s.to(p.dtype))  # the mean as the parameter's dtype holds it
         return total, spread.div_(parts - 1)
+
+    def gradient(self, curv: Curvature, j: int, params: Params, parts: int,
+                 out: torch.Tensor) -> torch.Tensor:
+        """The mean training-loss gradient at ``params`` summed over the same groups, one
+        at a time, into the flat float64 ``out`` (returned): the activations of one group
+        at a time instead of the whole sample's. Equal to Curvature.gradient up to
+        rounding (float32 per-group gradients added in float64)."""
+        parts = max(1, min(parts, curv.n))
+        out.zero_()
+        pieces = torch.split(out, [p.numel() for p in params.values()])
+        for m, batch in _groups(curv, parts):
+            grads = self.group_gradient(curv, j, params, batch)
+            for n, o in zip(params, pieces, strict=True):
+                o.add_(grads.pop(n).reshape(-1), alpha=m)
+        return out.div_(curv.n)
 
     def group_gradient(self, curv: Curvature, j: int, params: Params, batch: Batch) -> Params:
         """One group's mean loss gradient in the parameters' dtype, as Curvature computes
@@ -121,3 +132,15 @@ class GroupMoments:
             got = torch.autograd.grad(curv.sign * vals.mean(), leaves, allow_unused=True)
         return {n: torch.zeros_like(x) if gi is None else gi
                 for n, x, gi in zip(params, leaves, got, strict=True)}
+
+
+def _groups(curv: Curvature, parts: int) -> Iterator[tuple[int, Batch]]:
+    """(examples, batch) of each of the ``parts`` groups torch.tensor_split cuts the
+    stage's sample into, in order."""
+    whole = {k: torch.cat([c[k] for c in curv.chunks]) for k in curv.chunks[0]} \
+        if len(curv.chunks) > 1 else curv.chunks[0]
+    lo = 0
+    for rows in torch.tensor_split(torch.arange(curv.n), parts):
+        m = len(rows)
+        yield m, {k: v[lo:lo + m] for k, v in whole.items()}
+        lo += m
