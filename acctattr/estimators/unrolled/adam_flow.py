@@ -111,8 +111,7 @@ class AdamFlow:
         run = flat.runs[j]
         eps = flat.per_group(j, lambda g: g.eps)
         lam_c = flat.coupled_decay(j)
-        v_end = self.end_second_moment(j)
-        v_start = self.start_second_moment(j, v_end)
+        v_start = self.start_second_moment(j)
         step0 = 0 if run.fresh else run.step0
         substeps = spans(flat, j, total)
         handed_on = j + 1 < len(flat.runs) and not flat.runs[j + 1].fresh
@@ -124,8 +123,10 @@ class AdamFlow:
 
         def simulate(c: float, pace: float = 1.0, fitting: bool = False):
             v = v_start.to(torch.float64, copy=True)
-            # weighted sums of g^2 and S over the substeps: only to fit c
-            sums = (torch.zeros_like(v), torch.zeros_like(v)) if fitting else None
+            # weighted sums of g^2 and S over the substeps, only to fit c: float32 (they
+            # set one number, c, to float32 precision)
+            sums = (torch.zeros_like(v, dtype=torch.float32),
+                    torch.zeros_like(v, dtype=torch.float32)) if fitting else None
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 g, noise = self.moments(j, theta)
@@ -133,9 +134,14 @@ class AdamFlow:
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
                 noise.mul_(rho * rho)  # what clipping leaves of the batch noise
-                if sums is not None:
-                    sums[0].addcmul_(weight[q], g * g)
-                    sums[1].addcmul_(weight[q], noise)
+                if sums is not None:  # one parameter at a time: no whole-model temporaries
+                    w = weight[q]
+                    for sq, sp, gp, np_, wp in zip(
+                            *(torch.split(x, flat.sizes) for x in (*sums, g, noise)),
+                            torch.split(w, flat.sizes) if w.dim() else [w] * len(flat.sizes),
+                            strict=True):
+                        sq.addcmul_(wp, gp * gp)
+                        sp.addcmul_(wp, np_)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
                 u = self.direction(j, g, v, step0 + k1, eps)
@@ -151,9 +157,11 @@ class AdamFlow:
                                                     fitting=c is None)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
             assert sums is not None
+            del starts, steps, v_sim
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
-            c = fit_noise(sums[0], sums[1], keep_all * v_start.double(), v_end, positive)
-            del sums, starts, steps, v_sim
+            c = fit_noise(sums[0], sums[1], keep_all * v_start.double(),
+                          self.end_second_moment(j), positive)
+            del sums
             starts, steps, _, v_sim, ends = simulate(c)
         # the check judges the flow as the optimizer's expected steps; the path it keeps is
         # the one paced to lower the loss as much as the recorded run did (next_pace)
@@ -165,7 +173,7 @@ class AdamFlow:
             del starts, steps, v_sim
             starts, steps, _, v_sim, ends = simulate(c, pace)
             tried.append((pace, check_reproduction(flat, j, ends).simulated_drop))
-        path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, v_end, v_sim,
+        path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, None, v_sim,
                           decay, pace)
         flat.paths = {j: path}
         flat.noise_scale[j] = c
@@ -258,15 +266,17 @@ class AdamFlow:
         parts = {n: self.second_moment(j, n) for n in self.flat.names}
         return self.flat.flat(parts, _exact_dtype(parts.values()))
 
-    def start_second_moment(self, j: int, v_end: torch.Tensor) -> torch.Tensor:
+    def start_second_moment(self, j: int) -> torch.Tensor:
         """The actual run's exp_avg_sq as stage j starts: zero when fresh; else the
-        previous stage's, or, when that state file is absent, v_end (stationary); in the
-        dtype that holds it exactly (read only: it may be v_end itself)."""
+        previous stage's, or, when that state file is absent, stage j's own at its end
+        (stationary); flat, in the dtype that holds it exactly (read from the files on
+        every call: not kept)."""
         run = self.flat.runs[j]
         if run.fresh:
-            return torch.zeros_like(v_end)
+            return torch.zeros(sum(self.flat.sizes), dtype=torch.float32,
+                               device=self.flat.device)
         v = self.saved_second_moment(j - 1, exact=True) if j > 0 else None
-        return v_end if v is None else v
+        return self.end_second_moment(j) if v is None else v
 
     def cf_second_moment(self, j: int, path: ActualPath) -> Moment:
         """The counterfactual's exp_avg_sq and step count as Adam stage j starts.
@@ -276,9 +286,8 @@ class AdamFlow:
         later stage's: the actual run's, plus the difference the flow handed on.
         """
         run = self.flat.runs[j]
-        assert path.v_end is not None  # an Adam path always has it
-        zero = partial(torch.zeros, path.v_end.shape, dtype=torch.float64,
-                       device=path.v_end.device)
+        zero = partial(torch.zeros, sum(self.flat.sizes), dtype=torch.float64,
+                       device=self.flat.device)
         if run.fresh:
             return zero(), 0
         how, value = self.cf_start
@@ -286,7 +295,7 @@ class AdamFlow:
             if value is None:
                 return zero(), 0
             return value
-        v = self.start_second_moment(j, path.v_end)
+        v = self.start_second_moment(j)
         if how == "carry" and value is not None:
             dv, offset = value
             return (v + dv).clamp(min=0.0), max(run.step0 - offset, 0)

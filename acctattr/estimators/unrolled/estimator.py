@@ -110,6 +110,7 @@ class Unrolled(Estimator):
             if any(p is not None for p in parts.values()):
                 e = flat.flat({n: (p if p is not None else torch.zeros(
                     self.training.trainable[n], device=flat.device)) for n, p in parts.items()})
+            del parts  # a float64 copy of the model, not to be held through the stages
         self.adam.carry = None
         for j in range(k + 1, len(runs)):
             hand_on = j + 1 < len(runs) and not runs[j + 1].fresh

@@ -24,7 +24,7 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor
               v_end: torch.Tensor, positive: torch.Tensor) -> float:
     """c >= 0 by least squares over the coordinates the stage trains.
 
-    Args (flat, float64):
+    Args (flat; float32 or float64):
         squares: sum_i w_i g_i^2 over the simulated substeps.
         spread: sum_i w_i S_i.
         carried: beta2^T v_start, what is left of the stage's starting second moment.
@@ -35,6 +35,7 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor
     use = positive & (spread > 0)
     if not bool(use.any()):
         return 0.0
+    spread = spread.double()  # summed in float64 whatever they were accumulated in
     c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum())
     return max(c, 0.0)
 

@@ -28,8 +28,9 @@ class ActualPath:
     """The simulated actual run through one later stage: per substep its (first, end)
     optimizer step and the step it takes, and where each segment starts (a checkpoint);
     the points between are rebuilt on iteration, so a stage keeps one float32 copy of the
-    parameters per substep and per segment. Adam: the noise scale, exp_avg_sq at the end
-    (the state file's) and the simulated run's."""
+    parameters per substep and per segment. Adam: the noise scale and, for a stage the
+    next one continues, the simulated run's exp_avg_sq at its end (v_end, the state
+    file's, is read again where needed: None)."""
 
     spans: list[tuple[int, int]]
     starts: dict[int, torch.Tensor]  # substep index -> the checkpoint it restarts from
