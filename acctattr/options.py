@@ -51,7 +51,7 @@ class UnrolledConfig:
     # within 6% of the truth). Off by default: at 4x lm's steps pretrain's mean goes from
     # -17% to -38%, and on the short Trainer run of tests/estimators/test_adapter_stage.py
     # the reproduction check no longer flags a simulation that gets signs wrong (README
-    # "Fidelity")
+    # "Fidelity"). On, it holds one more float64 vector per simulated run
     adam_momentum: bool = False
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
