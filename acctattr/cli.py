@@ -9,7 +9,6 @@ cli_embed.py.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -38,7 +37,7 @@ from acctattr.cli_options import (
 )
 from acctattr.distributed import is_primary
 from acctattr.errors import AcctattrError
-from acctattr.output.atomic import check_target, write_atomic
+from acctattr.output.atomic import check_target
 
 if TYPE_CHECKING:
     from acctattr.results import Result
@@ -456,15 +455,9 @@ def init(
         check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
-        if not is_primary():
-            return
-        if output is not None:
-            write_atomic(output, text)
-            err(f"wrote {output}")
-        else:
-            sys.stdout.write(text)
+        emit(text, output)
         n = text.count("TODO(acctattr):")
-        if n:
+        if n and is_primary():
             err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
 
     guarded(go)
