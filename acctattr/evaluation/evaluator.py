@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from acctattr import heap
 from acctattr.errors import AcctattrError, DataError
 from acctattr.evaluation.data import Batch, EvalData
 from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric
@@ -212,7 +213,9 @@ class Evaluator:
             return (jvp(f, primals, tangents)[1].cpu().double(),)
 
         with torch.no_grad():
-            return self._each(one)[0]
+            out = self._each(one)[0]
+        heap.trim()  # what the JVP freed, before the next stage allocates (acctattr.heap)
+        return out
 
     def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
         """f_i(theta_T) - f_i(theta_T - v) for every example [N] float64 on the CPU;
@@ -223,7 +226,10 @@ class Evaluator:
             return (self._metric(shifted, batch).cpu().double(),)
 
         with torch.no_grad():
-            return base - self._each(one)[0]
+            out = base - self._each(one)[0]
+        shifted.clear()  # theta_T - v: freed before the trim
+        heap.trim()
+        return out
 
 
 def subtract(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
