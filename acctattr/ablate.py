@@ -96,7 +96,7 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
            progress: Progress | None = None) -> Ablation:
     """Write theta_T - scale * v_k for stage ``stage`` to ``out`` (module doc) and return what
     was written with the eval value predicted for it on every behaviour."""
-    from acctattr import distributed, estimators, pipeline
+    from acctattr import distributed, estimators, pipeline, summary
     from acctattr.output.atomic import (
         atomic_file,
         atomic_folder,
@@ -160,8 +160,8 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
         predictions = []
         for name, ev in loaded.evaluators.items():
             base, _ = ev.values()
-            final = pipeline._fsum_mean(base)
-            effect = pipeline._fsum_mean(ev.direct(shift, base))
+            final = summary.fsum_mean(base)
+            effect = summary.fsum_mean(ev.direct(shift, base))
             predictions.append(Prediction(name, ev.metric.name, ev.metric.higher_is_better,
                                           final, final - effect))
         # theta_T - v exactly as Evaluator.direct evaluated it (half precision: the difference

@@ -1,191 +1,53 @@
 """The command line: parse options, call the pipeline, render.
 
 The one place that turns AcctattrError into an exit code (2), a tripped gate into 1,
-Ctrl-C into 130 and SIGTERM into 143 (acctattr.signals). Results go to stdout; progress,
-warnings and errors to stderr, with control characters of user strings escaped.
+Ctrl-C into 130 and SIGTERM into 143 (acctattr.signals; the boundary is cli_io.guarded).
+Results go to stdout; progress, warnings and errors to stderr, with control characters of
+user strings escaped. The shared options are in cli_options.py; embed and ablate in
+cli_embed.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import traceback
-from collections.abc import Callable
-from dataclasses import replace
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from acctattr import signals
-from acctattr.distributed import from_env, is_primary
+from acctattr.cli_embed import ablate, embed
+from acctattr.cli_io import check_output, emit, err, guarded, terminal_width, use_color
+from acctattr.cli_options import (
+    DYNAMICS_DEFAULT,
+    UNROLLED,
+    BatchOpt,
+    Concrete,
+    DeviceOpt,
+    Dynamics,
+    EmbeddingsOpt,
+    Estimator,
+    Evaluate,
+    Format,
+    HessianAt,
+    ManifestArg,
+    TableOrJson,
+    ThreadsOpt,
+    make_runtime,
+    unrolled_config,
+)
+from acctattr.distributed import is_primary
 from acctattr.errors import AcctattrError
-from acctattr.options import Runtime, UnrolledConfig
 from acctattr.output.atomic import check_target, write_atomic
-from acctattr.output.text import printable
 
 if TYPE_CHECKING:
     from acctattr.results import Result
 
-UNROLLED = UnrolledConfig()
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Which training stage is accountable for how a model behaves.",
 )
-T = TypeVar("T")
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
-
-class TableOrJson(str, Enum):
-    table = "table"
-    json = "json"
-
-
-class Estimator(str, Enum):
-    auto = "auto"
-    naive = "naive"
-    frozen = "frozen"
-    unrolled = "unrolled"
-
-
-class Concrete(str, Enum):
-    """The estimators validate can measure (auto is a choice among them)."""
-
-    naive = "naive"
-    frozen = "frozen"
-    unrolled = "unrolled"
-
-
-class HessianAt(str, Enum):
-    start = "start"
-    end = "end"
-    halves = "split"  # (a member named "split" would shadow str.split)
-    interpolate = "interpolate"
-
-
-_HESSIAN_AT_DEFAULT = HessianAt(UNROLLED.hessian_at)
-
-
-class Dynamics(str, Enum):
-    flow = "flow"
-    linear = "linear"
-
-
-_DYNAMICS_DEFAULT = Dynamics(UNROLLED.sgd_dynamics)
-
-
-class Evaluate(str, Enum):
-    linear = "linear"
-    direct = "direct"
-
-
-def _err(text: str) -> None:
-    """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
-    if is_primary():
-        print(printable(text, keep="\n"), file=sys.stderr)
-
-
-def _err_of(error: BaseException, text: str) -> None:
-    """An error's message on stderr. Under torchrun, rank 0 says it (with the rank it came
-    from); another rank only when rank 0 cannot have heard of it: an error of its own
-    (not shared by acctattr.distributed) that is a bug or marked ``rank_local``."""
-    rank = from_env()[0]
-    source = getattr(error, "shared_from", None)
-    if rank == 0:
-        prefix = f"rank {source}: " if source else ""
-    elif source is None and (getattr(error, "rank_local", False)
-                             or not isinstance(error, AcctattrError)):
-        prefix = f"rank {rank}: "
-    else:
-        return
-    print(printable(prefix + text, keep="\n"), file=sys.stderr)
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    """The error boundary: bad input -> exit 2 with a message, Ctrl-C -> 130, no traceback."""
-    debug = bool(os.environ.get("ACCTATTR_DEBUG"))
-    try:
-        out = fn()
-        signals.raise_if_received()  # a signal whose exception something swallowed
-        return out
-    except AcctattrError as e:
-        if debug:
-            traceback.print_exc()
-        _err_of(e, f"error: {e}")
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        _err("interrupted")
-        raise typer.Exit(130) from None
-    except signals.Terminated:
-        _err("terminated")
-        raise typer.Exit(143) from None
-    except typer.Exit:
-        raise
-    except BrokenPipeError:
-        # the reader of stdout went away (``| head``, ``| true``): say so once and make sure
-        # Python's own flush at exit cannot fail on the closed pipe again
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        _err("error: stdout was closed before the whole result was written (broken pipe)")
-        raise typer.Exit(2) from None
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        _err_of(e, f"internal error: {type(e).__name__}: {e}\n  this is a bug in acctattr; "
-                "rerun with ACCTATTR_DEBUG=1 for the traceback and report it")
-        raise typer.Exit(3) from None
-
-
-ManifestArg = Annotated[Path, typer.Argument(
-    help="The run's manifest.yaml.", metavar="MANIFEST", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", metavar="cpu|cuda|cuda:N|mps|auto",
-    help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
-    rich_help_panel="Compute")]
-ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, max=4096, metavar="N",
-    help="CPU threads. Default: OMP_NUM_THREADS when set, else the CPUs other processes "
-         "leave idle (at least 1). Results do not depend on it.",
-    rich_help_panel="Compute", show_default=False)]
-BatchOpt = Annotated[int | None, typer.Option(
-    "--batch-size", min=1, metavar="N", help="Eval batch size (default: eval.batch_size).",
-    rich_help_panel="Compute", show_default=False)]
-
-EmbeddingsOpt = Annotated[Path | None, typer.Option(
-    "--embeddings", metavar="DIR",
-    help="Evaluate the stage embeddings `acctattr embed` wrote to DIR instead of computing "
-         "them (refused when an input changed or DIR holds another estimator).",
-    show_default=False)]
-
-
-def _runtime(device: str, threads: int | None, batch_size: int | None,
-             check: bool = False) -> Runtime:
-    """The compute options; the thread count defaults as devices.default_threads says.
-    ``check``: resolve --device now, so a wrong one fails before any computing."""
-    from acctattr.devices import default_threads, resolve
-
-    if check:
-        resolve(device, from_env()[2])
-    return Runtime(device=device, threads=threads or default_threads(), batch_size=batch_size)
-
-
-def _check_output(output: Path | None, option: str = "--output") -> None:
-    """A result file that cannot be written fails before any computing (exit 2)."""
-    if output is not None:
-        from acctattr.output.atomic import check_target
-
-        check_target(output, option)
 
 
 def _version(value: bool) -> None:
@@ -262,7 +124,7 @@ def run(
     dynamics: Annotated[Dynamics, typer.Option(
         help="unrolled: simulate both runs through each later stage (flow) or propagate "
              "by the linearised dynamics (linear).",
-        rich_help_panel="Unrolled estimator")] = _DYNAMICS_DEFAULT,
+        rich_help_panel="Unrolled estimator")] = DYNAMICS_DEFAULT,
     flow_substeps: Annotated[int, typer.Option(
         min=1, help="unrolled, flow: substeps per later stage.",
         rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
@@ -288,21 +150,22 @@ def run(
     def go() -> None:
         from acctattr import pipeline
         from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
-        _check_output(output)
+        check_output(output)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         _check_gate_behaviour(manifest, fail_on_harm, gate_behaviour)
         if plot is not None:
             from acctattr.output import plots
 
             plots.check_target(plot)
-        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
+        config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
-        runtime = _runtime(device, threads, batch_size, check=True)
+        runtime = make_runtime(device, threads, batch_size, check=True)
         if per_example and format is not Format.json:
-            _err(f"warning: --per-example adds every example's effects to JSON only; the "
+            err(f"warning: --per-example adds every example's effects to JSON only; the "
                  f"{format.value} output shows stages and groups (use --format json)")
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
+        with progress_bar(not quiet and is_primary(), show_progress) as progress:
             result = pipeline.run(manifest, estimator.value,
                                   evaluate.value if evaluate else None, per_example, progress,
                                   config, runtime, embeddings)
@@ -316,24 +179,24 @@ def run(
 
             gate = gates.evaluate(result, fail_on_harm, confidence, gate_stage, gate_group)
         if result.estimator_note:
-            _err(f"estimator: {result.estimator} ({result.estimator_note})")
+            err(f"estimator: {result.estimator} ({result.estimator_note})")
         for w in result.warnings:
-            _err(f"warning: {w}")
+            err(f"warning: {w}")
         if format is Format.json:
             text = report.to_json(result, gate)
         elif format is Format.markdown:
             text = report.to_markdown(result, gate)
         else:
-            color = _color(output)
-            text = report.to_table(result, color=color, width=_terminal_width(output))
-        _emit(text, output)
+            color = use_color(output)
+            text = report.to_table(result, color=color, width=terminal_width(output))
+        emit(text, output)
         if plot is not None and is_primary():
             plots.render(result, plot, confidence)
-            _err(f"wrote {plot}")
+            err(f"wrote {plot}")
         if gate is not None:
             from acctattr.output.gates import describe
 
-            _err(describe(gate, result.metric))
+            err(describe(gate, result.metric))
             if gate.tripped:
                 raise typer.Exit(1)
 
@@ -353,7 +216,7 @@ def _several(result: Result, format: Format, output: Path | None, plot: Path | N
         checked = {name: gates.evaluate(r, fail_on_harm, confidence, gate_stage, gate_group)
                    for name, r in result.behaviours if gate_behaviour in (None, name)}
     if result.estimator_note:
-        _err(f"estimator: {result.estimator} ({result.estimator_note})")
+        err(f"estimator: {result.estimator} ({result.estimator_note})")
     shown: list[str] = []
     for name, r in result.behaviours:
         for w in r.warnings:
@@ -361,24 +224,24 @@ def _several(result: Result, format: Format, output: Path | None, plot: Path | N
             line = f"warning: {w}" if shared else f"warning: behaviour {name}: {w}"
             if line not in shown:
                 shown.append(line)
-                _err(line)
+                err(line)
     if format is Format.json:
         text = report.behaviours_to_json(result, checked, gate_behaviour)
     elif format is Format.markdown:
         text = report.behaviours_to_markdown(result, checked)
     else:
-        text = report.behaviours_to_table(result, color=_color(output),
-                                          width=_terminal_width(output))
-    _emit(text, output)
+        text = report.behaviours_to_table(result, color=use_color(output),
+                                          width=terminal_width(output))
+    emit(text, output)
     if plot is not None and is_primary():
         from acctattr.output import plots
 
         for name, r in result.behaviours:
             target = plot.with_name(f"{plot.stem}.{name}{plot.suffix}")
             plots.render(r, target, confidence)
-            _err(f"wrote {target}")
+            err(f"wrote {target}")
     for name, gate in checked.items():
-        _err(f"behaviour {name}: {gates.describe(gate, dict(result.behaviours)[name].metric)}")
+        err(f"behaviour {name}: {gates.describe(gate, dict(result.behaviours)[name].metric)}")
     if any(g.tripped for g in checked.values()):
         raise typer.Exit(1)
 
@@ -427,46 +290,6 @@ def _check_workdir(workdir: Path | None) -> None:
     check_target(folder / ".acctattr-workdir-probe", "--workdir")
 
 
-def _color(output: Path | None) -> bool:
-    """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
-    an empty NO_COLOR does not turn colour off)."""
-    return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-
-
-def _terminal_width(output: Path | None) -> int | None:
-    """The terminal's width when the table goes to one, else None (the table's own width)."""
-    if output is None and sys.stdout.isatty():
-        return shutil.get_terminal_size().columns
-    return None
-
-
-def _emit(text: str, output: Path | None) -> None:
-    """The result to ``output`` (atomically) or to stdout; by rank 0 alone under torchrun."""
-    if not is_primary():
-        return
-    if output is not None:
-        write_atomic(output, text)
-        _err(f"wrote {output}")
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-
-def _unrolled_config(lanczos_iters: int, sample_size: int, dynamics: Dynamics,
-                     flow_substeps: int, hessian_at: HessianAt | None,
-                     substeps: int | None) -> UnrolledConfig:
-    """The unrolled options as a config; linear-only options with flow are an error."""
-    if dynamics is Dynamics.flow and (hessian_at is not None or substeps is not None):
-        given = "--hessian-at" if hessian_at is not None else "--substeps"
-        raise AcctattrError(f"{given} applies to --dynamics linear, not flow",
-                            f"drop {given}, or add --dynamics linear")
-    return replace(UNROLLED, lanczos_iters=lanczos_iters, sample_size=sample_size,
-                   sgd_dynamics=dynamics.value, adam_dynamics=dynamics.value,
-                   flow_substeps=flow_substeps,
-                   hessian_at=(hessian_at or _HESSIAN_AT_DEFAULT).value,
-                   substeps=substeps if substeps is not None else UNROLLED.substeps)
-
-
 def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: float,
                         gate_stage: str | None, gate_group: str | None) -> None:
     """Bad gate options fail before any computing (exit 2)."""
@@ -490,128 +313,9 @@ def _check_gate_options(manifest: Path, fail_on_harm: float | None, confidence: 
                                    group_names(m.eval))
 
 
-# the options embed and ablate share (run and validate spell theirs out with their own help)
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
-ProgressOpt = Annotated[bool, typer.Option(
-    "--progress", help="Progress on stderr even when it is not a terminal.")]
-LanczosOpt = Annotated[int, typer.Option(
-    min=1, help="unrolled: most Lanczos iterations (HVPs) per propagation.",
-    rich_help_panel="Unrolled estimator")]
-SampleSizeOpt = Annotated[int, typer.Option(
-    min=1, help="unrolled: training examples per later stage for its curvature.",
-    rich_help_panel="Unrolled estimator")]
-DynamicsOpt = Annotated[Dynamics, typer.Option(
-    help="unrolled: flow or linear (as for run).", rich_help_panel="Unrolled estimator")]
-FlowSubstepsOpt = Annotated[int, typer.Option(
-    min=1, help="unrolled, flow: substeps per later stage.",
-    rich_help_panel="Unrolled estimator")]
-HessianAtOpt = Annotated[HessianAt | None, typer.Option(
-    help="unrolled, linear: where along a segment the Hessian is taken.",
-    rich_help_panel="Unrolled estimator", show_default=False)]
-SubstepsOpt = Annotated[int | None, typer.Option(
-    min=1, help="unrolled, linear: integrator substeps per segment.",
-    rich_help_panel="Unrolled estimator", show_default=False)]
-
-
-@app.command()
-def embed(
-    manifest: ManifestArg,
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", metavar="DIR",
-        help="The folder to write (atomically; an earlier embed folder is replaced). Never "
-             "inside the run's folder.", show_default=False)],
-    estimator: Annotated[Estimator, typer.Option(
-        help="How to estimate each stage's embedding (as for run).")] = Estimator.auto,
-    quiet: QuietOpt = False,
-    show_progress: ProgressOpt = False,
-    lanczos_iters: LanczosOpt = UNROLLED.lanczos_iters,
-    sample_size: SampleSizeOpt = UNROLLED.sample_size,
-    dynamics: DynamicsOpt = _DYNAMICS_DEFAULT,
-    flow_substeps: FlowSubstepsOpt = UNROLLED.flow_substeps,
-    hessian_at: HessianAtOpt = None,
-    substeps: SubstepsOpt = None,
-    device: DeviceOpt = "auto",
-    threads: ThreadsOpt = None,
-) -> None:
-    """Compute every stage's embedding v_k once and write it to DIR, for
-    `acctattr run --embeddings DIR` (any eval set) and `acctattr ablate --embeddings DIR`."""
-
-    def go() -> None:
-        from acctattr import embeddings
-        from acctattr.output import report
-
-        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
-                                  hessian_at, substeps)
-        runtime = _runtime(device, threads, None, check=True)
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
-            index = embeddings.compute(manifest, output, estimator.value, config, runtime,
-                                       progress)
-        est = index["estimator"]
-        if est["note"]:
-            _err(f"estimator: {est['name']} ({est['note']})")
-        for w in est["warnings"]:
-            _err(f"warning: {w}")
-        _err(f"wrote {output}: {len(index['stages'])} stage embeddings ({est['name']}), "
-             f"{len(index['inputs'])} input files hashed")
-
-    guarded(go)
-
-
-@app.command()
-def ablate(
-    manifest: ManifestArg,
-    stage: Annotated[str, typer.Option(
-        "--stage", metavar="NAME", help="The stage to take out.", show_default=False)],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", metavar="OUT",
-        help="Where to write the model (atomically; never inside the run's folder): a "
-             "folder, or FILE.safetensors for a plain state dict.", show_default=False)],
-    scale: Annotated[float, typer.Option(
-        "--scale", metavar="S",
-        help="Write theta_T - S * v_k: 1 removes the stage, 0 < S < 1 damps it.")] = 1.0,
-    estimator: Annotated[Estimator, typer.Option(
-        help="How to estimate the stage's embedding (as for run).")] = Estimator.auto,
-    embeddings: EmbeddingsOpt = None,
-    quiet: QuietOpt = False,
-    show_progress: ProgressOpt = False,
-    lanczos_iters: LanczosOpt = UNROLLED.lanczos_iters,
-    sample_size: SampleSizeOpt = UNROLLED.sample_size,
-    dynamics: DynamicsOpt = _DYNAMICS_DEFAULT,
-    flow_substeps: FlowSubstepsOpt = UNROLLED.flow_substeps,
-    hessian_at: HessianAtOpt = None,
-    substeps: SubstepsOpt = None,
-    device: DeviceOpt = "auto",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = None,
-) -> None:
-    """Write the model as if a stage never ran (theta_T - S * v_k) in the final checkpoint's
-    format, and print the eval value the estimate predicts for it (stdout)."""
-
-    def go() -> None:
-        from acctattr import ablate as ablation
-        from acctattr.output import report
-
-        config = _unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
-                                  hessian_at, substeps)
-        runtime = _runtime(device, threads, batch_size, check=True)
-        with report.progress_bar(not quiet and is_primary(), show_progress) as progress:
-            a = ablation.ablate(manifest, stage, output, scale, estimator.value, config,
-                                runtime, embeddings, progress)
-        if a.estimator_note:
-            _err(f"estimator: {a.estimator} ({a.estimator_note})")
-        for w in a.warnings:
-            _err(f"warning: {w}")
-        what = "a Hugging Face folder" if a.format == "hf" else "a safetensors state dict"
-        _err(f"wrote {a.written} ({what})")
-        lines = [f"stage {a.stage} taken out (scale {a.scale:g}, estimator {a.estimator}); "
-                 "eval value the estimate predicts for the written model:"]
-        for p in a.predictions:
-            lines.append(f"  {p.behaviour}: {p.metric} {p.predicted:.6g} (deployed model "
-                         f"{p.final_value:.6g}, {'higher' if p.higher_is_better else 'lower'} "
-                         "is better)")
-        _emit("\n".join(lines) + "\n", None)
-
-    guarded(go)
+# embed and ablate (cli_embed.py) come after run in the command list
+app.command()(embed)
+app.command()(ablate)
 
 
 @app.command()
@@ -638,24 +342,25 @@ def validate(
     """Retrain with each stage skipped (the manifest's replay) and measure every estimator."""
 
     def go() -> None:
-        from acctattr import pipeline
+        from acctattr import validation
         from acctattr.output import report
+        from acctattr.output.progress import progress_bar
 
-        _check_output(output)
+        check_output(output)
         _check_workdir(workdir)
         chosen = None
         if estimator:
             chosen = tuple(e.value for e in estimator)
-        runtime = _runtime(device, threads, batch_size, check=True)
-        with report.progress_bar(not quiet, show_progress) as progress:
-            v = pipeline.validate(manifest, chosen, workdir=workdir, progress=progress,
-                                  runtime=runtime)
+        runtime = make_runtime(device, threads, batch_size, check=True)
+        with progress_bar(not quiet, show_progress) as progress:
+            v = validation.validate(manifest, chosen, workdir=workdir, progress=progress,
+                                    runtime=runtime)
         if format is TableOrJson.json:
             text = report.validation_to_json(v)
         else:
-            color = _color(output)
+            color = use_color(output)
             text = report.validation_to_table(v, color=color, width=110)
-        _emit(text, output)
+        emit(text, output)
 
     guarded(go)
 
@@ -680,20 +385,20 @@ def diff(
         from acctattr.output import diff as diffs
         from acctattr.output import report
 
-        _check_output(output)
+        check_output(output)
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
-            _err(f"warning: {w}")
+            err(f"warning: {w}")
         if format is Format.json:
             text = report.diff_to_json(d)
         elif format is Format.markdown:
             text = report.diff_to_markdown(d)
         else:
-            color = _color(output)
+            color = use_color(output)
             text = report.diff_to_table(d, color=color)
-        _emit(text, output)
+        emit(text, output)
         if fail_on_growth is not None:
-            _err(report.describe_growth(d))
+            err(report.describe_growth(d))
             if d.tripped:
                 raise typer.Exit(1)
 
@@ -714,10 +419,10 @@ def check(manifest: ManifestArg) -> None:
         if len(loaded.evaluators) > 1:
             evals = f"{len(loaded.evaluators)} behaviours (" + ", ".join(
                 f"{n}: {e.data.source}" for n, e in loaded.evaluators.items()) + ")"
-        _emit(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), {n_params:,} trainable "
+        emit(f"ok: {manifest}: {len(loaded.runs)} stages ({stages}), {n_params:,} trainable "
               f"parameters, {evals}\n", None)
         for w in loaded.warnings:
-            _err(f"warning: {w}")
+            err(f"warning: {w}")
 
     guarded(go)
 
@@ -748,19 +453,19 @@ def init(
         from acctattr.runs.scaffold import scaffold
 
         _check_paths([*paths, *([start] if start is not None else [])], "acctattr init:")
-        _check_output(output)
+        check_output(output)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
         if not is_primary():
             return
         if output is not None:
             write_atomic(output, text)
-            _err(f"wrote {output}")
+            err(f"wrote {output}")
         else:
             sys.stdout.write(text)
         n = text.count("TODO(acctattr):")
         if n:
-            _err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
+            err(f"{n} placeholder(s) to fill in; `acctattr check` lists them")
 
     guarded(go)
 
@@ -777,8 +482,8 @@ def schema(
     def go() -> None:
         from acctattr.runs.schema import schema_text
 
-        _check_output(output)
-        _emit(schema_text(), output)
+        check_output(output)
+        emit(schema_text(), output)
 
     guarded(go)
 
@@ -801,7 +506,7 @@ def main() -> None:
             raise
         if e.code != signals.EXIT_CODES[got]:
             # a signal while typer parsed the command line (click calls it "Aborted!")
-            _err(signals.WORDS[got])
+            err(signals.WORDS[got])
         signals.exit_now(got)
     except (KeyboardInterrupt, signals.Terminated):
         signals.say_and_exit()

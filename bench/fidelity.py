@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from acctattr import pipeline
+from acctattr import pipeline, validation
 from acctattr.options import UnrolledConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
@@ -129,7 +129,7 @@ def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None,
         result = pipeline.run(manifest, estimator, config=config)
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(prefix="acctattr-bench-") as tmp:
-            _, retrain = pipeline.true_effects(loaded, base, Path(tmp))
+            _, retrain = validation.true_effects(loaded, base, Path(tmp))
         pairs.append((seconds / retrain, seconds, retrain))
     pairs.sort()
     ratio, seconds, retrain = pairs[len(pairs) // 2]
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     for run in args.runs:
         manifest = ROOT / run / "manifest.yaml"
-        v = pipeline.validate(manifest, tuple(args.estimators), tuple(args.evaluate),
-                              config=config)
+        v = validation.validate(manifest, tuple(args.estimators), tuple(args.evaluate),
+                                config=config)
         floor = floors(manifest)
         for fid in v.results:
             for i, s in enumerate(fid.stages):

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
-from acctattr import pipeline
+from acctattr import pipeline, validation
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -146,7 +146,7 @@ def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
     from fidelity import cost  # bench/fidelity.py, next to this file
 
     chosen = pipeline.run(manifest)
-    v = pipeline.validate(manifest, (chosen.estimator, *also), (chosen.evaluate,))
+    v = validation.validate(manifest, (chosen.estimator, *also), (chosen.evaluate,))
     fid = v.results[0]
     _, ratio, seconds, retrain, spread = cost(manifest, repeat)
     loaded = pipeline.check(manifest)

@@ -62,8 +62,8 @@ def test_no_color_only_when_non_empty(monkeypatch, value, colour):
         monkeypatch.delenv("NO_COLOR", raising=False)
     else:
         monkeypatch.setenv("NO_COLOR", value)
-    assert cli._color(None) is colour
-    assert cli._color(Path("out.txt")) is False
+    assert cli.use_color(None) is colour
+    assert cli.use_color(Path("out.txt")) is False
 
 
 @pytest.fixture(scope="module")

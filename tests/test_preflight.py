@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from acctattr import pipeline
+from acctattr import pipeline, validation
 from acctattr.cli import app
 
 runner = CliRunner()
@@ -18,17 +18,17 @@ DIGITS = Path(__file__).resolve().parents[1] / "sample_runs" / "digits" / "manif
 
 @pytest.fixture
 def no_compute(monkeypatch):
-    """pipeline.run / validate replaced by a tripwire: reaching them fails the test."""
+    """pipeline.run / validation.validate replaced by a tripwire: reaching them fails the test."""
     calls: list[str] = []
 
     def trip(name):
         def f(*a, **k):
             calls.append(name)
-            raise AssertionError(f"pipeline.{name} was reached")
+            raise AssertionError(f"{name} was reached")
         return f
 
     monkeypatch.setattr(pipeline, "run", trip("run"))
-    monkeypatch.setattr(pipeline, "validate", trip("validate"))
+    monkeypatch.setattr(validation, "validate", trip("validate"))
     return calls
 
 

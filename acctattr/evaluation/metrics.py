@@ -89,7 +89,7 @@ BUILTIN["sequence_logprob"] = (lm.sequence_logprob, True)
 BATCH_KEYS: dict[str, tuple[str, ...]] = {m: ("attention_mask",) for m in TOKEN_METRICS}
 
 # The values a builtin metric can take (None: unbounded). A counterfactual estimated outside
-# them is impossible: the estimate extrapolated too far (pipeline.summarize flags it).
+# them is impossible: the estimate extrapolated too far (summary.summarize flags it).
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "cross_entropy": (0.0, None), "logprob": (None, 0.0), "mse": (0.0, None),
     "next_token_loss": (0.0, None), "sequence_logprob": (None, 0.0),

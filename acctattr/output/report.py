@@ -1,33 +1,20 @@
-"""Rendering results: the rich table, JSON (SPEC section 5), markdown, diffs, progress.
+"""Rendering results: the rich table, JSON (SPEC section 5), markdown, diffs.
 
-The only module that imports rich. Depends on the result dataclasses only (Result, Gate,
-Diff). Plots live in plots.py so that matplotlib stays an optional extra.
+With progress.py, the only module that imports rich. Depends on the result dataclasses
+only (Result, Gate, Diff). Plots live in plots.py so that matplotlib stays an optional extra.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from io import StringIO
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
 from acctattr.output.text import printable
-from acctattr.results import Progress as ProgressFn
 from acctattr.results import Result, StageEffect, Validation
 
 if TYPE_CHECKING:
@@ -469,51 +456,6 @@ def validation_to_table(v: Validation, *, color: bool | None = None,
                           f"{f.seconds:.2f}" if first and f.seconds is not None else "")
         table.add_section()
     return _render(table, color, width)
-
-
-def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
-
-
-@contextmanager
-def progress_bar(enabled: bool, force: bool = False) -> Iterator[ProgressFn | None]:
-    """A progress callback drawing on stderr: on a terminal two live bars (the stages, and the
-    work inside the current stage's estimate with its ETA); elsewhere nothing unless
-    ``force`` (--progress), then plain lines. ``enabled`` False (-q): nothing at all.
-
-    The callback takes (what, done, total, level=0): level 0 a stage, level 1 a step inside.
-    """
-    console = stderr_console()
-    if not enabled or not (console.is_terminal or force):
-        yield None
-        return
-    if not console.is_terminal:
-        def plain(what: str, done: int, total: int, level: int = 0) -> None:
-            if level == 0 and done < total:
-                console.print(f"[{done + 1}/{total}] {printable(what)}", highlight=False,
-                              markup=False)
-            elif level == 1 and done == 0:  # one line per step of the estimate, not per substep
-                console.print(f"    {printable(what)} ({total} substeps)", highlight=False,
-                              markup=False)
-        yield plain
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
-        stages = bar.add_task("stages", total=None)
-        inside = bar.add_task("", total=None, visible=False)
-
-        def live(what: str, done: int, total: int, level: int = 0) -> None:
-            what = escape(printable(what))  # a rich description is markup
-            if level == 0:
-                bar.update(stages, description=what, completed=done, total=total)
-                bar.update(inside, visible=False)
-            elif done == 0:  # a new step of the estimate: its own bar and ETA
-                bar.reset(inside, total=total, description=f"  {what}", visible=True)
-            else:
-                bar.update(inside, completed=done)
-
-        yield live
 
 
 # ---------------------------------------------------------------- several behaviours

@@ -28,23 +28,25 @@ a ``TODO(acctattr): ...`` string, which ``acctattr check`` lists as a problem na
 ``data:`` (optional, for the unrolled estimator) is drafted as a comment. Hyperparameters
 found in a state file are listed in a comment only: the state file already supplies them per
 parameter group, and a value written in the manifest would override every group.
+
+Finding the stages in the paths given is scaffold_folders.py's; this module reads each
+stage's optimizer off its files and writes the draft.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from acctattr.errors import AcctattrError, CheckpointError
+from acctattr.errors import CheckpointError
 from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
+from acctattr.runs.scaffold_folders import FoundStage, chain, global_step, pick_start, stages_in
 
 # what eval.data, the stages' data and the metric accept, written into the draft
 EVAL_DATA_FORMATS = ("a .safetensors file of tensors with one row per example (the model's "
@@ -54,260 +56,9 @@ DATA_COMMENT = ("# data: TRAIN.safetensors  # optional (the unrolled estimator):
                 "training examples, tensors named as eval.inputs and eval.target")
 METRIC_COMMENT = "cross_entropy | margin | logprob | mse | FILE.py:FUNC"
 
-_LIGHTNING_AUTO = re.compile(r"^(last|(epoch=\d+)?-?(step=\d+)?)(-v\d+)?$")
-_LIGHTNING_DIRS = re.compile(r"^(checkpoints|lightning_logs|version_\d+)$")
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-_NOT_WEIGHTS = ("optim", "scheduler", "rng_state", "training_args", "scaler")
-
 
 def todo(what: str) -> str:
     return f"{PLACEHOLDER}: {what}"
-
-
-@dataclass
-class _Stage:
-    """One stage found on disk: its end and the intermediate checkpoints of the same run."""
-
-    name: str
-    end: Path
-    kind: str
-    checkpoints: list[Path] = field(default_factory=list)
-    how: str = ""
-    guessed: bool = False  # ordered by file times that say nothing (a copy, a checkout)
-
-
-# ------------------------------------------------------------------ finding the stages
-
-def _mtime(path: Path) -> float:
-    """When a checkpoint was finished: its newest file's modification time."""
-    if path.is_file():
-        return path.stat().st_mtime
-    times = [p.stat().st_mtime for p in path.iterdir() if p.is_file()]
-    return max(times, default=path.stat().st_mtime)
-
-
-def _has_weights(folder: Path) -> bool:
-    """Whether a folder holds a model's weights by name (not any lone .safetensors file,
-    which in a run root is as likely the eval data)."""
-    from acctattr.runs.checkpoints import _FOLDER_FILES
-
-    return any((folder / n).is_file() for n in _FOLDER_FILES)
-
-
-def _is_weights_file(p: Path) -> bool:
-    """A file that can be a start checkpoint: a state dict of floating tensors (data files
-    hold integer labels or ids)."""
-    if not p.is_file() or p.suffix not in _WEIGHT_SUFFIXES \
-            or any(w in p.name for w in _NOT_WEIGHTS):
-        return False
-    if p.suffix != ".safetensors":
-        return True
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-    except Exception:
-        return False
-    return bool(dtypes) and dtypes <= {"F16", "BF16", "F32", "F64"}
-
-
-def _lightning_name(ckpt: Path, top: Path) -> str:
-    """A stage name for a .ckpt: its stem when the user named it, else the nearest folder
-    that is not one Lightning made (checkpoints, lightning_logs, version_N)."""
-    if not _LIGHTNING_AUTO.match(ckpt.stem) or not ckpt.stem:
-        return ckpt.stem
-    p = ckpt.parent
-    while _LIGHTNING_DIRS.match(p.name) and p != top and p.parent != p:
-        p = p.parent
-    return p.name if not _LIGHTNING_DIRS.match(p.name) else ckpt.stem
-
-
-def _global_step(ckpt: Path) -> int:
-    doc = load_torch_file(ckpt)
-    step = doc.get("global_step") if isinstance(doc, dict) else None
-    return step if isinstance(step, int) else 0
-
-
-def _lightning_stages(files: list[Path], top: Path) -> list[_Stage]:
-    """Group .ckpt files by stage name; each group's largest global_step is its end."""
-    groups: dict[str, list[Path]] = {}
-    for f in sorted(files):
-        groups.setdefault(_lightning_name(f, top), []).append(f)
-    out = []
-    for name, group in groups.items():
-        by_step: dict[int, Path] = {}
-        # for equal steps keep the auto-named file over last.ckpt, then the newer one
-        for f in sorted(group, key=lambda f: (f.stem.startswith("last"), -_mtime(f))):
-            by_step.setdefault(_global_step(f), f)
-        steps = sorted(by_step)
-        out.append(_Stage(name, by_step[steps[-1]], "lightning",
-                          [by_step[s] for s in steps[:-1] if s > 0],
-                          f"Lightning checkpoint {by_step[steps[-1]].name}"))
-    return out
-
-
-def _trainer_stage(folder: Path, name: str) -> _Stage:
-    ckpts = formats.trainer_checkpoints(folder)
-    end = ckpts[-1][1]
-    if (folder / formats.TRAINER_STATE).is_file() and _has_weights(folder):
-        try:  # a final save_model()/save_state() beyond the last checkpoint
-            if formats.read_trainer_state(folder).global_step > ckpts[-1][0]:
-                end = folder
-        except formats.FormatError:
-            pass
-    k = formats.kind(end)
-    inner = [p for _, p in ckpts if p != end] if k == "hf-trainer" else []
-    return _Stage(name, end, k, inner,
-                  f"Trainer output_dir, {len(ckpts)} checkpoint folder(s), end {end.name}")
-
-
-def _stages_in(path: Path, top: bool) -> tuple[list[_Stage], list[Path]]:
-    """The stages a path holds, and the plain-weight checkpoints that could be a start."""
-    k = formats.kind(path)
-    if k == "missing":
-        raise AcctattrError(f"acctattr init: {path} not found")
-    if k == "dcp":
-        raise CheckpointError(f"acctattr init: {path} is a torch.distributed.checkpoint "
-                              "folder", formats.DCP_HINT.format(src=path, dst=f"{path}.pt"))
-    if path.is_file():
-        if k == "lightning":
-            return _lightning_stages([path], Path(path.resolve().anchor)), []
-        return [_Stage(path.stem, path, k)], []
-    name = path.name
-    if re.fullmatch(r"checkpoint-\d+", name):  # a Trainer checkpoint names its run
-        name = path.parent.name
-    if formats.trainer_checkpoints(path):
-        return [_trainer_stage(path, name)], []
-    if k in ("peft-adapter", "hf-trainer", "hf-model") or _has_weights(path):
-        return [_Stage(name, path, k)], []
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    stages: list[_Stage] = []
-    starts = [p for p in files if _is_weights_file(p)]
-    nested = [p for p in path.rglob("*.ckpt") if p.is_file()]
-    if nested and not any(formats.trainer_checkpoints(s) for s in subs):
-        # a folder of Lightning checkpoints: one stage per run folder or user-named file
-        stages = _lightning_stages(nested, path)
-    elif top:
-        for sub in subs:
-            found, _ = _stages_in(sub, top=False)
-            for st in found:
-                if st.kind in ("hf-model", "weights") and not _has_state(st.end):
-                    starts.append(st.end)
-                else:
-                    stages.append(st)
-        stages += _lightning_stages([f for f in files if f.suffix == ".ckpt"], path)
-    if not stages and top and len(starts) > 1:
-        # only plain weights (save_pretrained / save_model folders): the oldest is the start
-        starts.sort(key=lambda q: (_mtime(q), q.name))
-        stages = [_Stage(q.stem if q.is_file() else q.name, q, formats.kind(q))
-                  for q in starts[1:]]
-        starts = starts[:1]
-    if not stages:
-        lone = sorted(path.glob("*.safetensors"))
-        if len(lone) == 1 and not subs:
-            return [_Stage(name, path, "weights")], []
-        if not top:
-            return [], []
-        raise AcctattrError(
-            f"acctattr init: found no checkpoints to draft stages from in {path} "
-            f"({formats.describe_folder(path)})",
-            "name each stage's end checkpoint (a Trainer output_dir or checkpoint-N folder, "
-            "a PEFT adapter folder, a Lightning .ckpt, a folder of weights)")
-    if len(stages) > 1:
-        numbers = [_number(st.name) for st in stages]
-        if None not in numbers and len(set(numbers)) == len(numbers):
-            order = "by the numbers in their names"
-            stages.sort(key=lambda st: _number(st.name) or 0)
-        else:
-            order = "by when each last checkpoint was written"
-            times = [_mtime(st.end) for st in stages]
-            stages.sort(key=lambda st: (_mtime(st.end), st.name))
-            if max(times) - min(times) < 2.0:
-                for st in stages:
-                    st.guessed = True
-                order += (", but those times are within 2 s of each other (a copy or a "
-                          "checkout?): the order is a guess, put the stages in training order")
-        for st in stages:
-            st.how = (st.how or formats.kind(st.end)) + \
-                f" (one of {len(stages)} stages in {path.name}/, ordered {order})"
-    return stages, starts
-
-
-def _fingerprint(path: Path) -> dict[str, Any] | None:
-    """A few thousand weights of a checkpoint (the first elements of its first floating
-    tensors by name), to tell which checkpoint another started from; None if unreadable."""
-    import torch
-
-    from acctattr.runs.checkpoints import open_checkpoint
-
-    try:
-        reader = open_checkpoint(path)
-        out = {}
-        for name in sorted(reader.names())[:64]:
-            t = reader.get(name, check_finite=False)
-            if t.is_floating_point():
-                out[name] = t.reshape(-1)[:4096].to(torch.float64).clone()
-        return out or None
-    except (CheckpointError, OSError, RuntimeError):
-        return None
-
-
-def _chain(stages: list[_Stage], start: Path) -> list[_Stage] | None:
-    """Stages in training order by their weights: from the start, each next stage is the one
-    whose earliest checkpoint (first intermediate, else its end) is nearest to the current
-    end. None when a stage is not plain weights or a checkpoint cannot be read."""
-    if any(st.kind not in ("hf-trainer", "hf-model", "weights") for st in stages):
-        return None
-    current = _fingerprint(start)
-    firsts = {id(st): _fingerprint(st.checkpoints[0] if st.checkpoints else st.end)
-              for st in stages}
-    ends = {id(st): _fingerprint(st.end) for st in stages}
-    if current is None or any(v is None for v in [*firsts.values(), *ends.values()]):
-        return None
-
-    def distance(a: dict[str, Any], b: dict[str, Any]) -> float:
-        keys = sorted(set(a) & set(b))
-        if not keys or any(a[k].shape != b[k].shape for k in keys):
-            return float("inf")
-        return float(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
-
-    left, out = list(stages), []
-    while left:
-        fp = current
-        best = min(left, key=lambda st: distance(fp, firsts[id(st)]))  # type: ignore[arg-type]
-        out.append(best)
-        left.remove(best)
-        current = ends[id(best)]
-    return out
-
-
-def _number(name: str) -> int | None:
-    """The number a stage folder is named by (01-pretrain, stage2), if any."""
-    found = re.search(r"\d+", name)
-    return int(found.group()) if found else None
-
-
-_START_NAMES = re.compile(r"(init|base|start|pretrained|original|before)", re.IGNORECASE)
-
-
-def _pick_start(starts: list[Path]) -> Path | None:
-    """The run root's start checkpoint among plain-weight candidates: the only one; else the
-    only one named like a start (init, base, ...); else the only folder (a loose float
-    .safetensors file may be data)."""
-    if len(starts) == 1:
-        return starts[0]
-    for pick in ([q for q in starts if _START_NAMES.search(q.name)],
-                 [q for q in starts if q.is_dir()]):
-        if len(pick) == 1:
-            return pick[0]
-    return None
-
-
-def _has_state(end: Path) -> bool:
-    folder = end if end.is_dir() else end.parent
-    return end.is_dir() and (folder / "optimizer.pt").is_file()
 
 
 # ------------------------------------------------------------------ reading a stage
@@ -433,14 +184,14 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), root.resolve())).as_posix()
 
-    found: list[_Stage] = []
+    found: list[FoundStage] = []
     starts: list[Path] = []
     for p in ends:
-        in_p, cand = _stages_in(p, top=True)
+        in_p, cand = stages_in(p, top=True)
         found += in_p
         starts += cand
     notes: list[str] = []
-    picked = _pick_start(starts) if start is None else None
+    picked = pick_start(starts) if start is None else None
     if picked is not None:
         start = picked
         notes.append(f"start {rel(start)}: the run root's plain-weights checkpoint (no "
@@ -450,7 +201,7 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
                      + ", ".join(rel(q) for q in starts) + "); pass --start")
     guessed = [f for f in found if f.guessed]
     if start is not None and len(guessed) == len(found) > 1:
-        chained = _chain(found, start)
+        chained = chain(found, start)
         if chained is not None:
             found = chained
             for f in found:
@@ -557,7 +308,7 @@ def _note_groups(notes: list[str], name: str, hp: list[dict]) -> None:
                      + ", ".join(f"{key}={_plain(v)}" for key, v in sorted(h.items())))
 
 
-def _trainer_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
+def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
                        notes: list[str]) -> tuple[dict, list[dict]]:
     end = f.end
     state_file = end / "optimizer.pt"
@@ -630,7 +381,7 @@ def _optim_name(optim: Any) -> str:
     return todo("sgd, adam or adamw (no optimizer.pt in the folder)")
 
 
-def _lightning_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
+def _lightning_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
                          notes: list[str]) -> tuple[dict, list[dict]]:
     ckpt = load_torch_file(f.end)
     if not isinstance(ckpt, dict):
@@ -641,7 +392,7 @@ def _lightning_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
     first = 0
     resumed = False
     if prev is not None and prev.is_file() and prev.suffix == ".ckpt":
-        g0 = _global_step(prev)
+        g0 = global_step(prev)
         adam = _adam_step(ckpt)
         sched = ckpt.get("lr_schedulers") or []
         calls = sched[0].get("last_epoch") if sched and isinstance(sched[0], dict) else None
@@ -675,7 +426,7 @@ def _lightning_optimizer(f: _Stage, prev: Path | None, name: str, rel: Any,
     _note_groups(notes, name, hp)
     ckpts = []
     for c in f.checkpoints:
-        s = _global_step(c) - first
+        s = global_step(c) - first
         if 1 <= s < steps:
             ckpts.append({"step": s, "path": rel(c)})
     return opt, ckpts

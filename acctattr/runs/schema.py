@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from acctattr.runs import evals
 from acctattr.runs import manifest as m
 
 _REF = {"type": "string", "pattern": r"^.+:[A-Za-z_][A-Za-z0-9_]*$",
@@ -19,7 +20,7 @@ _PATH = {"type": "string", "minLength": 1,
          "description": "a path relative to the manifest file"}
 _NUM = {"type": "number", "minimum": 0}
 _UNIT = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
-_METRIC = {"anyOf": [{"enum": list(m.BUILTIN_METRICS)}, _REF]}
+_METRIC = {"anyOf": [{"enum": list(evals.BUILTIN_METRICS)}, _REF]}
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from staged import StageCfg, write_run
 
-from acctattr import pipeline
+from acctattr import loading, pipeline
 from acctattr.estimators import base
 from acctattr.runs.checkpoints import drop_pages, load_torch_file_mapped, open_checkpoint
 
@@ -98,13 +98,13 @@ def test_the_model_is_built_once_and_holds_theta_t_itself(tmp_path, monkeypatch)
     """One model per run, and theta_T lives in the model's own parameters (one copy)."""
     manifest = write_run(tmp_path / "run", STAGES)
     built = []
-    real = pipeline.build_model
+    real = loading.build_model
 
     def counting(ref):
         built.append(ref)
         return real(ref)
 
-    monkeypatch.setattr(pipeline, "build_model", counting)
+    monkeypatch.setattr(loading, "build_model", counting)
     loaded = pipeline.check(manifest)
     assert len(built) == 1
     own = dict(loaded.model.named_parameters())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from staged import StageCfg, truth, write_run
 
-from acctattr import pipeline
+from acctattr import pipeline, validation
 
 COSINE = {"schedule": "cosine", "base": 0.05, "warmup": 0, "min": 0.0}
 WARM_COS = {"schedule": "cosine", "base": 0.02, "warmup": 5, "min": 0.001}
@@ -217,7 +217,7 @@ def test_unrolled_tracks_retraining_on_a_run_its_defaults_were_not_chosen_on(tmp
     pretrain and polish are within 2% of each other). (The linear propagators reached 0.89
     and 0.83 on the earliest stages here.)"""
     manifest = _scaled_run(tmp_path, run, 2)
-    v = pipeline.validate(manifest, ("unrolled",), ("direct",), workdir=tmp_path / "replays")
+    v = validation.validate(manifest, ("unrolled",), ("direct",), workdir=tmp_path / "replays")
     stages = v.results[0].stages
     for s in stages:
         assert s.sign_ok and s.pearson >= 0.95, (s.stage, s.pearson)

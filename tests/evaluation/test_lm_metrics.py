@@ -561,11 +561,11 @@ def test_the_schema_takes_the_language_model_manifest():
     tokenizer, max_length, the next-token metrics) and still requires inputs and target for
     safetensors eval data."""
     jsonschema = pytest.importorskip("jsonschema")
-    from acctattr.runs.manifest import _Loader
     from acctattr.runs.schema import manifest_schema
+    from acctattr.runs.yaml_load import Loader
 
     validator = jsonschema.Draft7Validator(manifest_schema())
-    doc = yaml.load(readme_manifest(), Loader=_Loader)
+    doc = yaml.load(readme_manifest(), Loader=Loader)
     doc["stages"][0]["tokenizer"] = "tokenizer"
     doc["stages"][0]["max_length"] = 16
     assert [e.message for e in validator.iter_errors(doc)] == []

@@ -10,9 +10,11 @@ import yaml
 from typer.testing import CliRunner
 
 from acctattr.cli import app
+from acctattr.runs import evals
 from acctattr.runs import manifest as m
 from acctattr.runs import schema as s
 from acctattr.runs.manifest import ManifestError, parse_manifest
+from acctattr.runs.yaml_load import Loader
 
 jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ def test_every_allowed_key_is_in_the_schema():
     assert set(s.MODEL_PROPS) == m._MODEL_KEYS
     assert set(s.STAGE_PROPS) == m._STAGE_KEYS
     assert set(s.OPTIMIZER_PROPS) == m._OPT_KEYS
-    assert set(s.EVAL_PROPS) == m._EVAL_KEYS
+    assert set(s.EVAL_PROPS) == evals._EVAL_KEYS
     assert set(s.TRAIN_PROPS) == m._TRAIN_KEYS
     schedule = next(x for x in s.LR["anyOf"] if "schedule" in x.get("properties", {}))
     assert set(schedule["properties"]) == m._LR_SCHEDULE_KEYS
@@ -42,7 +44,7 @@ def test_every_allowed_key_is_in_the_schema():
 def test_sample_manifests_validate(path):
     """The shipped sample manifests validate against the schema."""
     assert SAMPLES, "sample runs must exist"
-    doc = yaml.load(path.read_text(), Loader=m._Loader)
+    doc = yaml.load(path.read_text(), Loader=Loader)
     errors = list(_validator().iter_errors(doc))
     assert errors == [], [e.message for e in errors]
 

@@ -1,0 +1,123 @@
+"""The command line's error boundary and output: AcctattrError -> exit 2, Ctrl-C -> 130,
+SIGTERM -> 143, a bug -> 3; results to stdout or a file (atomically), everything else to
+stderr, by rank 0 alone under torchrun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+
+from acctattr import signals
+from acctattr.distributed import from_env, is_primary
+from acctattr.errors import AcctattrError
+from acctattr.output.atomic import write_atomic
+from acctattr.output.text import printable
+
+T = TypeVar("T")
+
+
+
+def err(text: str) -> None:
+    """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
+    if is_primary():
+        print(printable(text, keep="\n"), file=sys.stderr)
+
+
+
+def err_of(error: BaseException, text: str) -> None:
+    """An error's message on stderr. Under torchrun, rank 0 says it (with the rank it came
+    from); another rank only when rank 0 cannot have heard of it: an error of its own
+    (not shared by acctattr.distributed) that is a bug or marked ``rank_local``."""
+    rank = from_env()[0]
+    source = getattr(error, "shared_from", None)
+    if rank == 0:
+        prefix = f"rank {source}: " if source else ""
+    elif source is None and (getattr(error, "rank_local", False)
+                             or not isinstance(error, AcctattrError)):
+        prefix = f"rank {rank}: "
+    else:
+        return
+    print(printable(prefix + text, keep="\n"), file=sys.stderr)
+
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """The error boundary: bad input -> exit 2 with a message, Ctrl-C -> 130, no traceback."""
+    debug = bool(os.environ.get("ACCTATTR_DEBUG"))
+    try:
+        out = fn()
+        signals.raise_if_received()  # a signal whose exception something swallowed
+        return out
+    except AcctattrError as e:
+        if debug:
+            traceback.print_exc()
+        err_of(e, f"error: {e}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err("interrupted")
+        raise typer.Exit(130) from None
+    except signals.Terminated:
+        err("terminated")
+        raise typer.Exit(143) from None
+    except typer.Exit:
+        raise
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head``, ``| true``): say so once and make sure
+        # Python's own flush at exit cannot fail on the closed pipe again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        err("error: stdout was closed before the whole result was written (broken pipe)")
+        raise typer.Exit(2) from None
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        err_of(e, f"internal error: {type(e).__name__}: {e}\n  this is a bug in acctattr; "
+                "rerun with ACCTATTR_DEBUG=1 for the traceback and report it")
+        raise typer.Exit(3) from None
+
+
+
+def check_output(output: Path | None, option: str = "--output") -> None:
+    """A result file that cannot be written fails before any computing (exit 2)."""
+    if output is not None:
+        from acctattr.output.atomic import check_target
+
+        check_target(output, option)
+
+
+
+def use_color(output: Path | None) -> bool:
+    """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
+    an empty NO_COLOR does not turn colour off)."""
+    return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+
+def terminal_width(output: Path | None) -> int | None:
+    """The terminal's width when the table goes to one, else None (the table's own width)."""
+    if output is None and sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+
+def emit(text: str, output: Path | None) -> None:
+    """The result to ``output`` (atomically) or to stdout; by rank 0 alone under torchrun."""
+    if not is_primary():
+        return
+    if output is not None:
+        write_atomic(output, text)
+        err(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
