@@ -27,7 +27,7 @@ from acctattr.options import UnrolledConfig
 class Frozen(Estimator):
     name = "frozen"
     evaluate = "linear"
-    # bench/scale.py, 124M GPT-2-style run: 3.7-3.9 checkpoints above start-up at its peak,
+    # bench/scale.py, 124M GPT-2-style run: 3.4-3.9 checkpoints above start-up at its peak,
     # the model itself (theta_T) included, whatever the number of stages
     copies = 5
 
