@@ -17,12 +17,14 @@ estimate of where its gradient changes sign (one more gradient at the proposed p
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import torch
 
+from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.noise import fit_noise
+from acctattr.estimators.unrolled.noise import GroupMoments, fit_noise
 from acctattr.estimators.unrolled.path import (
     ActualPath,
     check_reproduction,
@@ -45,69 +47,86 @@ class AdamFlow:
         # what the stage just propagated hands on to a continuing next stage: how the
         # counterfactual's v differs from the actual run's, and its step offset
         self.carry: Moment | None = None
+        self.group_moments = GroupMoments()
 
-    def propagate(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
+    def propagate(self, j: int, d: torch.Tensor, positive: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Carry d through Adam stage j (summed lr ``total``, per-element preconditioner
-        ``rate``); returns the first-moment perturbation to hand on when ``hand_on``."""
+        """Carry d through Adam stage j (summed lr ``total``; ``positive``: where its
+        preconditioner is, the elements it trains); returns the first-moment perturbation
+        to hand on when ``hand_on``. d is updated in place (the caller hands it over).
+
+        Memory: besides d and the counterfactual's v (float64), a substep holds the actual
+        point (float64) and step (float32), the counterfactual's gradient and noise while
+        they are computed (GroupMoments: two float64 vectors and one group's gradient), then
+        its gradient, step and the settled step's own gradient; results are written into
+        the buffers they replace (bench/scale.py, README "Memory, dtypes and scale")."""
         flat = self.flat
         run = flat.runs[j]
         curv = flat.curvature(j)
         eps = flat.per_group(j, lambda g: g.eps)
         lam_c = flat.coupled_decay(j)
-        positive = rate > 0
-        path = self.path(j, total, rate)
-        v_cf, step0 = self.cf_second_moment(j, path)
-        # updated in place below (whole-model vectors: fewer fresh allocations)
-        d, v_cf = d.clone(), v_cf.clone()
+        path = self.path(j, total, positive)
+        v_cf, step0 = self.cf_second_moment(j, path)  # a fresh tensor: updated in place
+        self.cf_start = ("carry", None)  # taken (it may have been v_cf itself)
         what = f"carrying the counterfactual through stage '{run.name}'"
         for q, ((k0, k1), theta, s_act) in enumerate(path):
             flat.report(what, q, len(path.spans))
+            # the point as the model's tensors only while the moments are computed
+            g_cf, n_cf = self.moments(j, flat.at(theta - d))
             cf = theta - d
-            g_cf, n_cf = self.moments(j, cf)
             rho = self.clip_factor(j, g_cf, n_cf, path.c)
             g_cf.mul_(rho).addcmul_(lam_c, cf)
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
+            del n_cf
             u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
             s_cf = self.settled_step(j, cf, g_cf,
                                      u_cf.mul_(-path.pace * float(sum(run.lrs[k0:k1]))),
-                                     positive, lam_c, rho)
+                                     positive, lam_c, rho, own_theta=True)
+            del cf, g_cf
             d.add_(s_act).sub_(s_cf)
+            del s_cf
             if run.opt_type == "adamw":
                 d.mul_(flat.decay(j, k0, k1))
         if not hand_on:
             return d, None
         # the next stage continues this one's state: hand on how the runs' v differ
-        assert path.v_sim is not None  # an Adam path always has it
-        self.carry = (v_cf - path.v_sim, (0 if run.fresh else run.step0) - step0)
+        assert path.v_sim is not None  # kept for a stage the next one continues
+        self.carry = (v_cf.sub_(path.v_sim), (0 if run.fresh else run.step0) - step0)
+        del v_cf
         end = flat.anchor(run.end)
         end_g = flat.flat(curv.gradient(end))
         return d, end_g - flat.flat(curv.gradient(flat.at(flat.flat(end) - d))) + lam_c * d
 
-    def path(self, j: int, total: float, rate: torch.Tensor) -> ActualPath:
+    def path(self, j: int, total: float, positive: torch.Tensor) -> ActualPath:
         """The actual run through stage j simulated from each checkpoint to the next; the
-        same for every earlier stage carried through j, so kept (one stage at a time)."""
+        same for every earlier stage carried through j, so kept (one stage at a time).
+
+        The second moments read from the state files are kept in their own precision
+        (float32 holds a float32 or bf16 exp_avg_sq exactly) and widened as they are used;
+        the simulated run's v is kept only for a stage the next one continues (the carry)."""
         flat = self.flat
         if j in flat.paths:
             return flat.paths[j]
         run = flat.runs[j]
         eps = flat.per_group(j, lambda g: g.eps)
         lam_c = flat.coupled_decay(j)
-        positive = rate > 0
-        v_end = flat.flat({n: self.second_moment(j, n) for n in flat.names})
-        v_start = self.start_second_moment(j, v_end)
+        v_start = self.start_second_moment(j)
         step0 = 0 if run.fresh else run.step0
         substeps = spans(flat, j, total)
+        handed_on = j + 1 < len(flat.runs) and not flat.runs[j + 1].fresh
 
         decay = partial(flat.decay, j) if run.opt_type == "adamw" else None
         # how much of each substep's g^2 + c*S is left in v at the stage's end (fit_noise)
         weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
             1 - g.beta2**b)) for _, k0, k1 in substeps]
 
-        def simulate(c: float, pace: float = 1.0):
-            v = v_start.clone()
-            squares, spread = torch.zeros_like(v), torch.zeros_like(v)  # weighted sums
+        def simulate(c: float, pace: float = 1.0, fitting: bool = False):
+            v = v_start.to(torch.float64, copy=True)
+            # weighted sums of g^2 and S over the substeps, only to fit c: float32 (they
+            # set one number, c, to float32 precision)
+            sums = (torch.zeros_like(v, dtype=torch.float32),
+                    torch.zeros_like(v, dtype=torch.float32)) if fitting else None
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 g, noise = self.moments(j, theta)
@@ -115,23 +134,35 @@ class AdamFlow:
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
                 noise.mul_(rho * rho)  # what clipping leaves of the batch noise
-                squares.addcmul_(weight[q], g * g)
-                spread.addcmul_(weight[q], noise)
+                if sums is not None:  # one parameter at a time: no whole-model temporaries
+                    w = weight[q]
+                    for sq, sp, gp, np_, wp in zip(
+                            *(torch.split(x, flat.sizes) for x in (*sums, g, noise)),
+                            torch.split(w, flat.sizes) if w.dim() else [w] * len(flat.sizes),
+                            strict=True):
+                        sq.addcmul_(wp, gp * gp)
+                        sp.addcmul_(wp, np_)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
+                del noise
                 u = self.direction(j, g, v, step0 + k1, eps)
                 return self.settled_step(j, theta, g,
                                          u.mul_(-pace * float(sum(run.lrs[k0:k1]))),
                                          positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
-            return starts, steps, (squares, spread), v, ends
+            return starts, steps, sums, (v if handed_on else None), ends
 
         c = self.config.noise_scale
-        starts, steps, sums, v_sim, ends = simulate(0.0 if c is None else c)
+        starts, steps, sums, v_sim, ends = simulate(0.0 if c is None else c,
+                                                    fitting=c is None)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
+            assert sums is not None
+            del starts, steps, v_sim
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
-            c = fit_noise(sums[0], sums[1], keep_all * v_start, v_end, positive)
-            starts, steps, sums, v_sim, ends = simulate(c)
+            c = fit_noise(sums[0], sums[1], keep_all * v_start.double(),
+                          self.end_second_moment(j), positive)
+            del sums
+            starts, steps, _, v_sim, ends = simulate(c)
         # the check judges the flow as the optimizer's expected steps; the path it keeps is
         # the one paced to lower the loss as much as the recorded run did (next_pace)
         flat.reproduction[j] = rep = check_reproduction(flat, j, ends)
@@ -139,22 +170,29 @@ class AdamFlow:
         pace = 1.0
         while (nxt := next_pace(rep.recorded_drop, tried, self.config.pace_tolerance)):
             pace = nxt
-            starts, steps, sums, v_sim, ends = simulate(c, pace)
+            del starts, steps, v_sim
+            starts, steps, _, v_sim, ends = simulate(c, pace)
             tried.append((pace, check_reproduction(flat, j, ends).simulated_drop))
-        path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, v_end, v_sim,
+        path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, None, v_sim,
                           decay, pace)
         flat.paths = {j: path}
         flat.noise_scale[j] = c
+        flat.drop_anchors()  # read again where needed: two checkpoints less while carrying
         return path
 
     # ------------------------------------------------------------ one step
-    def moments(self, j: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, j: int, theta: torch.Tensor | Params,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage j's mean training-loss gradient and per-example gradient variance at flat
-        parameters theta (the loss's alone: clipping acts before any coupled decay)."""
+        parameters theta, or at theta already as the model's tensors (flat.at: the caller
+        then need not keep the float64 point while they are computed); the loss's alone:
+        clipping acts before any coupled decay. Flat float64, one sample group at a time
+        (GroupMoments)."""
         flat = self.flat
-        g, noise = flat.curvature(j).gradient_and_noise(flat.at(theta),
-                                                        self.config.noise_chunks)
-        return flat.flat(g), flat.flat(noise)
+        params = flat.at(theta) if isinstance(theta, torch.Tensor) else theta
+        del theta
+        return self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
+                                  flat.sizes, flat.device)
 
     def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float) -> float:
         """How much gradient-norm clipping scales stage j's batch gradients at a point:
@@ -173,43 +211,72 @@ class AdamFlow:
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
-        """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)."""
+        """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)
+        (a fresh tensor; g and v are left as they are)."""
         bias = self.flat.per_group(j, lambda h: 1 - h.beta2**step)
-        return g / (v * bias.reciprocal_()).sqrt_().add_(eps)
+        out = (v * bias.reciprocal_()).sqrt_().add_(eps)
+        return torch.div(g, out, out=out)
 
     def settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
                      positive: torch.Tensor, lam_c: torch.Tensor,
-                     rho: float = 1.0) -> torch.Tensor:
+                     rho: float = 1.0, own_theta: bool = False) -> torch.Tensor:
         """``step`` from theta, cut per coordinate where the gradient (clipped by ``rho``,
         plus coupled decay) would change sign to the secant estimate of the zero:
-        g / (g - g_after) of the way."""
+        g / (g - g_after) of the way. ``step`` is updated in place and returned; with
+        ``own_theta`` theta's buffer is reused (the caller no longer needs it)."""
         flat = self.flat
-        step = torch.where(positive, step, 0.0)
-        after = theta + step
-        g_after = flat.flat(flat.curvature(j).gradient(flat.at(after))).mul_(rho).addcmul_(
-            lam_c, after)
+        step.masked_fill_(~positive, 0.0)
+        after = theta.add_(step) if own_theta else theta + step
+        del theta
+        # the gradient after the step (summed over the sample's groups, one at a time),
+        # written over the point it was taken at where no coupled decay needs that point
+        params = flat.at(after)
+        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
+        shared = any(p.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
+                     for p in params.values())
+        g_after = torch.empty_like(after) if coupled or shared else after
+        self.group_moments.gradient(flat.curvature(j), j, params, self.config.noise_chunks,
+                                    g_after)
+        del params
+        g_after.mul_(rho)
+        if coupled:
+            g_after.addcmul_(lam_c, after)
         del after
-        flip = (g * g_after) < 0
-        denom = torch.where(flip, g_after.neg_().add_(g), 1.0)  # g - g_after where it flips
-        return step.mul_(torch.where(flip, g / denom, 1.0))
+        flip = torch.empty(g_after.shape, dtype=torch.bool, device=g_after.device)
+        for gp, ga, fl in zip(torch.split(g, flat.sizes), torch.split(g_after, flat.sizes),
+                              torch.split(flip, flat.sizes), strict=True):
+            torch.lt(gp * ga, 0, out=fl)  # one parameter at a time: no whole-model product
+        denom = g_after.neg_().add_(g).masked_fill_(~flip, 1.0)  # g - g_after where it flips
+        ratio = torch.div(g, denom, out=denom).masked_fill_(~flip, 1.0)
+        return step.mul_(ratio)
 
     # ------------------------------------------------------------ second moments
     def second_moment(self, j: int, name: str) -> torch.Tensor:
-        """Stage j's exp_avg_sq for one parameter at its end, from its state file."""
+        """Stage j's exp_avg_sq for one parameter at its end, from its state file (in the
+        file's dtype)."""
         stages = self.flat.stages
         stages.preconditioner(j, name)  # raises the clear error when the state lacks it
         v = stages.runs[j].state.tensor(name, "exp_avg_sq")
         assert v is not None  # preconditioner() raised otherwise
-        return v.double()
+        return v
 
-    def start_second_moment(self, j: int, v_end: torch.Tensor) -> torch.Tensor:
+    def end_second_moment(self, j: int) -> torch.Tensor:
+        """Stage j's exp_avg_sq at its end, flat, in float32 where that holds every value
+        exactly (a float32, bf16 or fp16 state), else float64."""
+        parts = {n: self.second_moment(j, n) for n in self.flat.names}
+        return self.flat.flat(parts, _exact_dtype(parts.values()))
+
+    def start_second_moment(self, j: int) -> torch.Tensor:
         """The actual run's exp_avg_sq as stage j starts: zero when fresh; else the
-        previous stage's, or, when that state file is absent, v_end (stationary)."""
+        previous stage's, or, when that state file is absent, stage j's own at its end
+        (stationary); flat, in the dtype that holds it exactly (read from the files on
+        every call: not kept)."""
         run = self.flat.runs[j]
         if run.fresh:
-            return torch.zeros_like(v_end)
-        v = self.saved_second_moment(j - 1) if j > 0 else None
-        return v_end if v is None else v
+            return torch.zeros(sum(self.flat.sizes), dtype=torch.float32,
+                               device=self.flat.device)
+        v = self.saved_second_moment(j - 1, exact=True) if j > 0 else None
+        return self.end_second_moment(j) if v is None else v
 
     def cf_second_moment(self, j: int, path: ActualPath) -> Moment:
         """The counterfactual's exp_avg_sq and step count as Adam stage j starts.
@@ -219,19 +286,20 @@ class AdamFlow:
         later stage's: the actual run's, plus the difference the flow handed on.
         """
         run = self.flat.runs[j]
-        assert path.v_end is not None  # an Adam path always has it
+        zero = partial(torch.zeros, sum(self.flat.sizes), dtype=torch.float64,
+                       device=self.flat.device)
         if run.fresh:
-            return torch.zeros_like(path.v_end), 0
+            return zero(), 0
         how, value = self.cf_start
         if how == "state":
             if value is None:
-                return torch.zeros_like(path.v_end), 0
+                return zero(), 0
             return value
-        v = self.start_second_moment(j, path.v_end)
+        v = self.start_second_moment(j)
         if how == "carry" and value is not None:
             dv, offset = value
             return (v + dv).clamp(min=0.0), max(run.step0 - offset, 0)
-        return v, run.step0
+        return v.to(torch.float64, copy=True), run.step0
 
     def state_before(self, k: int) -> Moment | None:
         """exp_avg_sq and step count at the end of the stage before k (what a stage
@@ -243,9 +311,10 @@ class AdamFlow:
         step = prev.state.step if prev.state.step is not None else prev.step0 + prev.steps
         return v, step
 
-    def saved_second_moment(self, i: int) -> torch.Tensor | None:
-        """Adam stage i's exp_avg_sq at its end from its state file, flat; None when the
-        stage is not Adam or its state file lacks it."""
+    def saved_second_moment(self, i: int, exact: bool = False) -> torch.Tensor | None:
+        """Adam stage i's exp_avg_sq at its end from its state file, flat (float64, or with
+        ``exact`` the narrowest float that holds it); None when the stage is not Adam or
+        its state file lacks it."""
         run = self.flat.runs[i]
         if run.opt_type not in ("adam", "adamw") or run.state.source is None:
             return None
@@ -253,4 +322,11 @@ class AdamFlow:
         found = [p for p in parts if p is not None]
         if len(found) != len(parts):
             return None
-        return torch.cat([p.reshape(-1).to(self.flat.device).double() for p in found])
+        dtype = _exact_dtype(found) if exact else torch.float64
+        return torch.cat([p.reshape(-1).to(self.flat.device, dtype) for p in found])
+
+
+def _exact_dtype(parts: Iterable[torch.Tensor]) -> torch.dtype:
+    """float32 where it holds every one of these tensors exactly, else float64."""
+    narrow = (torch.float32, torch.bfloat16, torch.float16)
+    return torch.float32 if all(p.dtype in narrow for p in parts) else torch.float64

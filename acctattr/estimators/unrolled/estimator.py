@@ -35,10 +35,11 @@ class Unrolled(Estimator):
     suited = ("every later stage has training data (data:) and, for Adam, optimizer.state; "
               "it fits in memory; and its simulation reproduces each later stage's "
               "recorded training loss")
-    # Peak memory in float32 copies of the trainable parameters: 73.3 measured by
-    # bench/unrolled_memory.py (4.2M-parameter AdamW run), 75.3 checkpoints by
-    # bench/scale.py (10M GPT-2-style run, the model included), rounded up.
-    copies = 80
+    # Peak memory in float32 copies of the trainable parameters: 45.1 measured by
+    # bench/unrolled_memory.py (4.2M-parameter AdamW run), 33.5 checkpoints by
+    # bench/scale.py (10M GPT-2-style run, the model included), rounded up (2026-12-06;
+    # tests/estimators/test_unrolled_memory.py holds the first to it).
+    copies = 50
     # embeddings cost simulations of later stages: under torchrun each rank builds some
     shard_stages = True
 
@@ -110,6 +111,7 @@ class Unrolled(Estimator):
             if any(p is not None for p in parts.values()):
                 e = flat.flat({n: (p if p is not None else torch.zeros(
                     self.training.trainable[n], device=flat.device)) for n, p in parts.items()})
+            del parts  # a float64 copy of the model, not to be held through the stages
         self.adam.carry = None
         for j in range(k + 1, len(runs)):
             hand_on = j + 1 < len(runs) and not runs[j + 1].fresh
@@ -118,7 +120,11 @@ class Unrolled(Estimator):
             else:
                 self.adam.cf_start = ("carry", self.adam.carry)
             self.adam.carry = None
-            d, e = self.propagate(j, d, e, hand_on)
+            # e is released into d first: not held while the stage is simulated
+            if e is not None and not runs[j].fresh:
+                d.add_(self._release(j, e))
+            e = None
+            d, e = self.propagate(j, d, None, hand_on)
         failed = self._unreproduced()
         if self.strict and failed:
             raise Unsuitable("unrolled's simulation does not reproduce the recorded run of "
@@ -140,7 +146,8 @@ class Unrolled(Estimator):
         if run.fresh:
             e = None
         if e is not None:
-            d = d + self._release(j, e)
+            d = d.add_(self._release(j, e))  # d is the caller's to hand over
+            del e
         if run.adapter:
             return d, None  # the stage trained none of these parameters
         rate = flat.rate(j)
@@ -149,7 +156,9 @@ class Unrolled(Estimator):
             rate = rate * mask
         total = float(sum(run.lrs))
         if run.opt_type != "sgd" and self.config.adam_dynamics == "flow":
-            return self.adam.propagate(j, d, rate, total, hand_on)
+            positive = rate > 0  # all the flow needs of the preconditioner
+            del rate, mask
+            return self.adam.propagate(j, d, positive, total, hand_on)
         if run.opt_type == "sgd" and self.config.sgd_dynamics == "flow":
             return self.sgd.propagate(j, d, rate, total, hand_on)
         return self.linear.propagate(j, d, rate, total, hand_on)

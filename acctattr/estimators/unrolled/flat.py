@@ -50,10 +50,10 @@ class FlatRun:
             self.progress(what, done, total)
 
     # ------------------------------------------------------------ flat <-> named
-    def flat(self, named: Params) -> torch.Tensor:
-        """One float64 vector of the parameters in self.names order (one copy, converted
-        as it is written)."""
-        out = torch.empty(sum(self.sizes), dtype=torch.float64, device=self.device)
+    def flat(self, named: Params, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """One float64 (or ``dtype``) vector of the parameters in self.names order (one
+        copy, converted as it is written)."""
+        out = torch.empty(sum(self.sizes), dtype=dtype, device=self.device)
         for part, n in zip(torch.split(out, self.sizes), self.names, strict=True):
             part.copy_(named[n].reshape(-1))
         return out
@@ -125,6 +125,10 @@ class FlatRun:
                 self._anchors.pop(next(iter(self._anchors)))
             self._anchors[key] = {n: reader.get(n).to(self.device) for n in self.names}
         return self._anchors[key]
+
+    def drop_anchors(self) -> None:
+        """Forget the checkpoints read so far (read again when next asked for)."""
+        self._anchors.clear()
 
     def point(self, a: StateDictReader, b: StateDictReader, t: float) -> Params:
         """The run's parameters a fraction t of the way from anchor a to anchor b."""

@@ -11,14 +11,20 @@ this matches the state file's exp_avg_sq by least squares.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+from acctattr.evaluation.curvature import Curvature
+from acctattr.evaluation.data import Batch
+from acctattr.evaluation.evaluator import Params, forward
 
 
 def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor,
               v_end: torch.Tensor, positive: torch.Tensor) -> float:
     """c >= 0 by least squares over the coordinates the stage trains.
 
-    Args (flat, float64):
+    Args (flat; float32 or float64):
         squares: sum_i w_i g_i^2 over the simulated substeps.
         spread: sum_i w_i S_i.
         carried: beta2^T v_start, what is left of the stage's starting second moment.
@@ -29,5 +35,113 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor
     use = positive & (spread > 0)
     if not bool(use.any()):
         return 0.0
+    spread = spread.double()  # summed in float64 whatever they were accumulated in
     c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum())
     return max(c, 0.0)
+
+
+class GroupMoments:
+    """Stage training loss's mean gradient and per-example gradient variance, as
+    Curvature.gradient_and_noise defines them (the sample cut into ``parts`` groups by
+    torch.tensor_split; g_k the mean gradient of group k, m_k examples, g their weighted
+    mean; S = sum_k m_k (g_k - g)^2 / (parts - 1)), but one group at a time into two flat
+    float64 vectors: no [parts, P] block of every group's gradient (8 copies of the model
+    for 8 groups). g is summed in the same order as there (the same bits); S is West's
+    weighted running update (Welford's, for weights), equal to the two-pass sum up to
+    rounding."""
+
+    def __init__(self) -> None:
+        # stages whose model torch.func could not vectorise: one plain backward per group
+        self.looped: set[int] = set()
+
+    def __call__(self, curv: Curvature, j: int, params: Params, parts: int,
+                 sizes: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (float64) mean gradient, rounded to each parameter's dtype as
+        gradient_and_noise returns it, and per-element variance at ``params``.
+
+        Args:
+            params: name -> parameter, in flat order (``sizes`` elements each).
+        """
+        if parts < 2:
+            raise ValueError(f"the gradient noise needs at least 2 groups (asked for {parts})")
+        names = list(params)
+        total = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+        spread = torch.zeros_like(total)
+        sums, m2s = torch.split(total, sizes), torch.split(spread, sizes)
+        parts = min(parts, curv.n)
+        if parts < 2:  # one example: every batch is the whole data, so there is no noise
+            g = curv.gradient(params)
+            for part, n in zip(sums, names, strict=True):
+                part.copy_(g[n].reshape(-1))
+            return total, spread
+        seen = 0
+        for m, batch in _groups(curv, parts):
+            grads = self.group_gradient(curv, j, params, batch)
+            for n, s, q in zip(names, sums, m2s, strict=True):
+                r = grads.pop(n).reshape(-1)
+                before = s / seen if seen else None
+                s.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
+                if before is not None:
+                    after = s / (seen + m)
+                    q.add_((r - before).mul_(r - after), alpha=m)
+            seen += m
+        for p, s in zip(params.values(), sums, strict=True):
+            s.div_(curv.n)
+            s.copy_(s.to(p.dtype))  # the mean as the parameter's dtype holds it
+        return total, spread.div_(parts - 1)
+
+    def gradient(self, curv: Curvature, j: int, params: Params, parts: int,
+                 out: torch.Tensor) -> torch.Tensor:
+        """The mean training-loss gradient at ``params`` summed over the same groups, one
+        at a time, into the flat float64 ``out`` (returned): the activations of one group
+        at a time instead of the whole sample's. Equal to Curvature.gradient up to
+        rounding (float32 per-group gradients added in float64)."""
+        parts = max(1, min(parts, curv.n))
+        out.zero_()
+        pieces = torch.split(out, [p.numel() for p in params.values()])
+        for m, batch in _groups(curv, parts):
+            grads = self.group_gradient(curv, j, params, batch)
+            for n, o in zip(params, pieces, strict=True):
+                o.add_(grads.pop(n).reshape(-1), alpha=m)
+        return out.div_(curv.n)
+
+    def group_gradient(self, curv: Curvature, j: int, params: Params, batch: Batch) -> Params:
+        """One group's mean loss gradient in the parameters' dtype, as Curvature computes
+        it: torch.func.grad vectorised over a group axis of one (the same bits as the
+        whole block), else, where torch.func cannot, one plain backward pass."""
+        if j not in self.looped:
+            from torch.func import grad, vmap
+
+            def group_loss(p: Params, b: Batch) -> torch.Tensor:
+                vals = curv.loss.compute(forward(curv.model, {**curv.fixed, **p}, curv.inputs,
+                                                 b), b[curv.target], b)
+                return curv.sign * vals.mean()
+
+            try:
+                got = vmap(grad(group_loss), in_dims=(None, 0))(
+                    params, {k: v.unsqueeze(0) for k, v in batch.items()})
+                return {n: t[0] for n, t in got.items()}
+            except Exception:
+                # as Curvature: the model cannot be vectorised (an op without a batching
+                # rule, data-dependent control flow); a genuine error raises in the loop too
+                self.looped.add(j)
+        leaves = [p.detach().requires_grad_(True) for p in params.values()]
+        state = {**curv.fixed, **dict(zip(params, leaves, strict=True))}
+        with torch.enable_grad():
+            vals = curv.loss.compute(forward(curv.model, state, curv.inputs, batch),
+                                     batch[curv.target], batch)
+            got = torch.autograd.grad(curv.sign * vals.mean(), leaves, allow_unused=True)
+        return {n: torch.zeros_like(x) if gi is None else gi
+                for n, x, gi in zip(params, leaves, got, strict=True)}
+
+
+def _groups(curv: Curvature, parts: int) -> Iterator[tuple[int, Batch]]:
+    """(examples, batch) of each of the ``parts`` groups torch.tensor_split cuts the
+    stage's sample into, in order."""
+    whole = {k: torch.cat([c[k] for c in curv.chunks]) for k in curv.chunks[0]} \
+        if len(curv.chunks) > 1 else curv.chunks[0]
+    lo = 0
+    for rows in torch.tensor_split(torch.arange(curv.n), parts):
+        m = len(rows)
+        yield m, {k: v[lo:lo + m] for k, v in whole.items()}
+        lo += m

@@ -28,8 +28,9 @@ class ActualPath:
     """The simulated actual run through one later stage: per substep its (first, end)
     optimizer step and the step it takes, and where each segment starts (a checkpoint);
     the points between are rebuilt on iteration, so a stage keeps one float32 copy of the
-    parameters per substep and per segment. Adam: the noise scale, exp_avg_sq at the end
-    (the state file's) and the simulated run's."""
+    parameters per substep and per segment. Adam: the noise scale and, for a stage the
+    next one continues, the simulated run's exp_avg_sq at its end (v_end, the state
+    file's, is read again where needed: None)."""
 
     spans: list[tuple[int, int]]
     starts: dict[int, torch.Tensor]  # substep index -> the checkpoint it restarts from
@@ -44,16 +45,17 @@ class ActualPath:
     pace: float = 1.0
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
-        """(first step, end step), start point, step; the tensors in float64."""
+        """(first step, end step), start point (float64), step (float32: promoted where it
+        is added to a float64 tensor, the same values as widened first). The point is one
+        buffer moved along in place: use it before asking for the next."""
         theta = torch.empty(0)
         for i, (span, step) in enumerate(zip(self.spans, self.steps, strict=True)):
             if i in self.starts:
-                theta = self.starts[i].double()
-            step64 = step.double()
-            yield span, theta, step64
-            theta = theta + step64
+                theta = self.starts[i].to(torch.float64, copy=True)
+            yield span, theta, step
+            theta.add_(step)
             if self.decay is not None:
-                theta = theta * self.decay(*span)
+                theta.mul_(self.decay(*span))
 
 
 @dataclass(frozen=True)
@@ -100,29 +102,33 @@ def spans(flat: FlatRun, j: int, total: float) -> list[Span]:
 
 def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
          decay: Callable[[int, int], torch.Tensor] | None = None,
-         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], dict[int, torch.Tensor]]:
+         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], dict[int, float]]:
     """The actual run through stage j's substeps (``spans``), restarted on the run's own
     checkpoint at each segment; step_at(substep, k0, k1, theta) gives each step.
 
     Returns what ActualPath keeps (substep -> checkpoint it restarts from, float32 steps)
-    and segment -> where the simulation ends it, theta rebuilt from the float32 steps as
-    ActualPath rebuilds it."""
+    and segment -> the training loss where the simulation ends it, theta rebuilt from the
+    float32 steps as ActualPath rebuilds it."""
     segments = flat.segments(j)
+    curv = flat.curvature(j)
     starts: dict[int, torch.Tensor] = {}
     steps: list[torch.Tensor] = []  # kept for every earlier stage: float32, half the memory
-    ends: dict[int, torch.Tensor] = {}
+    ends: dict[int, float] = {}
     segment, theta = -1, torch.empty(0)  # set at the first span
     what = f"simulating stage '{flat.runs[j].name}' as recorded"
     for q, (i, k0, k1) in enumerate(substeps):
         flat.report(what, q, len(substeps))
         if i != segment:  # back on the run's own checkpoint
+            if segment >= 0:
+                ends[segment] = curv.value(flat.at(theta))
             segment, theta = i, flat.flat(flat.anchor(segments[i][0]))
             starts[q] = theta.float()
         steps.append(step_at(q, k0, k1, theta).float())
-        theta = theta + steps[-1].double()
+        theta.add_(steps[-1])  # in place: the same values as theta + steps[-1].double()
         if decay is not None:
-            theta = theta * decay(k0, k1)
-        ends[i] = theta
+            theta.mul_(decay(k0, k1))
+    if segment >= 0:
+        ends[segment] = curv.value(flat.at(theta))
     return starts, steps, ends
 
 
@@ -157,9 +163,10 @@ def next_pace(recorded: float, tried: list[tuple[float, float]], tolerance: floa
     return min(10.0, max(0.1, nxt))
 
 
-def check_reproduction(flat: FlatRun, j: int, ends: dict[int, torch.Tensor]) -> Reproduction:
+def check_reproduction(flat: FlatRun, j: int, ends: dict[int, float]) -> Reproduction:
     """How far stage j's training loss falls from each of its checkpoints to the next,
-    recorded against simulated (segment -> simulated end)."""
+    recorded against simulated (segment -> the training loss where the simulation ends
+    it, as ``walk`` returns it)."""
     curv = flat.curvature(j)
     segments = flat.segments(j)
     at_anchor: dict[int, float] = {}  # a checkpoint ends one segment and starts the next
@@ -170,11 +177,11 @@ def check_reproduction(flat: FlatRun, j: int, ends: dict[int, torch.Tensor]) -> 
         return at_anchor[id(reader)]
 
     start = recorded = simulated = 0.0
-    for i, theta in sorted(ends.items()):
+    for i, end in sorted(ends.items()):
         a, b = segments[i][0], segments[i][1]
         before = anchored(a)
         if i == min(ends):
             start = before
         recorded += before - anchored(b)
-        simulated += before - curv.value(flat.at(theta))
+        simulated += before - end
     return Reproduction(flat.runs[j].name, start, recorded, simulated)
