@@ -3,8 +3,9 @@
 glibc keeps freed blocks resident for reuse. A stage's evaluation frees tensors of many
 sizes between small long-lived allocations, so the heap's resident size drifted with the
 number of stages: frozen's peak on a 10M model grew +0.7 to +0.9 checkpoints from 3 to 30
-stages; with the heap trimmed after each stage's embedding and evaluation it stays flat
-(bench/scale.py, README). A no-op where the C library has no ``malloc_trim`` (macOS, musl).
+stages; with the heap trimmed after each optimizer state file is loaded and after each
+stage's embedding and evaluation, +0.45 to +0.53 (bench/scale.py, README). A no-op where
+the C library has no ``malloc_trim`` (macOS, musl).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from acctattr import heap
 from acctattr.errors import CheckpointError
 from acctattr.runs.checkpoints import (
     StateDictReader,
@@ -268,6 +269,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
     span = _span(tensors)
     if mapped:  # read once for the checks above; read again when used
         drop_range(*span)
+    heap.trim()  # what unpickling and the checks freed, before the next file is opened
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
