@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = UnrolledConfig()
     for f in fields(UnrolledConfig):
         kind = type(getattr(defaults, f.name))
+        if kind is bool:  # bool("0") is True: read 1/0, true/false, yes/no
+            kind = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                         type=float if kind in (float, type(None)) else kind)
     args = ap.parse_args(argv)

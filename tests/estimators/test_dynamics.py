@@ -140,3 +140,49 @@ def test_lanczos_rtol_zero_builds_every_vector():
     assert torch.equal(default, zero) and torch.equal(default, unreachable)
     assert not torch.equal(default, loose)
     assert (loose - default).norm() / default.norm() < 1e-1
+
+
+def test_adam_flow_first_moment_sums_adams_bias_corrected_steps_exactly():
+    """With ``adam_momentum`` the Adam flow's substep adds up sum_t lr_t m_hat_t of Adam's
+    own recurrence (m_t = beta1 m + (1 - beta1) g, m_hat_t = m_t / (1 - beta1^t)) for the
+    gradient held over the substep: from zero in a fresh stage, from the carried m after
+    it, and from the steady state m_hat = g in a continuing stage."""
+    from types import SimpleNamespace
+
+    from acctattr.estimators.unrolled.adam_flow import AdamFlow
+    from acctattr.options import UnrolledConfig
+
+    beta1 = 0.9
+    lrs = [0.1 * (k + 1) for k in range(12)]  # a warmup-like schedule
+    flat = SimpleNamespace(
+        runs=[SimpleNamespace(lrs=lrs)],
+        per_group=lambda j, value: torch.tensor(value(SimpleNamespace(beta1=beta1)),
+                                                dtype=torch.float64))
+    flow = AdamFlow.__new__(AdamFlow)
+    flow.flat, flow.config = flat, UnrolledConfig(adam_momentum=True)
+    g1 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    g2 = torch.tensor([-0.5, 1.0, 0.25], dtype=torch.float64)
+
+    def adam(m: torch.Tensor, step0: int, ks: range, g: torch.Tensor):
+        total = torch.zeros_like(g)
+        for k in ks:
+            m = beta1 * m + (1 - beta1) * g
+            total += lrs[k] * m / (1 - beta1 ** (step0 + k + 1))
+        return total, m
+
+    for step0 in (0, 40):  # a fresh stage; one continuing a state 40 steps in
+        m = torch.zeros(3, dtype=torch.float64)
+        if step0:  # the steady state the flow assumes for a continuing stage
+            m = g1 * (1 - beta1**step0)
+        want1, m_want = adam(m, step0, range(0, 5), g1)
+        want2, _ = adam(m_want, step0, range(5, 12), g2)
+        start = torch.zeros(3, dtype=torch.float64) if step0 == 0 else None
+        got1, m_got, factor = flow.first_moment(0, start, g1, step0, 0, 5)
+        assert factor == 1.0
+        assert torch.allclose(got1, want1, rtol=1e-12)
+        got2, _, _ = flow.first_moment(0, m_got, g2, step0, 5, 12)
+        assert torch.allclose(got2, want2, rtol=1e-12)
+    # without it: m_hat = g, the summed lr as the factor
+    flow.config = UnrolledConfig()
+    vec, m_none, factor = flow.first_moment(0, None, g1, 0, 0, 5)
+    assert m_none is None and torch.equal(vec, g1) and factor == sum(lrs[:5])

@@ -68,6 +68,7 @@ class AdamFlow:
         path = self.path(j, total, positive)
         v_cf, step0 = self.cf_second_moment(j, path)  # a fresh tensor: updated in place
         self.cf_start = ("carry", None)  # taken (it may have been v_cf itself)
+        m_cf = self.start_first_moment(j, v_cf)
         what = f"carrying the counterfactual through stage '{run.name}'"
         for q, ((k0, k1), theta, s_act) in enumerate(path):
             flat.report(what, q, len(path.spans))
@@ -79,9 +80,10 @@ class AdamFlow:
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
             del n_cf
-            u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
-            s_cf = self.settled_step(j, cf, g_cf,
-                                     u_cf.mul_(-path.pace * float(sum(run.lrs[k0:k1]))),
+            mean, m_cf, lr = self.first_moment(j, m_cf, g_cf, step0, k0, k1)
+            u_cf = self.direction(j, mean, v_cf, step0 + k1, eps)
+            del mean
+            s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-path.pace * lr),
                                      positive, lam_c, rho, own_theta=True)
             del cf, g_cf
             d.add_(s_act).sub_(s_cf)
@@ -123,12 +125,14 @@ class AdamFlow:
 
         def simulate(c: float, pace: float = 1.0, fitting: bool = False):
             v = v_start.to(torch.float64, copy=True)
+            m = self.start_first_moment(j, v)
             # weighted sums of g^2 and S over the substeps, only to fit c: float32 (they
             # set one number, c, to float32 precision)
             sums = (torch.zeros_like(v, dtype=torch.float32),
                     torch.zeros_like(v, dtype=torch.float32)) if fitting else None
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
+                nonlocal m
                 g, noise = self.moments(j, theta)
                 rho = self.clip_factor(j, g, noise, c)
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
@@ -144,10 +148,10 @@ class AdamFlow:
                         sp.addcmul_(wp, np_)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
-                u = self.direction(j, g, v, step0 + k1, eps)
-                return self.settled_step(j, theta, g,
-                                         u.mul_(-pace * float(sum(run.lrs[k0:k1]))),
-                                         positive, lam_c, rho)
+                mean, m, lr = self.first_moment(j, m, g, step0, k0, k1)
+                u = self.direction(j, mean, v, step0 + k1, eps)
+                del mean
+                return self.settled_step(j, theta, g, u.mul_(-pace * lr), positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
             return starts, steps, sums, (v if handed_on else None), ends
@@ -208,6 +212,46 @@ class AdamFlow:
             return 1.0
         norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
         return min(1.0, tau / norm) if norm > 0 else 1.0
+
+    def start_first_moment(self, j: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Either run's exp_avg as Adam stage j starts (``adam_momentum``): zero when fresh;
+        None when the stage continues a state: set at the first substep to the steady state
+        m_hat = g (the flow without momentum's assumption; the estimator releases the
+        runs' recorded first-moment difference into d as before)."""
+        if self.config.adam_momentum and self.flat.runs[j].fresh:
+            return torch.zeros_like(like)
+        return None
+
+    def first_moment(self, j: int, m: torch.Tensor | None, g: torch.Tensor, step0: int,
+                     k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """What Adam's steps k0..k1 of stage j add up to before the division by
+        sqrt(v_hat), as (vector, scalar factor); and m at the substep's end.
+
+        Without ``adam_momentum``: m_hat = g, so (g, summed lr). With it, the first moment
+        is kept with g held over the substep (as v is): m_t = beta1^t m + (1 - beta1^t) g,
+        m_hat_t = m_t / (1 - beta1^(step0 + k0 + t)), and the vector is the lr-weighted sum
+        sum_t lr_t m_hat_t, exactly (factor 1). A fresh stage's m_hat starts at g and then
+        lags the gradient by about beta1 / (1 - beta1) steps: on the lm sample run the
+        flow without that lag re-learns faster than the recorded run (README "Fidelity")."""
+        lrs = self.flat.runs[j].lrs[k0:k1]
+        if not self.config.adam_momentum:
+            return g, None, float(sum(lrs))
+        flat = self.flat
+        if m is None:  # a continuing stage: the steady state m_hat = g
+            m = g * flat.per_group(j, lambda h: 1 - h.beta1 ** (step0 + k0))
+
+        def weight(h, old: bool) -> float:
+            total = 0.0
+            for t, lr in enumerate(lrs, start=1):
+                part = h.beta1**t if old else 1 - h.beta1**t
+                total += lr * part / (1 - h.beta1 ** (step0 + k0 + t))
+            return total
+
+        a = flat.per_group(j, lambda h: weight(h, True))
+        b = flat.per_group(j, lambda h: weight(h, False))
+        keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta1**n)
+        mean = m * a + g * b
+        return mean, m.mul_(keep).addcmul_(1 - keep, g), 1.0
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
