@@ -9,7 +9,8 @@ Every measurement runs in a fresh child process (``OMP_NUM_THREADS=1``, one torc
 - ``floor``: build the model, read every checkpoint's tensors once, and K+1 forward passes
   over the eval set at the final weights: what any attribution of K stages must do;
 - each estimator: ``acctattr.pipeline.run`` (check, embeddings, evaluation), default
-  evaluation.
+  evaluation (``--evaluate direct``: f(theta_T) - f(theta_T - v_k), one forward pass per
+  stage, to tell the estimator's own work from the linear evaluation's JVPs).
 
 Reported: wall time ÷ the floor's, and peak RSS (``VmHWM``: anonymous and file-backed
 pages) above the process's start-up (interpreter, torch and acctattr imported) in copies of
@@ -19,6 +20,7 @@ every 2 ms).
     python bench/scale.py                      # 1M, 10M, 50M; naive, frozen, unrolled (<= 10M)
     python bench/scale.py --sizes 124m         # sizes over 50M are opt-in
     python bench/scale.py --sizes 10m --stages 3,10,30 --estimators frozen
+    python bench/scale.py --sizes 124m --estimators frozen --evaluate default,direct
     python bench/scale.py --sizes 1m --eval 1000,10000,100000 --estimators frozen
     python bench/scale.py --sizes 1b --dtype bf16 --estimators frozen --eval 32
 
@@ -196,7 +198,7 @@ def _floor(manifest: Path) -> None:
                 torch.nn.functional.cross_entropy(out.float(), y[b:b + 64], reduction="none")
 
 
-def child(manifest: Path, estimator: str) -> None:
+def child(manifest: Path, estimator: str, evaluate: str | None = None) -> None:
     """Measure one run in this fresh process; print a JSON line."""
     import torch
 
@@ -208,19 +210,22 @@ def child(manifest: Path, estimator: str) -> None:
         _, _, peak_anon, seconds = peak_anon_during(lambda: _floor(manifest))
     else:
         _, _, peak_anon, seconds = peak_anon_during(
-            lambda: pipeline.run(manifest, estimator))
-    print(json.dumps({"estimator": estimator, "seconds": seconds,
+            lambda: pipeline.run(manifest, estimator, evaluate))
+    label = estimator if evaluate is None else f"{estimator}/{evaluate}"
+    print(json.dumps({"estimator": label, "seconds": seconds,
                       "peak_mb": (_hwm_kib() - base_hwm) / 1024,
                       "anon_mb": (peak_anon - base_anon) / 1024,
                       "base_mb": base_hwm / 1024}))
 
 
-def measure(manifest: Path, estimator: str) -> dict:
+def measure(manifest: Path, estimator: str, evaluate: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, __file__, "--child", str(manifest), estimator],
+    p = subprocess.run([sys.executable, __file__, "--child", str(manifest), estimator,
+                        *([evaluate] if evaluate else [])],
                        capture_output=True, text=True, check=False, env=env)
     if p.returncode != 0:
-        return {"estimator": estimator, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        label = estimator if evaluate is None else f"{estimator}/{evaluate}"
+        return {"estimator": label, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -233,6 +238,8 @@ def main() -> None:
     ap.add_argument("--stages", default="3", help="comma-separated stage counts")
     ap.add_argument("--eval", default="256", help="comma-separated eval-set sizes")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--evaluate", default="default",
+                    help="comma-separated of default (each estimator's own), linear, direct")
     ap.add_argument("--unrolled-max", default="10m",
                     help="largest size unrolled runs at (its memory grows fastest)")
     ap.add_argument("--runs", type=Path, help="keep the generated runs in this folder")
@@ -247,7 +254,7 @@ def main() -> None:
         tmp = tempfile.mkdtemp(prefix="acctattr-scale-")
     root = args.runs or Path(tmp)  # type: ignore[arg-type]
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {' '.join(sys.argv)}")
-    print(f"{'size':>5} {'params':>7} {'ckpt':>8} {'K':>3} {'eval':>6} {'estimator':<9} "
+    print(f"{'size':>5} {'params':>7} {'ckpt':>8} {'K':>3} {'eval':>6} {'estimator':<13} "
           f"{'time':>7} {'÷floor':>7} {'peak':>6} {'anon':>6}  (peak, anon: checkpoints)")
     try:
         for size in sizes:
@@ -263,10 +270,12 @@ def main() -> None:
                         if est == "unrolled" and order.index(size) > order.index(
                                 args.unrolled_max):
                             continue
-                        rows.append(measure(manifest, est))
+                        for ev in args.evaluate.split(","):
+                            rows.append(measure(manifest, est,
+                                                None if ev == "default" else ev))
                     for r in rows:
                         head = (f"{size:>5} {n_params / 1e6:>6.1f}M {ckpt / 2**20:>6.0f}MB "
-                                f"{n_stages:>3} {n_eval:>6} {r['estimator']:<9}")
+                                f"{n_stages:>3} {n_eval:>6} {r['estimator']:<13}")
                         if "error" in r:
                             print(f"{head} failed: {r['error']}")
                             continue
@@ -287,7 +296,7 @@ def _n_params(file: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3], *sys.argv[4:])
     else:
         main()

@@ -204,9 +204,12 @@ class Stages:
         def read(reader: StateDictReader) -> torch.Tensor:
             t = reader.get(name) if start is None else reader.get_flat(
                 name, start, stop if stop is not None else math.prod(self.trainable[name]))
-            return t.to(self.device).double()
+            return t.to(self.device)
 
-        return read(run.end) - read(run.start)
+        # the start is promoted element by element inside the subtraction: the same bits
+        # as end.double() - start.double(), without a float64 copy of the start (copy=True:
+        # a float64 tensor of a .pt reader is its own, never written)
+        return read(run.end).to(torch.float64, copy=True).sub_(read(run.start))
 
     def deltas(self, k: int) -> Params:
         """Delta_k for every trainable parameter (the naive embedding)."""

@@ -134,5 +134,7 @@ def adam_l2_propagate(d: torch.Tensor, e: torch.Tensor | None, p: torch.Tensor,
 def adam_preconditioner(exp_avg_sq: torch.Tensor, step: int, beta2: float,
                         eps: float) -> torch.Tensor:
     """p = 1/(sqrt(v_hat) + eps), v_hat = v/(1 - beta2^step): Adam's frozen preconditioner."""
-    v_hat = exp_avg_sq.double() / (1.0 - beta2 ** max(step, 1))
-    return 1.0 / (v_hat.sqrt() + eps)
+    # in place on one float64 copy: the same bits as v/c, sqrt, + eps and 1/x, each of
+    # which allocated its own (Tensor.__rdiv__ is reciprocal() * 1)
+    v_hat = exp_avg_sq.to(torch.float64, copy=True).div_(1.0 - beta2 ** max(step, 1))
+    return v_hat.sqrt_().add_(eps).reciprocal_()

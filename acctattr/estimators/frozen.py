@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from acctattr import heap
 from acctattr.estimators.base import Estimator, Params, Training
 from acctattr.estimators.dynamics import (
     AdamwTransform,
@@ -26,7 +27,7 @@ from acctattr.options import UnrolledConfig
 class Frozen(Estimator):
     name = "frozen"
     evaluate = "linear"
-    # bench/scale.py, 124M GPT-2-style run: 3.7-3.9 checkpoints above start-up at its peak,
+    # bench/scale.py, 124M GPT-2-style run: 3.4-3.9 checkpoints above start-up at its peak,
     # the model itself (theta_T) included, whatever the number of stages
     copies = 5
 
@@ -38,8 +39,10 @@ class Frozen(Estimator):
     def embed(self, k: int) -> Params:
         # every step is elementwise: each parameter is built a slice at a time, every
         # stage's files read for that slice only
-        return {name: self.streamed(name, partial(self._param, k, name))
-                for name in self.training.trainable}
+        v = {name: self.streamed(name, partial(self._param, k, name))
+             for name in self.training.trainable}
+        heap.trim()  # the slices' float64 blocks, before the evaluation allocates
+        return v
 
     def _param(self, k: int, name: str, start: int | None = None,
                stop: int | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from acctattr import heap
 from acctattr.estimators.base import Estimator, Params
 
 
@@ -18,5 +19,7 @@ class Naive(Estimator):
     copies = 5
 
     def embed(self, k: int) -> Params:
-        return {name: self.streamed(name, partial(self.stages.delta, k, name))
-                for name in self.training.trainable}
+        v = {name: self.streamed(name, partial(self.stages.delta, k, name))
+             for name in self.training.trainable}
+        heap.trim()  # the slices' float64 blocks, before the evaluation allocates
+        return v

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from acctattr import heap
 from acctattr.errors import AcctattrError, DataError
 from acctattr.evaluation.data import Batch, EvalData
 from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric
@@ -61,6 +62,9 @@ class Evaluator:
         self.device = first.device if first is not None else torch.device("cpu")
         # several processes (torchrun): each evaluates its share of the batches
         self.ranks: Ranks | None = None
+        # f_i(theta_T) on the first batch of an eval file, from ``probe``: ``values`` takes
+        # it instead of a second forward pass (a quarter of one at 124M, bench/scale.py)
+        self._probed: torch.Tensor | None = None
 
     def sharded(self, ranks: Ranks) -> Evaluator:
         """This evaluator with the eval batches shared among ``ranks`` (batch b on rank
@@ -168,8 +172,11 @@ class Evaluator:
         """Run the metric on the first eval batch at theta_T, so `check` finds data the model
         cannot take without computing any effect."""
         with torch.no_grad():
-            for batch in self.data.batches():
-                self._metric(self.params, self._floats(batch))
+            for i, batch in self.data.numbered():
+                vals = self._metric(self.params, self._floats(batch))
+                # a function's batches are produced afresh on every call: not kept
+                if i == 0 and getattr(self.data, "n", None):
+                    self._probed = vals.cpu().double()
                 return
 
     def _floats(self, batch: Batch) -> Batch:
@@ -181,9 +188,11 @@ class Evaluator:
     def values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(f_i(theta_T) for every example [N] float64, group ids [N] or None), on the CPU."""
         gname = self.data.spec.group
+        # one process reading a file takes its batches in order: the first is the probe's
+        kept = [self._probed] if self._probed is not None and self.ranks is None else []
 
         def one(batch: Batch) -> tuple[torch.Tensor, ...]:
-            vals = self._metric(self.params, batch).cpu().double()
+            vals = kept.pop() if kept else self._metric(self.params, batch).cpu().double()
             return (vals, batch[gname].reshape(-1).long().cpu()) if gname else (vals,)
 
         with torch.no_grad():
@@ -204,7 +213,9 @@ class Evaluator:
             return (jvp(f, primals, tangents)[1].cpu().double(),)
 
         with torch.no_grad():
-            return self._each(one)[0]
+            out = self._each(one)[0]
+        heap.trim()  # what the JVP freed, before the next stage allocates (acctattr.heap)
+        return out
 
     def direct(self, v: Params, base: torch.Tensor) -> torch.Tensor:
         """f_i(theta_T) - f_i(theta_T - v) for every example [N] float64 on the CPU;
@@ -215,7 +226,10 @@ class Evaluator:
             return (self._metric(shifted, batch).cpu().double(),)
 
         with torch.no_grad():
-            return base - self._each(one)[0]
+            out = base - self._each(one)[0]
+        shifted.clear()  # theta_T - v: freed before the trim
+        heap.trim()
+        return out
 
 
 def subtract(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from acctattr import heap
 from acctattr.errors import CheckpointError
 from acctattr.runs.checkpoints import (
     StateDictReader,
     check_dense,
     drop_range,
+    extremes,
     load_torch_file_mapped,
     open_checkpoint,
 )
@@ -261,14 +263,13 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                         f"{where}: state '{key}' of param id {pid} has shape "
                         f"{tuple(value.shape)} but {how} maps it to '{name}' of shape "
                         f"{trainable[name]}", _HINT)
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise CheckpointError(f"{where}: state '{key}' of '{name}' has NaN or Inf "
-                                          "values", "use a state file from before divergence")
-                _check_moment(value, key, f"{where}: state '{key}' of '{name}'")
+                _check_moment(value, key, f"{where}: state '{key}' of '{name}'",
+                              f"{where}: state '{key}' of '{name}' has NaN or Inf values")
                 tensors.setdefault(name, {})[key] = value
     span = _span(tensors)
     if mapped:  # read once for the checks above; read again when used
         drop_range(*span)
+    heap.trim()  # what unpickling and the checks freed, before the next file is opened
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
@@ -299,16 +300,21 @@ def _step(value: torch.Tensor, where: str) -> int:
     return int(x)
 
 
-def _check_moment(value: torch.Tensor, key: str, where: str) -> None:
+def _check_moment(value: torch.Tensor, key: str, where: str,
+                  nonfinite: str | None = None) -> None:
     """A moment must be a floating tensor in a plausible range; a second moment (a mean of
-    squared gradients) is never negative."""
+    squared gradients) is never negative. With ``nonfinite`` (the message), NaN or Inf
+    values are refused too. One pass over the tensor (checkpoints.extremes), no temporary
+    of its size."""
     if not value.is_floating_point():
         raise CheckpointError(f"{where} has dtype {str(value.dtype).removeprefix('torch.')}, "
                               "not floating point", "use the file the optimizer saved")
     if value.numel() == 0:
         return
+    low, high = extremes(value)
+    if nonfinite is not None and not (math.isfinite(low) and math.isfinite(high)):
+        raise CheckpointError(nonfinite, "use a state file from before divergence")
     if key in _SECOND:
-        low = float(value.min())
         if low < 0:
             raise CheckpointError(f"{where} has negative values (down to {low:.3g}); a "
                                   "second moment is a running mean of squared gradients",
@@ -316,7 +322,7 @@ def _check_moment(value: torch.Tensor, key: str, where: str) -> None:
         limit = MAX_SECOND_MOMENT
     else:
         limit = MAX_FIRST_MOMENT
-    big = float(value.abs().max())
+    big = max(-low, high)  # max |x|, NaN where any element is (then not > limit)
     if big > limit:
         raise CheckpointError(f"{where} reaches {big:.3g}, beyond {limit:.0e}: not a "
                               "training statistic (a corrupted or diverged state)",

@@ -237,6 +237,29 @@ def test_direct_is_the_difference_of_two_forward_passes(eval_file):
     assert got.abs().max() > 1e-2
 
 
+def test_values_take_the_probes_first_batch_and_compute_the_rest(eval_file, monkeypatch):
+    """After probe(), values() runs the model on every batch but the first (the probe's
+    result, kept): the same bits and group ids as without the probe; function data keeps
+    nothing."""
+    model = mlp()
+    params = params_of(model)
+    plain, plain_groups = evaluator(model, params, eval_file, "cross_entropy",
+                                    group="grp").values()
+    ev = evaluator(model, params, eval_file, "cross_entropy", group="grp")
+    ev.probe()
+    calls = []
+    real = Evaluator._metric
+    monkeypatch.setattr(Evaluator, "_metric",
+                        lambda self, p, b: calls.append(len(b["x"])) or real(self, p, b))
+    base, groups = ev.values()
+    assert calls == [7, 7, 2]  # batches 1..3 of 7, 7, 7, 2
+    assert torch.equal(base, plain) and groups is not None and plain_groups is not None
+    assert torch.equal(groups, plain_groups)
+    calls.clear()
+    ev.values()  # a second call takes it again (theta_T does not change)
+    assert calls == [7, 7, 2]
+
+
 def test_group_ids_are_returned_in_example_order(eval_file):
     """values() returns each example's group id alongside its metric value."""
     model = mlp()

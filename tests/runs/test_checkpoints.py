@@ -196,3 +196,20 @@ def test_trainer_state_learning_rates(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 1}]}))
     with pytest.raises(FormatError, match="no integer global_step"):
         read_trainer_state(tmp_path / "empty.json")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_finds_one_bad_value_in_a_large_tensor(dtype):
+    """all_finite / extremes (one aminmax pass): a single NaN, +Inf or -Inf anywhere in a
+    tensor larger than a vector register block is found; finite values give exact min/max."""
+    from acctattr.runs.checkpoints import all_finite, extremes
+
+    t = torch.linspace(-3, 5, 10_001).to(dtype)
+    assert all_finite(t) and extremes(t) == (-3.0, 5.0)
+    assert all_finite(torch.empty(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 4_999, 10_000):
+            u = t.clone()
+            u[where] = bad
+            assert not all_finite(u), (dtype, bad, where)
+            assert not all_finite(u[::3] if where % 3 == 0 else u[1::1])  # strided views too

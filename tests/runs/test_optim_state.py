@@ -201,3 +201,38 @@ def test_no_state_file_uses_manifest_and_torch_defaults():
     assert g.names == tuple(n for n, _ in model.named_parameters())
     assert (g.weight_decay, g.beta1, g.beta2, g.eps) == (0.01, 0.9, 0.999, 1e-6)
     assert st.tensors == {} and st.step is None
+
+
+@pytest.mark.parametrize("bad,key", [(float("nan"), "exp_avg"), (float("inf"), "exp_avg_sq"),
+                                     (-float("inf"), "exp_avg"), (float("nan"), "exp_avg_sq")])
+def test_nan_or_inf_anywhere_in_a_moment_is_refused_by_name(tmp_path, bad, key):
+    """One NaN, +Inf or -Inf anywhere in a torch.save state tensor (the load-time check's
+    single min/max pass): refused, naming the state and the parameter."""
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train_steps(model, opt)
+    sd = opt.state_dict()
+    sd["state"][4][key].view(-1)[7] = bad  # the second Linear's weight, (3, 5)
+    torch.save(sd, tmp_path / "opt.pt")
+    with pytest.raises(CheckpointError) as info:
+        load(model, spec("adamw", tmp_path / "opt.pt"))
+    text = str(info.value)
+    assert f"state '{key}' of '2.weight'" in text and "NaN or Inf" in text, text
+
+
+def test_moment_range_checks_still_see_the_extremes(tmp_path):
+    """A negative second moment and a first moment beyond 1e15 are still refused, with the
+    value found (min and max|x| from one pass)."""
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train_steps(model, opt)
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg_sq"][1, 2] = -0.25
+    torch.save(sd, tmp_path / "neg.pt")
+    with pytest.raises(CheckpointError, match=r"negative values \(down to -0.25\)"):
+        load(model, spec("adamw", tmp_path / "neg.pt"))
+    sd["state"][0]["exp_avg_sq"][1, 2] = 0.0
+    sd["state"][3]["exp_avg"][0] = -3e16  # the largest |x| is negative
+    torch.save(sd, tmp_path / "big.pt")
+    with pytest.raises(CheckpointError, match=r"reaches 3e\+16, beyond 1e\+15"):
+        load(model, spec("adamw", tmp_path / "big.pt"))
