@@ -76,7 +76,6 @@ def embed(
     guarded(go)
 
 
-
 def ablate(
     manifest: ManifestArg,
     stage: Annotated[str, typer.Option(

@@ -23,12 +23,10 @@ from acctattr.output.text import printable
 T = TypeVar("T")
 
 
-
 def err(text: str) -> None:
     """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
     if is_primary():
         print(printable(text, keep="\n"), file=sys.stderr)
-
 
 
 def err_of(error: BaseException, text: str) -> None:
@@ -45,7 +43,6 @@ def err_of(error: BaseException, text: str) -> None:
     else:
         return
     print(printable(prefix + text, keep="\n"), file=sys.stderr)
-
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -86,7 +83,6 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(3) from None
 
 
-
 def check_output(output: Path | None, option: str = "--output") -> None:
     """A result file that cannot be written fails before any computing (exit 2)."""
     if output is not None:
@@ -95,12 +91,10 @@ def check_output(output: Path | None, option: str = "--output") -> None:
         check_target(output, option)
 
 
-
 def use_color(output: Path | None) -> bool:
     """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
     an empty NO_COLOR does not turn colour off)."""
     return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-
 
 
 def terminal_width(output: Path | None) -> int | None:
@@ -108,7 +102,6 @@ def terminal_width(output: Path | None) -> int | None:
     if output is None and sys.stdout.isatty():
         return shutil.get_terminal_size().columns
     return None
-
 
 
 def emit(text: str, output: Path | None) -> None:

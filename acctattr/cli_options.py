@@ -18,12 +18,10 @@ from acctattr.options import Runtime, UnrolledConfig
 UNROLLED = UnrolledConfig()
 
 
-
 class Format(str, Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
-
 
 
 class TableOrJson(str, Enum):
@@ -31,13 +29,11 @@ class TableOrJson(str, Enum):
     json = "json"
 
 
-
 class Estimator(str, Enum):
     auto = "auto"
     naive = "naive"
     frozen = "frozen"
     unrolled = "unrolled"
-
 
 
 class Concrete(str, Enum):
@@ -48,7 +44,6 @@ class Concrete(str, Enum):
     unrolled = "unrolled"
 
 
-
 class HessianAt(str, Enum):
     start = "start"
     end = "end"
@@ -56,9 +51,7 @@ class HessianAt(str, Enum):
     interpolate = "interpolate"
 
 
-
 HESSIAN_AT_DEFAULT = HessianAt(UNROLLED.hessian_at)
-
 
 
 class Dynamics(str, Enum):
@@ -66,9 +59,7 @@ class Dynamics(str, Enum):
     linear = "linear"
 
 
-
 DYNAMICS_DEFAULT = Dynamics(UNROLLED.sgd_dynamics)
-
 
 
 class Evaluate(str, Enum):
@@ -76,17 +67,14 @@ class Evaluate(str, Enum):
     direct = "direct"
 
 
-
 ManifestArg = Annotated[Path, typer.Argument(
     help="The run's manifest.yaml.", metavar="MANIFEST", show_default=False)]
-
 
 
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="cpu|cuda|cuda:N|mps|auto",
     help="Where the model runs. auto: the CUDA GPU when there is one, else the CPU.",
     rich_help_panel="Compute")]
-
 
 
 ThreadsOpt = Annotated[int | None, typer.Option(
@@ -96,11 +84,9 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     rich_help_panel="Compute", show_default=False)]
 
 
-
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, metavar="N", help="Eval batch size (default: eval.batch_size).",
     rich_help_panel="Compute", show_default=False)]
-
 
 
 EmbeddingsOpt = Annotated[Path | None, typer.Option(
@@ -108,7 +94,6 @@ EmbeddingsOpt = Annotated[Path | None, typer.Option(
     help="Evaluate the stage embeddings `acctattr embed` wrote to DIR instead of computing "
          "them (refused when an input changed or DIR holds another estimator).",
     show_default=False)]
-
 
 
 def make_runtime(device: str, threads: int | None, batch_size: int | None,
@@ -120,7 +105,6 @@ def make_runtime(device: str, threads: int | None, batch_size: int | None,
     if check:
         resolve(device, from_env()[2])
     return Runtime(device=device, threads=threads or default_threads(), batch_size=batch_size)
-
 
 
 def unrolled_config(lanczos_iters: int, sample_size: int, dynamics: Dynamics,
@@ -138,15 +122,12 @@ def unrolled_config(lanczos_iters: int, sample_size: int, dynamics: Dynamics,
                    substeps=substeps if substeps is not None else UNROLLED.substeps)
 
 
-
 # the options embed and ablate share (run and validate spell theirs out with their own help)
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
 
-
 ProgressOpt = Annotated[bool, typer.Option(
     "--progress", help="Progress on stderr even when it is not a terminal.")]
-
 
 
 LanczosOpt = Annotated[int, typer.Option(
@@ -154,16 +135,13 @@ LanczosOpt = Annotated[int, typer.Option(
     rich_help_panel="Unrolled estimator")]
 
 
-
 SampleSizeOpt = Annotated[int, typer.Option(
     min=1, help="unrolled: training examples per later stage for its curvature.",
     rich_help_panel="Unrolled estimator")]
 
 
-
 DynamicsOpt = Annotated[Dynamics, typer.Option(
     help="unrolled: flow or linear (as for run).", rich_help_panel="Unrolled estimator")]
-
 
 
 FlowSubstepsOpt = Annotated[int, typer.Option(
@@ -171,11 +149,9 @@ FlowSubstepsOpt = Annotated[int, typer.Option(
     rich_help_panel="Unrolled estimator")]
 
 
-
 HessianAtOpt = Annotated[HessianAt | None, typer.Option(
     help="unrolled, linear: where along a segment the Hessian is taken.",
     rich_help_panel="Unrolled estimator", show_default=False)]
-
 
 
 SubstepsOpt = Annotated[int | None, typer.Option(

@@ -45,7 +45,6 @@ class Loaded:
     evaluators: dict[str, Evaluator] = field(default_factory=dict)
 
 
-
 def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     spec = stage.optimizer.lr
     steps = stage.optimizer.steps
@@ -65,7 +64,6 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
         warnings.append(f"stage '{stage.name}': {guessed} of {steps} learning rates were "
                         f"interpolated between the steps logged in {spec.trainer_state}")
     return lrs
-
 
 
 class _Readers:
@@ -91,7 +89,6 @@ class _Readers:
         self._open[path] = reader
 
 
-
 def check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str) -> None:
     """Every trainable parameter present with the model's shape, or say which are not."""
     missing = [n for n in info.trainable if n not in reader]
@@ -114,7 +111,6 @@ def check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str)
         raise CheckpointError(f"stage '{stage}': {key} {reader.path}: {' and '.join(parts)}",
                               "every checkpoint of a run must hold the same parameter names "
                               "and shapes as the model the factory builds")
-
 
 
 def open_manifest(manifest: Manifest, collect: list[str] | None = None,
@@ -235,17 +231,14 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
                   evaluators)
 
 
-
 def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictReader:
     from acctattr.runs.lora import LoraMergedReader
 
     return LoraMergedReader(base, stage.end, stage.name, set(info.trainable))
 
 
-
 # how much of a stage's update the rounding between its checkpoints' dtypes may be
 ROUNDING_SHARE = 0.1
-
 
 
 def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
@@ -279,7 +272,6 @@ def _check_dtypes(start: StateDictReader, end: StateDictReader, info: ModelInfo,
             "end's dtype: that is the weights the stage began from)")
 
 
-
 def _final_params(model: torch.nn.Module, final: StateDictReader, info: ModelInfo,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """theta_T's trainable parameters on ``device`` in the checkpoint's own dtype (a bf16
@@ -294,14 +286,12 @@ def _final_params(model: torch.nn.Module, final: StateDictReader, info: ModelInf
     return params
 
 
-
 def fixed_tensors(model: torch.nn.Module, final: StateDictReader,
                    info: ModelInfo) -> dict[str, torch.Tensor]:
     """Frozen parameters and buffers at theta_T (the model's own where not saved)."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     return {n: (final.get(n, native=True) if n in final else own[n].detach())
             for n in (*info.frozen, *info.buffers)}
-
 
 
 def check_stage_text(stage: Stage) -> None:
@@ -316,7 +306,6 @@ def check_stage_text(stage: Stage) -> None:
         raise DataError(f"{where}: JSONL text needs a tokenizer folder, and none is given",
                         "add tokenizer: DIR to the stage or to eval")
     lm.load_tokenizer(stage.tokenizer, f"stage '{stage.name}': tokenizer")
-
 
 
 def check(path: str | Path, device: torch.device | None = None,
@@ -347,7 +336,6 @@ def check(path: str | Path, device: torch.device | None = None,
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
-
 
 
 def _text_problems(manifest: Manifest) -> list[str]:

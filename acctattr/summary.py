@@ -18,7 +18,6 @@ def fsum_mean(x: torch.Tensor) -> float:
     return math.fsum(x.double().tolist()) / x.numel()
 
 
-
 def _out_of_range(values: torch.Tensor, bounds: tuple[float | None, float | None]) -> int:
     """How many of ``values`` lie outside [low, high] (a small tolerance for rounding)."""
     low, high = bounds
@@ -31,11 +30,9 @@ def _out_of_range(values: torch.Tensor, bounds: tuple[float | None, float | None
     return n
 
 
-
 def _range_text(bounds: tuple[float | None, float | None]) -> str:
     low, high = bounds
     return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
-
 
 
 def standard_error(x: torch.Tensor) -> float:
@@ -46,7 +43,6 @@ def standard_error(x: torch.Tensor) -> float:
     mean = fsum_mean(x)
     var = math.fsum((v - mean) ** 2 for v in x.double().tolist()) / (n - 1)
     return math.sqrt(var) / math.sqrt(n)
-
 
 
 def summarize(loaded: Loaded, estimator: str, evaluate: str, base: torch.Tensor,

@@ -69,7 +69,6 @@ def true_effects(loaded: Loaded, base: torch.Tensor, workdir: Path,
     return truth, seconds
 
 
-
 def validate(path: str | Path, names: tuple[str, ...] | None = None,
              evaluations: tuple[str, ...] = EVALUATIONS, workdir: Path | None = None,
              progress: Progress | None = None,
@@ -92,7 +91,6 @@ def validate(path: str | Path, names: tuple[str, ...] | None = None,
     with devices.threads(runtime.threads):
         return _validate(path, names, evaluations, workdir, progress, config,
                          devices.resolve(runtime.device), runtime.batch_size)
-
 
 
 def _validate(path: str | Path, names: tuple[str, ...] | None, evaluations: tuple[str, ...],

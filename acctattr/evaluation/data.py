@@ -281,8 +281,6 @@ def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
     return tuple(k for k in keys if isinstance(k, str)) if not isinstance(keys, str) else ()
 
 
-
-
 def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
                  extra: tuple[str, ...] = (), tokens: str | None = None,
                  tokenizer: Path | None = None, max_length: int | None = None,

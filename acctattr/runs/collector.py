@@ -116,7 +116,6 @@ class Collector:
         return Ref(text, None, target, func)
 
 
-
 def kind_of(value: Any) -> str:
     if value is None:
         return "nothing"

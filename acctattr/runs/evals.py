@@ -17,20 +17,16 @@ BUILTIN_METRICS = ("cross_entropy", "margin", "logprob", "mse", "next_token_loss
                    "sequence_logprob")
 
 
-
 # JSONL text is tokenised into these tensors (acctattr.evaluation.lm): the defaults of
 # eval.inputs and eval.target for such data
 JSONL_INPUTS = ("input_ids", "attention_mask")
 
 
-
 JSONL_TARGET = "labels"
-
 
 
 _EVAL_KEYS = {"data", "inputs", "target", "group", "metric", "batch_size", "higher_is_better",
               "tokenizer", "max_length"}
-
 
 
 def parse_metric(c: Collector, value: Any, where: str) -> str | Ref | None:
@@ -41,7 +37,6 @@ def parse_metric(c: Collector, value: Any, where: str) -> str | Ref | None:
     c.add(where, f"expected one of {', '.join(BUILTIN_METRICS)} or FILE.py:FUNC, "
           f"got {kind_of(value)}")
     return None
-
 
 
 def parse_evals(c: Collector, top: dict,
@@ -70,7 +65,6 @@ def parse_evals(c: Collector, top: dict,
         if ev is not None:
             out.append((name, ev))
     return tuple(out) if len(out) == len(value) else ()
-
 
 
 def _parse_eval(c: Collector, value: Any, where: str = "eval") -> EvalSpec | None:
@@ -105,7 +99,6 @@ def _parse_eval(c: Collector, value: Any, where: str = "eval") -> EvalSpec | Non
         return None
     return EvalSpec(inputs=inputs, target=target, metric=metric, data=data, data_fn=data_fn,
                     group=group, batch_size=batch, higher_is_better=hib)
-
 
 
 def _parse_eval_text(c: Collector, value: Any, causal: bool = False,
@@ -143,21 +136,17 @@ def _parse_eval_text(c: Collector, value: Any, causal: bool = False,
     return replace(ev, tokenizer=tokenizer, max_length=max_length)
 
 
-
 def is_jsonl(path: Path) -> bool:
     return path.suffix == ".jsonl"
-
 
 
 # files a tokenizer's save_pretrained() writes (any one will do)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-
 def _tokenizer_folder(folder: Path) -> Path | None:
     """``folder`` when it holds a saved tokenizer (a Trainer folder given one does)."""
     return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
-
 
 
 def attach_tokenizers(c: Collector, stages: tuple[Stage, ...],
@@ -180,7 +169,6 @@ def attach_tokenizers(c: Collector, stages: tuple[Stage, ...],
     return tuple(_stage_tokenizer(c, s, first, own) for s in stages), tuple(out)
 
 
-
 def _stage_tokenizer(c: Collector, stage: Stage, ev: EvalSpec | None,
                      own: Path | None) -> Stage:
     """A stage with JSONL data gets its tokenizer and max_length: its own, else eval's, else
@@ -194,7 +182,6 @@ def _stage_tokenizer(c: Collector, stage: Stage, ev: EvalSpec | None,
     max_length = stage.max_length if stage.max_length is not None else \
         (ev.max_length if ev is not None else None)
     return replace(stage, tokenizer=tokenizer, max_length=max_length)
-
 
 
 def is_causal_lm(folder: Path, cls: str | None) -> bool:

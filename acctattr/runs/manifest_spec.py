@@ -22,7 +22,6 @@ class LrSpec:
     trainer_state: Path | None = None  # Hugging Face trainer_state.json
 
 
-
 @dataclass(frozen=True)
 class OptimizerSpec:
     """How a stage's optimizer ran. ``None`` hyperparameters come from the state file."""
@@ -47,12 +46,10 @@ class OptimizerSpec:
     batch_size: int | None = None
 
 
-
 @dataclass(frozen=True)
 class CheckpointRef:
     step: int
     path: Path
-
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,6 @@ class Stage:
     max_length: int | None = None
 
 
-
 @dataclass(frozen=True)
 class Ref:
     """A ``FILE.py:FUNC`` (file resolved against the manifest) or ``package.module:FUNC``."""
@@ -80,7 +76,6 @@ class Ref:
     file: Path | None
     module: str | None
     func: str
-
 
 
 @dataclass(frozen=True)
@@ -96,7 +91,6 @@ class EvalSpec:
     # JSONL ``data``: the run's tokenizer folder and the length examples are truncated to
     tokenizer: Path | None = None
     max_length: int | None = None
-
 
 
 @dataclass(frozen=True)

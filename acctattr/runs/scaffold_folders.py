@@ -17,17 +17,13 @@ from acctattr.runs.checkpoints import load_torch_file
 _LIGHTNING_AUTO = re.compile(r"^(last|(epoch=\d+)?-?(step=\d+)?)(-v\d+)?$")
 
 
-
 _LIGHTNING_DIRS = re.compile(r"^(checkpoints|lightning_logs|version_\d+)$")
-
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
-
 _NOT_WEIGHTS = ("optim", "scheduler", "rng_state", "training_args", "scaler")
-
 
 
 @dataclass
@@ -42,7 +38,6 @@ class FoundStage:
     guessed: bool = False  # ordered by file times that say nothing (a copy, a checkout)
 
 
-
 def _mtime(path: Path) -> float:
     """When a checkpoint was finished: its newest file's modification time."""
     if path.is_file():
@@ -51,14 +46,12 @@ def _mtime(path: Path) -> float:
     return max(times, default=path.stat().st_mtime)
 
 
-
 def _has_weights(folder: Path) -> bool:
     """Whether a folder holds a model's weights by name (not any lone .safetensors file,
     which in a run root is as likely the eval data)."""
     from acctattr.runs.checkpoints import _FOLDER_FILES
 
     return any((folder / n).is_file() for n in _FOLDER_FILES)
-
 
 
 def _is_weights_file(p: Path) -> bool:
@@ -79,7 +72,6 @@ def _is_weights_file(p: Path) -> bool:
     return bool(dtypes) and dtypes <= {"F16", "BF16", "F32", "F64"}
 
 
-
 def _lightning_name(ckpt: Path, top: Path) -> str:
     """A stage name for a .ckpt: its stem when the user named it, else the nearest folder
     that is not one Lightning made (checkpoints, lightning_logs, version_N)."""
@@ -91,12 +83,10 @@ def _lightning_name(ckpt: Path, top: Path) -> str:
     return p.name if not _LIGHTNING_DIRS.match(p.name) else ckpt.stem
 
 
-
 def global_step(ckpt: Path) -> int:
     doc = load_torch_file(ckpt)
     step = doc.get("global_step") if isinstance(doc, dict) else None
     return step if isinstance(step, int) else 0
-
 
 
 def _lightning_stages(files: list[Path], top: Path) -> list[FoundStage]:
@@ -117,7 +107,6 @@ def _lightning_stages(files: list[Path], top: Path) -> list[FoundStage]:
     return out
 
 
-
 def _trainer_stage(folder: Path, name: str) -> FoundStage:
     ckpts = formats.trainer_checkpoints(folder)
     end = ckpts[-1][1]
@@ -131,7 +120,6 @@ def _trainer_stage(folder: Path, name: str) -> FoundStage:
     inner = [p for _, p in ckpts if p != end] if k == "hf-trainer" else []
     return FoundStage(name, end, k, inner,
                   f"Trainer output_dir, {len(ckpts)} checkpoint folder(s), end {end.name}")
-
 
 
 def stages_in(path: Path, top: bool) -> tuple[list[FoundStage], list[Path]]:
@@ -207,7 +195,6 @@ def stages_in(path: Path, top: bool) -> tuple[list[FoundStage], list[Path]]:
     return stages, starts
 
 
-
 def _fingerprint(path: Path) -> dict[str, Any] | None:
     """A few thousand weights of a checkpoint (the first elements of its first floating
     tensors by name), to tell which checkpoint another started from; None if unreadable."""
@@ -225,7 +212,6 @@ def _fingerprint(path: Path) -> dict[str, Any] | None:
         return out or None
     except (CheckpointError, OSError, RuntimeError):
         return None
-
 
 
 def chain(stages: list[FoundStage], start: Path) -> list[FoundStage] | None:
@@ -257,16 +243,13 @@ def chain(stages: list[FoundStage], start: Path) -> list[FoundStage] | None:
     return out
 
 
-
 def _number(name: str) -> int | None:
     """The number a stage folder is named by (01-pretrain, stage2), if any."""
     found = re.search(r"\d+", name)
     return int(found.group()) if found else None
 
 
-
 _START_NAMES = re.compile(r"(init|base|start|pretrained|original|before)", re.IGNORECASE)
-
 
 
 def pick_start(starts: list[Path]) -> Path | None:
@@ -280,7 +263,6 @@ def pick_start(starts: list[Path]) -> Path | None:
         if len(pick) == 1:
             return pick[0]
     return None
-
 
 
 def _has_state(end: Path) -> bool:

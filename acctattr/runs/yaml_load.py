@@ -14,7 +14,6 @@ from acctattr.errors import ManifestError
 MAX_YAML_NODES = 2_000_000  # after alias expansion; a 1M-step per-step lr list fits
 
 
-
 class Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-4`` (no dot) as a float.
 
@@ -23,16 +22,13 @@ class Loader(yaml.SafeLoader):
     """
 
 
-
 Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
 
 
-
 class _YamlRefused(Exception):
     """A YAML document refused before it is built (duplicate keys, aliases, size)."""
-
 
 
 def load_yaml(text: str, shown: str) -> Any:
@@ -60,7 +56,6 @@ def load_yaml(text: str, shown: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
-
 
 
 def _check_nodes(root: yaml.Node) -> None:
@@ -100,14 +95,12 @@ def _check_nodes(root: yaml.Node) -> None:
                 stack.append((c, False))
 
 
-
 def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
     if isinstance(node, yaml.MappingNode):
         return [n for pair in node.value for n in pair]
     return []
-
 
 
 def _check_duplicates(node: yaml.MappingNode) -> None:
