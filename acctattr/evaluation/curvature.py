@@ -69,7 +69,7 @@ class Curvature:
         The sample is cut into ``parts`` near-equal groups; with g_k the mean gradient of
         group k (m_k examples) and g their weighted mean, the per-example variance is
         estimated as sum_k m_k (g_k - g)^2 / (parts - 1). The groups' gradients come from
-        one pass vectorised over the groups (_group_gradients); a model that torch.func
+        one pass vectorised over the groups (group_gradients); a model that torch.func
         cannot vectorise gets one forward and backward pass per group.
         """
         if parts < 2:
@@ -85,7 +85,7 @@ class Curvature:
         grouped = None
         if self._batched:
             try:
-                grouped = self._group_gradients(dict(zip(names, leaves, strict=True)), whole,
+                grouped = self.group_gradients(dict(zip(names, leaves, strict=True)), whole,
                                                 parts)
             except Exception:
                 # torch.func cannot vectorise this model (an op without a batching rule,
@@ -109,7 +109,7 @@ class Curvature:
             var[n] = spread / (parts - 1)
         return mean, var
 
-    def _group_gradients(self, params: Params, whole: Batch, parts: int) -> Params:
+    def group_gradients(self, params: Params, whole: Batch, parts: int) -> Params:
         """Each group's mean loss gradient, name -> [parts, *shape] in the parameter's dtype,
         the groups those of torch.tensor_split: one forward and backward pass vectorised
         over the groups (torch.func.vmap of grad) for each group size (tensor_split makes
@@ -139,7 +139,7 @@ class Curvature:
 
     def _group_gradients_looped(self, params: list[torch.Tensor], names: list[str],
                                 whole: Batch, parts: int) -> Params:
-        """_group_gradients by one forward and backward pass per group."""
+        """group_gradients by one forward and backward pass per group."""
         leaves = [x.requires_grad_(True) for x in params]
         state = {**self.fixed, **dict(zip(names, leaves, strict=True))}
         grads = []

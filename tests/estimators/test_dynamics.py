@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from acctattr.estimators.dynamics import sgd_transform
@@ -186,3 +187,33 @@ def test_adam_flow_first_moment_sums_adams_bias_corrected_steps_exactly():
     flow.config = UnrolledConfig()
     vec, m_none, factor = flow.first_moment(0, None, g1, 0, 0, 5)
     assert m_none is None and torch.equal(vec, g1) and factor == sum(lrs[:5])
+
+
+@pytest.mark.parametrize("parts", [2, 5, 8])
+def test_group_moments_are_the_same_from_one_vectorised_block_or_group_by_group(
+        monkeypatch, parts):
+    """GroupMoments takes every group's gradient in one vmapped pass where they are small
+    (BLOCK_ELEMENTS) and one group at a time above it: the two must agree up to float32
+    rounding (a vmapped batch of groups may block its matmuls differently)."""
+    from acctattr.estimators.unrolled import noise
+    from acctattr.evaluation.curvature import Curvature
+    from acctattr.evaluation.metrics import resolve_metric
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    sample = {"x": torch.randn(23, 6), "y": torch.randint(0, 3, (23,))}
+    curv = Curvature(model, {}, resolve_metric("cross_entropy", None, "train.loss"), sample,
+                     ("x",), "y")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [p.numel() for p in params.values()]
+    got = {}
+    for name, limit in (("block", 1 << 30), ("groups", 0)):
+        monkeypatch.setattr(noise, "BLOCK_ELEMENTS", limit)
+        moments = noise.GroupMoments()
+        g, s = moments(curv, 0, params, parts, sizes, torch.device("cpu"))
+        out = torch.empty(sum(sizes), dtype=torch.float64)
+        got[name] = (g, s, moments.gradient(curv, 0, params, parts, out).clone())
+        assert not moments.looped
+    for a, b in zip(got["block"], got["groups"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert got["block"][1].abs().sum() > 0  # the groups differ: there is noise to see

@@ -261,7 +261,7 @@ def test_noise_groups_vectorise_over_gpt2_or_fall_back_to_the_loop(lm, inputs):
     mean, var = cv.gradient_and_noise(params, 4)
     assert cv._batched == (inputs == ("input_ids", "attention_mask"))
     if cv._batched:
-        batched = cv._group_gradients(params, sample, 4)
+        batched = cv.group_gradients(params, sample, 4)
         for n in names:
             torch.testing.assert_close(batched[n], looped[n], rtol=1e-8, atol=1e-10)
     whole = cv.gradient(params)

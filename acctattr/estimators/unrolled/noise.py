@@ -19,6 +19,13 @@ from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import Batch
 from acctattr.evaluation.evaluator import Params, forward
 
+# Where every group's gradient together takes at most this many elements, they come from one
+# pass vectorised over the groups (fast where the model is small and each pass is mostly call
+# overhead); above it, one group at a time (memory: one group's gradient and activations).
+# Both give the same rows up to float32 rounding (tests/estimators/test_dynamics.py); which is
+# taken depends only on the model's size and the number of groups, not on the machine.
+BLOCK_ELEMENTS = 1 << 22
+
 
 def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor,
               v_end: torch.Tensor, positive: torch.Tensor) -> float:
@@ -44,11 +51,11 @@ class GroupMoments:
     """Stage training loss's mean gradient and per-example gradient variance, as
     Curvature.gradient_and_noise defines them (the sample cut into ``parts`` groups by
     torch.tensor_split; g_k the mean gradient of group k, m_k examples, g their weighted
-    mean; S = sum_k m_k (g_k - g)^2 / (parts - 1)), but one group at a time into two flat
-    float64 vectors: no [parts, P] block of every group's gradient (8 copies of the model
-    for 8 groups). g is summed in the same order as there (the same bits); S is West's
-    weighted running update (Welford's, for weights), equal to the two-pass sum up to
-    rounding."""
+    mean; S = sum_k m_k (g_k - g)^2 / (parts - 1)), accumulated group by group into two
+    flat float64 vectors; the groups' gradients come one at a time (no [parts, P] block:
+    8 copies of the model for 8 groups) unless the block is small (``rows``). g is summed
+    in the same order as there; S is West's weighted running update (Welford's, for
+    weights), equal to the two-pass sum up to rounding."""
 
     def __init__(self) -> None:
         # stages whose model torch.func could not vectorise: one plain backward per group
@@ -75,8 +82,7 @@ class GroupMoments:
                 part.copy_(g[n].reshape(-1))
             return total, spread
         seen = 0
-        for m, batch in _groups(curv, parts):
-            grads = self.group_gradient(curv, j, params, batch)
+        for m, grads in self.rows(curv, j, params, parts):
             for n, s, q in zip(names, sums, m2s, strict=True):
                 r = grads.pop(n).reshape(-1)
                 before = s / seen if seen else None
@@ -99,11 +105,29 @@ class GroupMoments:
         parts = max(1, min(parts, curv.n))
         out.zero_()
         pieces = torch.split(out, [p.numel() for p in params.values()])
-        for m, batch in _groups(curv, parts):
-            grads = self.group_gradient(curv, j, params, batch)
+        for m, grads in self.rows(curv, j, params, parts):
             for n, o in zip(params, pieces, strict=True):
                 o.add_(grads.pop(n).reshape(-1), alpha=m)
         return out.div_(curv.n)
+
+    def rows(self, curv: Curvature, j: int, params: Params,
+             parts: int) -> Iterator[tuple[int, Params]]:
+        """(examples, mean loss gradient) of each of the ``parts`` groups, in order: all
+        groups from one vectorised pass where their gradients together are small
+        (BLOCK_ELEMENTS), else one group at a time (group_gradient)."""
+        size = sum(p.numel() for p in params.values())
+        if j not in self.looped and parts * size <= BLOCK_ELEMENTS:
+            try:
+                block = curv.group_gradients(params, _whole(curv), parts)
+            except Exception:
+                self.looped.add(j)  # as group_gradient: this model cannot be vectorised
+            else:
+                sizes = [len(ix) for ix in torch.tensor_split(torch.arange(curv.n), parts)]
+                for k, m in enumerate(sizes):
+                    yield m, {n: t[k] for n, t in block.items()}
+                return
+        for m, batch in _groups(curv, parts):
+            yield m, self.group_gradient(curv, j, params, batch)
 
     def group_gradient(self, curv: Curvature, j: int, params: Params, batch: Batch) -> Params:
         """One group's mean loss gradient in the parameters' dtype, as Curvature computes
@@ -138,10 +162,15 @@ class GroupMoments:
 def _groups(curv: Curvature, parts: int) -> Iterator[tuple[int, Batch]]:
     """(examples, batch) of each of the ``parts`` groups torch.tensor_split cuts the
     stage's sample into, in order."""
-    whole = {k: torch.cat([c[k] for c in curv.chunks]) for k in curv.chunks[0]} \
-        if len(curv.chunks) > 1 else curv.chunks[0]
+    whole = _whole(curv)
     lo = 0
     for rows in torch.tensor_split(torch.arange(curv.n), parts):
         m = len(rows)
         yield m, {k: v[lo:lo + m] for k, v in whole.items()}
         lo += m
+
+
+def _whole(curv: Curvature) -> Batch:
+    """The stage's whole data sample as one batch."""
+    return {k: torch.cat([c[k] for c in curv.chunks]) for k in curv.chunks[0]} \
+        if len(curv.chunks) > 1 else curv.chunks[0]
