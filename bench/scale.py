@@ -23,6 +23,11 @@ every 2 ms).
     python bench/scale.py --sizes 124m --estimators frozen --evaluate default,direct
     python bench/scale.py --sizes 1m --eval 1000,10000,100000 --estimators frozen
     python bench/scale.py --sizes 1b --dtype bf16 --estimators frozen --eval 32
+    python bench/scale.py --sizes 10m --estimators unrolled --steps 16
+
+``--steps N`` takes N AdamW steps per stage (default 3): unrolled simulates a stage in up to
+flow_substeps=16 substeps, at most one per optimizer step, so 16 steps exercise the path a
+real run's stage has (16 substeps) where 3 steps give 3.
 
 ``--runs DIR`` keeps the generated runs there (reused when present).
 """
@@ -50,7 +55,7 @@ DEFAULT_SIZES = ("1m", "10m", "50m")
 OPT_IN = ("124m", "1b")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOKENS = 16  # eval and training sequence length
-STEPS = 3  # AdamW steps per stage
+STEPS = 3  # AdamW steps per stage (--steps)
 
 MODEL_PY = '''"""A GPT-2-style causal LM (pre-LN blocks, tied embeddings); scores the next token
 after the sequence (logits of the last position)."""
@@ -103,7 +108,8 @@ def build():
 '''
 
 
-def _write_run(root: Path, size: str, stages: int, n_eval: int, dtype: str) -> Path:
+def _write_run(root: Path, size: str, stages: int, n_eval: int, dtype: str,
+               steps: int = STEPS) -> Path:
     """A staged run under ``root`` (written once; reused when its manifest exists)."""
     manifest = root / "manifest.yaml"
     if manifest.exists():
@@ -143,7 +149,7 @@ def _write_run(root: Path, size: str, stages: int, n_eval: int, dtype: str) -> P
         if not continues:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
         assert opt is not None
-        for _ in range(STEPS):
+        for _ in range(steps):
             for p in model.parameters():
                 p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype)
             opt.step()
@@ -152,7 +158,7 @@ def _write_run(root: Path, size: str, stages: int, n_eval: int, dtype: str) -> P
         save(name)
         torch.save(opt.state_dict(), root / name / "optimizer.pt")
         doc_stages.append({"name": name, "end": name, "data": f"{name}.safetensors",
-                           "optimizer": {"type": "adamw", "steps": STEPS, "lr": 1e-4,
+                           "optimizer": {"type": "adamw", "steps": steps, "lr": 1e-4,
                                          "weight_decay": 0.01, "state": f"{name}/optimizer.pt",
                                          "continues": continues}})
     doc_stages[0]["start"] = "init"
@@ -238,6 +244,8 @@ def main() -> None:
     ap.add_argument("--stages", default="3", help="comma-separated stage counts")
     ap.add_argument("--eval", default="256", help="comma-separated eval-set sizes")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help="AdamW steps per stage (unrolled: one flow substep each, up to 16)")
     ap.add_argument("--evaluate", default="default",
                     help="comma-separated of default (each estimator's own), linear, direct")
     ap.add_argument("--unrolled-max", default="10m",
@@ -260,8 +268,10 @@ def main() -> None:
         for size in sizes:
             for n_stages in map(int, args.stages.split(",")):
                 for n_eval in map(int, args.eval.split(",")):
-                    where = root / f"{size}-{args.dtype}-k{n_stages}-n{n_eval}"
-                    manifest = _write_run(where, size, n_stages, n_eval, args.dtype)
+                    where = root / (f"{size}-{args.dtype}-k{n_stages}-n{n_eval}"
+                                    + (f"-s{args.steps}" if args.steps != STEPS else ""))
+                    manifest = _write_run(where, size, n_stages, n_eval, args.dtype,
+                                          args.steps)
                     ckpt = (where / "init" / "model.safetensors").stat().st_size
                     n_params = _n_params(where / "init" / "model.safetensors")
                     floor = measure(manifest, "floor")

@@ -39,3 +39,33 @@ def test_unrolled_peak_stays_within_its_declared_copies(tmp_path, monkeypatch):
     added_mb = json.loads(p.stdout.strip().splitlines()[-1])["added_mb"]
     copies = added_mb / (n_params * 4 / 2**20)
     assert copies <= Unrolled.copies < 73, f"unrolled peaked at {copies:.1f} copies"
+
+
+def test_spilled_path_reads_back_the_same_bits_and_leaves_no_file(tmp_path, monkeypatch):
+    """The stored path's vectors go to an anonymous temporary file in the system's
+    temporary folder (none named there, none in the working folder) and come back with
+    the same bits, into the one buffer given; closing it frees the file."""
+    import tempfile
+
+    import torch
+
+    from acctattr.estimators.unrolled.path import Spill
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    vectors = {3: torch.randn(1000, generator=g, dtype=torch.float64),
+               0: torch.randn(1000, generator=g), 7: torch.full((1000,), float("nan"))}
+    spill = Spill(1000, torch.device("cpu"))
+    for key, v in vectors.items():
+        spill[key] = v
+    assert os.listdir(tmp_path) == []  # unlinked as made: nothing named anywhere
+    assert len(spill) == 3 and 7 in spill and 1 not in spill
+    buffer = torch.empty(1000, dtype=torch.float32)
+    for key, v in vectors.items():
+        got = spill.read(key, buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got.view(torch.int32), v.float().view(torch.int32))
+    spill.close()
+    assert spill._file.closed
+    assert os.listdir(tmp_path) == []

@@ -35,6 +35,8 @@ from acctattr.estimators.unrolled.path import (
 
 # (exp_avg_sq, step count): an Adam optimizer's second moment and where it is in its life
 Moment = tuple[torch.Tensor, int]
+# dtypes float32 holds exactly
+_NARROW = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class AdamFlow:
@@ -87,7 +89,7 @@ class AdamFlow:
                                      positive, lam_c, rho, own_theta=True)
             del cf, g_cf
             d.add_(s_act).sub_(s_cf)
-            del s_cf
+            del s_cf, u_cf  # the same tensor: not held while the next substep's are made
             if run.opt_type == "adamw":
                 d.mul_(flat.decay(j, k0, k1))
         if not hand_on:
@@ -113,7 +115,6 @@ class AdamFlow:
         run = flat.runs[j]
         eps = flat.per_group(j, lambda g: g.eps)
         lam_c = flat.coupled_decay(j)
-        v_start = self.start_second_moment(j)
         step0 = 0 if run.fresh else run.step0
         substeps = spans(flat, j, total)
         handed_on = j + 1 < len(flat.runs) and not flat.runs[j + 1].fresh
@@ -124,7 +125,8 @@ class AdamFlow:
             1 - g.beta2**b)) for _, k0, k1 in substeps]
 
         def simulate(c: float, pace: float = 1.0, fitting: bool = False):
-            v = v_start.to(torch.float64, copy=True)
+            # read from the state file on each pass, not kept through the simulation
+            v = self.start_second_moment(j).to(torch.float64, copy=True)
             m = self.start_first_moment(j, v)
             # weighted sums of g^2 and S over the substeps, only to fit c: float32 (they
             # set one number, c, to float32 precision)
@@ -138,14 +140,8 @@ class AdamFlow:
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
                 noise.mul_(rho * rho)  # what clipping leaves of the batch noise
-                if sums is not None:  # one parameter at a time: no whole-model temporaries
-                    w = weight[q]
-                    for sq, sp, gp, np_, wp in zip(
-                            *(torch.split(x, flat.sizes) for x in (*sums, g, noise)),
-                            torch.split(w, flat.sizes) if w.dim() else [w] * len(flat.sizes),
-                            strict=True):
-                        sq.addcmul_(wp, gp * gp)
-                        sp.addcmul_(wp, np_)
+                if sums is not None:
+                    _add_weighted(sums, g, noise, weight[q], flat.sizes)
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
                 mean, m, lr = self.first_moment(j, m, g, step0, k0, k1)
@@ -163,8 +159,8 @@ class AdamFlow:
             assert sums is not None
             del starts, steps, v_sim
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
-            c = fit_noise(sums[0], sums[1], keep_all * v_start.double(),
-                          self.end_second_moment(j), positive)
+            c = fit_noise(sums[0], sums[1], self.start_second_moment(j), keep_all,
+                          self.end_second_moment(j), positive, flat.sizes)
             del sums
             starts, steps, _, v_sim, ends = simulate(c)
         # the check judges the flow as the optimizer's expected steps; the path it keeps is
@@ -191,12 +187,25 @@ class AdamFlow:
         parameters theta, or at theta already as the model's tensors (flat.at: the caller
         then need not keep the float64 point while they are computed); the loss's alone:
         clipping acts before any coupled decay. Flat float64, one sample group at a time
-        (GroupMoments)."""
+        (GroupMoments). The gradient comes rounded to each parameter's dtype, so it is
+        returned in float32 where that holds every parameter's dtype (float32, bf16,
+        fp16: the same values in half the memory), else float64."""
         flat = self.flat
         params = flat.at(theta) if isinstance(theta, torch.Tensor) else theta
         del theta
-        return self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
-                                  flat.sizes, flat.device)
+        g, noise = self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
+                                      flat.sizes, flat.device)
+        del params
+        if self.narrow:
+            g = g.float()
+        return g, noise
+
+    @property
+    def narrow(self) -> bool:
+        """Every trainable parameter float32 or narrower: the per-substep vectors (the
+        gradients, the step) are kept in float32."""
+        dtypes = self.flat.training.dtypes
+        return all(dtypes.get(n, torch.float32) in _NARROW for n in self.flat.names)
 
     def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float) -> float:
         """How much gradient-norm clipping scales stage j's batch gradients at a point:
@@ -210,7 +219,8 @@ class AdamFlow:
         tau = self.flat.runs[j].max_grad_norm
         if not tau:
             return 1.0
-        norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
+        squares = float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+        norm = math.sqrt(squares + c * float(noise.sum()))
         return min(1.0, tau / norm) if norm > 0 else 1.0
 
     def start_first_moment(self, j: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -256,10 +266,17 @@ class AdamFlow:
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
                   eps: torch.Tensor) -> torch.Tensor:
         """Adam's normalised step g / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step)
-        (a fresh tensor; g and v are left as they are)."""
-        bias = self.flat.per_group(j, lambda h: 1 - h.beta2**step)
-        out = (v * bias.reciprocal_()).sqrt_().add_(eps)
-        return torch.div(g, out, out=out)
+        (a fresh tensor, float32 where the parameters are (``narrow``), computed in float64
+        one parameter at a time and rounded once; g and v are left as they are)."""
+        flat = self.flat
+        inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
+        out = torch.empty(v.shape, dtype=torch.float32 if self.narrow else torch.float64,
+                          device=v.device)
+        for gp, vp, ip, ep, op in zip(*(torch.split(x, flat.sizes) for x in (g, v)),
+                                      _pieces(inv, flat.sizes), _pieces(eps, flat.sizes),
+                                      torch.split(out, flat.sizes), strict=True):
+            torch.div(gp, (vp * ip).sqrt_().add_(ep), out=op)
+        return out
 
     def settled_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, step: torch.Tensor,
                      positive: torch.Tensor, lam_c: torch.Tensor,
@@ -267,10 +284,19 @@ class AdamFlow:
         """``step`` from theta, cut per coordinate where the gradient (clipped by ``rho``,
         plus coupled decay) would change sign to the secant estimate of the zero:
         g / (g - g_after) of the way. ``step`` is updated in place and returned; with
-        ``own_theta`` theta's buffer is reused (the caller no longer needs it)."""
+        ``own_theta`` theta's buffer is reused (the caller no longer needs it).
+
+        Where the parameters are float32 or narrower (``narrow``), the point after the step
+        is kept in float32 (the model is evaluated there in its own dtype: the same values)
+        and the gradient there is summed in float32 (it only decides where the gradient
+        flips sign and the secant's fraction: float32 rounding)."""
         flat = self.flat
         step.masked_fill_(~positive, 0.0)
-        after = theta.add_(step) if own_theta else theta + step
+        if self.narrow:
+            after = torch.add(theta, step, out=torch.empty(theta.shape, dtype=torch.float32,
+                                                           device=theta.device))
+        else:
+            after = theta.add_(step) if own_theta else theta + step
         del theta
         # the gradient after the step (summed over the sample's groups, one at a time),
         # written over the point it was taken at where no coupled decay needs that point
@@ -289,7 +315,9 @@ class AdamFlow:
         flip = torch.empty(g_after.shape, dtype=torch.bool, device=g_after.device)
         for gp, ga, fl in zip(torch.split(g, flat.sizes), torch.split(g_after, flat.sizes),
                               torch.split(flip, flat.sizes), strict=True):
-            torch.lt(gp * ga, 0, out=fl)  # one parameter at a time: no whole-model product
+            # one parameter at a time: no whole-model product; in float64, where a product
+            # of two small float32 gradients does not underflow to zero
+            torch.lt(gp.double().mul_(ga), 0, out=fl)
         denom = g_after.neg_().add_(g).masked_fill_(~flip, 1.0)  # g - g_after where it flips
         ratio = torch.div(g, denom, out=denom).masked_fill_(~flip, 1.0)
         return step.mul_(ratio)
@@ -370,7 +398,21 @@ class AdamFlow:
         return torch.cat([p.reshape(-1).to(self.flat.device, dtype) for p in found])
 
 
+def _add_weighted(sums: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor,
+                  noise: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> None:
+    """sums += (w g^2, w noise), one parameter at a time: no whole-model temporaries (and,
+    in a function of its own, no loop variable left holding a view of noise after it)."""
+    for sq, sp, gp, np_, wp in zip(*(torch.split(x, sizes) for x in (*sums, g, noise)),
+                                   _pieces(w, sizes), strict=True):
+        sq.addcmul_(wp, gp.double().square_())
+        sp.addcmul_(wp, np_)
+
+
+def _pieces(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """A per-group constant (a scalar or a flat vector) cut like the flat vectors."""
+    return list(torch.split(x, sizes)) if x.dim() else [x] * len(sizes)
+
+
 def _exact_dtype(parts: Iterable[torch.Tensor]) -> torch.dtype:
     """float32 where it holds every one of these tensors exactly, else float64."""
-    narrow = (torch.float32, torch.bfloat16, torch.float16)
-    return torch.float32 if all(p.dtype in narrow for p in parts) else torch.float64
+    return torch.float32 if all(p.dtype in _NARROW for p in parts) else torch.float64

@@ -126,6 +126,14 @@ class FlatRun:
             self._anchors[key] = {n: reader.get(n).to(self.device) for n in self.names}
         return self._anchors[key]
 
+    def read(self, reader: StateDictReader) -> torch.Tensor:
+        """A checkpoint's trainable parameters as one float64 vector, read one parameter at
+        a time for this alone (not kept as an anchor)."""
+        out = torch.empty(sum(self.sizes), dtype=torch.float64, device=self.device)
+        for part, n in zip(torch.split(out, self.sizes), self.names, strict=True):
+            part.copy_(reader.get(n).reshape(-1))
+        return out
+
     def drop_anchors(self) -> None:
         """Forget the checkpoints read so far (read again when next asked for)."""
         self._anchors.clear()

@@ -27,24 +27,39 @@ from acctattr.evaluation.evaluator import Params, forward
 BLOCK_ELEMENTS = 1 << 22
 
 
-def fit_noise(squares: torch.Tensor, spread: torch.Tensor, carried: torch.Tensor,
-              v_end: torch.Tensor, positive: torch.Tensor) -> float:
+def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor,
+              keep: torch.Tensor, v_end: torch.Tensor, positive: torch.Tensor,
+              sizes: list[int] | None = None) -> float:
     """c >= 0 by least squares over the coordinates the stage trains.
 
     Args (flat; float32 or float64):
         squares: sum_i w_i g_i^2 over the simulated substeps.
         spread: sum_i w_i S_i.
-        carried: beta2^T v_start, what is left of the stage's starting second moment.
+        v_start: the stage's starting exp_avg_sq; ``keep`` (beta2^T: a scalar, or per
+            element) times it is what is left of it at the stage's end.
         v_end: the state file's exp_avg_sq at the stage's end.
         positive: the coordinates the stage trains (bool).
+        sizes: computed one piece of these lengths at a time (the parameters), in float64:
+            no whole-model temporaries; the whole vector at once where None.
     """
-    explained = carried + squares
-    use = positive & (spread > 0)
-    if not bool(use.any()):
+    sizes = sizes or [squares.numel()]
+    keeps = torch.split(keep, sizes) if keep.dim() else [keep] * len(sizes)
+    num = den = 0.0
+    used = False
+    for sq, sp, vs, kp, ve, pos in zip(*(torch.split(x, sizes) for x in (
+            squares, spread, v_start)), keeps, *(torch.split(x, sizes) for x in (
+            v_end, positive)), strict=True):
+        use = pos & (sp > 0)
+        if not bool(use.any()):
+            continue
+        used = True
+        explained = vs.double().mul_(kp).add_(sq)  # carried + squares
+        spd = sp.double()  # summed in float64 whatever they were accumulated in
+        num += float(((ve - explained) * spd)[use].sum())
+        den += float((spd * spd)[use].sum())
+    if not used:
         return 0.0
-    spread = spread.double()  # summed in float64 whatever they were accumulated in
-    c = float(((v_end - explained) * spread)[use].sum() / (spread * spread)[use].sum())
-    return max(c, 0.0)
+    return max(num / den, 0.0)
 
 
 class GroupMoments:

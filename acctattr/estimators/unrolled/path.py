@@ -4,13 +4,16 @@ run that was recorded.
 Both flows simulate the actual run from each of a stage's checkpoints to the next (its
 segments), in substeps that share the stage's ``flow_substeps`` by summed lr; the
 counterfactual is then simulated alongside it (acctattr.estimators.unrolled.sgd_flow,
-adam_flow). The path keeps each substep's step in float32 and each segment's start; the
-points between are rebuilt on iteration.
+adam_flow). The path keeps each substep's step in float32 and each segment's start, in an
+anonymous temporary file (Spill), not in memory; the points between are rebuilt on
+iteration.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,18 +26,81 @@ Span = tuple[int, int, int]  # (segment index, first step, end step)
 StepAt = Callable[[int, int, int, torch.Tensor], torch.Tensor]  # (substep, k0, k1, theta)
 
 
+class Spill:
+    """Whole-model float32 vectors (one per key) written once to an anonymous temporary
+    file and read back one at a time with plain reads.
+
+    The file is made by tempfile.TemporaryFile in the system's temporary folder (TMPDIR):
+    unlinked as it is made (O_TMPFILE where the file system has it), so it is gone when
+    closed or when the process ends, however it ends; nothing is written in the user's
+    folders. Reads are ``preadv`` into a buffer, not a memory map, so the pages the kernel
+    caches for the file are not the process's memory (RSS). The path of a stage takes
+    (segments + substeps) x 4 bytes per parameter there: 17 checkpoints at the default
+    flow_substeps=16, held in memory before (bench/scale.py --steps, README "Memory,
+    dtypes and scale")."""
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.numel = numel
+        self.device = device
+        self.nbytes = 4 * numel
+        self._slots: dict[int, int] = {}
+        self._file = tempfile.TemporaryFile(prefix="acctattr-path-", buffering=0)
+
+    def __setitem__(self, key: int, value: torch.Tensor) -> None:
+        """Write ``value`` (rounded to float32) as ``key``'s vector (once per key)."""
+        assert key not in self._slots and value.numel() == self.numel
+        host = value.detach().to("cpu", torch.float32).contiguous()
+        view = host.numpy().data.cast("B")
+        offset = len(self._slots) * self.nbytes
+        done = 0
+        try:
+            while done < self.nbytes:
+                done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+        except OSError as err:
+            raise OSError(err.errno, f"unrolled keeps its simulated path of a stage in a "
+                          f"temporary file ({self.nbytes / 2**20:.0f} MB per substep) in "
+                          f"{tempfile.gettempdir()}, which failed: {err.strerror}; set TMPDIR "
+                          "to a folder with room") from err
+        self._slots[key] = len(self._slots)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def read(self, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``key``'s vector, read into ``out`` (a float32 CPU tensor of numel elements) or a
+        fresh one; on the run's device."""
+        if out is None:
+            out = torch.empty(self.numel, dtype=torch.float32)
+        view = out.numpy().data.cast("B")
+        offset = self._slots[key] * self.nbytes
+        done = 0
+        while done < self.nbytes:
+            got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"unrolled's temporary path file ended early ({offset + done} "
+                              "bytes)")
+            done += got
+        return out if self.device.type == "cpu" else out.to(self.device)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class ActualPath:
     """The simulated actual run through one later stage: per substep its (first, end)
     optimizer step and the step it takes, and where each segment starts (a checkpoint);
-    the points between are rebuilt on iteration, so a stage keeps one float32 copy of the
-    parameters per substep and per segment. Adam: the noise scale and, for a stage the
-    next one continues, the simulated run's exp_avg_sq at its end (v_end, the state
-    file's, is read again where needed: None)."""
+    the points between are rebuilt on iteration. The steps and starts are kept in float32
+    in a temporary file (Spill), one read back at a time. Adam: the noise scale and, for a
+    stage the next one continues, the simulated run's exp_avg_sq at its end (v_end, the
+    state file's, is read again where needed: None)."""
 
     spans: list[tuple[int, int]]
-    starts: dict[int, torch.Tensor]  # substep index -> the checkpoint it restarts from
-    steps: list[torch.Tensor]  # float32
+    starts: Spill  # substep index -> the checkpoint it restarts from
+    steps: Spill  # substep index -> its step
     c: float = 0.0
     v_end: torch.Tensor | None = None
     v_sim: torch.Tensor | None = None
@@ -44,14 +110,26 @@ class ActualPath:
     # one's loss decrease (Adam); the counterfactual runs at the same pace
     pace: float = 1.0
 
+    def close(self) -> None:
+        """Close (and so delete) the temporary files."""
+        self.starts.close()
+        self.steps.close()
+
     def __iter__(self) -> Iterator[tuple[tuple[int, int], torch.Tensor, torch.Tensor]]:
         """(first step, end step), start point (float64), step (float32: promoted where it
         is added to a float64 tensor, the same values as widened first). The point is one
-        buffer moved along in place: use it before asking for the next."""
+        buffer moved along in place, and so is the step (read into one reused buffer): use
+        them before asking for the next."""
+        assert len(self.steps) == len(self.spans)
         theta = torch.empty(0)
-        for i, (span, step) in enumerate(zip(self.spans, self.steps, strict=True)):
+        buffer = torch.empty(self.steps.numel, dtype=torch.float32)
+        for i, span in enumerate(self.spans):
             if i in self.starts:
-                theta = self.starts[i].to(torch.float64, copy=True)
+                start = self.starts.read(i, buffer)
+                theta = torch.empty(start.shape, dtype=torch.float64, device=start.device)
+                theta.copy_(start)
+                del start
+            step = self.steps.read(i, buffer)
             yield span, theta, step
             theta.add_(step)
             if self.decay is not None:
@@ -102,17 +180,22 @@ def spans(flat: FlatRun, j: int, total: float) -> list[Span]:
 
 def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
          decay: Callable[[int, int], torch.Tensor] | None = None,
-         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], dict[int, float]]:
+         ) -> tuple[Spill, Spill, dict[int, float]]:
     """The actual run through stage j's substeps (``spans``), restarted on the run's own
     checkpoint at each segment; step_at(substep, k0, k1, theta) gives each step.
 
-    Returns what ActualPath keeps (substep -> checkpoint it restarts from, float32 steps)
-    and segment -> the training loss where the simulation ends it, theta rebuilt from the
-    float32 steps as ActualPath rebuilds it."""
+    Returns what ActualPath keeps (substep -> checkpoint it restarts from, substep -> its
+    step; float32, written to temporary files as they come) and segment -> the training
+    loss where the simulation ends it, theta rebuilt from the float32 steps as ActualPath
+    rebuilds it. The path kept before (another stage's) is dropped first: its files are
+    closed, and it is not needed again (one stage at a time)."""
+    for kept in flat.paths.values():
+        kept.close()
+    flat.paths = {}
     segments = flat.segments(j)
     curv = flat.curvature(j)
-    starts: dict[int, torch.Tensor] = {}
-    steps: list[torch.Tensor] = []  # kept for every earlier stage: float32, half the memory
+    numel = sum(flat.sizes)
+    starts, steps = Spill(numel, flat.device), Spill(numel, flat.device)
     ends: dict[int, float] = {}
     segment, theta = -1, torch.empty(0)  # set at the first span
     what = f"simulating stage '{flat.runs[j].name}' as recorded"
@@ -121,10 +204,13 @@ def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
         if i != segment:  # back on the run's own checkpoint
             if segment >= 0:
                 ends[segment] = curv.value(flat.at(theta))
-            segment, theta = i, flat.flat(flat.anchor(segments[i][0]))
-            starts[q] = theta.float()
-        steps.append(step_at(q, k0, k1, theta).float())
-        theta.add_(steps[-1])  # in place: the same values as theta + steps[-1].double()
+            # read for this alone (not kept: check_reproduction reads it again)
+            segment, theta = i, flat.read(segments[i][0])
+            starts[q] = theta
+        step = step_at(q, k0, k1, theta).float()
+        steps[q] = step
+        theta.add_(step)  # in place: the same values as theta + step.double()
+        del step
         if decay is not None:
             theta.mul_(decay(k0, k1))
     if segment >= 0:
