@@ -187,23 +187,19 @@ class AdamFlow:
         parameters theta, or at theta already as the model's tensors (flat.at: the caller
         then need not keep the float64 point while they are computed); the loss's alone:
         clipping acts before any coupled decay. Flat float64, one sample group at a time
-        (GroupMoments). The gradient comes rounded to each parameter's dtype, so it is
-        returned in float32 where that holds every parameter's dtype (float32, bf16,
-        fp16: the same values in half the memory), else float64."""
+        (GroupMoments)."""
         flat = self.flat
         params = flat.at(theta) if isinstance(theta, torch.Tensor) else theta
         del theta
-        g, noise = self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
-                                      flat.sizes, flat.device)
-        del params
-        if self.narrow:
-            g = g.float()
-        return g, noise
+        return self.group_moments(flat.curvature(j), j, params, self.config.noise_chunks,
+                                  flat.sizes, flat.device)
 
     @property
     def narrow(self) -> bool:
-        """Every trainable parameter float32 or narrower: the per-substep vectors (the
-        gradients, the step) are kept in float32."""
+        """Every trainable parameter float32 or narrower: a substep's step, the point after
+        it and the actual run's gradient there are kept in float32 (the gradients at the
+        point and the second moments stay float64: a float64 operand of a float32 tensor
+        makes torch's CPU kernels cast it to a whole temporary copy)."""
         dtypes = self.flat.training.dtypes
         return all(dtypes.get(n, torch.float32) in _NARROW for n in self.flat.names)
 
@@ -219,8 +215,7 @@ class AdamFlow:
         tau = self.flat.runs[j].max_grad_norm
         if not tau:
             return 1.0
-        squares = float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
-        norm = math.sqrt(squares + c * float(noise.sum()))
+        norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
         return min(1.0, tau / norm) if norm > 0 else 1.0
 
     def start_first_moment(self, j: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -286,41 +281,48 @@ class AdamFlow:
         g / (g - g_after) of the way. ``step`` is updated in place and returned; with
         ``own_theta`` theta's buffer is reused (the caller no longer needs it).
 
-        Where the parameters are float32 or narrower (``narrow``), the point after the step
-        is kept in float32 (the model is evaluated there in its own dtype: the same values)
-        and the gradient there is summed in float32 (it only decides where the gradient
-        flips sign and the secant's fraction: float32 rounding)."""
+        Where the parameters are float32 or narrower (``narrow``), the step is float32, and
+        so is the point after it (the model is evaluated there in its own dtype: the same
+        values); the gradient there is summed into theta's float64 buffer with
+        ``own_theta``, else in float32 (it only decides where the gradient flips sign and
+        the secant's fraction: float32 rounding). Mixed float32/float64 arithmetic is done
+        one parameter at a time (torch casts a whole operand otherwise)."""
         flat = self.flat
         step.masked_fill_(~positive, 0.0)
+        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
         if self.narrow:
-            after = torch.add(theta, step, out=torch.empty(theta.shape, dtype=torch.float32,
-                                                           device=theta.device))
+            after = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
+            for tp, sp, ap in zip(*(torch.split(x, flat.sizes) for x in (theta, step, after)),
+                                  strict=True):
+                torch.add(tp, sp, out=ap)
+            params = flat.at(after)
+            g_after = theta if own_theta else torch.empty_like(after)
         else:
             after = theta.add_(step) if own_theta else theta + step
+            # the gradient after the step written over the point it was taken at where no
+            # coupled decay needs that point
+            params = flat.at(after)
+            shared = any(p.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
+                         for p in params.values())
+            g_after = torch.empty_like(after) if coupled or shared else after
         del theta
-        # the gradient after the step (summed over the sample's groups, one at a time),
-        # written over the point it was taken at where no coupled decay needs that point
-        params = flat.at(after)
-        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
-        shared = any(p.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
-                     for p in params.values())
-        g_after = torch.empty_like(after) if coupled or shared else after
+        # the gradient after the step (summed over the sample's groups, one at a time)
         self.group_moments.gradient(flat.curvature(j), j, params, self.config.noise_chunks,
                                     g_after)
         del params
         g_after.mul_(rho)
         if coupled:
-            g_after.addcmul_(lam_c, after)
+            for ga, ap, lp in zip(*(torch.split(x, flat.sizes) for x in (g_after, after)),
+                                  _pieces(lam_c, flat.sizes), strict=True):
+                ga.addcmul_(lp, ap)
         del after
-        flip = torch.empty(g_after.shape, dtype=torch.bool, device=g_after.device)
-        for gp, ga, fl in zip(torch.split(g, flat.sizes), torch.split(g_after, flat.sizes),
-                              torch.split(flip, flat.sizes), strict=True):
-            # one parameter at a time: no whole-model product; in float64, where a product
-            # of two small float32 gradients does not underflow to zero
-            torch.lt(gp.double().mul_(ga), 0, out=fl)
-        denom = g_after.neg_().add_(g).masked_fill_(~flip, 1.0)  # g - g_after where it flips
-        ratio = torch.div(g, denom, out=denom).masked_fill_(~flip, 1.0)
-        return step.mul_(ratio)
+        # one parameter at a time: no whole-model temporaries
+        for gp, ga, sp in zip(*(torch.split(x, flat.sizes) for x in (g, g_after, step)),
+                              strict=True):
+            flip = torch.lt(gp * ga, 0)
+            denom = (gp - ga).masked_fill_(~flip, 1.0)  # g - g_after where it flips
+            sp.mul_(torch.div(gp, denom, out=denom).masked_fill_(~flip, 1.0))
+        return step
 
     # ------------------------------------------------------------ second moments
     def second_moment(self, j: int, name: str) -> torch.Tensor:
@@ -404,7 +406,7 @@ def _add_weighted(sums: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor,
     in a function of its own, no loop variable left holding a view of noise after it)."""
     for sq, sp, gp, np_, wp in zip(*(torch.split(x, sizes) for x in (*sums, g, noise)),
                                    _pieces(w, sizes), strict=True):
-        sq.addcmul_(wp, gp.double().square_())
+        sq.addcmul_(wp, gp * gp)
         sp.addcmul_(wp, np_)
 
 

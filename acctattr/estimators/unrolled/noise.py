@@ -25,6 +25,8 @@ from acctattr.evaluation.evaluator import Params, forward
 # Both give the same rows up to float32 rounding (tests/estimators/test_dynamics.py); which is
 # taken depends only on the model's size and the number of groups, not on the machine.
 BLOCK_ELEMENTS = 1 << 22
+# the pieces the per-group sums are updated in (float64 temporaries of at most 2 MB)
+PIECE = 1 << 18
 
 
 def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor,
@@ -99,12 +101,16 @@ class GroupMoments:
         seen = 0
         for m, grads in self.rows(curv, j, params, parts):
             for n, s, q in zip(names, sums, m2s, strict=True):
-                r = grads.pop(n).reshape(-1)
-                before = s / seen if seen else None
-                s.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
-                if before is not None:
-                    after = s / (seen + m)
-                    q.add_((r - before).mul_(r - after), alpha=m)
+                # in pieces, each widened once: float64 temporaries of PIECE elements, not
+                # of the parameter's size (the same values)
+                for sp, qp, rp in zip(*(torch.split(x, PIECE) for x in (
+                        s, q, grads.pop(n).reshape(-1))), strict=True):
+                    r = rp.double()
+                    before = sp / seen if seen else None
+                    sp.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
+                    if before is not None:
+                        after = sp / (seen + m)
+                        qp.add_((r - before).mul_(r - after), alpha=m)
             seen += m
         for p, s in zip(params.values(), sums, strict=True):
             s.div_(curv.n)
@@ -122,7 +128,9 @@ class GroupMoments:
         pieces = torch.split(out, [p.numel() for p in params.values()])
         for m, grads in self.rows(curv, j, params, parts):
             for n, o in zip(params, pieces, strict=True):
-                o.add_(grads.pop(n).reshape(-1), alpha=m)
+                for op, rp in zip(torch.split(o, PIECE), torch.split(
+                        grads.pop(n).reshape(-1), PIECE), strict=True):
+                    op.add_(rp, alpha=m)
         return out.div_(curv.n)
 
     def rows(self, curv: Curvature, j: int, params: Params,

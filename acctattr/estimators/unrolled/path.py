@@ -131,9 +131,17 @@ class ActualPath:
                 del start
             step = self.steps.read(i, buffer)
             yield span, theta, step
-            theta.add_(step)
+            add_in_pieces(theta, step)
             if self.decay is not None:
                 theta.mul_(self.decay(*span))
+
+
+def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 20) -> None:
+    """out += x in pieces of ``piece`` elements: where the dtypes differ, torch's CPU
+    kernels would otherwise cast all of x to a temporary (a float32 step added to a float64
+    point: two checkpoints' worth). The same values."""
+    for op, xp in zip(torch.split(out, piece), torch.split(x, piece), strict=True):
+        op.add_(xp)
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,7 @@ def walk(flat: FlatRun, j: int, substeps: list[Span], step_at: StepAt,
             starts[q] = theta
         step = step_at(q, k0, k1, theta).float()
         steps[q] = step
-        theta.add_(step)  # in place: the same values as theta + step.double()
+        add_in_pieces(theta, step)  # in place: the same values as theta + step.double()
         del step
         if decay is not None:
             theta.mul_(decay(k0, k1))
