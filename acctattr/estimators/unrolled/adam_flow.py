@@ -24,7 +24,7 @@ import torch
 
 from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.noise import GroupMoments, fit_noise
+from acctattr.estimators.unrolled.noise import PIECE, GroupMoments, fit_noise
 from acctattr.estimators.unrolled.path import (
     ActualPath,
     check_reproduction,
@@ -35,6 +35,10 @@ from acctattr.estimators.unrolled.path import (
 
 # (exp_avg_sq, step count): an Adam optimizer's second moment and where it is in its life
 Moment = tuple[torch.Tensor, int]
+# Whole-model arithmetic that mixes float32 and float64, or needs temporaries, is done in
+# pieces of PIECE elements: torch's CPU kernels cast a whole operand to a temporary
+# otherwise, and pieces of a parameter's size (16 MB of float64 for a 2M-element embedding)
+# are left behind in the C heap (bench/scale.py: 2.7 checkpoints at 10M).
 # dtypes float32 holds exactly
 _NARROW = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -141,7 +145,7 @@ class AdamFlow:
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
                 noise.mul_(rho * rho)  # what clipping leaves of the batch noise
                 if sums is not None:
-                    _add_weighted(sums, g, noise, weight[q], flat.sizes)
+                    _add_weighted(sums, g, noise, weight[q])
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
                 mean, m, lr = self.first_moment(j, m, g, step0, k0, k1)
@@ -160,7 +164,7 @@ class AdamFlow:
             del starts, steps, v_sim
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
             c = fit_noise(sums[0], sums[1], self.start_second_moment(j), keep_all,
-                          self.end_second_moment(j), positive, flat.sizes)
+                          self.end_second_moment(j), positive, PIECE)
             del sums
             starts, steps, _, v_sim, ends = simulate(c)
         # the check judges the flow as the optimizer's expected steps; the path it keeps is
@@ -267,9 +271,9 @@ class AdamFlow:
         inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
         out = torch.empty(v.shape, dtype=torch.float32 if self.narrow else torch.float64,
                           device=v.device)
-        for gp, vp, ip, ep, op in zip(*(torch.split(x, flat.sizes) for x in (g, v)),
-                                      _pieces(inv, flat.sizes), _pieces(eps, flat.sizes),
-                                      torch.split(out, flat.sizes), strict=True):
+        for gp, vp, ip, ep, op in zip(*(torch.split(x, PIECE) for x in (g, v)),
+                                      _pieces(inv, v), _pieces(eps, v),
+                                      torch.split(out, PIECE), strict=True):
             torch.div(gp, (vp * ip).sqrt_().add_(ep), out=op)
         return out
 
@@ -292,7 +296,7 @@ class AdamFlow:
         coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
         if self.narrow:
             after = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
-            for tp, sp, ap in zip(*(torch.split(x, flat.sizes) for x in (theta, step, after)),
+            for tp, sp, ap in zip(*(torch.split(x, PIECE) for x in (theta, step, after)),
                                   strict=True):
                 torch.add(tp, sp, out=ap)
             params = flat.at(after)
@@ -312,12 +316,12 @@ class AdamFlow:
         del params
         g_after.mul_(rho)
         if coupled:
-            for ga, ap, lp in zip(*(torch.split(x, flat.sizes) for x in (g_after, after)),
-                                  _pieces(lam_c, flat.sizes), strict=True):
+            for ga, ap, lp in zip(*(torch.split(x, PIECE) for x in (g_after, after)),
+                                  _pieces(lam_c, after), strict=True):
                 ga.addcmul_(lp, ap)
         del after
         # one parameter at a time: no whole-model temporaries
-        for gp, ga, sp in zip(*(torch.split(x, flat.sizes) for x in (g, g_after, step)),
+        for gp, ga, sp in zip(*(torch.split(x, PIECE) for x in (g, g_after, step)),
                               strict=True):
             flip = torch.lt(gp * ga, 0)
             denom = (gp - ga).masked_fill_(~flip, 1.0)  # g - g_after where it flips
@@ -401,18 +405,20 @@ class AdamFlow:
 
 
 def _add_weighted(sums: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor,
-                  noise: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> None:
-    """sums += (w g^2, w noise), one parameter at a time: no whole-model temporaries (and,
-    in a function of its own, no loop variable left holding a view of noise after it)."""
-    for sq, sp, gp, np_, wp in zip(*(torch.split(x, sizes) for x in (*sums, g, noise)),
-                                   _pieces(w, sizes), strict=True):
+                  noise: torch.Tensor, w: torch.Tensor) -> None:
+    """sums += (w g^2, w noise), in pieces: no whole-model temporaries (and, in a function
+    of its own, no loop variable left holding a view of noise after it)."""
+    for sq, sp, gp, np_, wp in zip(*(torch.split(x, PIECE) for x in (*sums, g, noise)),
+                                   _pieces(w, g), strict=True):
         sq.addcmul_(wp, gp * gp)
         sp.addcmul_(wp, np_)
 
 
-def _pieces(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """A per-group constant (a scalar or a flat vector) cut like the flat vectors."""
-    return list(torch.split(x, sizes)) if x.dim() else [x] * len(sizes)
+def _pieces(x: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """A per-group constant (a scalar, or a flat vector like ``like``) cut as
+    torch.split(like, PIECE) cuts the flat vectors."""
+    n = -(-like.numel() // PIECE)
+    return list(torch.split(x, PIECE)) if x.dim() else [x] * n
 
 
 def _exact_dtype(parts: Iterable[torch.Tensor]) -> torch.dtype:

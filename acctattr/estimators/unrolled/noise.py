@@ -31,7 +31,7 @@ PIECE = 1 << 18
 
 def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor,
               keep: torch.Tensor, v_end: torch.Tensor, positive: torch.Tensor,
-              sizes: list[int] | None = None) -> float:
+              sizes: int | list[int] | None = None) -> float:
     """c >= 0 by least squares over the coordinates the stage trains.
 
     Args (flat; float32 or float64):
@@ -41,11 +41,12 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor
             element) times it is what is left of it at the stage's end.
         v_end: the state file's exp_avg_sq at the stage's end.
         positive: the coordinates the stage trains (bool).
-        sizes: computed one piece of these lengths at a time (the parameters), in float64:
-            no whole-model temporaries; the whole vector at once where None.
+        sizes: computed one piece of these lengths (or of this length) at a time, in
+            float64: no whole-model temporaries; the whole vector at once where None.
     """
     sizes = sizes or [squares.numel()]
-    keeps = torch.split(keep, sizes) if keep.dim() else [keep] * len(sizes)
+    keeps = torch.split(keep, sizes) if keep.dim() else [keep] * len(
+        torch.split(squares, sizes))
     num = den = 0.0
     used = False
     for sq, sp, vs, kp, ve, pos in zip(*(torch.split(x, sizes) for x in (

@@ -136,7 +136,7 @@ class ActualPath:
                 theta.mul_(self.decay(*span))
 
 
-def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 20) -> None:
+def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 18) -> None:
     """out += x in pieces of ``piece`` elements: where the dtypes differ, torch's CPU
     kernels would otherwise cast all of x to a temporary (a float32 step added to a float64
     point: two checkpoints' worth). The same values."""
