@@ -69,3 +69,39 @@ def test_spilled_path_reads_back_the_same_bits_and_leaves_no_file(tmp_path, monk
     spill.close()
     assert spill._file.closed
     assert os.listdir(tmp_path) == []
+
+
+def test_parked_vector_gives_its_memory_back_and_returns_the_same_bits(tmp_path, monkeypatch):
+    """d is parked in an anonymous temporary file while a later stage's path is simulated:
+    its storage is empty meanwhile and holds the same bits after, also when the block
+    raises; a view taken before sees them again. A tensor whose storage cannot be resized
+    (shared with numpy) is left in memory, untouched."""
+    import tempfile
+
+    import pytest
+    import torch
+
+    from acctattr.estimators.unrolled.path import parked
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(3_000_001, generator=g, dtype=torch.float64)  # not a multiple of 8 MB
+    d[5] = float("nan")
+    want = d.clone()
+    view = d[10:20]
+    with parked(d):
+        assert d.untyped_storage().nbytes() == 0
+        assert os.listdir(tmp_path) == []
+    assert torch.equal(d.view(torch.int64), want.view(torch.int64))
+    assert torch.equal(view, want[10:20])
+    with pytest.raises(ValueError), parked(d):
+        raise ValueError("the block failed")
+    assert torch.equal(d.view(torch.int64), want.view(torch.int64))
+    with parked(d, active=False):
+        assert d.untyped_storage().nbytes() == d.numel() * 8
+    shared = torch.randn(100, generator=g, dtype=torch.float64)
+    shared.numpy()  # its storage is no longer resizable
+    before = shared.clone()
+    with parked(shared):
+        assert torch.equal(shared, before)
+    assert torch.equal(shared, before)

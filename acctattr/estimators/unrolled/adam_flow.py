@@ -29,6 +29,7 @@ from acctattr.estimators.unrolled.path import (
     ActualPath,
     check_reproduction,
     next_pace,
+    parked,
     spans,
     walk,
 )
@@ -71,7 +72,8 @@ class AdamFlow:
         curv = flat.curvature(j)
         eps = flat.per_group(j, lambda g: g.eps)
         lam_c = flat.coupled_decay(j)
-        path = self.path(j, total, positive)
+        with parked(d, j not in flat.paths):  # d is not needed while the path is simulated
+            path = self.path(j, total, positive)
         v_cf, step0 = self.cf_second_moment(j, path)  # a fresh tensor: updated in place
         self.cf_start = ("carry", None)  # taken (it may have been v_cf itself)
         m_cf = self.start_first_moment(j, v_cf)

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,53 @@ class ActualPath:
             add_in_pieces(theta, step)
             if self.decay is not None:
                 theta.mul_(self.decay(*span))
+
+
+@contextmanager
+def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
+    """``t``'s memory given back while the block runs, its bytes kept meanwhile in an
+    anonymous temporary file (as Spill's) and put back after, the same bits, however the
+    block ends: for a vector that the callers hold but the block does not touch (d while
+    the actual run of a later stage is simulated: two checkpoints at the peak). The
+    tensor's storage is resized to nothing and back (the tensor object and its views stay
+    the callers'); where that cannot be done (not a CPU tensor filling its storage, a
+    storage shared with numpy) it stays in memory."""
+    storage = t.untyped_storage()
+    nbytes = storage.nbytes()
+    if not active or t.device.type != "cpu" or not t.is_contiguous() or \
+            t.storage_offset() != 0 or nbytes != t.numel() * t.element_size() or nbytes == 0:
+        yield
+        return
+    raw = t.view(-1).view(torch.uint8)
+    stage = torch.empty(min(nbytes, 1 << 23), dtype=torch.uint8)
+    view = stage.numpy().data.cast("B")
+    with tempfile.TemporaryFile(prefix="acctattr-park-", buffering=0) as f:
+        for lo in range(0, nbytes, len(stage)):
+            n = min(len(stage), nbytes - lo)
+            stage[:n].copy_(raw[lo:lo + n])
+            done = 0
+            while done < n:
+                done += os.pwrite(f.fileno(), view[done:n], lo + done)
+        del raw
+        try:
+            storage.resize_(0)
+        except RuntimeError:  # not resizable: kept in memory
+            yield
+            return
+        try:
+            yield
+        finally:
+            storage.resize_(nbytes)
+            raw = t.view(-1).view(torch.uint8)
+            for lo in range(0, nbytes, len(stage)):
+                n = min(len(stage), nbytes - lo)
+                done = 0
+                while done < n:
+                    got = os.preadv(f.fileno(), [view[done:n]], lo + done)
+                    if got <= 0:
+                        raise OSError("unrolled's temporary file ended early")
+                    done += got
+                raw[lo:lo + n].copy_(stage[:n])
 
 
 def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 18) -> None:
