@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from acctattr import heap
 from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import Batch
 from acctattr.evaluation.evaluator import Params, forward
@@ -112,6 +113,8 @@ class GroupMoments:
                     if before is not None:
                         after = sp / (seen + m)
                         qp.add_((r - before).mul_(r - after), alpha=m)
+            del grads
+            heap.trim()
             seen += m
         for p, s in zip(params.values(), sums, strict=True):
             s.div_(curv.n)
@@ -132,6 +135,8 @@ class GroupMoments:
                 for op, rp in zip(torch.split(o, PIECE), torch.split(
                         grads.pop(n).reshape(-1), PIECE), strict=True):
                     op.add_(rp, alpha=m)
+            del grads
+            heap.trim()
         return out.div_(curv.n)
 
     def rows(self, curv: Curvature, j: int, params: Params,
