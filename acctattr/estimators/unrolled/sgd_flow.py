@@ -4,11 +4,15 @@ In expectation (and in steady state for momentum) SGD steps by -eta * r * g with
 r = (1 - dampening)/(1 - momentum). The actual run is simulated from each checkpoint and the
 counterfactual alongside it at theta - d; d changes by the difference of their steps. A
 substep spans many optimizer steps, so each is an exponential Euler step: stable at any
-length, exact on a quadratic, and halved where it would raise the training loss.
+length, exact on a quadratic, and halved where it would raise the training loss: down to
+max_halvings deep, or as deep as it takes to reach one optimizer step's length where a
+substep spans more steps than 2^max_halvings (a long run's substeps are long: a fixed
+depth would accept steps that raise the loss there, and the counterfactual can run away).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,7 +44,7 @@ class SgdFlow:
             flat.report(what, q, len(path.spans))
             cf = theta - d
             s_cf = self.gd_step(j, cf, float(sum(run.lrs[k0:k1])),
-                                self.rate_over(j, k0, k1, rate))
+                                self.rate_over(j, k0, k1, rate), most=self.halvings(k0, k1))
             if run.fresh:
                 d = d + s_act - s_cf
             else:
@@ -64,7 +68,8 @@ class SgdFlow:
         run = flat.runs[j]
         substeps = spans(flat, j, total)
         starts, steps, ends = walk(flat, j, substeps, lambda q, k0, k1, theta: self.gd_step(
-            j, theta, float(sum(run.lrs[k0:k1])), self.rate_over(j, k0, k1, rate)))
+            j, theta, float(sum(run.lrs[k0:k1])), self.rate_over(j, k0, k1, rate),
+            most=self.halvings(k0, k1)))
         flat.reproduction[j] = check_reproduction(flat, j, ends)
         path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps)
         flat.paths = {j: path}
@@ -103,13 +108,29 @@ class SgdFlow:
         mask = (rate > 0).to(rate.dtype)
         return self.flat.per_group(j, ramp) * mask
 
+    def halvings(self, k0: int, k1: int) -> int:
+        """How many times a substep over optimizer steps k0..k1 may be halved: max_halvings,
+        or as many as it takes to reach one optimizer step where it spans more than
+        2^max_halvings steps.
+
+        A fixed depth makes the finest piece a fixed fraction of a substep, and a substep
+        spans the stage's steps / flow_substeps: on a run 32x as long (bench/scaling.py)
+        the finest piece spanned ~9 optimizer steps, a step from the counterfactual's start
+        that raised the loss was accepted there, and the counterfactual ran away (training
+        loss 2.3 -> 300, every later substep halved to the bottom: 12x the passes). No
+        piece is finer than one optimizer step needs to be: the run itself moved in steps
+        that long."""
+        return max(self.config.max_halvings, math.ceil(math.log2(max(k1 - k0, 1))))
+
     def gd_step(self, j: int, theta: torch.Tensor, lr: float, rate: torch.Tensor,
-                depth: int = 0, expansion: Expansion | None = None) -> torch.Tensor:
+                depth: int = 0, expansion: Expansion | None = None,
+                most: int | None = None) -> torch.Tensor:
         """Gradient flow theta' = -r g for summed lr ``lr`` from theta, by one exponential
         Euler step: -r^(1/2) phi(L r^(1/2) (H + lam) r^(1/2)) r^(1/2) g, H at theta (Lanczos);
         exact on a quadratic and stable however many optimizer steps it spans. Where the
         step raises the training loss (the quadratic model does not hold that far), it is
-        taken as two half steps, at most max_halvings deep.
+        taken as two half steps, at most ``most`` (default max_halvings; ``halvings``)
+        deep.
 
         Args:
             expansion: (loss, gradient g, v -> H v) at theta, each with the coupled decay
@@ -126,13 +147,16 @@ class SgdFlow:
 
         step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters,
                                    rtol=self.config.lanczos_rtol)
-        if depth < self.config.max_halvings:
+        most = self.config.max_halvings if most is None else most
+        if depth < most:
             after_theta = theta + step
             after = flat.curvature(j).value(flat.at(after_theta)) + 0.5 * float(
                 (lam * after_theta * after_theta).sum())
             if not after <= before:  # gradient flow never raises the loss: two half steps
-                first = self.gd_step(j, theta, lr / 2, rate, depth + 1, (before, g, product))
-                return first + self.gd_step(j, theta + first, lr / 2, rate, depth + 1)
+                first = self.gd_step(j, theta, lr / 2, rate, depth + 1, (before, g, product),
+                                     most)
+                return first + self.gd_step(j, theta + first, lr / 2, rate, depth + 1,
+                                            most=most)
         return step
 
     def expand(self, j: int, theta: torch.Tensor) -> Expansion:
