@@ -1,20 +1,24 @@
-"""The SGD flow's step halving on long substeps (issue 12: unrolled's cost on long runs)."""
+"""What unrolled's flows cost on long runs (issue 12): the SGD flow's step halving on long
+substeps, and the per-substep sums over a stage's learning rates computed once."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from acctattr import pipeline
 from acctattr.estimators.unrolled import Unrolled, sgd_flow
 from acctattr.options import UnrolledConfig
 
-DIGITS = Path(__file__).resolve().parents[2] / "sample_runs" / "digits" / "manifest.yaml"
+ROOT = Path(__file__).resolve().parents[2] / "sample_runs"
+DIGITS = ROOT / "digits" / "manifest.yaml"
 
 
-def _flow(config: UnrolledConfig) -> tuple[Unrolled, sgd_flow.SgdFlow]:
-    estimator = pipeline.estimator(pipeline.check(DIGITS), "unrolled", config)
+def _flow(config: UnrolledConfig, manifest: Path = DIGITS) -> tuple[Unrolled, sgd_flow.SgdFlow]:
+    estimator = pipeline.estimator(pipeline.check(manifest), "unrolled", config)
     assert isinstance(estimator, Unrolled)
     return estimator, estimator.sgd
 
@@ -60,6 +64,52 @@ def test_a_long_substep_never_raises_the_training_loss(monkeypatch):
         assert after <= before, (j, before, after)
     for r in estimator.reproduction.values():
         assert r.ok(1.25), r.describe()
+
+
+def _counted(estimator: Unrolled) -> list[int]:
+    """Count every learning rate the stages' schedules are asked for (the Lrs views share
+    their lr_at)."""
+    asked = [0]
+    for run in estimator.flat.runs:
+        at = run.lrs._at  # type: ignore[attr-defined]
+
+        def counting(s: int, at=at) -> float:
+            asked[0] += 1
+            return at(s)
+
+        run.lrs._at = counting  # type: ignore[attr-defined]
+    return asked
+
+
+@pytest.mark.parametrize("run", ["digits", "toxicity"])
+def test_a_substeps_sums_over_its_learning_rates_are_computed_once(run):
+    """Every simulation through a later stage asks for each substep's summed lr, momentum
+    ramp (SGD) and decoupled decay (AdamW): each a loop over the substep's optimizer steps,
+    32x as long on a run 32x as long. They equal the loops and are computed once."""
+    estimator, flow = _flow(UnrolledConfig(), ROOT / run / "manifest.yaml")
+    flat = flow.flat
+    asked = _counted(estimator)
+    for j in (1, 2):
+        stage = flat.runs[j]
+        k0, k1 = 3, stage.steps - 5
+        lrs = [stage.lrs[s] for s in range(k0, k1)]
+        asked[0] = 0
+        first = (flat.lr_sum(j, k0, k1), flat.decay(j, k0, k1),
+                 flow.rate_over(j, k0, k1, flat.rate(j)),
+                 flow.rate_over(j, k0, k1, flat.rate(j), since_start=True))
+        assert asked[0] > 0
+        asked[0] = 0
+        again = (flat.lr_sum(j, k0, k1), flat.decay(j, k0, k1),
+                 flow.rate_over(j, k0, k1, flat.rate(j)),
+                 flow.rate_over(j, k0, k1, flat.rate(j), since_start=True))
+        assert asked[0] == 0, (run, j)
+        assert first[0] == again[0] == float(sum(lrs))
+        for a, b in zip(first[1:], again[1:], strict=True):
+            assert torch.equal(a, b)
+        groups = {estimator.stages.groups[j][n] for n in flat.names}
+        for wd in {stage.state.groups[i].weight_decay for i in groups}:
+            loop = math.prod(1 - eta * wd for eta in lrs)
+            assert bool((first[1] == loop).any()), (run, j, wd)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class SgdFlow:
     def __init__(self, flat: FlatRun) -> None:
         self.flat = flat
         self.config = flat.config
+        # (stage, first step, end step, since_start) -> (momentum, dampening, nesterov) ->
+        # rate_over's ramp (a loop over the substep's steps, asked for by every simulation
+        # through it)
+        self._ramps: dict[tuple[int, int, int, bool], dict[tuple, float]] = {}
 
     def propagate(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,7 +47,7 @@ class SgdFlow:
         for q, ((k0, k1), theta, s_act) in enumerate(path):
             flat.report(what, q, len(path.spans))
             cf = theta - d
-            s_cf = self.gd_step(j, cf, float(sum(run.lrs[k0:k1])),
+            s_cf = self.gd_step(j, cf, flat.lr_sum(j, k0, k1),
                                 self.rate_over(j, k0, k1, rate), most=self.halvings(k0, k1))
             if run.fresh:
                 d = d + s_act - s_cf
@@ -65,10 +69,9 @@ class SgdFlow:
         flat = self.flat
         if j in flat.paths:
             return flat.paths[j]
-        run = flat.runs[j]
         substeps = spans(flat, j, total)
         starts, steps, ends = walk(flat, j, substeps, lambda q, k0, k1, theta: self.gd_step(
-            j, theta, float(sum(run.lrs[k0:k1])), self.rate_over(j, k0, k1, rate),
+            j, theta, flat.lr_sum(j, k0, k1), self.rate_over(j, k0, k1, rate),
             most=self.halvings(k0, k1)))
         flat.reproduction[j] = check_reproduction(flat, j, ends)
         path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps)
@@ -88,22 +91,27 @@ class SgdFlow:
         lrs of k0..k1.
         """
         run = self.flat.runs[j]
-        lrs = run.lrs[k0:k1]
-        total = float(sum(lrs))
+        total = self.flat.lr_sum(j, k0, k1)
         if (not run.fresh and not since_start) or total == 0.0:
             return rate
+        memo = self._ramps.setdefault((j, k0, k1, since_start), {})
 
         def ramp(g) -> float:
             mu, tau = g.momentum, g.dampening
             if mu == 0.0:  # torch keeps no buffer: the step is the gradient
                 return 1.0
+            key = (mu, tau, g.nesterov)
+            if key in memo:
+                return memo[key]
             if run.fresh:
                 held = [mu**s + (1 - tau) * (1 - mu**s) / (1 - mu) for s in range(k0, k1)]
             else:
                 held = [(1 - tau) * (1 - mu ** (s + 1)) / (1 - mu) for s in range(k0, k1)]
             if g.nesterov:
                 held = [1.0 + mu * h for h in held]
-            return sum(eta * h for eta, h in zip(lrs, held, strict=True)) / total
+            lrs = run.lrs[k0:k1]
+            memo[key] = sum(eta * h for eta, h in zip(lrs, held, strict=True)) / total
+            return memo[key]
 
         mask = (rate > 0).to(rate.dtype)
         return self.flat.per_group(j, ramp) * mask
