@@ -12,7 +12,11 @@ all measured in this one run:
 - cost: `acctattr run` time / time to retrain its counterfactuals, the median of --repeat
   interleaved pairs;
 - how well unrolled's simulation reproduces each later stage: its training loss's fall
-  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/2-2).
+  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/2-2);
+- per run, the run's length (optimizer steps, all stages) where the cost ratio falls to
+  5% (``crossing``): from straight lines through the run and retraining seconds against
+  the steps measured (two or more scales), or, from one scale, assuming the run's cost
+  flat and retraining's proportional to the steps.
 
     python bench/scaling.py [--runs digits toxicity lm] [--scales 1 2 4] [--repeat 3]
                             [--variants digits-adamw toxicity-sgd lm-lora ...]
@@ -155,11 +159,37 @@ def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
     reproduced = {r.stage: r.simulated_drop / r.recorded_drop if r.recorded_drop else
                   float("nan") for _, r in sorted(unrolled.reproduction.items())}
     return {"estimator": f"{chosen.estimator}/{chosen.evaluate}",
+            "steps": sum(r.steps for r in loaded.runs),
             "stages": [s.__dict__ for s in fid.stages], "ranking_ok": fid.ranking_ok,
             "run_seconds": seconds, "retrain_seconds": retrain, "cost_ratio": ratio,
             "ratio_range": list(spread),
             "also": {f.estimator: [s.pearson for s in f.stages] for f in v.results[1:]},
             "reproduced": reproduced}
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs (at least two distinct xs)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / \
+        sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def crossing(points: list[tuple[int, float, float]], bar: float = 0.05) -> tuple[float, str]:
+    """The run's length in optimizer steps where run seconds / retraining seconds falls to
+    ``bar``, from (steps, run seconds, retraining seconds) measured at one or more lengths,
+    and how it was found. Two or more lengths: straight lines through each cost against the
+    steps (inf where the run's cost grows as fast as bar x retraining's). One: the run's
+    cost taken as flat and retraining's as proportional to the steps."""
+    if len({p[0] for p in points}) < 2:
+        steps, run, retrain = points[0]
+        return steps * (run / retrain) / bar, "one length: run flat, retraining ~ steps"
+    xs = [float(p[0]) for p in points]
+    a, b = _line(xs, [p[1] for p in points])
+    c, e = _line(xs, [p[2] for p in points])
+    if bar * e <= b:
+        return float("inf"), "fitted lines: the run's cost grows as fast as 5% of retraining"
+    return max((a - bar * c) / (bar * e - b), 0.0), "lines fitted through the lengths"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"{x:.3f}" for x in values))
         sys.stdout.flush()
         report.append({"run": run, "scale": scale, "variant": variant, **m})
+    for run in args.runs:
+        points = [(m["steps"], m["run_seconds"], m["retrain_seconds"]) for m in report
+                  if m["run"] == run and m["variant"] is None]
+        if points:
+            steps, how = crossing(points)
+            longest = max(points)
+            base = next(m["steps"] // m["scale"] for m in report if m["run"] == run)
+            print(f"{run}: the cost ratio reaches 5% at about {steps:,.0f} optimizer steps, "
+                  f"{steps / base:.0f}x the sample run's {base} ({how}); at {longest[0]:,} "
+                  f"steps it is {longest[1] / longest[2]:.1%}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
