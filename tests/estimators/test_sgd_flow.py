@@ -11,6 +11,7 @@ import torch
 
 from acctattr import pipeline
 from acctattr.estimators.unrolled import Unrolled, sgd_flow
+from acctattr.estimators.unrolled.lanczos import Krylov, lanczos_apply, phi
 from acctattr.options import UnrolledConfig
 
 ROOT = Path(__file__).resolve().parents[2] / "sample_runs"
@@ -41,18 +42,30 @@ def test_a_long_substep_never_raises_the_training_loss(monkeypatch):
     first step raised digits' shortcut training loss from 2.32 to 23.6 and was accepted,
     and the counterfactual ran away (the cost of long runs: issue 12). Halving on down to
     one optimizer step, no step of the actual or the counterfactual run raises its
-    stage's training loss, and the simulated run reproduces the recorded loss fall."""
+    stage's training loss, and the simulated run reproduces the recorded loss fall. A
+    halved step's first half builds no Lanczos basis of its own."""
     estimator, flow = _flow(UnrolledConfig(max_halvings=1, flow_substeps=1))
     flat = flow.flat
     steps: list[tuple[int, float, float]] = []
     original = sgd_flow.SgdFlow.gd_step
+    # gd_step calls, first halves (given their caller's expansion), Krylov bases built
+    flow_calls, halves, bases = [0], [0], [0]
+    init = sgd_flow.Krylov.__init__
+
+    def built(self, *args, **kwargs):
+        bases[0] += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(sgd_flow.Krylov, "__init__", built)
 
     def loss(j, theta):
         lam = flat.coupled_decay(j)
         return flat.curvature(j).value(flat.at(theta)) + 0.5 * float((lam * theta**2).sum())
 
-    def recorded(self, j, theta, lr, rate, depth=0, expansion=None, most=None):
-        step = original(self, j, theta, lr, rate, depth, expansion, most)
+    def recorded(self, j, theta, lr, rate, depth=0, expansion=None, most=None, krylov=None):
+        flow_calls[0] += 1
+        halves[0] += expansion is not None
+        step = original(self, j, theta, lr, rate, depth, expansion, most, krylov)
         if depth == 0:
             steps.append((j, loss(j, theta), loss(j, theta + step)))
         return step
@@ -64,6 +77,8 @@ def test_a_long_substep_never_raises_the_training_loss(monkeypatch):
         assert after <= before, (j, before, after)
     for r in estimator.reproduction.values():
         assert r.ok(1.25), r.describe()
+    # a first half reads its caller's Lanczos basis: one basis per expansion
+    assert halves[0] > 0 and bases[0] == flow_calls[0] - halves[0]
 
 
 def _counted(estimator: Unrolled) -> list[int]:
@@ -110,6 +125,43 @@ def test_a_substeps_sums_over_its_learning_rates_are_computed_once(run):
         for wd in {stage.state.groups[i].weight_decay for i in groups}:
             loop = math.prod(1 - eta * wd for eta in lrs)
             assert bool((first[1] == loop).any()), (run, j, wd)
+
+
+def test_a_halved_step_reads_its_lanczos_basis_again_with_the_same_bits():
+    """The first half of a halved step has the same Hessian and gradient as the step: its
+    phi is read from the step's Krylov basis (extended where it needs more vectors) with
+    the same bits as a basis built again, and no product is taken twice."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 60, generator=gen, dtype=torch.float64)
+    a = x @ x.T / 60 + torch.diag(torch.linspace(-0.5, 30.0, 60, dtype=torch.float64))
+    d = torch.randn(60, generator=gen, dtype=torch.float64)
+
+    def matvec(v):
+        return a @ v
+
+    for rtol in (0.0, 1e-4):
+        for scales in ((40.0, 20.0, 10.0), (0.01, 40.0), (5.0, 0.01, 2.5)):
+            shared = Krylov(matvec, d, 8)
+            for t in scales:
+                fresh = Krylov(matvec, d, 8)
+                assert torch.equal(shared.apply(phi(t), rtol), fresh.apply(phi(t), rtol))
+                assert torch.equal(shared.apply(phi(t), rtol),
+                                   lanczos_apply(matvec, d, phi(t), 8, rtol=rtol))
+                assert shared.products <= 8
+            # the shared basis took as many products as the most demanding function alone
+            most = max(_products(matvec, d, t, rtol) for t in scales)
+            assert shared.products == most, (rtol, scales)
+    # the whole basis (m = n) gives phi exactly, negative curvature taken as flat
+    evals, evecs = torch.linalg.eigh(a)
+    exact = evecs @ (phi(3.0)(evals.clamp(min=0.0)) * (evecs.T @ d))
+    full = Krylov(matvec, d, 60).apply(phi(3.0))
+    assert torch.allclose(full, exact, rtol=1e-6, atol=1e-8)
+
+
+def _products(matvec, d, t, rtol) -> int:
+    k = Krylov(matvec, d, 8)
+    k.apply(phi(t), rtol)
+    return k.products
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.lanczos import lanczos_phi
+from acctattr.estimators.unrolled.lanczos import Krylov, phi
 from acctattr.estimators.unrolled.path import ActualPath, check_reproduction, spans, walk
 
 # (loss, gradient g, x -> H x) at a point, each with the coupled decay
@@ -132,7 +132,7 @@ class SgdFlow:
 
     def gd_step(self, j: int, theta: torch.Tensor, lr: float, rate: torch.Tensor,
                 depth: int = 0, expansion: Expansion | None = None,
-                most: int | None = None) -> torch.Tensor:
+                most: int | None = None, krylov: Krylov | None = None) -> torch.Tensor:
         """Gradient flow theta' = -r g for summed lr ``lr`` from theta, by one exponential
         Euler step: -r^(1/2) phi(L r^(1/2) (H + lam) r^(1/2)) r^(1/2) g, H at theta (Lanczos);
         exact on a quadratic and stable however many optimizer steps it spans. Where the
@@ -143,6 +143,9 @@ class SgdFlow:
         Args:
             expansion: (loss, gradient g, v -> H v) at theta, each with the coupled decay
                 (``expand``); the first half step reuses its caller's.
+            krylov: the Lanczos basis of the step being halved (the first half: the same
+                operator and vector, half the time), extended only where the half step
+                needs more vectors; the same bits as building it again.
         """
         flat = self.flat
         root = rate.sqrt()
@@ -153,8 +156,9 @@ class SgdFlow:
             y = root * x
             return root * (product(y) + lam * y)
 
-        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters,
-                                   rtol=self.config.lanczos_rtol)
+        if krylov is None:
+            krylov = Krylov(matvec, root * g, self.config.lanczos_iters)
+        step = -root * krylov.apply(phi(lr), self.config.lanczos_rtol)
         most = self.config.max_halvings if most is None else most
         if depth < most:
             after_theta = theta + step
@@ -162,9 +166,11 @@ class SgdFlow:
                 (lam * after_theta * after_theta).sum())
             if not after <= before:  # gradient flow never raises the loss: two half steps
                 first = self.gd_step(j, theta, lr / 2, rate, depth + 1, (before, g, product),
-                                     most)
+                                     most, krylov)
+                krylov.release()
                 return first + self.gd_step(j, theta + first, lr / 2, rate, depth + 1,
                                             most=most)
+        krylov.release()  # a first half's step was its caller's last use of the basis
         return step
 
     def expand(self, j: int, theta: torch.Tensor) -> Expansion:
