@@ -55,7 +55,8 @@ class UnrolledConfig:
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
     # flow_substeps exponential Euler steps (lanczos_iters HVPs each), a step that would
-    # raise the training loss halved, at most max_halvings deep
+    # raise the training loss halved, at most max_halvings deep or down to one optimizer
+    # step where a substep spans more than 2^max_halvings of them (SgdFlow.halvings)
     sgd_dynamics: str = "flow"
     max_halvings: int = 5
     flow_substeps: int = 16
