@@ -27,6 +27,7 @@ from acctattr.estimators.unrolled.flat import FlatRun
 from acctattr.estimators.unrolled.noise import PIECE, GroupMoments, fit_noise
 from acctattr.estimators.unrolled.path import (
     ActualPath,
+    add_in_pieces,
     check_reproduction,
     next_pace,
     parked,
@@ -94,7 +95,7 @@ class AdamFlow:
             if self.config.adam_momentum:
                 m_cf = g_cf.clone() if m_cf is None else m_cf
                 s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps, positive,
-                                          lam_c, rho, lr, k1 - k0)
+                                          lam_c, rho, lr, k1 - k0, own_theta=True)
             else:
                 u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
                 s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-lr), positive, lam_c, rho,
@@ -236,7 +237,8 @@ class AdamFlow:
 
     def momentum_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
                       v: torch.Tensor, step: int, eps: torch.Tensor, positive: torch.Tensor,
-                      lam_c: torch.Tensor, rho: float, lr: float, n: int) -> torch.Tensor:
+                      lam_c: torch.Tensor, rho: float, lr: float, n: int,
+                      own_theta: bool = False) -> torch.Tensor:
         """``adam_momentum``: Adam's step over a substep of n optimizer steps (summed lr
         ``lr``) with its first moment, solved exactly per coordinate on the local quadratic;
         m (Adam's bias-corrected m_hat, in place) moves to the substep's end. Returns the
@@ -253,20 +255,45 @@ class AdamFlow:
         first moment's lag, and its overshoot, are followed without resolving the steps
         (Adam's recurrence with the gradient held over the substep, tried before, swung
         between -0.47 and -1.23 for lm 4x's pretrain at 16 to 64 substeps).
+
+        Memory: p is computed a slice at a time where it is used (not kept whole); the step
+        is float32 where the parameters are (``narrow``: it is kept in float32 as the path
+        anyway); with ``own_theta`` the probe point is theta's buffer (the caller no longer
+        needs it).
         """
         flat = self.flat
-        bias = flat.per_group(j, lambda h: 1 - h.beta2**step)
-        p = (v * bias.reciprocal_()).sqrt_().add_(eps).reciprocal_().mul_(lr / n)
-        p.masked_fill_(~positive, 0.0)
-        step_ = torch.mul(g, p).mul_(-float(n))  # the step without momentum; then the step
-        g_probe = self.gradient_at(j, theta + step_, rho, lam_c)
+        inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
+
+        def rate(part: slice) -> torch.Tensor:  # p over a slice
+            ip = inv[part] if inv.dim() else inv
+            ep = eps[part] if eps.dim() else eps
+            p = (v[part] * ip).sqrt_().add_(ep).reciprocal_().mul_(lr / n)
+            return p.masked_fill_(~positive[part], 0.0)
+
+        # the step without momentum; then the step
+        step_ = torch.empty(g.shape, dtype=torch.float32 if self.narrow else torch.float64,
+                            device=g.device)
+        for a in range(0, g.numel(), OSCILLATOR_SLICE):
+            part = slice(a, a + OSCILLATOR_SLICE)
+            step_[part] = (g[part] * rate(part)).mul_(-float(n))
+        if own_theta:
+            point = theta
+            add_in_pieces(point, step_)
+        else:
+            point = torch.empty_like(theta)
+            for tp, sp, pp in zip(*(torch.split(x, PIECE) for x in (theta, step_, point)),
+                                  strict=True):
+                torch.add(tp, sp, out=pp)
+        del theta
+        g_probe = self.gradient_at(j, point, rho, lam_c)
+        del point
         tau = flat.per_group(j, lambda h: -1.0 / math.log(min(max(h.beta1, 1e-12),
                                                                  1 - 1e-12)))
         # in slices: the solution's temporaries are a slice's, not the model's
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             probe = step_[part]
-            x, m_end = oscillator(g[part], m[part], p[part],
+            x, m_end = oscillator(g[part], m[part], rate(part),
                                   _secant(g[part], g_probe[part], probe),
                                   tau[part] if tau.dim() else tau, float(n))
             probe.copy_(x)
