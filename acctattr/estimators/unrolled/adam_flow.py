@@ -93,7 +93,7 @@ class AdamFlow:
             del n_cf
             lr = path.pace * float(sum(run.lrs[k0:k1]))
             if self.config.adam_momentum:
-                m_cf = g_cf.clone() if m_cf is None else m_cf
+                m_cf = self.new_first_moment(g_cf) if m_cf is None else m_cf
                 s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps, positive,
                                           lam_c, rho, lr, k1 - k0, own_theta=True)
             else:
@@ -160,7 +160,7 @@ class AdamFlow:
                 del noise
                 lr = pace * float(sum(run.lrs[k0:k1]))
                 if self.config.adam_momentum:
-                    m = g.clone() if m is None else m
+                    m = self.new_first_moment(g) if m is None else m
                     return self.momentum_step(j, theta, g, m, v, step0 + k1, eps, positive,
                                               lam_c, rho, lr, k1 - k0)
                 u = self.direction(j, g, v, step0 + k1, eps)
@@ -293,12 +293,18 @@ class AdamFlow:
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             probe = step_[part]
-            x, m_end = oscillator(g[part], m[part], rate(part),
+            x, m_end = oscillator(g[part], m[part].to(g.dtype), rate(part),
                                   _secant(g[part], g_probe[part], probe),
                                   tau[part] if tau.dim() else tau, float(n))
             probe.copy_(x)
             m[part] = m_end
         return step_
+
+    def new_first_moment(self, g: torch.Tensor) -> torch.Tensor:
+        """m_hat at a stage's first substep: g, kept in float32 where the parameters are
+        (``narrow``: as Adam keeps its exp_avg; the step is solved in float64 a slice at a
+        time and m rounded once a substep), else float64."""
+        return g.to(torch.float32 if self.narrow else g.dtype, copy=True)
 
     def gradient_at(self, j: int, point: torch.Tensor, rho: float,
                     lam_c: torch.Tensor) -> torch.Tensor:
