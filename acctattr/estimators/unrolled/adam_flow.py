@@ -93,7 +93,7 @@ class AdamFlow:
             del n_cf
             lr = path.pace * float(sum(run.lrs[k0:k1]))
             if self.config.adam_momentum:
-                m_cf = self.new_first_moment(g_cf) if m_cf is None else m_cf
+                m_cf = g_cf.clone() if m_cf is None else m_cf
                 s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps, positive,
                                           lam_c, rho, lr, k1 - k0, own_theta=True)
             else:
@@ -160,7 +160,7 @@ class AdamFlow:
                 del noise
                 lr = pace * float(sum(run.lrs[k0:k1]))
                 if self.config.adam_momentum:
-                    m = self.new_first_moment(g) if m is None else m
+                    m = g.clone() if m is None else m
                     return self.momentum_step(j, theta, g, m, v, step0 + k1, eps, positive,
                                               lam_c, rho, lr, k1 - k0)
                 u = self.direction(j, g, v, step0 + k1, eps)
@@ -256,10 +256,10 @@ class AdamFlow:
         (Adam's recurrence with the gradient held over the substep, tried before, swung
         between -0.47 and -1.23 for lm 4x's pretrain at 16 to 64 substeps).
 
-        Memory: p is computed a slice at a time where it is used (not kept whole); the step
-        is float32 where the parameters are (``narrow``: it is kept in float32 as the path
-        anyway); with ``own_theta`` the probe point is theta's buffer (the caller no longer
-        needs it).
+        Memory: p is computed a slice at a time where it is used (not kept whole); with
+        ``own_theta`` the probe point is theta's buffer (the caller no longer needs it). The
+        step and m stay float64: in float32 either moved lm's pretrain estimate by 2%
+        (the oscillator amplifies their rounding; README "Memory, dtypes and scale").
         """
         flat = self.flat
         inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
@@ -271,8 +271,7 @@ class AdamFlow:
             return p.masked_fill_(~positive[part], 0.0)
 
         # the step without momentum; then the step
-        step_ = torch.empty(g.shape, dtype=torch.float32 if self.narrow else torch.float64,
-                            device=g.device)
+        step_ = torch.empty(g.shape, dtype=torch.float64, device=g.device)
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             step_[part] = (g[part] * rate(part)).mul_(-float(n))
@@ -293,18 +292,12 @@ class AdamFlow:
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             probe = step_[part]
-            x, m_end = oscillator(g[part], m[part].to(g.dtype), rate(part),
+            x, m_end = oscillator(g[part], m[part], rate(part),
                                   _secant(g[part], g_probe[part], probe),
                                   tau[part] if tau.dim() else tau, float(n))
             probe.copy_(x)
             m[part] = m_end
         return step_
-
-    def new_first_moment(self, g: torch.Tensor) -> torch.Tensor:
-        """m_hat at a stage's first substep: g, kept in float32 where the parameters are
-        (``narrow``: as Adam keeps its exp_avg; the step is solved in float64 a slice at a
-        time and m rounded once a substep), else float64."""
-        return g.to(torch.float32 if self.narrow else g.dtype, copy=True)
 
     def gradient_at(self, j: int, point: torch.Tensor, rho: float,
                     lam_c: torch.Tensor) -> torch.Tensor:
