@@ -36,8 +36,8 @@ class Unrolled(Estimator):
               "it fits in memory; and its simulation reproduces each later stage's "
               "recorded training loss")
     # Peak memory in float32 copies of the trainable parameters: 26.9 measured by
-    # bench/unrolled_memory.py (4.2M-parameter AdamW run) with adam_momentum on, 21.3 off
-    # (the default); 22.4 and 19.4 checkpoints by bench/scale.py (10M GPT-2-style run, the
+    # bench/unrolled_memory.py (4.2M-parameter AdamW run) with adam_momentum on, 20.7 off
+    # (the default); 22.4 and 19.8 checkpoints by bench/scale.py (10M GPT-2-style run, the
     # model included; the stored path is in a temporary file, so it does not grow with
     # flow_substeps: see README); rounded up from the largest (2026-12-06;
     # tests/estimators/test_unrolled_memory.py holds the default's to it).
