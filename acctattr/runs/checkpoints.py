@@ -138,6 +138,17 @@ class StateDictReader:
             return sorted(self._tensors)
         return sorted(self._shards)
 
+    def held(self) -> int:
+        """Open file handles and parsed headers this reader holds (0 after ``release``; a
+        ``.pt`` file's tensors, loaded whole, are held for the reader's life)."""
+        return len(self._handles) + len(self._headers)
+
+    def release(self) -> None:
+        """Close the reader's file handles and forget the headers read: nothing of the
+        file stays open. Each is opened or read again when next needed."""
+        self._handles.clear()
+        self._headers.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in (self._tensors if self._tensors is not None else self._shards)
 
@@ -368,6 +379,54 @@ def _torch_load(file: Path) -> tuple[Any, bool]:
         return torch.load(file, map_location="cpu", weights_only=True), False
 
 
+def load_torch_meta(file: Path) -> Any:
+    """A ``torch.save`` file's structure with every tensor on the meta device (no data
+    read), each storage knowing its byte offset in the file (``file_offset``); None where
+    torch cannot load it so (a legacy, non-zip file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="meta", weights_only=True)
+    except Exception:
+        return None
+
+
+def file_offset(file: Path, meta: Any, like: torch.Tensor) -> int | None:
+    """The byte offset in ``file`` of the data of ``meta`` (a tensor of ``load_torch_meta``)
+    where it is contiguous and has the dtype and shape of ``like`` (the same tensor loaded
+    with its data); None otherwise. The offset is trusted only where the first and last
+    elements read there are, bit for bit, ``like``'s (a byte-swapped file is not)."""
+    if not isinstance(meta, torch.Tensor) or not meta.is_meta or meta.dtype != like.dtype \
+            or meta.shape != like.shape or not meta.is_contiguous() or not like.is_contiguous():
+        return None
+    base = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(base, int) or base < 0:
+        return None
+    offset = base + int(meta.storage_offset()) * meta.element_size()
+    n = like.numel()
+    if n:
+        flat = like.reshape(-1)
+        k = min(n, 8)
+        try:
+            head = _pread(file, like.dtype, offset, k)
+            tail = _pread(file, like.dtype, offset + (n - k) * like.element_size(), k)
+        except OSError:
+            return None
+        if not (_same_bits(head, flat[:k]) and _same_bits(tail, flat[n - k:])):
+            return None
+    return offset
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def read_at(file: Path, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+    """``count`` elements of ``dtype`` at byte ``offset`` of ``file``, read into fresh
+    memory (nothing of the file stays open or mapped)."""
+    return _pread(file, dtype, offset, count)
+
+
 def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside a loaded .pt object."""
     # Lightning .ckpt files keep the weights under "state_dict", dcp_to_torch output and many
@@ -404,6 +463,12 @@ class RenamedReader(StateDictReader):
         super().__init__(inner.path)
         self.inner = inner
         self.prefix = prefix
+
+    def held(self) -> int:
+        return self.inner.held()
+
+    def release(self) -> None:
+        self.inner.release()
 
     def names(self) -> list[str]:
         n = len(self.prefix)
