@@ -126,10 +126,18 @@ class StateDictReader:
     """
 
     def __init__(self, path: Path, shards: dict[str, Path] | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 at: dict[str, tuple[Path, int]] | None = None) -> None:
+        """
+        Args:
+            tensors: a ``torch.save`` file's tensors by name; with ``at`` (name -> file and
+                byte offset of its data) they are meta tensors (shape and dtype only) and
+                the data is read from the file on every call.
+        """
         self.path = path
         self._shards = shards or {}
         self._tensors = tensors
+        self._at = at or {}
         self._handles: dict[Path, Any] = {}
         self._headers: dict[Path, _Header] = {}
 
@@ -198,6 +206,13 @@ class StateDictReader:
 
     def _read(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
         """The tensor as stored (or flat elements start..stop of it)."""
+        if name in self._at and self._tensors is not None:
+            file, offset = self._at[name]
+            meta = self._tensors[name]
+            n = meta.numel()
+            a, b = (0, n) if start is None else (start, min(n, n if stop is None else stop))
+            t = _pread(file, meta.dtype, offset + a * meta.element_size(), max(b - a, 0))
+            return t.reshape(meta.shape) if start is None else t
         if self._tensors is not None:
             t = self._tensors[name]
             return t if start is None else t.reshape(-1)[start:stop]
@@ -318,7 +333,11 @@ def open_checkpoint(path: Path) -> StateDictReader:
         reader._handles[file] = handle
         return reader
     if file.suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        return StateDictReader(file, tensors=_tensor_dict(load_torch_file(file), file))
+        tensors = _tensor_dict(load_torch_file(file), file)
+        found = _in_place(file, tensors)
+        if found is None:
+            return StateDictReader(file, tensors=tensors)
+        return StateDictReader(file, tensors=found[0], at=found[1])
     raise CheckpointError(f"{file}: unknown checkpoint format '{file.suffix}'",
                           "use .safetensors, a sharded safetensors index, or a .pt/.bin state dict")
 
@@ -340,8 +359,19 @@ def _open_index(index: Path) -> StateDictReader:
         shards[name] = f
     if index.name.startswith("pytorch_model"):
         tensors: dict[str, torch.Tensor] = {}
+        metas: dict[str, torch.Tensor] = {}
+        at: dict[str, tuple[Path, int]] = {}
+        in_place = True
         for f in sorted(set(shards.values())):
-            tensors.update(_tensor_dict(load_torch_file(f), f))
+            part = _tensor_dict(load_torch_file(f), f)
+            found = _in_place(f, part) if in_place else None
+            in_place = found is not None
+            tensors.update(part)
+            if found is not None:
+                metas.update(found[0])
+                at.update(found[1])
+        if in_place:
+            return StateDictReader(index, tensors=metas, at=at)
         return StateDictReader(index, tensors=tensors)
     return StateDictReader(index, shards=shards)
 
@@ -427,15 +457,38 @@ def read_at(file: Path, dtype: torch.dtype, offset: int, count: int) -> torch.Te
     return _pread(file, dtype, offset, count)
 
 
-def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
-    """The flat name -> tensor mapping inside a loaded .pt object."""
-    # Lightning .ckpt files keep the weights under "state_dict", dcp_to_torch output and many
-    # training scripts under "model"; the rest of such a file (optimizer, loops) is not weights.
+def _weights(obj: Any) -> Any:
+    """The part of a loaded .pt object that holds the weights: Lightning .ckpt files keep
+    them under "state_dict", dcp_to_torch output and many training scripts under "model";
+    the rest of such a file (optimizer, loops) is not weights."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not all(
                 isinstance(v, torch.Tensor) for v in obj.values()):
-            obj = obj[key]
-            break
+            return obj[key]
+    return obj
+
+
+def _in_place(file: Path, tensors: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Path, int]]] | None:
+    """For a .pt file's weights (``tensors``, loaded with their data): the same as meta
+    tensors and where each one's data lies in the file, so that they are read there on use
+    and nothing of the file stays mapped; None where any one's place cannot be found."""
+    meta = _weights(load_torch_meta(file))
+    if not isinstance(meta, dict):
+        return None
+    metas: dict[str, torch.Tensor] = {}
+    at: dict[str, tuple[Path, int]] = {}
+    for name, t in tensors.items():
+        offset = file_offset(file, meta.get(name), t)
+        if offset is None:
+            return None
+        metas[name], at[name] = meta[name], (file, offset)
+    return metas, at
+
+
+def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping inside a loaded .pt object."""
+    obj = _weights(obj)
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

@@ -139,6 +139,33 @@ def test_optimizer_state_read_in_place_equals_the_saved_tensors(tmp_path):
                                saved.reshape(-1)[3:11])
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("wrap", [None, "state_dict"])
+def test_pt_checkpoint_read_in_place_nothing_mapped(tmp_path, wrap):
+    """A torch.save checkpoint (plain or Lightning's {"state_dict": ...}) is read at its
+    tensors' offsets: the values bit for bit, whole or sliced, nothing of the file left
+    open or mapped; a non-contiguous tensor keeps the loaded tensors (the same values)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    sd = {"w": w, "tied": w, "h": torch.randn(40, generator=g).to(torch.bfloat16),
+          "n": torch.arange(5)}
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    torch.save(sd if wrap is None else {wrap: sd, "epoch": 3}, folder / "model.pt")
+    r = open_checkpoint(folder / "model.pt")
+    assert _open_files(folder) == []
+    assert r.names() == sorted(sd) and r.shape("w") == (9, 7) and r.dtype("h") == "BF16"
+    assert torch.equal(r.get("w"), w) and torch.equal(r.get("tied"), w)
+    assert torch.equal(r.get_flat("w", 4, 30), w.reshape(-1)[4:30])
+    assert torch.equal(r.get("h", native=True), sd["h"])
+    assert torch.equal(r.get("n"), sd["n"])
+    assert r.get("w").data_ptr() != r.get("w").data_ptr()
+    assert _open_files(folder) == []
+    torch.save({"t": w.t()}, folder / "model.pt")  # not contiguous: loaded, as before
+    r = open_checkpoint(folder / "model.pt")
+    assert torch.equal(r.get("t"), w.t())
+
+
 def test_reader_slices_equal_the_tensor_and_read_into_fresh_memory(tmp_path):
     t = torch.randn(33, 17, dtype=torch.float64)
     h = torch.randn(40).to(torch.bfloat16)
