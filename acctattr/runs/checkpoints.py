@@ -1,8 +1,11 @@
 """Find and stream state dicts: safetensors (single or sharded) and PyTorch .pt/.bin.
 
-No math here. Tensors are read one at a time from memory-mapped files, so a run never holds
-more than the tensors its caller keeps. PyTorch files are only ever loaded with
-``weights_only=True``: a pickle that would run code is refused, never executed.
+No math here. Tensors are read one at a time, with plain reads into fresh memory, so a run
+never holds more than the tensors its caller keeps; a reader's handles and parsed headers
+are let go by ``release`` (opened again on the next read). A ``torch.save`` file is
+memory-mapped once to be checked, then read at its tensors' byte offsets (``file_offset``)
+and unmapped. PyTorch files are only ever loaded with ``weights_only=True``: a pickle that
+would run code is refused, never executed.
 """
 
 from __future__ import annotations
@@ -121,8 +124,10 @@ class StateDictReader:
 
     ``get`` returns floating tensors as float32 (bf16/fp16 checkpoints are computed in fp32;
     float64 is kept) unless asked for the file's own dtype, and refuses NaN or Inf, naming
-    the tensor. safetensors tensors are read from the file into fresh memory each time (a
-    tensor or a flat slice of it, ``get_flat``): nothing of the file stays resident.
+    the tensor. Tensors are read from the file into fresh memory each time (a tensor or a
+    flat slice of it, ``get_flat``): safetensors at the header's offsets, a ``torch.save``
+    file at those its tensors were found at (``file_offset``; a file where they cannot be
+    found keeps its mapped tensors). Nothing of the file stays resident.
     """
 
     def __init__(self, path: Path, shards: dict[str, Path] | None = None,
