@@ -224,7 +224,9 @@ class Evaluator:
             def f(*ps: torch.Tensor) -> torch.Tensor:
                 return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-            return (jvp(f, primals, tangents)[1].cpu().double(),)
+            got = jvp(f, primals, tangents)[1].cpu().double()
+            heap.trim()  # what this batch's JVP freed, before the next batch's allocates
+            return (got,)
 
         with torch.no_grad():
             out = self._each(one)[0]
