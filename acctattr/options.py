@@ -44,19 +44,19 @@ class UnrolledConfig:
     # flow_substeps Euler steps per stage, each cut where the gradient would change sign
     # (estimators.Unrolled._adam_flow). Per substep: two gradient passes per run.
     adam_dynamics: str = "flow"
-    # Adam flow: keep each run's first moment m (the EMA of its clipped gradients with
-    # beta1, bias-corrected; from zero in a fresh stage) instead of taking m_hat = g. Its
-    # lag is what makes the flow without it re-learn faster than the recorded lm run (1.39
-    # and 1.52x the loss fall; with it 1.21 and 1.13, and lm's pretrain and LoRA sft means
-    # within 6% of the truth). Off by default: at 4x lm's steps pretrain's mean goes from
-    # -17% to -38%, and on the short Trainer run of tests/estimators/test_adapter_stage.py
-    # the reproduction check no longer flags a simulation that gets signs wrong (README
-    # "Fidelity"). On, it holds one more float64 vector per simulated run
-    adam_momentum: bool = False
+    # Adam flow: each run's first moment m_hat (beta1) kept alongside it, per coordinate
+    # as a damped oscillator on the local quadratic, solved exactly over each substep
+    # (AdamFlow.momentum_step); off: m_hat = g, the settled step. Without it the flow
+    # re-learns faster than the recorded run did, most on fresh and short stages: the lm
+    # run's pretrain -21% (with it -2%), its LoRA variant's sft +25% (+9%), and on short
+    # Trainer runs signs wrong (tests/estimators/test_adapter_stage.py; simulated ÷ recorded
+    # loss fall 15.2 -> 1.6 on the run of bench/trainer_short.py). README "Fidelity"
+    adam_momentum: bool = True
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
     # flow_substeps exponential Euler steps (lanczos_iters HVPs each), a step that would
-    # raise the training loss halved, at most max_halvings deep
+    # raise the training loss halved, at most max_halvings deep or down to one optimizer
+    # step where a substep spans more than 2^max_halvings of them (SgdFlow.halvings)
     sgd_dynamics: str = "flow"
     max_halvings: int = 5
     flow_substeps: int = 16
@@ -75,11 +75,11 @@ class UnrolledConfig:
     # a later stage's simulated actual run "reproduces" the recorded one when its training
     # loss falls, from checkpoint to checkpoint, within this factor of the recorded fall
     # (either way). Where one does not, auto takes frozen and an explicit unrolled warns
-    # (estimators.Reproduction). Simulated / recorded on the bench runs (bench/scaling.py):
-    # 0.96-1.77 where unrolled is right (the lm sample run and its 4x and LoRA variants:
-    # 1.02-1.56), 2.39 on a Trainer run whose LoRA stage unrolled gets wrong
-    # (tests/estimators/test_adapter_stage.py), 15.1 on the short GPT-2 Trainer run
-    # (bench/trainer_short.py).
+    # (estimators.Reproduction). Simulated / recorded: 0.96-1.77 on the bench runs where
+    # unrolled is right; without adam_momentum 2.39 on the Trainer run of
+    # tests/estimators/test_adapter_stage.py and 15.1 on the short GPT-2 Trainer run of
+    # bench/trainer_short.py, where it got signs wrong; with it (the default) 1.01 and
+    # 1.62, and right there (Pearson 0.93-0.997; README "Fidelity").
     reproduce_factor: float = 2.0
 
 

@@ -12,7 +12,13 @@ all measured in this one run:
 - cost: `acctattr run` time / time to retrain its counterfactuals, the median of --repeat
   interleaved pairs;
 - how well unrolled's simulation reproduces each later stage: its training loss's fall
-  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/2-2).
+  from checkpoint to checkpoint, simulated / recorded (auto takes frozen outside 1/2-2);
+- unrolled's passes over the later stages' data samples (``passes``): counts that, unlike
+  seconds, do not depend on the machine's load;
+- per run, the run's length (optimizer steps, all stages) where the cost ratio falls to
+  5% (``crossing``): from straight lines through the run and retraining seconds against
+  the steps measured (two or more scales), or, from one scale, assuming the run's cost
+  flat and retraining's proportional to the steps.
 
     python bench/scaling.py [--runs digits toxicity lm] [--scales 1 2 4] [--repeat 3]
                             [--variants digits-adamw toxicity-sgd lm-lora ...]
@@ -29,13 +35,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 from acctattr import pipeline, validation
+from acctattr.evaluation.curvature import Curvature
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_runs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -141,6 +150,43 @@ def write_scaled(run: str, scale: int, folder: Path, variant: str | None = None)
     return manifest
 
 
+def passes(manifest: Path) -> dict[str, int]:
+    """How many passes over the later stages' data samples `acctattr run --estimator
+    unrolled` makes, by kind (acctattr.evaluation.curvature.Curvature's calls): loss
+    (forward), gradient, expand (the loss, gradient and product graph: the SGD flow's
+    point), hvp (one more backward through that graph), noise (the Adam flow's noise
+    groups' gradients, one vectorised pass; not counted where they are taken one group at a
+    time)."""
+    counts: Counter[str] = Counter()
+    kinds = {"value": "loss", "gradient": "gradient", "expand": "expand",
+             "group_gradients": "noise"}
+    originals = {name: getattr(Curvature, name) for name in kinds}
+
+    def counted(name):
+        def call(self, *args, **kwargs):
+            counts[kinds[name]] += 1
+            out = originals[name](self, *args, **kwargs)
+            if name != "expand":
+                return out
+            value, grad, product = out
+
+            def hvp(v):
+                counts["hvp"] += 1
+                return product(v)
+
+            return value, grad, hvp
+        return call
+
+    try:
+        for name in kinds:
+            setattr(Curvature, name, counted(name))
+        pipeline.run(manifest, "unrolled")
+    finally:
+        for name, fn in originals.items():
+            setattr(Curvature, name, fn)
+    return dict(sorted(counts.items()))
+
+
 def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
     """Fidelity of the default estimator (and of ``also``, direct), and its cost ratio."""
     from fidelity import cost  # bench/fidelity.py, next to this file
@@ -155,11 +201,56 @@ def measure(manifest: Path, repeat: int, also: tuple[str, ...] = ()) -> dict:
     reproduced = {r.stage: r.simulated_drop / r.recorded_drop if r.recorded_drop else
                   float("nan") for _, r in sorted(unrolled.reproduction.items())}
     return {"estimator": f"{chosen.estimator}/{chosen.evaluate}",
+            "steps": sum(r.steps for r in loaded.runs),
             "stages": [s.__dict__ for s in fid.stages], "ranking_ok": fid.ranking_ok,
             "run_seconds": seconds, "retrain_seconds": retrain, "cost_ratio": ratio,
             "ratio_range": list(spread),
             "also": {f.estimator: [s.pearson for s in f.stages] for f in v.results[1:]},
-            "reproduced": reproduced}
+            "reproduced": reproduced, "passes": passes(manifest)}
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs (at least two distinct xs)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / \
+        sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def crossing(points: list[tuple[int, float, float]], bar: float = 0.05) -> tuple[float, str]:
+    """The run's length in optimizer steps where run seconds / retraining seconds falls to
+    ``bar``, from (steps, run seconds, retraining seconds) measured at one or more lengths,
+    and how it was found.
+
+    Two or more lengths: retraining's seconds a straight line in the steps, the run's in
+    log2(steps). The run's passes grow by about the same count per doubling of the length
+    (bench output: a substep twice as long is halved once more where the flow needs short
+    pieces, and Lanczos nears its lanczos_iters), not in proportion to it. One length: the
+    run's cost taken as flat and retraining's as proportional to the steps. inf where the
+    ratio does not reach ``bar`` below 2^40 steps."""
+    if len({p[0] for p in points}) < 2:
+        steps, run, retrain = points[0]
+        return steps * (run / retrain) / bar, "one length: run flat, retraining ~ steps"
+    xs = [float(p[0]) for p in points]
+    a, b = _line([math.log2(x) for x in xs], [p[1] for p in points])
+    c, e = _line(xs, [p[2] for p in points])
+
+    def over(n: float) -> bool:  # the ratio still above the bar at n steps
+        retrain = c + e * n
+        return retrain <= 0 or a + b * math.log2(n) > bar * retrain
+
+    lo = min(xs)
+    if not over(lo):
+        return lo, "run ~ log2(steps), retraining ~ steps, fitted"
+    hi = lo
+    while over(hi):
+        if hi > 2.0**40:
+            return float("inf"), "run ~ log2(steps), retraining ~ steps, fitted"
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if over(mid) else (lo, mid)
+    return hi, "run ~ log2(steps), retraining ~ steps, fitted"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +281,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['retrain_seconds']:9.2f} {m['cost_ratio']:7.1%}")
         print(f"{'':<22} {'':>3} unrolled's simulated / recorded training-loss fall: "
               + ", ".join(f"{k} {x:.2f}" for k, x in m["reproduced"].items()))
+        print(f"{'':<22} {'':>3} unrolled's passes over the stages' data samples: "
+              + ", ".join(f"{n} {k}" for k, n in m["passes"].items()))
         for est, values in m["also"].items():
             print(f"{'':<22} {'':>3} {est + '/' + m['estimator'].split('/')[1]:<16} "
                   + " ".join(f"{x:.3f}" for x in values))
         sys.stdout.flush()
         report.append({"run": run, "scale": scale, "variant": variant, **m})
+    for run in args.runs:
+        points = [(m["steps"], m["run_seconds"], m["retrain_seconds"]) for m in report
+                  if m["run"] == run and m["variant"] is None]
+        if points:
+            steps, how = crossing(points)
+            longest = max(points)
+            base = next(m["steps"] // m["scale"] for m in report if m["run"] == run)
+            print(f"{run}: the cost ratio reaches 5% at about {steps:,.0f} optimizer steps, "
+                  f"{steps / base:.0f}x the sample run's {base} ({how}); at {longest[0]:,} "
+                  f"steps it is {longest[1] / longest[2]:.1%}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -143,50 +143,44 @@ def test_lanczos_rtol_zero_builds_every_vector():
     assert (loose - default).norm() / default.norm() < 1e-1
 
 
-def test_adam_flow_first_moment_sums_adams_bias_corrected_steps_exactly():
-    """With ``adam_momentum`` the Adam flow's substep adds up sum_t lr_t m_hat_t of Adam's
-    own recurrence (m_t = beta1 m + (1 - beta1) g, m_hat_t = m_t / (1 - beta1^t)) for the
-    gradient held over the substep: from zero in a fresh stage, from the carried m after
-    it, and from the steady state m_hat = g in a continuing stage."""
-    from types import SimpleNamespace
+def test_the_momentum_oscillator_is_the_exact_solution_over_a_long_substep():
+    """adam_flow.oscillator solves x' = -p m, m' = (g + h x - m) / tau exactly: it agrees
+    with a fine Runge-Kutta integration to 1e-6 over a 16-step substep, for over- and
+    under-damped coordinates and flat ones (h = 0, or so small it is taken as flat); a
+    plain Euler step of the same system does not (it is what made the first moment
+    unstable over long substeps)."""
+    from acctattr.estimators.unrolled.adam_flow import oscillator
 
-    from acctattr.estimators.unrolled.adam_flow import AdamFlow
-    from acctattr.options import UnrolledConfig
+    gen = torch.Generator().manual_seed(0)
+    n = 600
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    m = torch.randn(n, generator=gen, dtype=torch.float64)
+    p = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5
+    h = torch.rand(n, generator=gen, dtype=torch.float64) ** 3 * 5
+    h[:50], h[50:100] = 0.0, 1e-12
+    tau, t = 9.49, 16.0
+    k = p * h / tau
+    assert bool((k > 0.25 / tau**2).any()) and bool(((k > 1e-6) & (k < 0.25 / tau**2)).any())
+    x, m_end = oscillator(g, m, p, h, tau, t)
 
-    beta1 = 0.9
-    lrs = [0.1 * (k + 1) for k in range(12)]  # a warmup-like schedule
-    flat = SimpleNamespace(
-        runs=[SimpleNamespace(lrs=lrs)],
-        per_group=lambda j, value: torch.tensor(value(SimpleNamespace(beta1=beta1)),
-                                                dtype=torch.float64))
-    flow = AdamFlow.__new__(AdamFlow)
-    flow.flat, flow.config = flat, UnrolledConfig(adam_momentum=True)
-    g1 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    g2 = torch.tensor([-0.5, 1.0, 0.25], dtype=torch.float64)
+    def f(xx, mm):
+        return -p * mm, (g + h * xx - mm) / tau
 
-    def adam(m: torch.Tensor, step0: int, ks: range, g: torch.Tensor):
-        total = torch.zeros_like(g)
-        for k in ks:
-            m = beta1 * m + (1 - beta1) * g
-            total += lrs[k] * m / (1 - beta1 ** (step0 + k + 1))
-        return total, m
-
-    for step0 in (0, 40):  # a fresh stage; one continuing a state 40 steps in
-        m = torch.zeros(3, dtype=torch.float64)
-        if step0:  # the steady state the flow assumes for a continuing stage
-            m = g1 * (1 - beta1**step0)
-        want1, m_want = adam(m, step0, range(0, 5), g1)
-        want2, _ = adam(m_want, step0, range(5, 12), g2)
-        start = torch.zeros(3, dtype=torch.float64) if step0 == 0 else None
-        got1, m_got, factor = flow.first_moment(0, start, g1, step0, 0, 5)
-        assert factor == 1.0
-        assert torch.allclose(got1, want1, rtol=1e-12)
-        got2, _, _ = flow.first_moment(0, m_got, g2, step0, 5, 12)
-        assert torch.allclose(got2, want2, rtol=1e-12)
-    # without it: m_hat = g, the summed lr as the factor
-    flow.config = UnrolledConfig()
-    vec, m_none, factor = flow.first_moment(0, None, g1, 0, 0, 5)
-    assert m_none is None and torch.equal(vec, g1) and factor == sum(lrs[:5])
+    xr, mr, steps = torch.zeros_like(g), m.clone(), 4000
+    dt = t / steps
+    for _ in range(steps):
+        a = f(xr, mr)
+        b = f(xr + dt / 2 * a[0], mr + dt / 2 * a[1])
+        c = f(xr + dt / 2 * b[0], mr + dt / 2 * b[1])
+        d = f(xr + dt * c[0], mr + dt * c[1])
+        xr = xr + dt / 6 * (a[0] + 2 * b[0] + 2 * c[0] + d[0])
+        mr = mr + dt / 6 * (a[1] + 2 * b[1] + 2 * c[1] + d[1])
+    assert torch.allclose(x, xr, atol=1e-6) and torch.allclose(m_end, mr, atol=1e-6)
+    euler = -p * m * t
+    assert (euler - xr).abs().max() > 1.0
+    # flat and no lag (m = g): Adam's plain step, -p g t
+    x0, m0 = oscillator(g, g.clone(), p, torch.zeros_like(h), tau, t)
+    assert torch.allclose(x0, -p * g * t) and torch.allclose(m0, g)
 
 
 @pytest.mark.parametrize("parts", [2, 5, 8])

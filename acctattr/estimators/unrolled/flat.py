@@ -44,6 +44,11 @@ class FlatRun:
         self.noise_scale: dict[int, float] = {}
         # (what, done, total) of the simulation's substeps (the estimator's progress)
         self.progress: Callable[[str, int, int], None] | None = None
+        # (stage, first step, end step) -> summed lr, and weight decay -> AdamW's decay factor
+        # over those steps: a substep's, asked for again by every simulation through it
+        # (each a loop over its steps' lrs, which grows with the run's length)
+        self._lr_sums: dict[tuple[int, int, int], float] = {}
+        self._decays: dict[tuple[int, int, int], dict[float, float]] = {}
 
     def report(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -93,9 +98,25 @@ class FlatRun:
         return self.per_group(j, lambda g: g.weight_decay)
 
     def decay(self, j: int, k0: int, k1: int) -> torch.Tensor:
-        """AdamW's decoupled weight decay over steps k0..k1 of stage j, per element."""
-        lrs = self.runs[j].lrs[k0:k1]
-        return self.per_group(j, lambda g: math.prod(1 - eta * g.weight_decay for eta in lrs))
+        """AdamW's decoupled weight decay over steps k0..k1 of stage j, per element (each
+        group's product over the steps' lrs computed once per (j, k0, k1))."""
+        memo = self._decays.setdefault((j, k0, k1), {})
+
+        def factor(g) -> float:
+            if g.weight_decay not in memo:
+                memo[g.weight_decay] = math.prod(1 - eta * g.weight_decay
+                                                 for eta in self.runs[j].lrs[k0:k1])
+            return memo[g.weight_decay]
+
+        return self.per_group(j, factor)
+
+    def lr_sum(self, j: int, k0: int, k1: int) -> float:
+        """The summed lr of steps k0..k1 of stage j, float(sum(lrs[k0:k1])) (computed once
+        per (j, k0, k1))."""
+        key = (j, k0, k1)
+        if key not in self._lr_sums:
+            self._lr_sums[key] = float(sum(self.runs[j].lrs[k0:k1]))
+        return self._lr_sums[key]
 
     def rate(self, j: int) -> torch.Tensor:
         """Per-element effective step multiplier of stage j."""

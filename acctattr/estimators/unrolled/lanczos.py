@@ -20,12 +20,18 @@ def lanczos_phi(matvec, d: torch.Tensor, scale: float, iters: int = 20,
     """(I - exp(-scale * A_+)) A_+^-1 @ d, i.e. scale * phi_1(-scale * A_+) d: how far
     gradient flow x' = -(A x + b) moves in time ``scale`` is -this applied to b (the
     exponential Euler step, exact for a quadratic, stable at any step size)."""
-    def phi(x: torch.Tensor) -> torch.Tensor:
+    return lanczos_apply(matvec, d, phi(scale), iters, tol, rtol)
+
+
+def phi(scale: float):
+    """x -> (1 - exp(-scale x)) / x elementwise (scale where scale x < 1e-8): lanczos_phi's
+    function, for Krylov.apply."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
         z = scale * x
         small = z < 1e-8
         return torch.where(small, torch.full_like(x, scale),
                            -torch.expm1(-z) / torch.where(small, torch.ones_like(x), x))
-    return lanczos_apply(matvec, d, phi, iters, tol, rtol)
+    return fn
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
@@ -68,37 +74,83 @@ def lanczos_apply(matvec, d: torch.Tensor, fn, iters: int = 20,
     Returns:
         f(A_+) d, shape [n], float64.
     """
-    d = d.double()
-    beta0 = float(d.norm())
-    if beta0 == 0.0:
-        return fn(torch.zeros(1, dtype=torch.float64, device=d.device)) * d
-    n = d.numel()
-    m = min(iters, n)
-    Q = torch.zeros(m, n, dtype=torch.float64, device=d.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    previous: torch.Tensor | None = None  # c_(k-1), while checking for convergence
-    q = d / beta0
-    for j in range(m):
-        Q[j] = q
-        w = matvec(q).double()
-        alpha = float(w @ q)
-        alphas.append(alpha)
-        if rtol > 0.0:
-            coeffs = _coefficients(alphas, betas, fn)
-            if previous is not None:
-                change = float((coeffs[:-1] - previous).square().sum() + coeffs[-1] ** 2)
-                if change <= (rtol * float(coeffs.norm())) ** 2:
-                    return beta0 * (Q[: j + 1].T @ coeffs.to(d.device))
-            previous = coeffs
-        # full reorthogonalisation against every basis vector (twice is enough)
-        for _ in range(2):
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta = float(w.norm())
-        if j == m - 1 or beta <= tol * max(1.0, abs(alpha)):
-            break
-        betas.append(beta)
-        q = w / beta
-    k = len(alphas)
-    coeffs = _coefficients(alphas, betas, fn)
-    return beta0 * (Q[:k].T @ coeffs.to(d.device))
+    return Krylov(matvec, d, iters, tol).apply(fn, rtol)
+
+
+class Krylov:
+    """The Lanczos process of one operator and start vector (lanczos_apply), kept so that
+    several functions of the operator can be applied to the same vector from one basis,
+    built as far as the most demanding of them needs: the SGD flow's halved step has the
+    same point, gradient and Hessian as the step it halves, and half the time. Each
+    ``apply`` gives the same bits as lanczos_apply with that function (the same products,
+    in the same order, and the same stopping rule); ``release`` frees the basis."""
+
+    def __init__(self, matvec, d: torch.Tensor, iters: int = 20, tol: float = 1e-10) -> None:
+        self.matvec = matvec
+        self.d = d.double()
+        self.beta0 = float(self.d.norm())
+        self.tol = tol
+        self.m = min(iters, self.d.numel())
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.Q: torch.Tensor | None = None
+        self.q = self.d
+        if self.beta0 != 0.0:
+            self.Q = torch.zeros(self.m, self.d.numel(), dtype=torch.float64,
+                                 device=self.d.device)
+            self.q = self.d / self.beta0
+        self._w: torch.Tensor | None = None  # the last vector's product, not reorthogonalised
+        self._ended = False
+        self.products = 0  # A x products taken
+
+    def _has(self, j: int) -> bool:
+        """Whether basis vector j (and its alpha) is there, built if the process goes on."""
+        while len(self.alphas) <= j:
+            if self._ended or self.Q is None:
+                return False
+            Q = self.Q
+            if self._w is not None:
+                i = len(self.alphas) - 1
+                w, self._w = self._w, None
+                # full reorthogonalisation against every basis vector (twice is enough)
+                for _ in range(2):
+                    w = w - Q[: i + 1].T @ (Q[: i + 1] @ w)
+                beta = float(w.norm())
+                if i == self.m - 1 or beta <= self.tol * max(1.0, abs(self.alphas[i])):
+                    self._ended = True
+                    return False
+                self.betas.append(beta)
+                self.q = w / beta
+            i = len(self.alphas)
+            Q[i] = self.q
+            w = self.matvec(self.q).double()
+            self.products += 1
+            self.alphas.append(float(w @ self.q))
+            self._w = w
+        return True
+
+    def apply(self, fn, rtol: float = 0.0) -> torch.Tensor:
+        """f(A_+) @ d, as lanczos_apply(matvec, d, fn, iters, tol, rtol)."""
+        d = self.d
+        if self.beta0 == 0.0:
+            return fn(torch.zeros(1, dtype=torch.float64, device=d.device)) * d
+        if self.Q is None:
+            raise RuntimeError("this Krylov basis was released")
+        previous: torch.Tensor | None = None  # c_(k-1), while checking for convergence
+        k = 0
+        while self._has(k):
+            if rtol > 0.0:
+                coeffs = _coefficients(self.alphas[: k + 1], self.betas[:k], fn)
+                if previous is not None:
+                    change = float((coeffs[:-1] - previous).square().sum() + coeffs[-1] ** 2)
+                    if change <= (rtol * float(coeffs.norm())) ** 2:
+                        return self.beta0 * (self.Q[: k + 1].T @ coeffs.to(d.device))
+                previous = coeffs
+            k += 1
+        coeffs = _coefficients(self.alphas[:k], self.betas[: k - 1], fn)
+        return self.beta0 * (self.Q[:k].T @ coeffs.to(d.device))
+
+    def release(self) -> None:
+        """Free the basis (m float64 copies of d); no further apply."""
+        self.Q = None
+        self._w = None

@@ -4,17 +4,21 @@ In expectation (and in steady state for momentum) SGD steps by -eta * r * g with
 r = (1 - dampening)/(1 - momentum). The actual run is simulated from each checkpoint and the
 counterfactual alongside it at theta - d; d changes by the difference of their steps. A
 substep spans many optimizer steps, so each is an exponential Euler step: stable at any
-length, exact on a quadratic, and halved where it would raise the training loss.
+length, exact on a quadratic, and halved where it would raise the training loss: down to
+max_halvings deep, or as deep as it takes to reach one optimizer step's length where a
+substep spans more steps than 2^max_halvings (a long run's substeps are long: a fixed
+depth would accept steps that raise the loss there, and the counterfactual can run away).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.lanczos import lanczos_phi
+from acctattr.estimators.unrolled.lanczos import Krylov, phi
 from acctattr.estimators.unrolled.path import ActualPath, check_reproduction, spans, walk
 
 # (loss, gradient g, x -> H x) at a point, each with the coupled decay
@@ -25,6 +29,10 @@ class SgdFlow:
     def __init__(self, flat: FlatRun) -> None:
         self.flat = flat
         self.config = flat.config
+        # (stage, first step, end step, since_start) -> (momentum, dampening, nesterov) ->
+        # rate_over's ramp (a loop over the substep's steps, asked for by every simulation
+        # through it)
+        self._ramps: dict[tuple[int, int, int, bool], dict[tuple, float]] = {}
 
     def propagate(self, j: int, d: torch.Tensor, rate: torch.Tensor, total: float,
                   hand_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,8 +47,8 @@ class SgdFlow:
         for q, ((k0, k1), theta, s_act) in enumerate(path):
             flat.report(what, q, len(path.spans))
             cf = theta - d
-            s_cf = self.gd_step(j, cf, float(sum(run.lrs[k0:k1])),
-                                self.rate_over(j, k0, k1, rate))
+            s_cf = self.gd_step(j, cf, flat.lr_sum(j, k0, k1),
+                                self.rate_over(j, k0, k1, rate), most=self.halvings(k0, k1))
             if run.fresh:
                 d = d + s_act - s_cf
             else:
@@ -61,10 +69,10 @@ class SgdFlow:
         flat = self.flat
         if j in flat.paths:
             return flat.paths[j]
-        run = flat.runs[j]
         substeps = spans(flat, j, total)
         starts, steps, ends = walk(flat, j, substeps, lambda q, k0, k1, theta: self.gd_step(
-            j, theta, float(sum(run.lrs[k0:k1])), self.rate_over(j, k0, k1, rate)))
+            j, theta, flat.lr_sum(j, k0, k1), self.rate_over(j, k0, k1, rate),
+            most=self.halvings(k0, k1)))
         flat.reproduction[j] = check_reproduction(flat, j, ends)
         path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps)
         flat.paths = {j: path}
@@ -83,37 +91,61 @@ class SgdFlow:
         lrs of k0..k1.
         """
         run = self.flat.runs[j]
-        lrs = run.lrs[k0:k1]
-        total = float(sum(lrs))
+        total = self.flat.lr_sum(j, k0, k1)
         if (not run.fresh and not since_start) or total == 0.0:
             return rate
+        memo = self._ramps.setdefault((j, k0, k1, since_start), {})
 
         def ramp(g) -> float:
             mu, tau = g.momentum, g.dampening
             if mu == 0.0:  # torch keeps no buffer: the step is the gradient
                 return 1.0
+            key = (mu, tau, g.nesterov)
+            if key in memo:
+                return memo[key]
             if run.fresh:
                 held = [mu**s + (1 - tau) * (1 - mu**s) / (1 - mu) for s in range(k0, k1)]
             else:
                 held = [(1 - tau) * (1 - mu ** (s + 1)) / (1 - mu) for s in range(k0, k1)]
             if g.nesterov:
                 held = [1.0 + mu * h for h in held]
-            return sum(eta * h for eta, h in zip(lrs, held, strict=True)) / total
+            lrs = run.lrs[k0:k1]
+            memo[key] = sum(eta * h for eta, h in zip(lrs, held, strict=True)) / total
+            return memo[key]
 
         mask = (rate > 0).to(rate.dtype)
         return self.flat.per_group(j, ramp) * mask
 
+    def halvings(self, k0: int, k1: int) -> int:
+        """How many times a substep over optimizer steps k0..k1 may be halved: max_halvings,
+        or as many as it takes to reach one optimizer step where it spans more than
+        2^max_halvings steps.
+
+        A fixed depth makes the finest piece a fixed fraction of a substep, and a substep
+        spans the stage's steps / flow_substeps: on a run 32x as long (bench/scaling.py)
+        the finest piece spanned ~9 optimizer steps, a step from the counterfactual's start
+        that raised the loss was accepted there, and the counterfactual ran away (training
+        loss 2.3 -> 300, every later substep halved to the bottom: 12x the passes). No
+        piece is finer than one optimizer step needs to be: the run itself moved in steps
+        that long."""
+        return max(self.config.max_halvings, math.ceil(math.log2(max(k1 - k0, 1))))
+
     def gd_step(self, j: int, theta: torch.Tensor, lr: float, rate: torch.Tensor,
-                depth: int = 0, expansion: Expansion | None = None) -> torch.Tensor:
+                depth: int = 0, expansion: Expansion | None = None,
+                most: int | None = None, krylov: Krylov | None = None) -> torch.Tensor:
         """Gradient flow theta' = -r g for summed lr ``lr`` from theta, by one exponential
         Euler step: -r^(1/2) phi(L r^(1/2) (H + lam) r^(1/2)) r^(1/2) g, H at theta (Lanczos);
         exact on a quadratic and stable however many optimizer steps it spans. Where the
         step raises the training loss (the quadratic model does not hold that far), it is
-        taken as two half steps, at most max_halvings deep.
+        taken as two half steps, at most ``most`` (default max_halvings; ``halvings``)
+        deep.
 
         Args:
             expansion: (loss, gradient g, v -> H v) at theta, each with the coupled decay
                 (``expand``); the first half step reuses its caller's.
+            krylov: the Lanczos basis of the step being halved (the first half: the same
+                operator and vector, half the time), extended only where the half step
+                needs more vectors; the same bits as building it again.
         """
         flat = self.flat
         root = rate.sqrt()
@@ -124,15 +156,21 @@ class SgdFlow:
             y = root * x
             return root * (product(y) + lam * y)
 
-        step = -root * lanczos_phi(matvec, root * g, lr, self.config.lanczos_iters,
-                                   rtol=self.config.lanczos_rtol)
-        if depth < self.config.max_halvings:
+        if krylov is None:
+            krylov = Krylov(matvec, root * g, self.config.lanczos_iters)
+        step = -root * krylov.apply(phi(lr), self.config.lanczos_rtol)
+        most = self.config.max_halvings if most is None else most
+        if depth < most:
             after_theta = theta + step
             after = flat.curvature(j).value(flat.at(after_theta)) + 0.5 * float(
                 (lam * after_theta * after_theta).sum())
             if not after <= before:  # gradient flow never raises the loss: two half steps
-                first = self.gd_step(j, theta, lr / 2, rate, depth + 1, (before, g, product))
-                return first + self.gd_step(j, theta + first, lr / 2, rate, depth + 1)
+                first = self.gd_step(j, theta, lr / 2, rate, depth + 1, (before, g, product),
+                                     most, krylov)
+                krylov.release()
+                return first + self.gd_step(j, theta + first, lr / 2, rate, depth + 1,
+                                            most=most)
+        krylov.release()  # a first half's step was its caller's last use of the basis
         return step
 
     def expand(self, j: int, theta: torch.Tensor) -> Expansion:
