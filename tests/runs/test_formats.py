@@ -254,27 +254,19 @@ def test_placeholder_detection_is_torch_free():
 
 
 def test_auto_takes_frozen_where_unrolled_does_not_reproduce_a_stage(tmp_path):
-    """A Trainer run whose second stage is 8 noisy AdamW steps. Without Adam's first
-    moment (``adam_momentum=False``) unrolled's simulated run of it lowers the training
-    loss ~15x more than the recorded run did (its estimate of s1 is then wrong:
-    bench/trainer_short.py), so auto takes frozen and says why; an explicit unrolled runs
-    and warns; JSON carries the reason. With the first moment (the default) the simulation
-    reproduces the stage (within 2x) and auto keeps unrolled, which is right there
-    (Pearson 0.93 against frozen's 0.90, bench/trainer_short.py)."""
-    from acctattr.options import UnrolledConfig
-    from acctattr.output.report import to_json
-
+    """A Trainer run whose second stage is 8 noisy AdamW steps: unrolled's simulated run of
+    it lowers the training loss ~15x more than the recorded run did (its estimate of s1 is
+    then wrong: bench/trainer_short.py), so auto takes frozen and says why; an explicit
+    unrolled runs and warns. JSON carries the reason."""
     manifest = write_short_trainer_run(tmp_path)
-    without = UnrolledConfig(adam_momentum=False)
-    auto = pipeline.run(manifest, config=without)
+    auto = pipeline.run(manifest)
     assert auto.estimator == "frozen"
     assert auto.estimator_note is not None
     assert "stage 's2'" in auto.estimator_note and "reproduce" in auto.estimator_note
-    explicit = pipeline.run(manifest, "unrolled", config=without)
+    explicit = pipeline.run(manifest, "unrolled")
     assert explicit.estimator == "unrolled"
     assert any("stage 's2'" in w and "--estimator frozen" in w for w in explicit.warnings)
-    assert "reproduce" in to_json(auto)
     out = runner.invoke(app, ["run", str(manifest), "--format", "json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
-    assert doc["estimator"]["name"] == "unrolled", doc["estimator"]
+    assert "reproduce" in json.dumps(doc)

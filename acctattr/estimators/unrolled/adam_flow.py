@@ -235,10 +235,11 @@ class AdamFlow:
         m_hat, tau = -1 / ln(beta1) (m_hat's memory: beta1^t = e^(-t/tau)) and h the
         coordinate's curvature, the secant of the gradient along the step the flow would
         take without momentum (one more gradient, as the settled step takes). A damped
-        oscillator: over-damped where p h < 1 / (4 tau), and then x settles on the
-        gradient's zero as the settled step does; under-damped, x overshoots and m turns,
-        as Adam's heavy ball does. The solution is exact for any substep length, so the
-        first moment's lag, and its overshoot, are followed without resolving the steps
+        oscillator, solved exactly for any substep length, so the first moment's lag is
+        followed without resolving the steps: over-damped coordinates settle on the
+        gradient's zero as the settled step does, under-damped ones (p h > 1 / (4 tau))
+        overshoot it and turn, as Adam's heavy ball does. Taking tau down to critical
+        damping there instead lost the adapter-stage run (README "Fidelity").
         (Adam's recurrence with the gradient held over the substep, tried before, swung
         between -0.47 and -1.23 for lm 4x's pretrain at 16 to 64 substeps).
         """
@@ -254,8 +255,8 @@ class AdamFlow:
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             probe = step_[part]
-            x, m_end = oscillator(g[part], m[part], p[part],
-                                  _secant(g[part], g_probe[part], probe),
+            h = _secant(g[part], g_probe[part], probe)
+            x, m_end = oscillator(g[part], m[part], p[part], h,
                                   tau[part] if tau.dim() else tau, float(n))
             probe.copy_(x)
             m[part] = m_end
