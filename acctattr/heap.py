@@ -4,7 +4,8 @@ glibc keeps freed blocks resident for reuse. A stage's evaluation frees tensors 
 sizes between small long-lived allocations, so the heap's resident size drifted with the
 number of stages: frozen's peak on a 10M model grew +0.7 to +0.9 checkpoints from 3 to 30
 stages; with the heap trimmed after each optimizer state file is loaded and after each
-stage's embedding and evaluation, +0.45 to +0.53 (bench/scale.py, README). A no-op where
+stage's embedding and evaluation, +0.45 to +0.53; with no stage's files held between
+stages either, less (bench/scale.py, README "Memory, dtypes and scale"). A no-op where
 the C library has no ``malloc_trim`` (macOS, musl).
 """
 

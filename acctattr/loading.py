@@ -88,6 +88,11 @@ class _Readers:
     def put(self, path: Path, reader: StateDictReader) -> None:
         self._open[path] = reader
 
+    def release(self) -> None:
+        """Close every reader's files (StateDictReader.release)."""
+        for reader in self._open.values():
+            reader.release()
+
 
 def check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str) -> None:
     """Every trainable parameter present with the model's shape, or say which are not."""
@@ -227,6 +232,9 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             evaluators[name] = Evaluator(model, at_end[0], at_end[1], data,  # type: ignore[arg-type]
                                          metric)  # type: ignore[arg-type]
     evaluator = next(iter(evaluators.values()), None)
+    readers.release()  # checked and theta_T read: every file is opened again when needed
+    for r in runs:
+        r.state.release()
     return Loaded(manifest, model, info, runs, evaluator, warnings,  # type: ignore[arg-type]
                   evaluators)
 

@@ -196,6 +196,22 @@ class Stages:
         self.device = device or torch.device("cpu")
         self.groups = [r.state.group_of() for r in runs]
 
+    def release(self) -> None:
+        """Close every stage's checkpoint and optimizer state files (each is opened again
+        when next read): an embedding holds only the files it reads while it is built."""
+        for r in self.runs:
+            for reader in (r.start, r.end, *(c for _, c in r.checkpoints)):
+                reader.release()
+            r.state.release()
+
+    def held(self) -> int:
+        """File handles, parsed headers and optimizer state tensors held open by every
+        stage's files (0 after ``release`` where every file can be read in place)."""
+        return sum(reader.held() for r in self.runs
+                   for reader in {id(x): x for x in (r.start, r.end,
+                                                    *(c for _, c in r.checkpoints))}.values()
+                   ) + sum(r.state.held() for r in self.runs)
+
     def delta(self, k: int, name: str, start: int | None = None,
               stop: int | None = None) -> torch.Tensor:
         """Delta_k for one parameter (flat elements start..stop of it), float64."""

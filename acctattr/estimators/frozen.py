@@ -41,6 +41,7 @@ class Frozen(Estimator):
         # stage's files read for that slice only
         v = {name: self.streamed(name, partial(self._param, k, name))
              for name in self.training.trainable}
+        self.stages.release()  # the files read for it: none stays open between stages
         heap.trim()  # the slices' float64 blocks, before the evaluation allocates
         return v
 

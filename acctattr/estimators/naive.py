@@ -21,5 +21,6 @@ class Naive(Estimator):
     def embed(self, k: int) -> Params:
         v = {name: self.streamed(name, partial(self.stages.delta, k, name))
              for name in self.training.trainable}
+        self.stages.release()  # the files read for it: none stays open between stages
         heap.trim()  # the slices' float64 blocks, before the evaluation allocates
         return v

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from acctattr.evaluation import lm
 from acctattr.evaluation.data import Batch
 from acctattr.evaluation.evaluator import Params, forward
-from acctattr.evaluation.metrics import Metric
+from acctattr.evaluation.metrics import TOKEN_METRICS, Metric
 
 
 class Curvature:
@@ -27,6 +28,15 @@ class Curvature:
                 be there too.
         """
         self.model = model.eval()
+        pad = lm.unmasked_pad(model, inputs) if loss.name in TOKEN_METRICS else None
+        if pad is not None and target in sample:
+            # a Hugging Face LM given no attention_mask: its padding warning is needless
+            # where no counted prediction sees a pad token (lm, "unmasked padding")
+            if lm.padding_unseen(sample[pad[0]], pad[1], sample[target],
+                                 sample.get("attention_mask")):
+                lm.padding_needless()
+            else:
+                lm.padding_matters()
         if device is not None:
             sample = {k: v.to(device) for k, v in sample.items()}
         self.fixed = fixed

@@ -18,6 +18,7 @@ from torch.func import functional_call, jvp
 
 from acctattr import heap
 from acctattr.errors import AcctattrError, DataError
+from acctattr.evaluation import lm
 from acctattr.evaluation.data import Batch, EvalData
 from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric
 
@@ -29,13 +30,15 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 def forward(model: nn.Module, state: Params, inputs: tuple[str, ...],
-            batch: Batch) -> torch.Tensor:
+            batch: Batch, extra: Params | None = None) -> torch.Tensor:
     """The model's output tensor at ``state``: model(x) for one input, model(**named) for
-    several; a ``logits`` field is taken from dict-like outputs (Hugging Face models)."""
+    several, with ``extra`` keyword tensors where given; a ``logits`` field is taken from
+    dict-like outputs (Hugging Face models)."""
     if len(inputs) == 1:
-        out = functional_call(model, state, (batch[inputs[0]],))
+        out = functional_call(model, state, (batch[inputs[0]],), extra or None)
     else:
-        out = functional_call(model, state, (), {n: batch[n] for n in inputs})
+        out = functional_call(model, state, (), {**{n: batch[n] for n in inputs},
+                                                 **(extra or {})})
     if isinstance(out, dict) and "logits" in out:
         return out["logits"]
     return out.logits if hasattr(out, "logits") else out
@@ -65,6 +68,12 @@ class Evaluator:
         # f_i(theta_T) on the first batch of an eval file, from ``probe``: ``values`` takes
         # it instead of a second forward pass (a quarter of one at 124M, bench/scale.py)
         self._probed: torch.Tensor | None = None
+        # (token input, pad id) where a Hugging Face LM scored on next tokens would be
+        # called without an attention_mask it takes: batches with no counted prediction
+        # after a pad token get an all-ones mask (the same numbers, and no padding
+        # warning: lm.attend_all)
+        self._pad = lm.unmasked_pad(model, data.spec.inputs) \
+            if metric.name in TOKEN_METRICS else None
 
     def sharded(self, ranks: Ranks) -> Evaluator:
         """This evaluator with the eval batches shared among ``ranks`` (batch b on rank
@@ -130,8 +139,13 @@ class Evaluator:
 
     def _metric(self, params: Params, batch: Batch) -> torch.Tensor:
         spec = self.data.spec
+        extra = None
+        if self._pad is not None and spec.target in batch:
+            ones = lm.attend_all(batch[self._pad[0]], self._pad[1], batch[spec.target],
+                                 batch.get("attention_mask"))
+            extra = {"attention_mask": ones} if ones is not None else None
         try:
-            out = forward(self.model, {**self.fixed, **params}, spec.inputs, batch)
+            out = forward(self.model, {**self.fixed, **params}, spec.inputs, batch, extra)
         except AcctattrError:
             raise
         except Exception as e:  # a forward error here is (almost always) data the model can't take
@@ -210,7 +224,9 @@ class Evaluator:
             def f(*ps: torch.Tensor) -> torch.Tensor:
                 return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-            return (jvp(f, primals, tangents)[1].cpu().double(),)
+            got = jvp(f, primals, tangents)[1].cpu().double()
+            heap.trim()  # what this batch's JVP freed, before the next batch's allocates
+            return (got,)
 
         with torch.no_grad():
             out = self._each(one)[0]

@@ -8,7 +8,9 @@ counted, and neither are positions whose ``attention_mask`` is 0.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,112 @@ def refuse_uncounted(labels: torch.Tensor, attention_mask: torch.Tensor | None, 
                     f"label is -100{' or masked' if attention_mask is not None else ''})",
                     "give each example at least one label token after its first (a "
                     "completion that is not empty, a text longer than one token), or drop it")
+
+
+# ---------------------------------------------------------------- unmasked padding
+#
+# A Hugging Face model called without an attention_mask, whose config has a pad_token_id,
+# prints once per process "We strongly recommend passing in an `attention_mask` since your
+# input_ids may be padded" where a pad token is in the first or last column. For a causal
+# LM scored on next tokens that is needless where no counted prediction sees a pad token
+# (right padding after the labels, as in sample_runs/lm): the evaluation then passes an
+# all-ones mask (the same numbers), and the stages' training samples (unrolled), whose
+# passes must stay unmasked (transformers' padding check is what makes torch.func.vmap of
+# such a model fall back to the loop: giving it a mask would change which path runs and
+# so the last digits), have the message dropped by a logging filter once their padding is
+# found needless. Padding that does matter (left padding, a pad token inside a counted
+# context) keeps the warning.
+
+PADDING_WARNING = "We strongly recommend passing in an `attention_mask`"
+_TRANSFORMERS_LOGGER = "transformers.modeling_utils"
+
+
+def unmasked_pad(model: Any, inputs: tuple[str, ...]) -> tuple[str, int] | None:
+    """(the token input's name, the pad token id) where a Hugging Face model would be called
+    without an attention_mask although it takes one and checks for padding without it
+    (``config.pad_token_id`` set); None otherwise."""
+    if "attention_mask" in inputs:
+        return None
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, bool) or not isinstance(pad, int):
+        return None
+    try:
+        takes = "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if not takes:
+        return None
+    name = "input_ids" if "input_ids" in inputs else inputs[0] if len(inputs) == 1 else None
+    return (name, pad) if name is not None else None
+
+
+def padding_unseen(ids: torch.Tensor, pad: int, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> bool:
+    """Whether no counted next-token prediction of token ids [B, T] sees a pad token: the
+    context of the prediction at t (positions 0..t of a causal LM) holds none. True with
+    no padding, or right padding after every counted label; False with left padding or a
+    pad token inside a counted context. ``labels`` and ``attention_mask`` (the batch's,
+    which the metric honours) say which predictions count, as the metrics count them."""
+    if ids.ndim != 2 or ids.is_floating_point() or labels.shape != ids.shape:
+        return False
+    keep = labels[:, 1:] != IGNORE
+    if attention_mask is not None:
+        keep = keep & (attention_mask[:, 1:] != 0)
+    seen = (ids == pad).cumsum(dim=1)[:, :-1] > 0  # a pad token at or before t
+    return not bool((seen & keep).any())
+
+
+def attend_all(ids: torch.Tensor, pad: int, labels: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An all-ones attention_mask for token ids [B, T] where ``padding_unseen``; None where
+    the padding may matter (the model is then called as before, and warns).
+
+    An all-ones mask is what the model assumes without one: every number is the same as
+    without it (the lm sample run's JSON is byte-identical), and the model no longer warns
+    that the input "may be padded"."""
+    if not padding_unseen(ids, pad, labels, attention_mask):
+        padding_matters()
+        return None
+    return torch.ones_like(ids)
+
+
+class _NeedlessPadding(logging.Filter):
+    """Drops transformers' padding warning while every padded input seen was found
+    needless (``padding_needless``), and none that matters (``padding_matters``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.matters = False
+        self.dropped: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self.active and not self.matters and text.startswith(PADDING_WARNING):
+            self.dropped = text
+            return False
+        return True
+
+
+_FILTER = _NeedlessPadding()
+
+
+def padding_needless() -> None:
+    """Inputs given to the model unmasked were found to have needless padding: drop
+    transformers' padding warning (unless padding that matters was seen)."""
+    log = logging.getLogger(_TRANSFORMERS_LOGGER)
+    if _FILTER not in log.filters:
+        log.addFilter(_FILTER)
+    _FILTER.active = True
+
+
+def padding_matters() -> None:
+    """Inputs whose padding may matter go to the model unmasked: the warning stands from
+    now on, and is given now if it was dropped before (transformers gives it only once)."""
+    _FILTER.matters = True
+    if _FILTER.dropped is not None:
+        text, _FILTER.dropped = _FILTER.dropped, None
+        logging.getLogger(_TRANSFORMERS_LOGGER).warning(text)
 
 
 # ---------------------------------------------------------------- JSONL text

@@ -1,8 +1,11 @@
 """Find and stream state dicts: safetensors (single or sharded) and PyTorch .pt/.bin.
 
-No math here. Tensors are read one at a time from memory-mapped files, so a run never holds
-more than the tensors its caller keeps. PyTorch files are only ever loaded with
-``weights_only=True``: a pickle that would run code is refused, never executed.
+No math here. Tensors are read one at a time, with plain reads into fresh memory, so a run
+never holds more than the tensors its caller keeps; a reader's handles and parsed headers
+are let go by ``release`` (opened again on the next read). A ``torch.save`` file is
+memory-mapped once to be checked, then read at its tensors' byte offsets (``file_offset``)
+and unmapped. PyTorch files are only ever loaded with ``weights_only=True``: a pickle that
+would run code is refused, never executed.
 """
 
 from __future__ import annotations
@@ -121,15 +124,25 @@ class StateDictReader:
 
     ``get`` returns floating tensors as float32 (bf16/fp16 checkpoints are computed in fp32;
     float64 is kept) unless asked for the file's own dtype, and refuses NaN or Inf, naming
-    the tensor. safetensors tensors are read from the file into fresh memory each time (a
-    tensor or a flat slice of it, ``get_flat``): nothing of the file stays resident.
+    the tensor. Tensors are read from the file into fresh memory each time (a tensor or a
+    flat slice of it, ``get_flat``): safetensors at the header's offsets, a ``torch.save``
+    file at those its tensors were found at (``file_offset``; a file where they cannot be
+    found keeps its mapped tensors). Nothing of the file stays resident.
     """
 
     def __init__(self, path: Path, shards: dict[str, Path] | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 at: dict[str, tuple[Path, int]] | None = None) -> None:
+        """
+        Args:
+            tensors: a ``torch.save`` file's tensors by name; with ``at`` (name -> file and
+                byte offset of its data) they are meta tensors (shape and dtype only) and
+                the data is read from the file on every call.
+        """
         self.path = path
         self._shards = shards or {}
         self._tensors = tensors
+        self._at = at or {}
         self._handles: dict[Path, Any] = {}
         self._headers: dict[Path, _Header] = {}
 
@@ -137,6 +150,17 @@ class StateDictReader:
         if self._tensors is not None:
             return sorted(self._tensors)
         return sorted(self._shards)
+
+    def held(self) -> int:
+        """Open file handles and parsed headers this reader holds (0 after ``release``; a
+        ``.pt`` file's tensors, loaded whole, are held for the reader's life)."""
+        return len(self._handles) + len(self._headers)
+
+    def release(self) -> None:
+        """Close the reader's file handles and forget the headers read: nothing of the
+        file stays open. Each is opened or read again when next needed."""
+        self._handles.clear()
+        self._headers.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in (self._tensors if self._tensors is not None else self._shards)
@@ -187,6 +211,13 @@ class StateDictReader:
 
     def _read(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
         """The tensor as stored (or flat elements start..stop of it)."""
+        if name in self._at and self._tensors is not None:
+            file, offset = self._at[name]
+            meta = self._tensors[name]
+            n = meta.numel()
+            a, b = (0, n) if start is None else (start, min(n, n if stop is None else stop))
+            t = _pread(file, meta.dtype, offset + a * meta.element_size(), max(b - a, 0))
+            return t.reshape(meta.shape) if start is None else t
         if self._tensors is not None:
             t = self._tensors[name]
             return t if start is None else t.reshape(-1)[start:stop]
@@ -307,7 +338,11 @@ def open_checkpoint(path: Path) -> StateDictReader:
         reader._handles[file] = handle
         return reader
     if file.suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        return StateDictReader(file, tensors=_tensor_dict(load_torch_file(file), file))
+        tensors = _tensor_dict(load_torch_file(file), file)
+        found = _in_place(file, tensors)
+        if found is None:
+            return StateDictReader(file, tensors=tensors)
+        return StateDictReader(file, tensors=found[0], at=found[1])
     raise CheckpointError(f"{file}: unknown checkpoint format '{file.suffix}'",
                           "use .safetensors, a sharded safetensors index, or a .pt/.bin state dict")
 
@@ -329,8 +364,19 @@ def _open_index(index: Path) -> StateDictReader:
         shards[name] = f
     if index.name.startswith("pytorch_model"):
         tensors: dict[str, torch.Tensor] = {}
+        metas: dict[str, torch.Tensor] = {}
+        at: dict[str, tuple[Path, int]] = {}
+        in_place = True
         for f in sorted(set(shards.values())):
-            tensors.update(_tensor_dict(load_torch_file(f), f))
+            part = _tensor_dict(load_torch_file(f), f)
+            found = _in_place(f, part) if in_place else None
+            in_place = found is not None
+            tensors.update(part)
+            if found is not None:
+                metas.update(found[0])
+                at.update(found[1])
+        if in_place:
+            return StateDictReader(index, tensors=metas, at=at)
         return StateDictReader(index, tensors=tensors)
     return StateDictReader(index, shards=shards)
 
@@ -368,15 +414,86 @@ def _torch_load(file: Path) -> tuple[Any, bool]:
         return torch.load(file, map_location="cpu", weights_only=True), False
 
 
-def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
-    """The flat name -> tensor mapping inside a loaded .pt object."""
-    # Lightning .ckpt files keep the weights under "state_dict", dcp_to_torch output and many
-    # training scripts under "model"; the rest of such a file (optimizer, loops) is not weights.
+def load_torch_meta(file: Path) -> Any:
+    """A ``torch.save`` file's structure with every tensor on the meta device (no data
+    read), each storage knowing its byte offset in the file (``file_offset``); None where
+    torch cannot load it so (a legacy, non-zip file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="meta", weights_only=True)
+    except Exception:
+        return None
+
+
+def file_offset(file: Path, meta: Any, like: torch.Tensor) -> int | None:
+    """The byte offset in ``file`` of the data of ``meta`` (a tensor of ``load_torch_meta``)
+    where it is contiguous and has the dtype and shape of ``like`` (the same tensor loaded
+    with its data); None otherwise. The offset is trusted only where the first and last
+    elements read there are, bit for bit, ``like``'s (a byte-swapped file is not)."""
+    if not isinstance(meta, torch.Tensor) or not meta.is_meta or meta.dtype != like.dtype \
+            or meta.shape != like.shape or not meta.is_contiguous() or not like.is_contiguous():
+        return None
+    base = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(base, int) or base < 0:
+        return None
+    offset = base + int(meta.storage_offset()) * meta.element_size()
+    n = like.numel()
+    if n:
+        flat = like.reshape(-1)
+        k = min(n, 8)
+        try:
+            head = _pread(file, like.dtype, offset, k)
+            tail = _pread(file, like.dtype, offset + (n - k) * like.element_size(), k)
+        except OSError:
+            return None
+        if not (_same_bits(head, flat[:k]) and _same_bits(tail, flat[n - k:])):
+            return None
+    return offset
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def read_at(file: Path, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+    """``count`` elements of ``dtype`` at byte ``offset`` of ``file``, read into fresh
+    memory (nothing of the file stays open or mapped)."""
+    return _pread(file, dtype, offset, count)
+
+
+def _weights(obj: Any) -> Any:
+    """The part of a loaded .pt object that holds the weights: Lightning .ckpt files keep
+    them under "state_dict", dcp_to_torch output and many training scripts under "model";
+    the rest of such a file (optimizer, loops) is not weights."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not all(
                 isinstance(v, torch.Tensor) for v in obj.values()):
-            obj = obj[key]
-            break
+            return obj[key]
+    return obj
+
+
+def _in_place(file: Path, tensors: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Path, int]]] | None:
+    """For a .pt file's weights (``tensors``, loaded with their data): the same as meta
+    tensors and where each one's data lies in the file, so that they are read there on use
+    and nothing of the file stays mapped; None where any one's place cannot be found."""
+    meta = _weights(load_torch_meta(file))
+    if not isinstance(meta, dict):
+        return None
+    metas: dict[str, torch.Tensor] = {}
+    at: dict[str, tuple[Path, int]] = {}
+    for name, t in tensors.items():
+        offset = file_offset(file, meta.get(name), t)
+        if offset is None:
+            return None
+        metas[name], at[name] = meta[name], (file, offset)
+    return metas, at
+
+
+def _tensor_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping inside a loaded .pt object."""
+    obj = _weights(obj)
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
@@ -404,6 +521,12 @@ class RenamedReader(StateDictReader):
         super().__init__(inner.path)
         self.inner = inner
         self.prefix = prefix
+
+    def held(self) -> int:
+        return self.inner.held()
+
+    def release(self) -> None:
+        self.inner.release()
 
     def names(self) -> list[str]:
         n = len(self.prefix)

@@ -51,6 +51,13 @@ class LoraMergedReader(StateDictReader):
         self.adapter = open_checkpoint(weights)
         self._pairs = self._match(weights, model_names)
 
+    def held(self) -> int:
+        return self.base.held() + self.adapter.held()
+
+    def release(self) -> None:
+        self.base.release()
+        self.adapter.release()
+
     def _match(self, weights: Path, model_names: set[str]) -> dict[str, tuple[str, str, bool]]:
         """Model parameter name -> (A key, B key, embedding?) for every adapted module."""
         found: dict[str, dict[str, str]] = {}

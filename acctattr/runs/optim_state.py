@@ -28,8 +28,11 @@ from acctattr.runs.checkpoints import (
     check_dense,
     drop_range,
     extremes,
+    file_offset,
     load_torch_file_mapped,
+    load_torch_meta,
     open_checkpoint,
+    read_at,
 )
 from acctattr.runs.manifest import OptimizerSpec
 
@@ -70,9 +73,13 @@ class GroupHparams:
 class OptimizerState:
     """Hyperparameters per group and, when a state file was read, per-parameter state.
 
-    The state tensors stay in the file until asked for: ``tensors`` are views into the
-    memory-mapped ``torch.save`` file (their pages given back after each read), ``keys``
-    the names of a safetensors state file's tensors in ``reader``.
+    The state tensors stay in the file until asked for, and nothing of the file is held
+    open: ``at`` gives each tensor's dtype, shape and byte offset in a ``torch.save`` file
+    (read there by plain reads on every call), ``keys`` the names of a safetensors state
+    file's tensors in ``reader`` (its handle released after the load-time checks). Only
+    where offsets cannot be found (a legacy, non-zip file; a non-contiguous tensor) are
+    ``tensors`` kept: views into the memory-mapped file (their pages given back after each
+    read), or the loaded tensors.
     """
 
     groups: list[GroupHparams]
@@ -83,14 +90,44 @@ class OptimizerState:
     keys: dict[str, dict[str, str]] = field(default_factory=dict)
     mapped: bool = False  # ``tensors`` lie in a read-only private mapping of the file
     span: tuple[int, int] = (0, 0)  # the addresses those tensors span in it
+    # param -> state name -> (dtype, shape, byte offset in ``source``)
+    at: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] = field(
+        default_factory=dict)
 
     def group_of(self) -> dict[str, int]:
         return {n: i for i, g in enumerate(self.groups) for n in g.names}
+
+    def params(self) -> set[str]:
+        """The parameters the file holds state tensors for."""
+        return set(self.at) | set(self.tensors) | set(self.keys)
+
+    def held(self) -> int:
+        """How many of the file's tensors (views or loaded), open handles and parsed
+        headers this state holds: 0 after ``release`` unless the file could not be read in
+        place."""
+        return sum(len(per) for per in self.tensors.values()) + (
+            self.reader.held() if self.reader is not None else 0)
+
+    def release(self) -> None:
+        """Close a safetensors state file's handle (opened again when next read)."""
+        if self.reader is not None:
+            self.reader.release()
 
     def tensor(self, param: str, state_name: str, start: int | None = None,
                stop: int | None = None) -> torch.Tensor | None:
         """One state tensor (or flat elements start..stop of it) in fresh memory, float32
         (float64 kept); None where the file has none."""
+        place = self.at.get(param, {}).get(state_name)
+        if place is not None and self.source is not None:
+            dtype, shape, offset = place
+            n = math.prod(shape)
+            a, b = (0, n) if start is None else (start, min(n, n if stop is None else stop))
+            size = torch.empty((), dtype=dtype).element_size()
+            got = read_at(self.source, dtype, offset + a * size, max(b - a, 0))
+            if start is None:
+                got = got.reshape(shape)
+            # fresh memory: float32 and float64 as read, other dtypes promoted to float32
+            return got if got.dtype in (torch.float32, torch.float64) else got.float()
         key = self.keys.get(param, {}).get(state_name)
         if key is not None and self.reader is not None:
             if start is None:
@@ -187,7 +224,8 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
     assert file is not None
     sd, mapped = load_torch_file_mapped(file)
     where = f"stage '{stage}': optimizer.state {file}"
-    if isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list):
+    lightning = isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list)
+    if lightning:
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
         if len(sd["optimizer_states"]) != 1:
             raise CheckpointError(f"{where} holds {len(sd['optimizer_states'])} optimizers' "
@@ -245,6 +283,8 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
     state = sd["state"]
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     step: int | None = None
+    entry: dict = {}
+    value: object = None
     for gids, gnames in zip(ids, groups, strict=True):
         for pid, name in zip(gids, gnames, strict=True):
             entry = state.get(pid, {})
@@ -266,14 +306,43 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 _check_moment(value, key, f"{where}: state '{key}' of '{name}'",
                               f"{where}: state '{key}' of '{name}' has NaN or Inf values")
                 tensors.setdefault(name, {})[key] = value
-    span = _span(tensors)
-    if mapped:  # read once for the checks above; read again when used
-        drop_range(*span)
-    heap.trim()  # what unpickling and the checks freed, before the next file is opened
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
+    at = _offsets(file, tensors, ids, groups, lightning) if mapped else None
+    if at is not None:  # read in place from now on: the file's mapping is let go
+        del sd, state, entry, value  # every reference to the mapped tensors
+        tensors.clear()
+        heap.trim()  # what unpickling and the checks freed, before the next file is opened
+        return OptimizerState(groups_h, {}, step, file, at=at)
+    span = _span(tensors)
+    if mapped:  # read once for the checks above; read again when used
+        drop_range(*span)
+    heap.trim()
     return OptimizerState(groups_h, tensors, step, file, mapped=mapped, span=span)
+
+
+def _offsets(file: Path, tensors: dict[str, dict[str, torch.Tensor]], ids: list[list[int]],
+             groups: list[list[str]], lightning: bool
+             ) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] | None:
+    """Where each state tensor's data lies in the ``torch.save`` file (dtype, shape, byte
+    offset), from the file loaded again on the meta device (no data read); None where any
+    tensor's cannot be found (then the mapped views are kept)."""
+    meta = load_torch_meta(file)
+    if lightning and isinstance(meta, dict):
+        meta = (meta.get("optimizer_states") or [None])[0]
+    if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
+        return None
+    at: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...], int]]] = {}
+    for gids, gnames in zip(ids, groups, strict=True):
+        for pid, name in zip(gids, gnames, strict=True):
+            for key, t in tensors.get(name, {}).items():
+                m = meta["state"].get(pid, {})
+                offset = file_offset(file, m.get(key) if isinstance(m, dict) else None, t)
+                if offset is None:
+                    return None
+                at.setdefault(name, {})[key] = (t.dtype, tuple(t.shape), offset)
+    return at
 
 
 # the kernel maps up to 64 KiB around a faulting page (fault_around_bytes)
@@ -423,5 +492,6 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
         keys.setdefault(param, {})[state_name] = key
     groups = default_groups(list(trainable), spec)
     _check_cover(groups, trainable, stage, "optimizer.param_names")
+    reader.release()  # checked: opened again when read
     return OptimizerState([_merge(spec, g, None, _has_max(keys, g)) for g in groups],
                           {}, step, spec.state, reader=reader, keys=keys)

@@ -571,3 +571,126 @@ def test_the_schema_takes_the_language_model_manifest():
     assert [e.message for e in validator.iter_errors(doc)] == []
     doc["eval"]["data"] = "eval.safetensors"
     assert list(validator.iter_errors(doc)), "inputs and target are required there"
+
+
+# ---------------------------------------------------------------- the padding warning
+
+
+@pytest.fixture
+def padding_log(monkeypatch):
+    """The transformers padding warnings given from now on (a handler on the logger that
+    gives them, behind acctattr's filter), transformers' once-per-process memory and
+    acctattr's filter state reset so each test starts fresh."""
+    import logging
+
+    from acctattr.evaluation import lm as lm_mod
+
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def unfilter() -> None:  # an earlier test's filter (the process-wide one) removed
+        for f in list(log.filters):
+            if isinstance(f, lm_mod._NeedlessPadding):
+                log.removeFilter(f)
+
+    unfilter()
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    monkeypatch.setattr(lm_mod, "_FILTER", lm_mod._NeedlessPadding())
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(lm_mod.PADDING_WARNING):
+                got.append(record.getMessage())
+
+    handler = Keep()
+    log.addHandler(handler)
+    yield got
+    log.removeHandler(handler)
+    unfilter()
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+
+
+def _right_padded_eval(tmp_path: Path, left: bool = False) -> EvalSpec:
+    """padded_batch's rows (pad id 0 = the model's pad_token_id, labels -100 on padding),
+    saved without attention_mask; ``left``: the padding moved before the tokens."""
+    ids, _, labels, lengths = padded_batch()
+    if left:
+        ids = torch.stack([r.roll(r.shape[0] - m) for r, m in zip(ids, lengths, strict=True)])
+        labels = torch.stack([r.roll(r.shape[0] - m)
+                              for r, m in zip(labels, lengths, strict=True)])
+    save_file({"input_ids": ids, "labels": labels}, tmp_path / "eval.safetensors")
+    return EvalSpec(inputs=("input_ids",), target="labels", metric="next_token_loss",
+                    data=tmp_path / "eval.safetensors", batch_size=4)
+
+
+def test_right_padded_eval_without_mask_gives_no_padding_warning_same_numbers(
+        lm, tmp_path, padding_log):
+    """A Hugging Face LM evaluated on right-padded input_ids with no attention_mask: the
+    evaluation passes an all-ones mask, so transformers does not warn that the input may
+    be padded, and every number is bit for bit that of the unmasked model call."""
+    spec = _right_padded_eval(tmp_path)
+    ev = _evaluator(lm, spec)
+    vals, _ = ev.values()
+    v = {n: torch.full_like(p, 1e-3) for n, p in ev.params.items()}
+    lin = ev.linear(v)
+    ev.direct(v, vals)
+    assert padding_log == []
+    ids, _, labels, _ = padded_batch()
+    with torch.no_grad():  # the call as it was: no mask (transformers warns here)
+        plain = next_token_loss(lm(ids).logits, labels).double()
+    assert padding_log, "the unmasked call itself should warn: the test would prove nothing"
+    assert torch.equal(vals, plain)
+    lm.zero_grad()
+    with torch.enable_grad():
+        from torch.func import functional_call, jvp
+
+        params = {n: p.detach() for n, p in lm.named_parameters()}
+        names = list(params)
+        _, tangent = jvp(lambda *ps: next_token_loss(functional_call(
+            lm, dict(zip(names, ps, strict=True)), (ids,)).logits, labels),
+            tuple(params[n] for n in names), tuple(v[n] for n in names))
+    assert torch.equal(lin, tangent.double())
+
+
+def test_left_padded_eval_without_mask_keeps_the_padding_warning(lm, tmp_path, padding_log):
+    """Left padding without a mask changes what the counted tokens see: the warning
+    stands (no mask is made up)."""
+    ev = _evaluator(lm, _right_padded_eval(tmp_path, left=True))
+    ev.values()
+    assert len(padding_log) == 1
+
+
+def test_curvature_on_right_padded_sample_drops_the_warning_not_the_loop(lm, padding_log):
+    """unrolled's training-loss passes over a right-padded sample without attention_mask:
+    no padding warning, and the passes stay unmasked (transformers' padding check still
+    defeats vmap, so the loop is taken as before: the same numbers). Left padding seen
+    afterwards brings the dropped warning back."""
+    ids, _, labels, _ = padded_batch()
+    sample = {"input_ids": ids, "labels": labels}
+    loss = resolve_metric("next_token_loss", None, "train.loss")
+    cv = Curvature(lm, {}, loss, sample, ("input_ids",), "labels")
+    params = {n: p.detach() for n, p in lm.named_parameters()}
+    cv.value(params)
+    cv.gradient_and_noise(params, 3)
+    assert cv._batched is False
+    assert padding_log == []
+    ev_ids = torch.stack([r.roll(4) for r in ids])
+    Curvature(lm, {}, loss, {"input_ids": ev_ids, "labels": labels}, ("input_ids",),
+              "labels")
+    assert len(padding_log) == 1
+
+
+def test_lm_sample_run_prints_no_padding_warning():
+    """`acctattr run sample_runs/lm/manifest.yaml -q` (right-padded questions, no
+    attention_mask in the eval file) prints nothing on stderr but the estimator line."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    p = subprocess.run([sys.executable, "-m", "acctattr", "run",
+                        str(root / "sample_runs/lm/manifest.yaml"), "-q", "-f", "json",
+                        "--estimator", "frozen", "--threads", "1"],
+                       capture_output=True, text=True, check=False, cwd=root)
+    assert p.returncode == 0, p.stderr
+    assert "attention_mask" not in p.stderr
+    assert "may be padded" not in p.stderr

@@ -52,7 +52,7 @@ def test_trainer_folder_gives_steps_lrs_and_state(hf_run):
     assert sft.lrs == pytest.approx(hf_run["sft_lrs"], abs=1e-12)
     # optimizer.pt mapped by the HF decay / no-decay rule, hyperparameters per group
     assert [g.weight_decay for g in sft.state.groups] == [0.1, 0.0]
-    assert set(sft.state.tensors) == set(loaded.info.trainable)
+    assert sft.state.params() == set(loaded.info.trainable)
     assert sft.state.step == 6
     assert loaded.warnings == []
 

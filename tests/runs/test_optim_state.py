@@ -52,7 +52,7 @@ def test_one_group_maps_ids_in_parameter_order(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     st = load(model, spec("sgd", tmp_path / "optimizer.pt"))
     want = expected_by_name(model, opt, "momentum_buffer")
-    assert sorted(st.tensors) == sorted(want)
+    assert sorted(st.params()) == sorted(want)
     for name, t in want.items():
         assert torch.equal(st.tensor(name, "momentum_buffer"), t)
     (g,) = st.groups
@@ -200,7 +200,7 @@ def test_no_state_file_uses_manifest_and_torch_defaults():
     (g,) = st.groups
     assert g.names == tuple(n for n, _ in model.named_parameters())
     assert (g.weight_decay, g.beta1, g.beta2, g.eps) == (0.01, 0.9, 0.999, 1e-6)
-    assert st.tensors == {} and st.step is None
+    assert st.params() == set() and st.step is None
 
 
 @pytest.mark.parametrize("bad,key", [(float("nan"), "exp_avg"), (float("inf"), "exp_avg_sq"),
