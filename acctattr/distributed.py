@@ -136,6 +136,10 @@ def joined(device: torch.device) -> Iterator[Ranks]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size())
+        # every rank leaves together: a rank that tore its connections down while rank 0
+        # was still writing the result made rank 0's gloo abort ("terminate called without
+        # an active exception", exit -6) in one full test run under load
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
