@@ -91,7 +91,7 @@ class AdamFlow:
             keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
             v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
             del n_cf
-            lr = path.pace * float(sum(run.lrs[k0:k1]))
+            lr = path.pace * flat.lr_sum(j, k0, k1)
             if self.config.adam_momentum:
                 m_cf = g_cf.clone() if m_cf is None else m_cf
                 s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps, positive,
@@ -158,7 +158,7 @@ class AdamFlow:
                     _add_weighted(sums, g, noise, weight[q])
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
-                lr = pace * float(sum(run.lrs[k0:k1]))
+                lr = pace * flat.lr_sum(j, k0, k1)
                 if self.config.adam_momentum:
                     m = g.clone() if m is None else m
                     return self.momentum_step(j, theta, g, m, v, step0 + k1, eps, positive,
