@@ -300,22 +300,28 @@ class AdamFlow:
             m[part] = m_end
         return step_
 
-    def gradient_at(self, j: int, point: torch.Tensor, rho: float,
-                    lam_c: torch.Tensor) -> torch.Tensor:
+    def gradient_at(self, j: int, point: torch.Tensor, rho: float, lam_c: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Stage j's clipped training-loss gradient plus coupled decay at flat ``point``
-        (whose buffer it may take over), summed over the sample's groups one at a time."""
+        (float32 or float64), summed over the sample's groups one at a time: into ``out``
+        where given, else into point's own buffer where no coupled decay needs the point
+        and the model's tensors are not views of it, else into a fresh one. The decay is
+        added one piece at a time (mixed dtypes: torch casts a whole operand otherwise)."""
         flat = self.flat
         params = flat.at(point)
         coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
-        shared = any(q.untyped_storage().data_ptr() == point.untyped_storage().data_ptr()
-                     for q in params.values())
-        out = torch.empty_like(point) if coupled or shared else point
+        if out is None:
+            shared = any(q.untyped_storage().data_ptr() == point.untyped_storage().data_ptr()
+                         for q in params.values())
+            out = torch.empty_like(point) if coupled or shared else point
         self.group_moments.gradient(flat.curvature(j), j, params, self.config.noise_chunks,
                                     out)
         del params
         out.mul_(rho)
         if coupled:
-            out.addcmul_(lam_c, point)
+            for ga, ap, lp in zip(*(torch.split(x, PIECE) for x in (out, point)),
+                                  _pieces(lam_c, point), strict=True):
+                ga.addcmul_(lp, ap)
         return out
 
     def direction(self, j: int, g: torch.Tensor, v: torch.Tensor, step: int,
@@ -347,35 +353,20 @@ class AdamFlow:
         ``own_theta``, else in float32 (it only decides where the gradient flips sign and
         the secant's fraction: float32 rounding). Mixed float32/float64 arithmetic is done
         one parameter at a time (torch casts a whole operand otherwise)."""
-        flat = self.flat
         step.masked_fill_(~positive, 0.0)
-        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
         if self.narrow:
             after = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
             for tp, sp, ap in zip(*(torch.split(x, PIECE) for x in (theta, step, after)),
                                   strict=True):
                 torch.add(tp, sp, out=ap)
-            params = flat.at(after)
-            g_after = theta if own_theta else torch.empty_like(after)
+            out = theta if own_theta else torch.empty_like(after)
         else:
-            after = theta.add_(step) if own_theta else theta + step
-            # the gradient after the step written over the point it was taken at where no
-            # coupled decay needs that point
-            params = flat.at(after)
-            shared = any(p.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
-                         for p in params.values())
-            g_after = torch.empty_like(after) if coupled or shared else after
+            after, out = (theta.add_(step) if own_theta else theta + step), None
         del theta
-        # the gradient after the step (summed over the sample's groups, one at a time)
-        self.group_moments.gradient(flat.curvature(j), j, params, self.config.noise_chunks,
-                                    g_after)
-        del params
-        g_after.mul_(rho)
-        if coupled:
-            for ga, ap, lp in zip(*(torch.split(x, PIECE) for x in (g_after, after)),
-                                  _pieces(lam_c, after), strict=True):
-                ga.addcmul_(lp, ap)
-        del after
+        # the gradient after the step (summed over the sample's groups, one at a time),
+        # where it can be, written over the point it was taken at
+        g_after = self.gradient_at(j, after, rho, lam_c, out)
+        del after, out
         # one parameter at a time: no whole-model temporaries
         for gp, ga, sp in zip(*(torch.split(x, PIECE) for x in (g, g_after, step)),
                               strict=True):
