@@ -53,10 +53,8 @@ class Spill:
         host = value.detach().to("cpu", torch.float32).contiguous()
         view = host.numpy().data.cast("B")
         offset = len(self._slots) * self.nbytes
-        done = 0
         try:
-            while done < self.nbytes:
-                done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+            _write_at(self._file.fileno(), view, offset)
         except OSError as err:
             raise OSError(err.errno, f"unrolled keeps its simulated path of a stage in a "
                           f"temporary file ({self.nbytes / 2**20:.0f} MB per substep) in "
@@ -76,14 +74,7 @@ class Spill:
         if out is None:
             out = torch.empty(self.numel, dtype=torch.float32)
         view = out.numpy().data.cast("B")
-        offset = self._slots[key] * self.nbytes
-        done = 0
-        while done < self.nbytes:
-            got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"unrolled's temporary path file ended early ({offset + done} "
-                              "bytes)")
-            done += got
+        _read_at(self._file.fileno(), view, self._slots[key] * self.nbytes)
         return out if self.device.type == "cpu" else out.to(self.device)
 
     def close(self) -> None:
@@ -137,6 +128,23 @@ class ActualPath:
                 theta.mul_(self.decay(*span))
 
 
+def _write_at(fd: int, view: memoryview, offset: int) -> None:
+    """All of ``view`` written to file ``fd`` at ``offset`` (pwrite may write less)."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> None:
+    """``view`` filled from file ``fd`` at ``offset`` with plain reads (not a mapping)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"unrolled's temporary file ended early ({offset + done} bytes)")
+        done += got
+
+
 @contextmanager
 def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
     """``t``'s memory given back while the block runs, its bytes kept meanwhile in an
@@ -159,9 +167,7 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
         for lo in range(0, nbytes, len(stage)):
             n = min(len(stage), nbytes - lo)
             stage[:n].copy_(raw[lo:lo + n])
-            done = 0
-            while done < n:
-                done += os.pwrite(f.fileno(), view[done:n], lo + done)
+            _write_at(f.fileno(), view[:n], lo)
         del raw
         try:
             storage.resize_(0)
@@ -175,12 +181,7 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
             raw = t.view(-1).view(torch.uint8)
             for lo in range(0, nbytes, len(stage)):
                 n = min(len(stage), nbytes - lo)
-                done = 0
-                while done < n:
-                    got = os.preadv(f.fileno(), [view[done:n]], lo + done)
-                    if got <= 0:
-                        raise OSError("unrolled's temporary file ended early")
-                    done += got
+                _read_at(f.fileno(), view[:n], lo)
                 raw[lo:lo + n].copy_(stage[:n])
 
 
