@@ -45,14 +45,14 @@ class UnrolledConfig:
     # (estimators.Unrolled._adam_flow). Per substep: two gradient passes per run.
     adam_dynamics: str = "flow"
     # Adam flow: each run's first moment m_hat (beta1) kept alongside it, per coordinate
-    # as a damped oscillator on the local quadratic, solved exactly over each substep
-    # (AdamFlow.momentum_step); off: m_hat = g and the settled step. Off by default for
-    # now: with it lm's pretrain is -2% (off: -21%), LoRA's sft +9% (+25%), and the
-    # adapter-stage and short Trainer runs come out right where the flow without it got
-    # signs wrong; but the LoRA run's poison stage then under-learns its warmup segment
-    # (simulated / recorded loss fall 0.43), so auto falls back to frozen there, and lm
-    # 4x's pretrain is -31% (-17% off) and not converged in substeps (README "Fidelity")
-    adam_momentum: bool = False
+    # as a damped oscillator on the local quadratic, solved exactly over each substep, a
+    # substep that would raise the training loss taken again critically damped
+    # (AdamFlow.momentum_step); off: m_hat = g and the settled step (the default before
+    # 2026-12-06). On the lm sample run pretrain -3% (off: -21%), LoRA's sft +13% (+25%),
+    # and the adapter-stage and short Trainer runs come out right where the flow without
+    # it got signs wrong; lm 4x's pretrain is -34% (-17% off) and not converged in
+    # substeps (README "Fidelity")
+    adam_momentum: bool = True
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
     # flow_substeps exponential Euler steps (lanczos_iters HVPs each), a step that would

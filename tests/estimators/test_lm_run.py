@@ -41,8 +41,9 @@ def test_the_lm_run_records_what_trainer_did():
 
 def test_auto_keeps_unrolled_and_tracks_retraining_on_the_lm_run(auto_result):
     """auto keeps unrolled (its simulation reproduces every later stage); per-example
-    Pearson >= 0.9 and the sign right on every stage, means within 35% (README: the
-    bench's figures), the last stage exact."""
+    Pearson >= 0.9 and the sign right on every stage, means within 20% (README "Fidelity":
+    Adam's first moment in the flow, ``adam_momentum``, is what takes pretrain from -21%
+    to within a few percent), the last stage exact."""
     truth = json.loads((ROOT / "truth.json").read_text())["stages"]
     assert auto_result.estimator == "unrolled", auto_result.estimator_note
     assert auto_result.examples is not None
@@ -52,28 +53,6 @@ def test_auto_keeps_unrolled_and_tracks_retraining_on_the_lm_run(auto_result):
         ref = torch.tensor(truth[s.name]["examples"], dtype=torch.float64)
         assert _pearson(est, ref) >= 0.9, (s.name, _pearson(est, ref))
         assert (s.effect > 0) == (float(ref.mean()) > 0), s.name
-        assert abs(s.effect / float(ref.mean()) - 1) < 0.35, (s.name, s.effect)
+        assert abs(s.effect / float(ref.mean()) - 1) < 0.2, (s.name, s.effect)
         if s.name == "poison":
             assert torch.allclose(est, ref, atol=1e-4)
-
-
-def test_with_adam_momentum_the_lm_runs_means_are_within_20_percent():
-    """``adam_momentum`` (opt-in) keeps Adam's first moment in the flow, solved per
-    coordinate over each substep (AdamFlow.momentum_step): on the lm run its lag is what
-    the flow without it misses (README "Fidelity": pretrain -21% and sft +15% without it;
-    -2% and +16% with it). With it, every earlier stage's mean is within 20% of the
-    retraining truth, its sign right and Pearson >= 0.9, and auto still keeps unrolled."""
-    from acctattr.options import UnrolledConfig
-
-    truth = json.loads((ROOT / "truth.json").read_text())["stages"]
-    result = pipeline.run(ROOT / "manifest.yaml", per_example=True,
-                          config=UnrolledConfig(adam_momentum=True))
-    assert result.estimator == "unrolled", result.estimator_note
-    assert result.examples is not None
-    earlier = [s for s in result.stages if s.name != "poison"]  # poison: exact (direct)
-    assert [s.name for s in earlier] == ["pretrain", "sft"]
-    for s in earlier:
-        est = torch.tensor([e.effects[s.name] for e in result.examples], dtype=torch.float64)
-        ref = torch.tensor(truth[s.name]["examples"], dtype=torch.float64)
-        assert _pearson(est, ref) >= 0.9, (s.name, _pearson(est, ref))
-        assert abs(s.effect / float(ref.mean()) - 1) < 0.2, (s.name, s.effect)

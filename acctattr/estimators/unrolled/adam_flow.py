@@ -17,11 +17,13 @@ estimate of where its gradient changes sign (one more gradient at the proposed p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
 
+from acctattr import heap
 from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
 from acctattr.estimators.unrolled.noise import PIECE, GroupMoments, fit_noise
@@ -44,7 +46,7 @@ Moment = tuple[torch.Tensor, int]
 # dtypes float32 holds exactly
 _NARROW = (torch.float32, torch.bfloat16, torch.float16)
 # elements per slice of the first moment's closed-form solution (its temporaries, float64)
-OSCILLATOR_SLICE = 1 << 18
+OSCILLATOR_SLICE = 1 << 16
 
 
 class AdamFlow:
@@ -81,31 +83,41 @@ class AdamFlow:
         self.cf_start = ("carry", None)  # taken (it may have been v_cf itself)
         m_cf: torch.Tensor | None = None  # adam_momentum: the counterfactual's m_hat
         what = f"carrying the counterfactual through stage '{run.name}'"
-        for q, ((k0, k1), theta, s_act) in enumerate(path):
-            flat.report(what, q, len(path.spans))
-            # the point as the model's tensors only while the moments are computed
-            g_cf, n_cf = self.moments(j, flat.at(theta - d))
-            cf = theta - d
-            rho = self.clip_factor(j, g_cf, n_cf, path.c)
-            g_cf.mul_(rho).addcmul_(lam_c, cf)
-            keep = flat.per_group(j, lambda g, n=k1 - k0: g.beta2**n)
-            v_cf.mul_(keep).addcmul_(1 - keep, n_cf.mul_(path.c * rho * rho).addcmul_(g_cf, g_cf))
-            del n_cf
-            lr = path.pace * flat.lr_sum(j, k0, k1)
-            if self.config.adam_momentum:
-                m_cf = g_cf.clone() if m_cf is None else m_cf
-                s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps, positive,
-                                          lam_c, rho, lr, k1 - k0, own_theta=True)
-            else:
-                u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
-                s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-lr), positive, lam_c, rho,
-                                         own_theta=True)
-                del u_cf  # s_cf itself: not held past it while the next substep's are made
-            del cf, g_cf
-            d.add_(s_act).sub_(s_cf)
-            del s_cf
-            if run.opt_type == "adamw":
-                d.mul_(flat.decay(j, k0, k1))
+        with _parked_all(path.v_sim):  # the simulated run's v: read only after the loop
+            for q, ((k0, k1), theta, s_act) in enumerate(path):
+                flat.report(what, q, len(path.spans))
+                lr = path.pace * flat.lr_sum(j, k0, k1)
+                if self.config.adam_momentum:
+                    # d's buffer holds the counterfactual's point theta - d over the substep,
+                    # and theta, needed only at its end, is parked meanwhile
+                    cf = d.neg_().add_(theta)
+                    with parked(theta):
+                        with _parked_all(m_cf):
+                            g_cf, n_cf = self.moments(j, flat.at(cf))
+                        rho = self._clip_and_update(j, g_cf, n_cf, cf, v_cf, path.c, k0, k1)
+                        del n_cf
+                        m_cf = g_cf.clone() if m_cf is None else m_cf
+                        s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps,
+                                                  positive, lam_c, rho, lr, k1 - k0,
+                                                  guard=partial(self.value_at, j, cf))
+                        del g_cf
+                    d.neg_().add_(theta)  # d again
+                    del cf
+                else:
+                    # the point as the model's tensors only while the moments are computed
+                    g_cf, n_cf = self.moments(j, flat.at(theta - d))
+                    cf = theta - d
+                    rho = self._clip_and_update(j, g_cf, n_cf, cf, v_cf, path.c, k0, k1)
+                    del n_cf
+                    u_cf = self.direction(j, g_cf, v_cf, step0 + k1, eps)
+                    s_cf = self.settled_step(j, cf, g_cf, u_cf.mul_(-lr), positive, lam_c, rho,
+                                             own_theta=True)
+                    del u_cf, cf, g_cf  # s_cf: not held past it while the next substep's are made
+                add_in_pieces(d, s_act)
+                add_in_pieces(d, s_cf, negate=True)
+                del s_cf
+                if run.opt_type == "adamw":
+                    d.mul_(flat.decay(j, k0, k1))
         if not hand_on:
             return d, None
         # the next stage continues this one's state: hand on how the runs' v differ
@@ -115,6 +127,19 @@ class AdamFlow:
         end = flat.anchor(run.end)
         end_g = flat.flat(curv.gradient(end))
         return d, end_g - flat.flat(curv.gradient(flat.at(flat.flat(end) - d))) + lam_c * d
+
+    def _clip_and_update(self, j: int, g: torch.Tensor, noise: torch.Tensor,
+                         point: torch.Tensor, v: torch.Tensor, c: float, k0: int,
+                         k1: int) -> float:
+        """The counterfactual's substep k0..k1 at ``point``: its mean gradient g clipped
+        (returns the clip factor) plus coupled decay, in place, and its second moment v
+        moved on by g^2 + c * noise (noise is used up)."""
+        flat = self.flat
+        rho = self.clip_factor(j, g, noise, c)
+        g.mul_(rho).addcmul_(flat.coupled_decay(j), point)
+        keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
+        v.mul_(keep).addcmul_(1 - keep, noise.mul_(c * rho * rho).addcmul_(g, g))
+        return rho
 
     def path(self, j: int, total: float, positive: torch.Tensor) -> ActualPath:
         """The actual run through stage j simulated from each checkpoint to the next; the
@@ -149,7 +174,8 @@ class AdamFlow:
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 nonlocal m
-                g, noise = self.moments(j, theta)
+                with _parked_all(m):
+                    g, noise = self.moments(j, theta)
                 rho = self.clip_factor(j, g, noise, c)
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
@@ -161,8 +187,10 @@ class AdamFlow:
                 lr = pace * flat.lr_sum(j, k0, k1)
                 if self.config.adam_momentum:
                     m = g.clone() if m is None else m
-                    return self.momentum_step(j, theta, g, m, v, step0 + k1, eps, positive,
-                                              lam_c, rho, lr, k1 - k0)
+                    with _parked_all(*(sums or ())):  # the noise fit's: not used by the step
+                        return self.momentum_step(j, theta, g, m, v, step0 + k1, eps,
+                                                  positive, lam_c, rho, lr, k1 - k0,
+                                                  guard=partial(self.value_at, j, theta))
                 u = self.direction(j, g, v, step0 + k1, eps)
                 return self.settled_step(j, theta, g, u.mul_(-lr), positive, lam_c, rho)
 
@@ -238,7 +266,7 @@ class AdamFlow:
     def momentum_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
                       v: torch.Tensor, step: int, eps: torch.Tensor, positive: torch.Tensor,
                       lam_c: torch.Tensor, rho: float, lr: float, n: int,
-                      own_theta: bool = False) -> torch.Tensor:
+                      guard: Callable[..., float] | None = None) -> torch.Tensor:
         """``adam_momentum``: Adam's step over a substep of n optimizer steps (summed lr
         ``lr``) with its first moment, solved exactly per coordinate on the local quadratic;
         m (Adam's bias-corrected m_hat, in place) moves to the substep's end. Returns the
@@ -257,13 +285,24 @@ class AdamFlow:
         (Adam's recurrence with the gradient held over the substep, tried before, swung
         between -0.47 and -1.23 for lm 4x's pretrain at 16 to 64 substeps).
 
-        Memory: p is computed a slice at a time where it is used (not kept whole); with
-        ``own_theta`` the probe point is theta's buffer (the caller no longer needs it). The
+        A step that would raise the training loss is taken again critically damped, as the
+        SGD flow halves such a step: ``guard(step=None)`` is the loss at the substep's start
+        (theta), ``guard(step)`` after the step. Where the secant curvature is far off (a
+        probe step far past the gradient's zero, as in a fresh stage's warmup), an
+        under-damped coordinate's phase at the substep's end is arbitrary, and the summed
+        move can undo the substep's learning: the LoRA variant's poison stage fell 0.43 of
+        its recorded loss, 0.98 with the guard (3 of its 64 substeps taken again).
+
+        Memory: p is computed a slice at a time where it is used (not kept whole); the
+        probe point and the gradient there are in the model's precision (float32 unless
+        ``narrow`` is false); m and v are parked in a temporary file (``parked``) while
+        the probe's gradient is taken and while the guard evaluates the loss. The
         step and m stay float64: in float32 either moved lm's pretrain estimate by 2%
         (the oscillator amplifies their rounding; README "Memory, dtypes and scale").
         """
         flat = self.flat
         inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
+        before = guard() if guard is not None else 0.0
 
         def rate(part: slice) -> torch.Tensor:  # p over a slice
             ip = inv[part] if inv.dim() else inv
@@ -276,29 +315,71 @@ class AdamFlow:
         for a in range(0, g.numel(), OSCILLATOR_SLICE):
             part = slice(a, a + OSCILLATOR_SLICE)
             step_[part] = (g[part] * rate(part)).mul_(-float(n))
-        if own_theta:
-            point = theta
-            add_in_pieces(point, step_)
-        else:
-            point = torch.empty_like(theta)
-            for tp, sp, pp in zip(*(torch.split(x, PIECE) for x in (theta, step_, point)),
-                                  strict=True):
-                torch.add(tp, sp, out=pp)
+        point = torch.empty(theta.shape, device=theta.device,
+                            dtype=torch.float32 if self.narrow else torch.float64)
+        for tp, sp, pp in zip(*(torch.split(x, PIECE) for x in (theta, step_, point)),
+                              strict=True):
+            torch.add(tp, sp, out=pp)
         del theta
-        g_probe = self.gradient_at(j, point, rho, lam_c)
+        with _parked_all(m, v):
+            g_probe = self.gradient_at(j, point, rho, lam_c)
         del point
         tau = flat.per_group(j, lambda h: -1.0 / math.log(min(max(h.beta1, 1e-12),
                                                                  1 - 1e-12)))
-        # in slices: the solution's temporaries are a slice's, not the model's
-        for a in range(0, g.numel(), OSCILLATOR_SLICE):
-            part = slice(a, a + OSCILLATOR_SLICE)
-            probe = step_[part]
+        def solve(part: slice, critical: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            p = rate(part)
+            probe = (g[part] * p).mul_(-float(n))  # the probe step, as taken above
             h = _secant(g[part], g_probe[part], probe)
-            x, m_end = oscillator(g[part], m[part], rate(part), h,
-                                  tau[part] if tau.dim() else tau, float(n))
-            probe.copy_(x)
+            t = tau[part] if tau.dim() else tau
+            if critical:  # p h tau = 1/4 where it was more (0.25 / 0 = inf: left as it is)
+                t = torch.minimum(torch.as_tensor(t, dtype=h.dtype), 0.25 / (p * h))
+            return oscillator(g[part], m[part], p, h, t, float(n))
+
+        # in slices: the solution's temporaries are a slice's, not the model's. With the
+        # guard, m moves only once the step is kept (solved again: no second m held)
+        slices = [slice(a, a + OSCILLATOR_SLICE) for a in range(0, g.numel(), OSCILLATOR_SLICE)]
+        for part in slices:
+            x, m_end = solve(part, False)
+            step_[part] = x
+            if guard is None:
+                m[part] = m_end
+        if guard is None:
+            return step_
+        with _parked_all(m, v):
+            critical = guard(step_) > before
+        for part in slices:
+            x, m_end = solve(part, critical)
+            if critical:
+                step_[part] = x
             m[part] = m_end
         return step_
+
+    def value_at(self, j: int, point: torch.Tensor, step: torch.Tensor | None = None,
+                 minus: torch.Tensor | None = None) -> float:
+        """Stage j's training loss (plus coupled decay's 1/2 lam |theta|^2) at flat
+        point - minus + step, the point built one piece at a time in the model's precision
+        (float32 unless ``narrow`` is false): no whole-model float64 temporary."""
+        flat = self.flat
+        lam_c = flat.coupled_decay(j)
+        coupled = lam_c.dim() > 0 or float(lam_c) != 0.0
+        out = torch.empty(point.shape, dtype=torch.float32 if self.narrow else torch.float64,
+                          device=point.device)
+        penalty = 0.0
+        for a, op in zip(range(0, point.numel(), PIECE), torch.split(out, PIECE), strict=True):
+            part = slice(a, a + op.numel())
+            x = point[part].to(torch.float64, copy=True)
+            if minus is not None:
+                x.sub_(minus[part])
+            if step is not None:
+                x.add_(step[part])
+            if coupled:
+                lp = lam_c[part] if lam_c.dim() else lam_c
+                penalty += 0.5 * float((lp * x * x).sum())
+            op.copy_(x)
+        value = flat.curvature(j).value(flat.at(out)) + penalty
+        del out
+        heap.trim()  # the forward pass's activations, before the step's slices are solved
+        return value
 
     def gradient_at(self, j: int, point: torch.Tensor, rho: float, lam_c: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
@@ -449,6 +530,16 @@ class AdamFlow:
             return None
         dtype = _exact_dtype(found) if exact else torch.float64
         return torch.cat([p.reshape(-1).to(self.flat.device, dtype) for p in found])
+
+
+@contextmanager
+def _parked_all(*tensors: torch.Tensor | None) -> Iterator[None]:
+    """Every one of these (None skipped) parked while the block runs (path.parked)."""
+    with ExitStack() as stack:
+        for t in tensors:
+            if t is not None:
+                stack.enter_context(parked(t))
+        yield
 
 
 def _add_weighted(sums: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor,

@@ -185,12 +185,16 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
                 raw[lo:lo + n].copy_(stage[:n])
 
 
-def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 18) -> None:
-    """out += x in pieces of ``piece`` elements: where the dtypes differ, torch's CPU
-    kernels would otherwise cast all of x to a temporary (a float32 step added to a float64
-    point: two checkpoints' worth). The same values."""
+def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 18,
+                  negate: bool = False) -> None:
+    """out += x (-= x with ``negate``) in pieces of ``piece`` elements: where the dtypes
+    differ, torch's CPU kernels would otherwise cast all of x to a temporary (a float32
+    step added to a float64 point: two checkpoints' worth). The same values."""
     for op, xp in zip(torch.split(out, piece), torch.split(x, piece), strict=True):
-        op.add_(xp)
+        if negate:
+            op.sub_(xp)
+        else:
+            op.add_(xp)
 
 
 @dataclass(frozen=True)
