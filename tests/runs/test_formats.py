@@ -253,19 +253,31 @@ def test_placeholder_detection_is_torch_free():
         parse_manifest(raw, Path("/tmp/m.yaml"))
 
 
-def test_auto_takes_frozen_where_unrolled_does_not_reproduce_a_stage(tmp_path):
-    """A Trainer run whose second stage is 8 noisy AdamW steps: unrolled's simulated run of
-    it lowers the training loss ~15x more than the recorded run did (its estimate of s1 is
-    then wrong: bench/trainer_short.py), so auto takes frozen and says why; an explicit
-    unrolled runs and warns. JSON carries the reason."""
+def test_auto_takes_frozen_where_unrolled_does_not_reproduce_a_stage(tmp_path, monkeypatch):
+    """A Trainer run whose second stage is 8 noisy AdamW steps. Without Adam's first moment
+    in the flow (``adam_momentum`` off) unrolled's simulated run of it lowers the training
+    loss ~15x more than the recorded run did (its estimate of s1 is then wrong:
+    bench/trainer_short.py), so auto takes frozen and says why; an explicit unrolled runs
+    and warns. JSON carries the reason. With the first moment (the default) the
+    simulation reproduces the stage and auto keeps unrolled."""
+    from dataclasses import replace
+
+    import acctattr.cli as cli
+    from acctattr.options import UnrolledConfig
+
     manifest = write_short_trainer_run(tmp_path)
-    auto = pipeline.run(manifest)
+    assert pipeline.run(manifest).estimator == "unrolled"
+    without = UnrolledConfig(adam_momentum=False)
+    auto = pipeline.run(manifest, config=without)
     assert auto.estimator == "frozen"
     assert auto.estimator_note is not None
     assert "stage 's2'" in auto.estimator_note and "reproduce" in auto.estimator_note
-    explicit = pipeline.run(manifest, "unrolled")
+    explicit = pipeline.run(manifest, "unrolled", config=without)
     assert explicit.estimator == "unrolled"
     assert any("stage 's2'" in w and "--estimator frozen" in w for w in explicit.warnings)
+    made = cli.unrolled_config
+    monkeypatch.setattr(cli, "unrolled_config",
+                        lambda *a, **k: replace(made(*a, **k), adam_momentum=False))
     out = runner.invoke(app, ["run", str(manifest), "--format", "json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)

@@ -28,6 +28,7 @@ from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
 from acctattr.estimators.unrolled.noise import PIECE, GroupMoments, fit_noise
 from acctattr.estimators.unrolled.path import (
+    PARK_MIN,
     ActualPath,
     add_in_pieces,
     check_reproduction,
@@ -377,8 +378,9 @@ class AdamFlow:
                 penalty += 0.5 * float((lp * x * x).sum())
             op.copy_(x)
         value = flat.curvature(j).value(flat.at(out)) + penalty
+        if out.nbytes >= PARK_MIN:  # a large model's: the forward pass's activations,
+            heap.trim()  # before the step's slices are solved
         del out
-        heap.trim()  # the forward pass's activations, before the step's slices are solved
         return value
 
     def gradient_at(self, j: int, point: torch.Tensor, rho: float, lam_c: torch.Tensor,

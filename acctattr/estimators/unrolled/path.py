@@ -145,6 +145,10 @@ def _read_at(fd: int, view: memoryview, offset: int) -> None:
         done += got
 
 
+# tensors smaller than this are not parked
+PARK_MIN = 1 << 22
+
+
 @contextmanager
 def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
     """``t``'s memory given back while the block runs, its bytes kept meanwhile in an
@@ -153,11 +157,13 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
     the actual run of a later stage is simulated: two checkpoints at the peak). The
     tensor's storage is resized to nothing and back (the tensor object and its views stay
     the callers'); where that cannot be done (not a CPU tensor filling its storage, a
-    storage shared with numpy) it stays in memory."""
+    storage shared with numpy) it stays in memory, and so does one under PARK_MIN bytes
+    (a small model's vectors: the file's cost, nothing worth saving)."""
     storage = t.untyped_storage()
     nbytes = storage.nbytes()
     if not active or t.device.type != "cpu" or not t.is_contiguous() or \
-            t.storage_offset() != 0 or nbytes != t.numel() * t.element_size() or nbytes == 0:
+            t.storage_offset() != 0 or nbytes != t.numel() * t.element_size() or \
+            nbytes < PARK_MIN:
         yield
         return
     raw = t.view(-1).view(torch.uint8)
