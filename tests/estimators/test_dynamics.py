@@ -183,6 +183,32 @@ def test_the_momentum_oscillator_is_the_exact_solution_over_a_long_substep():
     assert torch.allclose(x0, -p * g * t) and torch.allclose(m0, g)
 
 
+def test_the_first_moment_is_kept_only_in_a_stage_whose_substeps_are_short():
+    """adam_momentum keeps m_hat in a stage's flow where its substeps span at most
+    MOMENTUM_SPAN memory times tau = -1/ln(beta1) on average (a short Trainer stage's), and
+    takes the settled step where they are longer (toxicity at 32x its steps: ~300
+    optimizer steps a substep, where the oscillator's long probe under-learned the stage;
+    README "Fidelity"); with adam_momentum off, never."""
+    import math
+    from types import SimpleNamespace
+
+    from acctattr.estimators.unrolled.adam_flow import MOMENTUM_SPAN, AdamFlow
+    from acctattr.options import UnrolledConfig
+
+    group = SimpleNamespace(beta1=0.9)
+    flow = AdamFlow.__new__(AdamFlow)
+    flow.flat = SimpleNamespace(per_group=lambda j, value: torch.tensor(
+        value(group), dtype=torch.float64))
+    flow.config = UnrolledConfig()
+    edge = math.floor(MOMENTUM_SPAN * -1 / math.log(0.9))  # 37 steps
+    assert flow.momentum_in(0, [(0, 0, 9), (0, 9, 18)])
+    assert flow.momentum_in(0, [(0, 0, edge), (1, edge, 2 * edge)])
+    assert not flow.momentum_in(0, [(0, 0, edge + 1)])
+    assert not flow.momentum_in(0, [(0, k, k + 300) for k in range(0, 900, 300)])
+    flow.config = UnrolledConfig(adam_momentum=False)
+    assert not flow.momentum_in(0, [(0, 0, 9)])
+
+
 @pytest.mark.parametrize("parts", [2, 5, 8])
 def test_group_moments_are_the_same_from_one_vectorised_block_or_group_by_group(
         monkeypatch, parts):

@@ -48,6 +48,9 @@ Moment = tuple[torch.Tensor, int]
 _NARROW = (torch.float32, torch.bfloat16, torch.float16)
 # elements per slice of the first moment's closed-form solution (its temporaries, float64)
 OSCILLATOR_SLICE = 1 << 16
+# the first moment is kept in a stage's flow where its substeps span at most this many of
+# m_hat's memory times on average (AdamFlow.momentum_in): e^-4, 2% of the start, is left
+MOMENTUM_SPAN = 4.0
 
 
 class AdamFlow:
@@ -88,7 +91,7 @@ class AdamFlow:
             for q, ((k0, k1), theta, s_act) in enumerate(path):
                 flat.report(what, q, len(path.spans))
                 lr = path.pace * flat.lr_sum(j, k0, k1)
-                if self.config.adam_momentum:
+                if path.momentum:
                     # d's buffer holds the counterfactual's point theta - d over the substep,
                     # and theta, needed only at its end, is parked meanwhile
                     cf = d.neg_().add_(theta)
@@ -160,6 +163,7 @@ class AdamFlow:
         handed_on = j + 1 < len(flat.runs) and not flat.runs[j + 1].fresh
 
         decay = partial(flat.decay, j) if run.opt_type == "adamw" else None
+        momentum = self.momentum_in(j, substeps)
         # how much of each substep's g^2 + c*S is left in v at the stage's end (fit_noise)
         weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
             1 - g.beta2**b)) for _, k0, k1 in substeps]
@@ -186,7 +190,7 @@ class AdamFlow:
                 v.mul_(keep).addcmul_(1 - keep, noise.mul_(c).addcmul_(g, g))
                 del noise
                 lr = pace * flat.lr_sum(j, k0, k1)
-                if self.config.adam_momentum:
+                if momentum:
                     m = g.clone() if m is None else m
                     with _parked_all(*(sums or ())):  # the noise fit's: not used by the step
                         return self.momentum_step(j, theta, g, m, v, step0 + k1, eps,
@@ -220,11 +224,27 @@ class AdamFlow:
             starts, steps, _, v_sim, ends = simulate(c, pace)
             tried.append((pace, check_reproduction(flat, j, ends).simulated_drop))
         path = ActualPath([(k0, k1) for _, k0, k1 in substeps], starts, steps, c, None, v_sim,
-                          decay, pace)
+                          decay, pace, momentum)
         flat.paths = {j: path}
         flat.noise_scale[j] = c
         flat.drop_anchors()  # read again where needed: two checkpoints less while carrying
         return path
+
+    def momentum_in(self, j: int, substeps: list[tuple[int, int, int]]) -> bool:
+        """Whether stage j's flow keeps Adam's first moment (``adam_momentum``): where its
+        substeps are no longer than MOMENTUM_SPAN times m_hat's memory tau = -1/ln(beta1)
+        (the longest of its groups'), on average. Over a longer substep m_hat is the
+        substep's gradient to within e^(-MOMENTUM_SPAN) of its start, and Adam's step is
+        the settled step the flow takes without it; the oscillator's secant curvature,
+        taken along a probe step that long, is then far off (toxicity at 32x its steps,
+        ~300 optimizer steps a substep: the simulated identity_shortcut fell 0.21 of its
+        recorded loss with it)."""
+        if not self.config.adam_momentum or not substeps:
+            return False
+        tau = float(self.flat.per_group(
+            j, lambda g: -1.0 / math.log(min(max(g.beta1, 1e-12), 1 - 1e-12))).max())
+        mean = sum(k1 - k0 for _, k0, k1 in substeps) / len(substeps)
+        return mean <= MOMENTUM_SPAN * tau
 
     # ------------------------------------------------------------ one step
     def moments(self, j: int, theta: torch.Tensor | Params,

@@ -101,6 +101,8 @@ class ActualPath:
     # the learning-rate multiplier under which the simulated run reproduces the recorded
     # one's loss decrease (Adam); the counterfactual runs at the same pace
     pace: float = 1.0
+    # whether the flow through the stage keeps Adam's first moment (AdamFlow.momentum_in)
+    momentum: bool = False
 
     def close(self) -> None:
         """Close (and so delete) the temporary files."""
