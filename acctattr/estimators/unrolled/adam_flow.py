@@ -75,7 +75,10 @@ class AdamFlow:
         point (float64) and step (float32), the counterfactual's gradient and noise while
         they are computed (GroupMoments: two float64 vectors and one group's gradient), then
         its gradient, step and the settled step's own gradient; results are written into
-        the buffers they replace (bench/scale.py, README "Memory, dtypes and scale")."""
+        the buffers they replace. With the first moment (``path.momentum``) d's buffer
+        holds the counterfactual's point over the substep and the actual point is parked,
+        and so is m_hat while the moments are computed (bench/scale.py, README "Memory,
+        dtypes and scale")."""
         flat = self.flat
         run = flat.runs[j]
         curv = flat.curvature(j)
@@ -347,6 +350,7 @@ class AdamFlow:
         del point
         tau = flat.per_group(j, lambda h: -1.0 / math.log(min(max(h.beta1, 1e-12),
                                                                  1 - 1e-12)))
+
         def solve(part: slice, critical: bool) -> tuple[torch.Tensor, torch.Tensor]:
             p = rate(part)
             probe = (g[part] * p).mul_(-float(n))  # the probe step, as taken above
