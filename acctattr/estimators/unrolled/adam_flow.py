@@ -357,7 +357,8 @@ class AdamFlow:
             h = _secant(g[part], g_probe[part], probe)
             t = tau[part] if tau.dim() else tau
             if critical:  # p h tau = 1/4 where it was more (0.25 / 0 = inf: left as it is)
-                t = torch.minimum(torch.as_tensor(t, dtype=h.dtype), 0.25 / (p * h))
+                t = torch.minimum(torch.as_tensor(t, dtype=h.dtype, device=h.device),
+                                  0.25 / (p * h))
             return oscillator(g[part], m[part], p, h, t, float(n))
 
         # in slices: the solution's temporaries are a slice's, not the model's. With the
