@@ -105,3 +105,27 @@ def test_parked_vector_gives_its_memory_back_and_returns_the_same_bits(tmp_path,
     with parked(shared):
         assert torch.equal(shared, before)
     assert torch.equal(shared, before)
+
+
+def test_kept_aside_puts_back_the_same_bits_large_or_small(tmp_path, monkeypatch):
+    """The momentum step keeps m_hat aside while its guard decides (kept_aside): written
+    back, a large vector (in an anonymous temporary file) and a small one (a copy) hold
+    their bits from before the block, NaN included, and no file is left."""
+    import tempfile
+
+    import torch
+
+    from acctattr.estimators.unrolled.path import PARK_MIN, kept_aside
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    g = torch.Generator().manual_seed(2)
+    for n in (PARK_MIN // 8 + 3, 100):
+        m = torch.randn(n, generator=g, dtype=torch.float64)
+        m[1] = float("nan")
+        want = m.clone()
+        with kept_aside(m) as restore:
+            m.mul_(3.0).add_(1.0)
+            assert not torch.equal(m[2:], want[2:])
+            restore()
+            assert torch.equal(m.view(torch.int64), want.view(torch.int64))
+        assert os.listdir(tmp_path) == []

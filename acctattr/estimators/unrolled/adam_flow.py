@@ -32,6 +32,7 @@ from acctattr.estimators.unrolled.path import (
     ActualPath,
     add_in_pieces,
     check_reproduction,
+    kept_aside,
     next_pace,
     parked,
     spans,
@@ -362,22 +363,21 @@ class AdamFlow:
             return oscillator(g[part], m[part], p, h, t, float(n))
 
         # in slices: the solution's temporaries are a slice's, not the model's. With the
-        # guard, m moves only once the step is kept (solved again: no second m held)
+        # guard, m as it was is kept aside (in a temporary file for a large model: no
+        # second m in memory) until the step is kept, and put back to solve it again
         slices = [slice(a, a + OSCILLATOR_SLICE) for a in range(0, g.numel(), OSCILLATOR_SLICE)]
-        for part in slices:
-            x, m_end = solve(part, False)
-            step_[part] = x
-            if guard is None:
-                m[part] = m_end
-        if guard is None:
-            return step_
-        with _parked_all(m, v):
-            critical = guard(step_) > before
-        for part in slices:
-            x, m_end = solve(part, critical)
+        with ExitStack() as stack:
+            restore = stack.enter_context(kept_aside(m)) if guard is not None else None
+            for part in slices:
+                step_[part], m[part] = solve(part, False)
+            if guard is None or restore is None:
+                return step_
+            with _parked_all(m, v):
+                critical = guard(step_) > before
             if critical:
-                step_[part] = x
-            m[part] = m_end
+                restore()
+                for part in slices:
+                    step_[part], m[part] = solve(part, True)
         return step_
 
     def value_at(self, j: int, point: torch.Tensor, step: torch.Tensor | None = None,
@@ -610,33 +610,43 @@ def oscillator(g: torch.Tensor, m: torch.Tensor, p: torch.Tensor, h: torch.Tenso
     t) / w (cos and sin where w^2 < 0). Where p h t^2 / tau is tiny the coordinate is flat
     (h = 0; z would be far away and x its difference): x = -p (m tau (1 - e) + g (t - tau
     (1 - e))), m = g + (m - g) e, e = e^(-t / tau)."""
-    tau = torch.as_tensor(tau, dtype=g.dtype)
+    tau = torch.as_tensor(tau, dtype=g.dtype, device=g.device)
     gamma = 0.5 / tau
     k = p * h / tau
     flat = k * t * t < 1e-6
-    e = torch.exp(-t / tau)
-    x_flat = -p * (m * tau * (1 - e) + g * (t - tau * (1 - e)))
-    m_flat = g + (m - g) * e
     d2 = gamma * gamma - k
     w = d2.abs().sqrt()
-    # over-damped: e^(-gamma t) cosh, sinh / w as the slow and fast decays (no overflow)
-    slow = k / (gamma + w)  # gamma - w, without cancellation
-    es = torch.exp(-slow * t)
-    ef = torch.exp(-(gamma + w) * t)
-    ec_over = 0.5 * (es + ef)
-    z2 = 2 * w * t
-    phi = torch.where(z2 > 1e-8, -torch.expm1(-z2) / torch.where(z2 > 1e-8, z2, 1.0),
-                      1 - 0.5 * z2)
-    es_over = es * t * phi
-    # under-damped: e^(-gamma t) cos, sin / w
-    decay = torch.exp(-gamma * t)
-    ec_under = decay * torch.cos(w * t)
-    es_under = decay * t * torch.sinc(w * t / math.pi)
     over = d2 >= 0
-    ec = torch.where(over, ec_over, ec_under)
-    es_ = torch.where(over, es_over, es_under)
+    # each regime computed only where some element is in it (the same values: where()
+    # picks them element by element either way)
+    any_over, all_over = bool(over.any()), bool(over.all())
+    if any_over:  # over-damped: e^(-gamma t) cosh, sinh / w as the slow and fast decays
+        slow = k / (gamma + w)  # gamma - w, without cancellation
+        es = torch.exp(-slow * t)
+        ef = torch.exp(-(gamma + w) * t)
+        ec_over = 0.5 * (es + ef)
+        z2 = 2 * w * t
+        phi = torch.where(z2 > 1e-8, -torch.expm1(-z2) / torch.where(z2 > 1e-8, z2, 1.0),
+                          1 - 0.5 * z2)
+        es_over = es * t * phi
+    if not all_over:  # under-damped: e^(-gamma t) cos, sin / w
+        decay = torch.exp(-gamma * t)
+        ec_under = decay * torch.cos(w * t)
+        es_under = decay * t * torch.sinc(w * t / math.pi)
+    if all_over:
+        ec, es_ = ec_over, es_over
+    elif not any_over:
+        ec, es_ = ec_under, es_under
+    else:
+        ec = torch.where(over, ec_over, ec_under)
+        es_ = torch.where(over, es_over, es_under)
     z0 = g / torch.where(flat, torch.ones_like(h), h)
     z = ec * z0 + es_ * (gamma * z0 - p * m)
     m_end = ec * m + es_ * (h / tau * z0 - gamma * m)
     x = z - z0
+    if not bool(flat.any()):
+        return x, m_end
+    e = torch.exp(-t / tau)
+    x_flat = -p * (m * tau * (1 - e) + g * (t - tau * (1 - e)))
+    m_flat = g + (m - g) * e
     return torch.where(flat, x_flat, x), torch.where(flat, m_flat, m_end)

@@ -151,6 +151,39 @@ def _read_at(fd: int, view: memoryview, offset: int) -> None:
 PARK_MIN = 1 << 22
 
 
+def _fills_storage(t: torch.Tensor) -> bool:
+    """A CPU tensor that is its whole storage, contiguous from its start."""
+    return t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+class _Bytes:
+    """A tensor's bytes in an anonymous temporary file (as Spill's), written and read back
+    through one staging buffer of at most 8 MB."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.nbytes = t.untyped_storage().nbytes()
+        self.stage = torch.empty(min(self.nbytes, 1 << 23), dtype=torch.uint8)
+        self.view = self.stage.numpy().data.cast("B")
+        self.file = tempfile.TemporaryFile(prefix="acctattr-park-", buffering=0)
+        raw = t.view(-1).view(torch.uint8)
+        for lo in range(0, self.nbytes, len(self.stage)):
+            n = min(len(self.stage), self.nbytes - lo)
+            self.stage[:n].copy_(raw[lo:lo + n])
+            _write_at(self.file.fileno(), self.view[:n], lo)
+
+    def load(self, t: torch.Tensor) -> None:
+        """The bytes written back into t (its storage the size they were taken at)."""
+        raw = t.view(-1).view(torch.uint8)
+        for lo in range(0, self.nbytes, len(self.stage)):
+            n = min(len(self.stage), self.nbytes - lo)
+            _read_at(self.file.fileno(), self.view[:n], lo)
+            raw[lo:lo + n].copy_(self.stage[:n])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @contextmanager
 def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
     """``t``'s memory given back while the block runs, its bytes kept meanwhile in an
@@ -163,20 +196,11 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
     (a small model's vectors: the file's cost, nothing worth saving)."""
     storage = t.untyped_storage()
     nbytes = storage.nbytes()
-    if not active or t.device.type != "cpu" or not t.is_contiguous() or \
-            t.storage_offset() != 0 or nbytes != t.numel() * t.element_size() or \
-            nbytes < PARK_MIN:
+    if not active or not _fills_storage(t) or nbytes < PARK_MIN:
         yield
         return
-    raw = t.view(-1).view(torch.uint8)
-    stage = torch.empty(min(nbytes, 1 << 23), dtype=torch.uint8)
-    view = stage.numpy().data.cast("B")
-    with tempfile.TemporaryFile(prefix="acctattr-park-", buffering=0) as f:
-        for lo in range(0, nbytes, len(stage)):
-            n = min(len(stage), nbytes - lo)
-            stage[:n].copy_(raw[lo:lo + n])
-            _write_at(f.fileno(), view[:n], lo)
-        del raw
+    kept = _Bytes(t)
+    try:
         try:
             storage.resize_(0)
         except RuntimeError:  # not resizable: kept in memory
@@ -186,11 +210,30 @@ def parked(t: torch.Tensor, active: bool = True) -> Iterator[None]:
             yield
         finally:
             storage.resize_(nbytes)
-            raw = t.view(-1).view(torch.uint8)
-            for lo in range(0, nbytes, len(stage)):
-                n = min(len(stage), nbytes - lo)
-                _read_at(f.fileno(), view[:n], lo)
-                raw[lo:lo + n].copy_(stage[:n])
+            kept.load(t)
+    finally:
+        kept.close()
+
+
+@contextmanager
+def kept_aside(t: torch.Tensor) -> Iterator[Callable[[], None]]:
+    """A copy of ``t``'s bits kept aside while the block runs, and a function that puts
+    them back into t: in an anonymous temporary file where t is a CPU tensor of at least
+    PARK_MIN bytes filling its storage (no second copy in memory), else a copy in host
+    memory."""
+    if not _fills_storage(t) or t.untyped_storage().nbytes() < PARK_MIN:
+        copy = t.detach().to("cpu", copy=True)
+
+        def put_back() -> None:
+            t.copy_(copy)
+
+        yield put_back
+        return
+    kept = _Bytes(t)
+    try:
+        yield lambda: kept.load(t)
+    finally:
+        kept.close()
 
 
 def add_in_pieces(out: torch.Tensor, x: torch.Tensor, piece: int = 1 << 18,
