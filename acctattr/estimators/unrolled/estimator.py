@@ -37,7 +37,7 @@ class Unrolled(Estimator):
               "recorded training loss")
     # Peak memory in float32 copies of the trainable parameters: 23.0 measured by
     # bench/unrolled_memory.py (4.2M-parameter AdamW run) with adam_momentum on (the
-    # default), 20.7 off; 18.6 and 18.5 checkpoints by bench/scale.py (10M GPT-2-style run
+    # default), 20.7 off; 18.7 and 18.7 checkpoints by bench/scale.py (10M GPT-2-style run
     # at 3 and 16 steps a stage, the model included; the stored path is in a temporary
     # file, so it does not grow with flow_substeps: see README); rounded up from the
     # largest (2026-12-06; tests/estimators/test_unrolled_memory.py holds the default's
