@@ -245,10 +245,15 @@ class AdamFlow:
         recorded loss with it)."""
         if not self.config.adam_momentum or not substeps:
             return False
-        tau = float(self.flat.per_group(
-            j, lambda g: -1.0 / math.log(min(max(g.beta1, 1e-12), 1 - 1e-12))).max())
+        tau = float(self.memory(j).max())
         mean = sum(k1 - k0 for _, k0, k1 in substeps) / len(substeps)
         return mean <= MOMENTUM_SPAN * tau
+
+    def memory(self, j: int) -> torch.Tensor:
+        """m_hat's memory in optimizer steps, tau = -1/ln(beta1), per stage j's group
+        (per_group: a scalar where they agree)."""
+        return self.flat.per_group(
+            j, lambda g: -1.0 / math.log(min(max(g.beta1, 1e-12), 1 - 1e-12)))
 
     # ------------------------------------------------------------ one step
     def moments(self, j: int, theta: torch.Tensor | Params,
@@ -335,10 +340,11 @@ class AdamFlow:
             p = (v[part] * ip).sqrt_().add_(ep).reciprocal_().mul_(lr / n)
             return p.masked_fill_(~positive[part], 0.0)
 
-        # the step without momentum; then the step
+        # the step without momentum; then the step. In slices: the solution's temporaries
+        # are a slice's, not the model's
+        slices = [slice(a, a + OSCILLATOR_SLICE) for a in range(0, g.numel(), OSCILLATOR_SLICE)]
         step_ = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-        for a in range(0, g.numel(), OSCILLATOR_SLICE):
-            part = slice(a, a + OSCILLATOR_SLICE)
+        for part in slices:
             step_[part] = (g[part] * rate(part)).mul_(-float(n))
         point = torch.empty(theta.shape, device=theta.device,
                             dtype=torch.float32 if self.narrow else torch.float64)
@@ -349,8 +355,7 @@ class AdamFlow:
         with _parked_all(m, v):
             g_probe = self.gradient_at(j, point, rho, lam_c)
         del point
-        tau = flat.per_group(j, lambda h: -1.0 / math.log(min(max(h.beta1, 1e-12),
-                                                                 1 - 1e-12)))
+        tau = self.memory(j)
 
         def solve(part: slice, critical: bool) -> tuple[torch.Tensor, torch.Tensor]:
             p = rate(part)
@@ -362,16 +367,15 @@ class AdamFlow:
                                   0.25 / (p * h))
             return oscillator(g[part], m[part], p, h, t, float(n))
 
-        # in slices: the solution's temporaries are a slice's, not the model's. With the
-        # guard, m as it was is kept aside (in a temporary file for a large model: no
-        # second m in memory) until the step is kept, and put back to solve it again
-        slices = [slice(a, a + OSCILLATOR_SLICE) for a in range(0, g.numel(), OSCILLATOR_SLICE)]
-        with ExitStack() as stack:
-            restore = stack.enter_context(kept_aside(m)) if guard is not None else None
+        if guard is None:
             for part in slices:
                 step_[part], m[part] = solve(part, False)
-            if guard is None or restore is None:
-                return step_
+            return step_
+        # m as it was is kept aside (in a temporary file for a large model: no second m in
+        # memory) until the step is kept, and put back to solve it again
+        with kept_aside(m) as restore:
+            for part in slices:
+                step_[part], m[part] = solve(part, False)
             with _parked_all(m, v):
                 critical = guard(step_) > before
             if critical:
