@@ -174,6 +174,32 @@ def test_adam_flow_fits_a_batch_noise_that_matches_the_batch_size():
         assert 16 <= 1 / c <= 64, (j, c)
 
 
+def test_a_noise_fit_of_zero_keeps_the_path_it_was_fitted_on(monkeypatch):
+    """The fit's pass simulates the actual run at c = 0; where it fits c = 0 (toxicity at
+    32x its steps: both stages) that pass is the path, not simulated again. The estimate
+    must be exactly the one simulated at a given noise_scale of 0, in one pass a stage."""
+    from pathlib import Path
+
+    from acctattr.estimators.unrolled import adam_flow
+    from acctattr.options import UnrolledConfig
+
+    manifest = (Path(__file__).resolve().parents[2] / "sample_runs" / "toxicity"
+                / "manifest.yaml")
+    walks: list[int] = []
+    walk = adam_flow.walk
+    monkeypatch.setattr(adam_flow, "walk", lambda flat, j, *a, **k: (
+        walks.append(j), walk(flat, j, *a, **k))[1])
+    given = pipeline.run(manifest, "unrolled", per_example=True,
+                         config=UnrolledConfig(noise_scale=0.0, pace_tolerance=0.0))
+    assert walks == [1, 2]
+    walks.clear()
+    monkeypatch.setattr(adam_flow, "fit_noise", lambda *a, **k: 0.0)
+    fitted = pipeline.run(manifest, "unrolled", per_example=True,
+                          config=UnrolledConfig(pace_tolerance=0.0))
+    assert walks == [1, 2]  # one pass a stage: the fit's
+    assert given.examples == fitted.examples and given.stages == fitted.stages
+
+
 def test_auto_falls_back_to_frozen_when_an_adam_stage_has_no_state(tmp_path):
     """unrolled needs each later Adam stage's second moment; without the state file auto
     takes frozen and names the stage, instead of failing."""

@@ -211,12 +211,14 @@ class AdamFlow:
                                                     fitting=c is None)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
             assert sums is not None
-            del starts, steps, v_sim
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
-            c = fit_noise(sums[0], sums[1], self.start_second_moment(j), keep_all,
-                          self.end_second_moment(j), positive, PIECE)
+            with _parked_all(v_sim):
+                c = fit_noise(sums[0], sums[1], self.start_second_moment(j), keep_all,
+                              self.end_second_moment(j), positive, PIECE)
             del sums
-            starts, steps, _, v_sim, ends = simulate(c)
+            if c != 0.0:  # else the path just simulated (at c = 0) is the one with it
+                del starts, steps, v_sim
+                starts, steps, _, v_sim, ends = simulate(c)
         # the check judges the flow as the optimizer's expected steps; the path it keeps is
         # the one paced to lower the loss as much as the recorded run did (next_pace)
         flat.reproduction[j] = rep = check_reproduction(flat, j, ends)

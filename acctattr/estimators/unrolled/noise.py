@@ -93,7 +93,7 @@ class GroupMoments:
         names = list(params)
         total = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
         spread = torch.zeros_like(total)
-        sums, m2s = torch.split(total, sizes), torch.split(spread, sizes)
+        sums = torch.split(total, sizes)
         parts = min(parts, curv.n)
         if parts < 2:  # one example: every batch is the whole data, so there is no noise
             g = curv.gradient(params)
@@ -101,20 +101,17 @@ class GroupMoments:
                 part.copy_(g[n].reshape(-1))
             return total, spread
         seen = 0
-        for m, grads in self.rows(curv, j, params, parts):
-            for n, s, q in zip(names, sums, m2s, strict=True):
-                # in pieces, each widened once: float64 temporaries of PIECE elements, not
-                # of the parameter's size (the same values)
-                for sp, qp, rp in zip(*(torch.split(x, PIECE) for x in (
-                        s, q, grads.pop(n).reshape(-1))), strict=True):
-                    r = rp.double()
-                    before = sp / seen if seen else None
-                    sp.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
-                    if before is not None:
-                        after = sp / (seen + m)
-                        qp.add_((r - before).mul_(r - after), alpha=m)
-            del grads
-            heap.trim()
+        for m, row in self.rows(curv, j, params, parts):
+            # in pieces, each widened once: float64 temporaries of PIECE elements, not of
+            # the parameter's size (the same values)
+            for sp, qp, rp in _pieces(row, sizes, total, spread):
+                r = rp.double()
+                before = sp / seen if seen else None
+                sp.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
+                if before is not None:
+                    after = sp / (seen + m)
+                    qp.add_((r - before).mul_(r - after), alpha=m)
+            del row
             seen += m
         for p, s in zip(params.values(), sums, strict=True):
             s.div_(curv.n)
@@ -129,21 +126,20 @@ class GroupMoments:
         rounding (float32 per-group gradients added in float64)."""
         parts = max(1, min(parts, curv.n))
         out.zero_()
-        pieces = torch.split(out, [p.numel() for p in params.values()])
-        for m, grads in self.rows(curv, j, params, parts):
-            for n, o in zip(params, pieces, strict=True):
-                for op, rp in zip(torch.split(o, PIECE), torch.split(
-                        grads.pop(n).reshape(-1), PIECE), strict=True):
-                    op.add_(rp, alpha=m)
-            del grads
-            heap.trim()
+        sizes = [p.numel() for p in params.values()]
+        for m, row in self.rows(curv, j, params, parts):
+            for op, rp in _pieces(row, sizes, out):
+                op.add_(rp, alpha=m)
+            del row
         return out.div_(curv.n)
 
     def rows(self, curv: Curvature, j: int, params: Params,
-             parts: int) -> Iterator[tuple[int, Params]]:
+             parts: int) -> Iterator[tuple[int, torch.Tensor | Params]]:
         """(examples, mean loss gradient) of each of the ``parts`` groups, in order: all
         groups from one vectorised pass where their gradients together are small
-        (BLOCK_ELEMENTS), else one group at a time (group_gradient)."""
+        (BLOCK_ELEMENTS), each row then one flat vector (the parameters' in flat order);
+        else one group at a time (group_gradient), name -> gradient, the C heap trimmed
+        once the caller has used a group's (_pieces pops each parameter's as it goes)."""
         size = sum(p.numel() for p in params.values())
         if j not in self.looped and parts * size <= BLOCK_ELEMENTS:
             try:
@@ -151,12 +147,16 @@ class GroupMoments:
             except Exception:
                 self.looped.add(j)  # as group_gradient: this model cannot be vectorised
             else:
+                # one flat row per group: the caller's loop runs over pieces of the whole
+                # model, not of each parameter (the same elementwise arithmetic)
+                flat = torch.cat([block.pop(n).reshape(parts, -1) for n in params], 1)
                 sizes = [len(ix) for ix in torch.tensor_split(torch.arange(curv.n), parts)]
                 for k, m in enumerate(sizes):
-                    yield m, {n: t[k] for n, t in block.items()}
+                    yield m, flat[k]
                 return
         for m, batch in _groups(curv, parts):
             yield m, self.group_gradient(curv, j, params, batch)
+            heap.trim()  # the group's gradient, used by now
 
     def group_gradient(self, curv: Curvature, j: int, params: Params, batch: Batch) -> Params:
         """One group's mean loss gradient in the parameters' dtype, as Curvature computes
@@ -186,6 +186,20 @@ class GroupMoments:
             got = torch.autograd.grad(curv.sign * vals.mean(), leaves, allow_unused=True)
         return {n: torch.zeros_like(x) if gi is None else gi
                 for n, x, gi in zip(params, leaves, got, strict=True)}
+
+
+def _pieces(row: torch.Tensor | Params, sizes: list[int],
+            *flats: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Pieces of at most PIECE elements of the flat vectors ``flats`` (parameters of
+    ``sizes`` elements in flat order), each with the same elements of a group's gradient
+    ``row`` (rows: flat, or name -> gradient, each popped once its pieces are used)."""
+    if isinstance(row, torch.Tensor):
+        yield from zip(*(torch.split(x, PIECE) for x in (*flats, row)), strict=True)
+        return
+    parts = zip(*(torch.split(x, sizes) for x in flats), strict=True)
+    for name, pieces in zip(list(row), parts, strict=True):
+        yield from zip(*(torch.split(x, PIECE) for x in pieces),
+                       torch.split(row.pop(name).reshape(-1), PIECE), strict=True)
 
 
 def _groups(curv: Curvature, parts: int) -> Iterator[tuple[int, Batch]]:
