@@ -104,7 +104,7 @@ class GroupMoments:
         for m, row in self.rows(curv, j, params, parts):
             # in pieces, each widened once: float64 temporaries of PIECE elements, not of
             # the parameter's size (the same values)
-            for sp, qp, rp in _pieces(row, sizes, total, spread):
+            for sp, qp, rp in _row_pieces(row, sizes, total, spread):
                 r = rp.double()
                 before = sp / seen if seen else None
                 sp.add_(r, alpha=m)  # as gradient_and_noise adds each group's row
@@ -128,7 +128,7 @@ class GroupMoments:
         out.zero_()
         sizes = [p.numel() for p in params.values()]
         for m, row in self.rows(curv, j, params, parts):
-            for op, rp in _pieces(row, sizes, out):
+            for op, rp in _row_pieces(row, sizes, out):
                 op.add_(rp, alpha=m)
             del row
         return out.div_(curv.n)
@@ -139,7 +139,7 @@ class GroupMoments:
         groups from one vectorised pass where their gradients together are small
         (BLOCK_ELEMENTS), each row then one flat vector (the parameters' in flat order);
         else one group at a time (group_gradient), name -> gradient, the C heap trimmed
-        once the caller has used a group's (_pieces pops each parameter's as it goes)."""
+        once the caller has used a group's (_row_pieces pops each parameter's as it goes)."""
         size = sum(p.numel() for p in params.values())
         if j not in self.looped and parts * size <= BLOCK_ELEMENTS:
             try:
@@ -188,8 +188,8 @@ class GroupMoments:
                 for n, x, gi in zip(params, leaves, got, strict=True)}
 
 
-def _pieces(row: torch.Tensor | Params, sizes: list[int],
-            *flats: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+def _row_pieces(row: torch.Tensor | Params, sizes: list[int],
+                *flats: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     """Pieces of at most PIECE elements of the flat vectors ``flats`` (parameters of
     ``sizes`` elements in flat order), each with the same elements of a group's gradient
     ``row`` (rows: flat, or name -> gradient, each popped once its pieces are used)."""
