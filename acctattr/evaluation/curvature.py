@@ -30,13 +30,18 @@ class Curvature:
         self.model = model.eval()
         pad = lm.unmasked_pad(model, inputs) if loss.name in TOKEN_METRICS else None
         if pad is not None and target in sample:
-            # a Hugging Face LM given no attention_mask: its padding warning is needless
-            # where no counted prediction sees a pad token (lm, "unmasked padding")
-            if lm.padding_unseen(sample[pad[0]], pad[1], sample[target],
-                                 sample.get("attention_mask")):
-                lm.padding_needless()
-            else:
+            # a Hugging Face LM given no attention_mask (lm, "unmasked padding")
+            ids, given = sample[pad[0]], sample.get("attention_mask")  # given: the metric's
+            if not lm.padding_unseen(ids, pad[1], sample[target], given):
                 lm.padding_matters()
+            elif given is None:
+                # no counted prediction sees a pad token: an all-ones mask, the same numbers
+                # (as the evaluation gives it), so that transformers' padding check, which
+                # reads the data, does not stop torch.func.vmap of the per-group gradients
+                sample = {**sample, "attention_mask": torch.ones_like(ids)}
+                inputs = (*inputs, "attention_mask")
+            else:
+                lm.padding_needless()
         if device is not None:
             sample = {k: v.to(device) for k, v in sample.items()}
         self.fixed = fixed

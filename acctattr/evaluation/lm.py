@@ -108,12 +108,12 @@ def refuse_uncounted(labels: torch.Tensor, attention_mask: torch.Tensor | None, 
 # input_ids may be padded" where a pad token is in the first or last column. For a causal
 # LM scored on next tokens that is needless where no counted prediction sees a pad token
 # (right padding after the labels, as in sample_runs/lm): the evaluation then passes an
-# all-ones mask (the same numbers), and the stages' training samples (unrolled), whose
-# passes must stay unmasked (transformers' padding check is what makes torch.func.vmap of
-# such a model fall back to the loop: giving it a mask would change which path runs and
-# so the last digits), have the message dropped by a logging filter once their padding is
-# found needless. Padding that does matter (left padding, a pad token inside a counted
-# context) keeps the warning.
+# all-ones mask (the same numbers), and so do the stages' training samples (unrolled's
+# Curvature; transformers' padding check reads the data, which stops torch.func.vmap of
+# the per-group gradients, one pass of 8 groups instead of 8 passes). A sample whose
+# metric has an attention_mask the model is not given has the message dropped by a
+# logging filter once its padding is found needless. Padding that does matter (left
+# padding, a pad token inside a counted context) keeps the warning.
 
 PADDING_WARNING = "We strongly recommend passing in an `attention_mask`"
 _TRANSFORMERS_LOGGER = "transformers.modeling_utils"

@@ -270,6 +270,34 @@ def test_noise_groups_vectorise_over_gpt2_or_fall_back_to_the_loop(lm, inputs):
         assert var[n].abs().sum() > 0
 
 
+def test_token_ids_alone_get_an_all_ones_mask_where_no_counted_prediction_sees_padding(lm):
+    """A stage sample of token ids and labels only (no attention_mask anywhere), right-padded
+    after its labels: Curvature gives the model an all-ones mask, so its per-group gradients
+    come from one vectorised pass, with the unmasked model's numbers (each example's own HF
+    loss). Left-padded, the padding may matter: no mask is made, and the loop is taken."""
+    s = _sample()
+    sample = {"input_ids": s["input_ids"], "labels": s["labels"]}
+    loss = resolve_metric("next_token_loss", None, "train.loss")
+    params = {n: p.detach() for n, p in lm.named_parameters()}
+    cv = Curvature(lm, {}, loss, sample, ("input_ids",), "labels")
+    assert cv.inputs == ("input_ids", "attention_mask")
+    mean, var = cv.gradient_and_noise(params, 4)
+    assert cv._batched
+    lm.zero_grad()
+    torch.stack([lm(input_ids=sample["input_ids"][i:i + 1],
+                    labels=sample["labels"][i:i + 1]).loss for i in range(12)]).mean().backward()
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(mean[n], p.grad, rtol=1e-4, atol=1e-6)  # float32 logits
+        assert var[n].abs().sum() > 0
+    lm.zero_grad()
+
+    left = {k: v.flip(1) for k, v in sample.items()}  # the padding first
+    cv = Curvature(lm, {}, loss, left, ("input_ids",), "labels")
+    assert cv.inputs == ("input_ids",)
+    cv.gradient_and_noise(params, 4)
+    assert not cv._batched
+
+
 # ---------------------------------------------------------------- JSONL and the manifest
 
 @pytest.fixture(scope="module")
@@ -660,11 +688,11 @@ def test_left_padded_eval_without_mask_keeps_the_padding_warning(lm, tmp_path, p
     assert len(padding_log) == 1
 
 
-def test_curvature_on_right_padded_sample_drops_the_warning_not_the_loop(lm, padding_log):
+def test_curvature_on_right_padded_sample_masks_it_warns_not_and_vectorises(lm, padding_log):
     """unrolled's training-loss passes over a right-padded sample without attention_mask:
-    no padding warning, and the passes stay unmasked (transformers' padding check still
-    defeats vmap, so the loop is taken as before: the same numbers). Left padding seen
-    afterwards brings the dropped warning back."""
+    the model gets an all-ones mask (the same numbers), so there is no padding warning and
+    transformers' padding check no longer defeats vmap. A left-padded sample is passed
+    unmasked, and its first pass warns."""
     ids, _, labels, _ = padded_batch()
     sample = {"input_ids": ids, "labels": labels}
     loss = resolve_metric("next_token_loss", None, "train.loss")
@@ -672,11 +700,12 @@ def test_curvature_on_right_padded_sample_drops_the_warning_not_the_loop(lm, pad
     params = {n: p.detach() for n, p in lm.named_parameters()}
     cv.value(params)
     cv.gradient_and_noise(params, 3)
-    assert cv._batched is False
+    assert cv._batched is True
     assert padding_log == []
     ev_ids = torch.stack([r.roll(4) for r in ids])
-    Curvature(lm, {}, loss, {"input_ids": ev_ids, "labels": labels}, ("input_ids",),
-              "labels")
+    left = Curvature(lm, {}, loss, {"input_ids": ev_ids, "labels": labels}, ("input_ids",),
+                     "labels")
+    left.value(params)
     assert len(padding_log) == 1
 
 
