@@ -159,7 +159,7 @@ def passes(manifest: Path) -> dict[str, int]:
     time)."""
     counts: Counter[str] = Counter()
     kinds = {"value": "loss", "gradient": "gradient", "expand": "expand",
-             "group_gradients": "noise"}
+             "group_gradients_and_values": "noise"}
     originals = {name: getattr(Curvature, name) for name in kinds}
 
     def counted(name):

@@ -126,10 +126,17 @@ class Curvature:
 
     def group_gradients(self, params: Params, whole: Batch, parts: int) -> Params:
         """Each group's mean loss gradient, name -> [parts, *shape] in the parameter's dtype,
-        the groups those of torch.tensor_split: one forward and backward pass vectorised
-        over the groups (torch.func.vmap of grad) for each group size (tensor_split makes
-        at most two: the first n % parts groups hold one more)."""
-        from torch.func import grad, vmap
+        the groups those of torch.tensor_split (group_gradients_and_values)."""
+        return self.group_gradients_and_values(params, whole, parts)[0]
+
+    def group_gradients_and_values(self, params: Params, whole: Batch,
+                                   parts: int) -> tuple[Params, torch.Tensor]:
+        """Each group's mean loss gradient, name -> [parts, *shape] in the parameter's dtype,
+        and its mean loss [parts] (sign-flipped for a score, as ``value``), the groups those
+        of torch.tensor_split: one forward and backward pass vectorised over the groups
+        (torch.func.vmap of grad_and_value) for each group size (tensor_split makes at most
+        two: the first n % parts groups hold one more)."""
+        from torch.func import grad_and_value, vmap
 
         def group_loss(p: Params, batch: Batch) -> torch.Tensor:
             vals = self.loss.compute(
@@ -137,20 +144,21 @@ class Curvature:
                 batch[self.target], batch)
             return self.sign * vals.mean()
 
-        per_group = vmap(grad(group_loss), in_dims=(None, 0))
+        per_group = vmap(grad_and_value(group_loss), in_dims=(None, 0))
         size, extra = divmod(self.n, parts)
-        got: list[Params] = []
+        got: list[tuple[Params, torch.Tensor]] = []
         lo = 0
         for count, m in ((extra, size + 1), (parts - extra, size)):
             if count == 0:
                 continue
             hi = lo + count * m
             groups = {k: v[lo:hi].reshape(count, m, *v.shape[1:]) for k, v in whole.items()}
-            got.append(per_group(params, groups))  # name -> [count, *shape]
+            got.append(per_group(params, groups))  # (name -> [count, *shape], [count])
             lo = hi
         if len(got) == 1:
             return got[0]
-        return {n: torch.cat([g[n] for g in got]) for n in params}
+        return ({n: torch.cat([g[n] for g, _ in got]) for n in params},
+                torch.cat([v for _, v in got]))
 
     def _group_gradients_looped(self, params: list[torch.Tensor], names: list[str],
                                 whole: Batch, parts: int) -> Params:

@@ -214,7 +214,8 @@ def test_group_moments_are_the_same_from_one_vectorised_block_or_group_by_group(
         monkeypatch, parts):
     """GroupMoments takes every group's gradient in one vmapped pass where they are small
     (BLOCK_ELEMENTS) and one group at a time above it: the two must agree up to float32
-    rounding (a vmapped batch of groups may block its matmuls differently)."""
+    rounding (a vmapped batch of groups may block its matmuls differently), and the mean
+    loss it gives from the same passes is the training loss."""
     from acctattr.estimators.unrolled import noise
     from acctattr.evaluation.curvature import Curvature
     from acctattr.evaluation.metrics import resolve_metric
@@ -230,7 +231,8 @@ def test_group_moments_are_the_same_from_one_vectorised_block_or_group_by_group(
     for name, limit in (("block", 1 << 30), ("groups", 0)):
         monkeypatch.setattr(noise, "BLOCK_ELEMENTS", limit)
         moments = noise.GroupMoments()
-        g, s = moments(curv, 0, params, parts, sizes, torch.device("cpu"))
+        g, s, loss = moments(curv, 0, params, parts, sizes, torch.device("cpu"))
+        assert loss == pytest.approx(curv.value(params), rel=1e-6)  # the guard's "before"
         out = torch.empty(sum(sizes), dtype=torch.float64)
         got[name] = (g, s, moments.gradient(curv, 0, params, parts, out).clone())
         assert not moments.looped

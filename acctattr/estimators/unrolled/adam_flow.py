@@ -101,19 +101,20 @@ class AdamFlow:
                     cf = d.neg_().add_(theta)
                     with parked(theta):
                         with _parked_all(m_cf):
-                            g_cf, n_cf = self.moments(j, flat.at(cf))
+                            g_cf, n_cf, loss = self.moments(j, flat.at(cf))
                         rho = self._clip_and_update(j, g_cf, n_cf, cf, v_cf, path.c, k0, k1)
                         del n_cf
                         m_cf = g_cf.clone() if m_cf is None else m_cf
                         s_cf = self.momentum_step(j, cf, g_cf, m_cf, v_cf, step0 + k1, eps,
                                                   positive, lam_c, rho, lr, k1 - k0,
-                                                  guard=partial(self.value_at, j, cf))
+                                                  guard=partial(self.value_at, j, cf),
+                                                  before=loss + self.penalty(j, cf))
                         del g_cf
                     d.neg_().add_(theta)  # d again
                     del cf
                 else:
                     # the point as the model's tensors only while the moments are computed
-                    g_cf, n_cf = self.moments(j, flat.at(theta - d))
+                    g_cf, n_cf, _ = self.moments(j, flat.at(theta - d))
                     cf = theta - d
                     rho = self._clip_and_update(j, g_cf, n_cf, cf, v_cf, path.c, k0, k1)
                     del n_cf
@@ -184,7 +185,7 @@ class AdamFlow:
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 nonlocal m
                 with _parked_all(m):
-                    g, noise = self.moments(j, theta)
+                    g, noise, loss = self.moments(j, theta)
                 rho = self.clip_factor(j, g, noise, c)
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
@@ -199,7 +200,8 @@ class AdamFlow:
                     with _parked_all(*(sums or ())):  # the noise fit's: not used by the step
                         return self.momentum_step(j, theta, g, m, v, step0 + k1, eps,
                                                   positive, lam_c, rho, lr, k1 - k0,
-                                                  guard=partial(self.value_at, j, theta))
+                                                  guard=partial(self.value_at, j, theta),
+                                                  before=loss + self.penalty(j, theta))
                 u = self.direction(j, g, v, step0 + k1, eps)
                 return self.settled_step(j, theta, g, u.mul_(-lr), positive, lam_c, rho)
 
@@ -259,12 +261,12 @@ class AdamFlow:
 
     # ------------------------------------------------------------ one step
     def moments(self, j: int, theta: torch.Tensor | Params,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage j's mean training-loss gradient and per-example gradient variance at flat
-        parameters theta, or at theta already as the model's tensors (flat.at: the caller
-        then need not keep the float64 point while they are computed); the loss's alone:
-        clipping acts before any coupled decay. Flat float64, one sample group at a time
-        (GroupMoments)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Stage j's mean training-loss gradient, per-example gradient variance and mean
+        training loss (from the same passes) at flat parameters theta, or at theta already
+        as the model's tensors (flat.at: the caller then need not keep the float64 point
+        while they are computed); the loss's alone: clipping acts before any coupled decay
+        (``penalty``). Flat float64, one sample group at a time (GroupMoments)."""
         flat = self.flat
         params = flat.at(theta) if isinstance(theta, torch.Tensor) else theta
         del theta
@@ -298,7 +300,8 @@ class AdamFlow:
     def momentum_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
                       v: torch.Tensor, step: int, eps: torch.Tensor, positive: torch.Tensor,
                       lam_c: torch.Tensor, rho: float, lr: float, n: int,
-                      guard: Callable[..., float] | None = None) -> torch.Tensor:
+                      guard: Callable[..., float] | None = None,
+                      before: float | None = None) -> torch.Tensor:
         """``adam_momentum``: Adam's step over a substep of n optimizer steps (summed lr
         ``lr``) with its first moment, solved exactly per coordinate on the local quadratic;
         m (Adam's bias-corrected m_hat, in place) moves to the substep's end. Returns the
@@ -318,8 +321,9 @@ class AdamFlow:
         between -0.47 and -1.23 for lm 4x's pretrain at 16 to 64 substeps).
 
         A step that would raise the training loss is taken again critically damped, as the
-        SGD flow halves such a step: ``guard(step=None)`` is the loss at the substep's start
-        (theta), ``guard(step)`` after the step. Where the secant curvature is far off (a
+        SGD flow halves such a step: ``guard(step)`` is the training loss after the step,
+        and ``before`` at the substep's start (theta; the caller has it from the moments'
+        passes, with ``penalty``), else ``guard()``. Where the secant curvature is far off (a
         probe step far past the gradient's zero, as in a fresh stage's warmup), an
         under-damped coordinate's phase at the substep's end is arbitrary, and the summed
         move can undo the substep's learning: the LoRA variant's poison stage fell 0.43 of
@@ -334,7 +338,8 @@ class AdamFlow:
         """
         flat = self.flat
         inv = flat.per_group(j, lambda h: 1 - h.beta2**step).reciprocal_()
-        before = guard() if guard is not None else 0.0
+        if before is None:
+            before = guard() if guard is not None else 0.0
 
         def rate(part: slice) -> torch.Tensor:  # p over a slice
             ip = inv[part] if inv.dim() else inv
@@ -385,6 +390,20 @@ class AdamFlow:
                 for part in slices:
                     step_[part], m[part] = solve(part, True)
         return step_
+
+    def penalty(self, j: int, point: torch.Tensor) -> float:
+        """Coupled decay's 1/2 lam |point|^2 over stage j's parameters (0 without it),
+        summed one piece at a time as value_at sums it."""
+        lam_c = self.flat.coupled_decay(j)
+        if lam_c.dim() == 0 and float(lam_c) == 0.0:
+            return 0.0
+        total = 0.0
+        for a, x in zip(range(0, point.numel(), PIECE), torch.split(point, PIECE),
+                        strict=True):
+            lp = lam_c[a:a + x.numel()] if lam_c.dim() else lam_c
+            x = x.double()
+            total += 0.5 * float((lp * x * x).sum())
+        return total
 
     def value_at(self, j: int, point: torch.Tensor, step: torch.Tensor | None = None,
                  minus: torch.Tensor | None = None) -> float:

@@ -81,9 +81,11 @@ class GroupMoments:
         self.looped: set[int] = set()
 
     def __call__(self, curv: Curvature, j: int, params: Params, parts: int,
-                 sizes: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 sizes: list[int], device: torch.device,
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Flat (float64) mean gradient, rounded to each parameter's dtype as
-        gradient_and_noise returns it, and per-element variance at ``params``.
+        gradient_and_noise returns it, per-element variance, and the mean training loss
+        (sign-flipped for a score, as Curvature.value; from the same passes) at ``params``.
 
         Args:
             params: name -> parameter, in flat order (``sizes`` elements each).
@@ -99,9 +101,11 @@ class GroupMoments:
             g = curv.gradient(params)
             for part, n in zip(sums, names, strict=True):
                 part.copy_(g[n].reshape(-1))
-            return total, spread
+            return total, spread, curv.value(params)
         seen = 0
-        for m, row in self.rows(curv, j, params, parts):
+        loss = 0.0
+        for m, row, value in self.rows(curv, j, params, parts):
+            loss += m * value
             # in pieces, each widened once: float64 temporaries of PIECE elements, not of
             # the parameter's size (the same values)
             for sp, qp, rp in _row_pieces(row, sizes, total, spread):
@@ -116,7 +120,7 @@ class GroupMoments:
         for p, s in zip(params.values(), sums, strict=True):
             s.div_(curv.n)
             s.copy_(s.to(p.dtype))  # the mean as the parameter's dtype holds it
-        return total, spread.div_(parts - 1)
+        return total, spread.div_(parts - 1), loss / curv.n
 
     def gradient(self, curv: Curvature, j: int, params: Params, parts: int,
                  out: torch.Tensor) -> torch.Tensor:
@@ -127,15 +131,16 @@ class GroupMoments:
         parts = max(1, min(parts, curv.n))
         out.zero_()
         sizes = [p.numel() for p in params.values()]
-        for m, row in self.rows(curv, j, params, parts):
+        for m, row, _ in self.rows(curv, j, params, parts):
             for op, rp in _row_pieces(row, sizes, out):
                 op.add_(rp, alpha=m)
             del row
         return out.div_(curv.n)
 
     def rows(self, curv: Curvature, j: int, params: Params,
-             parts: int) -> Iterator[tuple[int, torch.Tensor | Params]]:
-        """(examples, mean loss gradient) of each of the ``parts`` groups, in order: all
+             parts: int) -> Iterator[tuple[int, torch.Tensor | Params, float]]:
+        """(examples, mean loss gradient, mean loss) of each of the ``parts`` groups, in
+        order: all
         groups from one vectorised pass where their gradients together are small
         (BLOCK_ELEMENTS), each row then one flat vector (the parameters' in flat order);
         else one group at a time (group_gradient), name -> gradient, the C heap trimmed
@@ -143,7 +148,7 @@ class GroupMoments:
         size = sum(p.numel() for p in params.values())
         if j not in self.looped and parts * size <= BLOCK_ELEMENTS:
             try:
-                block = curv.group_gradients(params, _whole(curv), parts)
+                block, values = curv.group_gradients_and_values(params, _whole(curv), parts)
             except Exception:
                 self.looped.add(j)  # as group_gradient: this model cannot be vectorised
             else:
@@ -152,18 +157,20 @@ class GroupMoments:
                 flat = torch.cat([block.pop(n).reshape(parts, -1) for n in params], 1)
                 sizes = [len(ix) for ix in torch.tensor_split(torch.arange(curv.n), parts)]
                 for k, m in enumerate(sizes):
-                    yield m, flat[k]
+                    yield m, flat[k], float(values[k])
                 return
         for m, batch in _groups(curv, parts):
-            yield m, self.group_gradient(curv, j, params, batch)
+            yield (m, *self.group_gradient(curv, j, params, batch))
             heap.trim()  # the group's gradient, used by now
 
-    def group_gradient(self, curv: Curvature, j: int, params: Params, batch: Batch) -> Params:
-        """One group's mean loss gradient in the parameters' dtype, as Curvature computes
-        it: torch.func.grad vectorised over a group axis of one (the same bits as the
-        whole block), else, where torch.func cannot, one plain backward pass."""
+    def group_gradient(self, curv: Curvature, j: int, params: Params,
+                       batch: Batch) -> tuple[Params, float]:
+        """One group's mean loss gradient in the parameters' dtype, and its mean loss, as
+        Curvature computes them: torch.func.grad_and_value vectorised over a group axis of
+        one (the same bits as the whole block), else, where torch.func cannot, one plain
+        backward pass."""
         if j not in self.looped:
-            from torch.func import grad, vmap
+            from torch.func import grad_and_value, vmap
 
             def group_loss(p: Params, b: Batch) -> torch.Tensor:
                 vals = curv.loss.compute(forward(curv.model, {**curv.fixed, **p}, curv.inputs,
@@ -171,9 +178,9 @@ class GroupMoments:
                 return curv.sign * vals.mean()
 
             try:
-                got = vmap(grad(group_loss), in_dims=(None, 0))(
+                got, value = vmap(grad_and_value(group_loss), in_dims=(None, 0))(
                     params, {k: v.unsqueeze(0) for k, v in batch.items()})
-                return {n: t[0] for n, t in got.items()}
+                return {n: t[0] for n, t in got.items()}, float(value[0])
             except Exception:
                 # as Curvature: the model cannot be vectorised (an op without a batching
                 # rule, data-dependent control flow); a genuine error raises in the loop too
@@ -183,9 +190,10 @@ class GroupMoments:
         with torch.enable_grad():
             vals = curv.loss.compute(forward(curv.model, state, curv.inputs, batch),
                                      batch[curv.target], batch)
-            got = torch.autograd.grad(curv.sign * vals.mean(), leaves, allow_unused=True)
+            loss = curv.sign * vals.mean()
+            got = torch.autograd.grad(loss, leaves, allow_unused=True)
         return {n: torch.zeros_like(x) if gi is None else gi
-                for n, x, gi in zip(params, leaves, got, strict=True)}
+                for n, x, gi in zip(params, leaves, got, strict=True)}, float(loss)
 
 
 def _row_pieces(row: torch.Tensor | Params, sizes: list[int],
