@@ -29,6 +29,8 @@ class Curvature:
         """
         self.model = model.eval()
         pad = lm.unmasked_pad(model, inputs) if loss.name in TOKEN_METRICS else None
+        # the model is given the sample's all-ones attention_mask made below (``outputs``)
+        self.masked = False
         if pad is not None and target in sample:
             # a Hugging Face LM given no attention_mask (lm, "unmasked padding")
             ids, given = sample[pad[0]], sample.get("attention_mask")  # given: the metric's
@@ -39,7 +41,7 @@ class Curvature:
                 # (as the evaluation gives it), so that transformers' padding check, which
                 # reads the data, does not stop torch.func.vmap of the per-group gradients
                 sample = {**sample, "attention_mask": torch.ones_like(ids)}
-                inputs = (*inputs, "attention_mask")
+                self.masked = True
             else:
                 lm.padding_needless()
         if device is not None:
@@ -57,8 +59,15 @@ class Curvature:
         # torch.func has failed to vectorise this model
         self._batched = True
 
+    def outputs(self, state: Params, batch: Batch) -> torch.Tensor:
+        """The model's output at ``state`` (the caller's parameters with ``fixed``) on
+        ``batch``, with the all-ones attention_mask as a keyword where one was made
+        (``masked``; a single token input stays positional)."""
+        extra = {"attention_mask": batch["attention_mask"]} if self.masked else None
+        return forward(self.model, state, self.inputs, batch, extra)
+
     def _loss(self, params: Params, batch: Batch) -> torch.Tensor:
-        out = forward(self.model, {**self.fixed, **params}, self.inputs, batch)
+        out = self.outputs({**self.fixed, **params}, batch)
         vals = self.loss.compute(out, batch[self.target], batch)
         return self.sign * vals.sum() / self.n
 
@@ -140,7 +149,7 @@ class Curvature:
 
         def group_loss(p: Params, batch: Batch) -> torch.Tensor:
             vals = self.loss.compute(
-                forward(self.model, {**self.fixed, **p}, self.inputs, batch),
+                self.outputs({**self.fixed, **p}, batch),
                 batch[self.target], batch)
             return self.sign * vals.mean()
 
@@ -170,7 +179,7 @@ class Curvature:
             for cols in zip(*(torch.tensor_split(v, parts) for v in whole.values()),
                             strict=True):
                 batch = dict(zip(whole, cols, strict=True))
-                vals = self.loss.compute(forward(self.model, state, self.inputs, batch),
+                vals = self.loss.compute(self.outputs(state, batch),
                                          batch[self.target], batch)
                 got = torch.autograd.grad(self.sign * vals.mean(), leaves, allow_unused=True)
                 grads.append([torch.zeros_like(x) if gi is None else gi

@@ -280,7 +280,7 @@ def test_token_ids_alone_get_an_all_ones_mask_where_no_counted_prediction_sees_p
     loss = resolve_metric("next_token_loss", None, "train.loss")
     params = {n: p.detach() for n, p in lm.named_parameters()}
     cv = Curvature(lm, {}, loss, sample, ("input_ids",), "labels")
-    assert cv.inputs == ("input_ids", "attention_mask")
+    assert cv.masked
     mean, var = cv.gradient_and_noise(params, 4)
     assert cv._batched
     lm.zero_grad()
@@ -291,9 +291,16 @@ def test_token_ids_alone_get_an_all_ones_mask_where_no_counted_prediction_sees_p
         assert var[n].abs().sum() > 0
     lm.zero_grad()
 
+    # a token input under another name is still given positionally, the mask by keyword
+    ids = Curvature(lm, {}, loss, {"ids": sample["input_ids"], "labels": sample["labels"]},
+                    ("ids",), "labels")
+    assert ids.masked
+    torch.testing.assert_close(ids.gradient_and_noise(params, 4)[0], mean)
+    assert ids._batched
+
     left = {k: v.flip(1) for k, v in sample.items()}  # the padding first
     cv = Curvature(lm, {}, loss, left, ("input_ids",), "labels")
-    assert cv.inputs == ("input_ids",)
+    assert not cv.masked
     cv.gradient_and_noise(params, 4)
     assert not cv._batched
 

@@ -18,7 +18,7 @@ import torch
 from acctattr import heap
 from acctattr.evaluation.curvature import Curvature
 from acctattr.evaluation.data import Batch
-from acctattr.evaluation.evaluator import Params, forward
+from acctattr.evaluation.evaluator import Params
 
 # Where every group's gradient together takes at most this many elements, they come from one
 # pass vectorised over the groups (fast where the model is small and each pass is mostly call
@@ -173,8 +173,8 @@ class GroupMoments:
             from torch.func import grad_and_value, vmap
 
             def group_loss(p: Params, b: Batch) -> torch.Tensor:
-                vals = curv.loss.compute(forward(curv.model, {**curv.fixed, **p}, curv.inputs,
-                                                 b), b[curv.target], b)
+                vals = curv.loss.compute(curv.outputs({**curv.fixed, **p}, b),
+                                         b[curv.target], b)
                 return curv.sign * vals.mean()
 
             try:
@@ -188,7 +188,7 @@ class GroupMoments:
         leaves = [p.detach().requires_grad_(True) for p in params.values()]
         state = {**curv.fixed, **dict(zip(params, leaves, strict=True))}
         with torch.enable_grad():
-            vals = curv.loss.compute(forward(curv.model, state, curv.inputs, batch),
+            vals = curv.loss.compute(curv.outputs(state, batch),
                                      batch[curv.target], batch)
             loss = curv.sign * vals.mean()
             got = torch.autograd.grad(loss, leaves, allow_unused=True)
