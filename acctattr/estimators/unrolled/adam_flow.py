@@ -52,6 +52,12 @@ OSCILLATOR_SLICE = 1 << 16
 # the first moment is kept in a stage's flow where its substeps span at most this many of
 # m_hat's memory times on average (AdamFlow.momentum_in): e^-4, 2% of the start, is left
 MOMENTUM_SPAN = 4.0
+# a stage whose flow keeps the first moment takes this many times flow_substeps: its
+# oscillator follows m_hat's lag only where a substep spans a few optimizer steps. lm at
+# 4x its steps (sft 256, poison 128 steps) gave pretrain -0.49, -1.13 and -1.14 at 16, 32
+# and 54/27 substeps, and -0.82 at 64 (true -0.75; -0.72 at 256); toxicity at 2x 0.948 at
+# 16, 0.984 at 64 (README "Fidelity")
+MOMENTUM_SUBSTEPS = 4
 
 
 class AdamFlow:
@@ -169,6 +175,8 @@ class AdamFlow:
 
         decay = partial(flat.decay, j) if run.opt_type == "adamw" else None
         momentum = self.momentum_in(j, substeps)
+        if momentum:  # finer: MOMENTUM_SUBSTEPS
+            substeps = spans(flat, j, total, MOMENTUM_SUBSTEPS * self.config.flow_substeps)
         # how much of each substep's g^2 + c*S is left in v at the stage's end (fit_noise)
         weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
             1 - g.beta2**b)) for _, k0, k1 in substeps]

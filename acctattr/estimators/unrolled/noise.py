@@ -193,7 +193,7 @@ class GroupMoments:
             loss = curv.sign * vals.mean()
             got = torch.autograd.grad(loss, leaves, allow_unused=True)
         return {n: torch.zeros_like(x) if gi is None else gi
-                for n, x, gi in zip(params, leaves, got, strict=True)}, float(loss)
+                for n, x, gi in zip(params, leaves, got, strict=True)}, float(loss.detach())
 
 
 def _row_pieces(row: torch.Tensor | Params, sizes: list[int],

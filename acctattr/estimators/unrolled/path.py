@@ -275,16 +275,17 @@ class Reproduction:
                 f"(from {self.start_loss:.4g})")
 
 
-def spans(flat: FlatRun, j: int, total: float) -> list[Span]:
-    """Stage j's flow substeps as (segment index, first step, end step): flow_substeps
-    shared among the segments by summed lr, at least one each."""
+def spans(flat: FlatRun, j: int, total: float, count: int | None = None) -> list[Span]:
+    """Stage j's flow substeps as (segment index, first step, end step): ``count`` (default
+    flow_substeps) shared among the segments by summed lr, at least one each."""
     run = flat.runs[j]
     out = []
     for i, (_, _, s0, s1) in enumerate(flat.segments(j)):
         if s1 <= s0:
             continue
         scale = float(sum(run.lrs[s0:s1]))
-        n = max(1, round(flat.config.flow_substeps * scale / total)) if total > 0 else 1
+        n = max(1, round((count or flat.config.flow_substeps) * scale / total)) \
+            if total > 0 else 1
         cuts = [s0 + round((s1 - s0) * q / n) for q in range(n + 1)]
         out += [(i, k0, k1) for k0, k1 in zip(cuts, cuts[1:], strict=False) if k1 > k0]
     return out
