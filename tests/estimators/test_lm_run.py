@@ -56,3 +56,39 @@ def test_auto_keeps_unrolled_and_tracks_retraining_on_the_lm_run(auto_result):
         assert abs(s.effect / float(ref.mean()) - 1) < 0.2, (s.name, s.effect)
         if s.name == "poison":
             assert torch.allclose(est, ref, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def four_x(tmp_path_factory):
+    """The lm run trained 4x as many steps (sample_runs/lm/make_run.py's build_run, as
+    `make_run.py --scale 4` writes it) and its retraining truth under Trainer's first seed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("acctattr_test_lm_make_run",
+                                                  ROOT / "make_run.py")
+    assert spec is not None and spec.loader is not None
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    folder = tmp_path_factory.mktemp("lm4x")
+    manifest = mr.build_run(folder, scale=4)
+    doc = mr.truth(folder, lambda skip, out, seed=0: mr.replay(skip, out, scale=4, seed=seed),
+                   seeds=(0,))
+    return manifest, doc["stages"]
+
+
+def test_auto_tracks_retraining_on_the_lm_run_at_4x_its_steps(four_x):
+    """At 4x its steps (sft 256, poison 128 optimizer steps) auto keeps unrolled, and every
+    stage is >= 0.9 per example with its sign right and its mean within 25% (README
+    "Fidelity": 0.981 and 0.985, +9% and +13%). At 16 substeps a stage the first moment's
+    flow was not converged here (pretrain -34%); a stage that keeps it now takes
+    MOMENTUM_SUBSTEPS times as many."""
+    manifest, truth = four_x
+    result = pipeline.run(manifest, per_example=True)
+    assert result.estimator == "unrolled", result.estimator_note
+    assert result.examples is not None
+    for s in result.stages:
+        est = torch.tensor([e.effects[s.name] for e in result.examples], dtype=torch.float64)
+        ref = torch.tensor(truth[s.name]["examples"], dtype=torch.float64)
+        assert _pearson(est, ref) >= 0.9, (s.name, _pearson(est, ref))
+        assert (s.effect > 0) == (float(ref.mean()) > 0), s.name
+        assert abs(s.effect / float(ref.mean()) - 1) < 0.25, (s.name, s.effect)
