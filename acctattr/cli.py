@@ -125,7 +125,8 @@ def run(
              "by the linearised dynamics (linear).",
         rich_help_panel="Unrolled estimator")] = DYNAMICS_DEFAULT,
     flow_substeps: Annotated[int, typer.Option(
-        min=1, help="unrolled, flow: substeps per later stage.",
+        min=1, help="unrolled, flow: substeps per later stage (4x where the Adam flow "
+                    "keeps its first moment).",
         rich_help_panel="Unrolled estimator")] = UNROLLED.flow_substeps,
     hessian_at: Annotated[HessianAt | None, typer.Option(
         help=f"unrolled, linear: where along a segment the Hessian is taken "

@@ -50,8 +50,9 @@ class UnrolledConfig:
     # (AdamFlow.momentum_step); off: m_hat = g and the settled step (the default before
     # 2026-12-06). On the lm sample run pretrain -3% (off: -21%), LoRA's sft +13% (+25%),
     # and the adapter-stage and short Trainer runs come out right where the flow without
-    # it got signs wrong; lm 4x's pretrain is -34% (-17% off) and not converged in
-    # substeps (README "Fidelity")
+    # it got signs wrong. A stage that keeps it takes MOMENTUM_SUBSTEPS x flow_substeps
+    # substeps (adam_flow): at flow_substeps, lm 4x's pretrain was -34% (-17% off) and not
+    # converged in substeps; at 4x, +9% (README "Fidelity")
     adam_momentum: bool = True
     # SGD later stages: "linear" (the exponential propagator above, substeps and
     # hessian_at apply) or "flow": simulate both runs' gradient flow theta' = -r g in
@@ -60,6 +61,7 @@ class UnrolledConfig:
     # step where a substep spans more than 2^max_halvings of them (SgdFlow.halvings)
     sgd_dynamics: str = "flow"
     max_halvings: int = 5
+    # per later stage (4x where the Adam flow keeps its first moment: MOMENTUM_SUBSTEPS)
     flow_substeps: int = 16
     # groups the stage's data sample is cut into to estimate S (flow only)
     noise_chunks: int = 8
