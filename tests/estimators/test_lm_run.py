@@ -69,10 +69,16 @@ def four_x(tmp_path_factory):
     assert spec is not None and spec.loader is not None
     mr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mr)
+    from transformers.utils import logging
+
     folder = tmp_path_factory.mktemp("lm4x")
-    manifest = mr.build_run(folder, scale=4)
-    doc = mr.truth(folder, lambda skip, out, seed=0: mr.replay(skip, out, scale=4, seed=seed),
-                   seeds=(0,))
+    verbosity = logging.get_verbosity()  # Trainer sets it process-wide (to errors only)
+    try:
+        manifest = mr.build_run(folder, scale=4)
+        doc = mr.truth(folder, lambda skip, out, seed=0: mr.replay(skip, out, scale=4,
+                                                                  seed=seed), seeds=(0,))
+    finally:
+        logging.set_verbosity(verbosity)
     return manifest, doc["stages"]
 
 

@@ -615,10 +615,16 @@ def test_the_schema_takes_the_language_model_manifest():
 def padding_log(monkeypatch):
     """The transformers padding warnings given from now on (a handler on the logger that
     gives them, behind acctattr's filter), transformers' once-per-process memory and
-    acctattr's filter state reset so each test starts fresh."""
+    acctattr's filter state reset so each test starts fresh, and its verbosity at warnings
+    (a Trainer run elsewhere in the process sets it to errors only)."""
     import logging
 
+    from transformers.utils import logging as hf_logging
+
     from acctattr.evaluation import lm as lm_mod
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
 
     log = logging.getLogger("transformers.modeling_utils")
 
@@ -643,6 +649,7 @@ def padding_log(monkeypatch):
     log.removeHandler(handler)
     unfilter()
     logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    hf_logging.set_verbosity(verbosity)
 
 
 def _right_padded_eval(tmp_path: Path, left: bool = False) -> EvalSpec:
