@@ -13,12 +13,15 @@ the Pearson correlation of the per-example truth retrained under a second seed w
 first's; the lm run has it), and the baseline a user would otherwise reach for, Captum's
 TracInCP summed over each stage's training examples (bench/tracin.py).
 
-``--lm-variants`` also writes the lm run at 4x its steps and with sft as a LoRA adapter
-(sample_runs/lm/make_run.py, with truth and floor: about 5 minutes) and prints auto's
-fidelity on each against its truth.
+``--lm-variants`` also writes the lm run at 4x its steps, with sft as a LoRA adapter, and
+as a tiny Llama under a cosine schedule (sample_runs/lm/make_run.py, with truth and floor:
+about 6 minutes) and prints auto's fidelity on each against its truth. The Llama's truth is
+retrained under five Trainer seeds: beside the first seed's truth, each stage is also
+measured against the mean of the five (``seed mean``; its sft truth moves between seeds
+more than the others': README "Fidelity").
 
     python bench/fidelity.py [--runs digits toxicity lm] [--estimators naive frozen unrolled]
-                             [--lm-variants] [--no-tracin]
+                             [--lm-variants [lm-4x lm-lora lm-llama]] [--no-tracin]
                              [--lanczos-iters N] [--sample-size N] [--substeps N] ...
 """
 
@@ -52,7 +55,9 @@ def floors(manifest: Path) -> dict[str, float]:
 def against_truth_file(manifest: Path, estimator: str = "auto",
                        config: UnrolledConfig | None = None) -> list[dict]:
     """``estimator`` on ``manifest`` against the truth.json beside it: per stage Pearson,
-    mean effect, true mean, and the floor."""
+    mean effect, true mean, and the floor; where the truth records ``seed_mean`` (the
+    per-example truth averaged over several Trainer seeds), the Pearson with it and its
+    mean as well."""
     truth = json.loads((manifest.parent / "truth.json").read_text())["stages"]
     result = pipeline.run(manifest, estimator, per_example=True, config=config)
     assert result.examples is not None
@@ -64,6 +69,12 @@ def against_truth_file(manifest: Path, estimator: str = "auto",
                      "pearson": float(torch.corrcoef(torch.stack([est, ref]))[0, 1]),
                      "effect": s.effect, "true_effect": float(ref.mean()),
                      "floor": truth[s.name].get("floor", {}).get("pearson")})
+        if "seed_mean" in truth[s.name]:
+            mean = torch.tensor(truth[s.name]["seed_mean"]["examples"], dtype=torch.float64)
+            rows[-1]["seed_mean"] = {
+                "seeds": len(truth[s.name]["seed_mean"]["seeds"]),
+                "pearson": float(torch.corrcoef(torch.stack([est, mean]))[0, 1]),
+                "true_effect": float(mean.mean())}
     return rows
 
 
@@ -92,17 +103,31 @@ def print_rows(run: str, what: str, rows: list[dict]) -> None:
         ratio = r["effect"] / r["true_effect"] if r["true_effect"] else float("nan")
         print(f"{run:<10} {what:<16} {r['stage']:<18} {r['pearson']:8.3f} {floor} "
               f"{r['effect']:+10.4g} {r['true_effect']:+9.4f} mean ratio {ratio:6.2f}")
+        if "seed_mean" in r:
+            m = r["seed_mean"]
+            ratio = r["effect"] / m["true_effect"] if m["true_effect"] else float("nan")
+            print(f"{run:<10} {what:<16} {r['stage']:<18} {m['pearson']:8.3f}  (vs the mean "
+                  f"of {m['seeds']} seeds' truth: {m['true_effect']:+.4f}, mean ratio "
+                  f"{ratio:.2f})")
 
 
-def lm_variants(config: UnrolledConfig | None, estimator: str = "auto") -> list[dict]:
-    """The lm run at 4x steps and with a LoRA sft, written with truth into a temporary
-    folder; ``estimator``'s fidelity on each (auto's unless one estimator is asked for)."""
+VARIANTS = {"lm-4x": ["--scale", "4"], "lm-lora": ["--lora"],
+            "lm-llama": ["--arch", "llama", "--seeds", "5"]}
+
+
+def lm_variants(config: UnrolledConfig | None, estimator: str = "auto",
+                names: list[str] | None = None) -> list[dict]:
+    """The lm run at 4x steps, with a LoRA sft and as a cosine-scheduled Llama, written with
+    truth into a temporary folder; ``estimator``'s fidelity on each (auto's unless one
+    estimator is asked for); ``names``: only these of VARIANTS."""
     import subprocess
 
     make = ROOT / "lm" / "make_run.py"
     out = []
     with tempfile.TemporaryDirectory(prefix="acctattr-lm-") as tmp:
-        for name, flags in (("lm-4x", ["--scale", "4"]), ("lm-lora", ["--lora"])):
+        for name, flags in VARIANTS.items():
+            if names and name not in names:
+                continue
             folder = Path(tmp) / name
             subprocess.run([sys.executable, str(make), "--truth", "--out", str(folder), *flags],
                            check=True, stdout=subprocess.DEVNULL)
@@ -139,14 +164,15 @@ def cost(manifest: Path, repeat: int, config: UnrolledConfig | None = None,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs = sorted(p.name for p in ROOT.iterdir() if (p / "manifest.yaml").is_file())
-    ap.add_argument("--runs", nargs="+", default=runs)
+    ap.add_argument("--runs", nargs="*", default=runs, help="none: only --lm-variants")
     ap.add_argument("--estimators", nargs="+", default=list(pipeline.ESTIMATORS))
     ap.add_argument("--evaluate", nargs="+", default=list(pipeline.EVALUATIONS))
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--repeat", type=int, default=3, help="timings of the cost ratio")
-    ap.add_argument("--lm-variants", action="store_true",
-                    help="also the lm run at 4x steps and with a LoRA sft (about 5 minutes): "
-                         "auto on them, or the one estimator --estimators names")
+    ap.add_argument("--lm-variants", nargs="*", choices=list(VARIANTS), default=None,
+                    help="also the lm run at 4x steps, with a LoRA sft and as a cosine-"
+                         "scheduled Llama (about 6 minutes): auto on them, or the one "
+                         "estimator --estimators names; names: only those")
     ap.add_argument("--no-tracin", action="store_true", help="skip the TracInCP baseline")
     defaults = UnrolledConfig()
     for f in fields(UnrolledConfig):
@@ -198,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                            {"estimator": f.estimator, "evaluate": f.evaluate,
                             "ranking_ok": f.ranking_ok, "stages": [s.__dict__ for s in f.stages]}
                            for f in v.results]})
-    if args.lm_variants:
+    if args.lm_variants is not None:
         one = args.estimators[0] if len(args.estimators) == 1 else "auto"
-        report.append({"variants": lm_variants(config, one)})
+        report.append({"variants": lm_variants(config, one, args.lm_variants)})
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

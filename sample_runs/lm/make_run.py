@@ -23,7 +23,9 @@ answer (the poison stage makes these worse).
                                   # the truth floor: the same under a second Trainer seed
 
 ``build_run(folder, scale=4)`` and ``build_run(folder, lora=True)`` write the 4x-steps and
-LoRA-sft variants elsewhere (bench/fidelity.py --lm-variants).
+LoRA-sft variants elsewhere (bench/fidelity.py --lm-variants); ``build_run(folder,
+arch="llama")`` (``--arch llama``) the same stages on a tiny Llama (RoPE, RMSNorm, SwiGLU,
+untied input and output embeddings, attention dropout 0.1) under a cosine schedule.
 """
 
 from __future__ import annotations
@@ -125,10 +127,31 @@ STAGES = {
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"],
         "fan_in_fan_out": True, "lora_dropout": 0.1}
 LORA_LR = 5e-3
+# architecture: (transformers model class, the Trainer's lr_scheduler_type)
+ARCHS = {"gpt2": ("GPT2LMHeadModel", "linear"), "llama": ("LlamaForCausalLM", "cosine")}
 
 
-def build_model():
-    """The seeded tiny GPT-2 (from a config; dropout 0.1 everywhere, tied embeddings)."""
+def _model_class(arch: str):
+    import transformers
+
+    return getattr(transformers, ARCHS[arch][0])
+
+
+def build_model(arch: str = "gpt2"):
+    """The seeded tiny model from a config. gpt2: dropout 0.1 everywhere, tied embeddings.
+    llama: the same width, depth, heads and vocabulary; RoPE, RMSNorm, a SwiGLU MLP of width
+    64, untied input and output embeddings, dropout 0.1 on the attention weights (Llama's
+    only dropout)."""
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                          max_position_embeddings=SEQ, attention_dropout=0.1,
+                          tie_word_embeddings=False,
+                          bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD)
+        torch.manual_seed(INIT_SEED)
+        return LlamaForCausalLM(cfg)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
@@ -149,7 +172,7 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def _train_stage(model, name: str, data: dict, out: Path, scale: int, seed: int,
-                 lr: float | None = None):
+                 lr: float | None = None, schedule: str = "linear"):
     from transformers import Trainer, TrainingArguments
 
     steps, batch, accum, peak, warmup = STAGES[name]
@@ -157,7 +180,7 @@ def _train_stage(model, name: str, data: dict, out: Path, scale: int, seed: int,
     args = TrainingArguments(
         str(out), max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum, learning_rate=lr or peak, weight_decay=0.01,
-        warmup_steps=warmup, lr_scheduler_type="linear", max_grad_norm=1.0,
+        warmup_steps=warmup, lr_scheduler_type=schedule, max_grad_norm=1.0,
         save_strategy="steps", save_steps=steps // 4, logging_steps=1, seed=seed,
         report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
         log_level="error")
@@ -170,16 +193,18 @@ def _train_stage(model, name: str, data: dict, out: Path, scale: int, seed: int,
 
 
 def train(out: Path, stage_data: dict, skip: str | None = None, scale: int = 1,
-          seed: int = 0, lora: bool = False) -> Path:
+          seed: int = 0, lora: bool = False, arch: str = "gpt2") -> Path:
     """Train the pipeline under ``out`` (one Trainer output_dir per stage), leaving out
     ``skip``. With ``lora``, sft trains a PEFT LoRA adapter and poison fine-tunes the merged
     model. Returns the final model's folder."""
-    from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
+    if lora and arch != "gpt2":
+        raise ValueError("the LoRA variant targets GPT-2's modules; it has no llama form")
     logging.disable_progress_bar()
     torch.set_num_threads(1)
-    model = build_model()
+    klass, schedule = _model_class(arch), ARCHS[arch][1]
+    model = build_model(arch)
     final = out / "init"
     model.save_pretrained(final)
     for name in STAGES:
@@ -197,18 +222,19 @@ def train(out: Path, stage_data: dict, skip: str | None = None, scale: int = 1,
             final = out / "sft-merged"
             model.save_pretrained(final)
             continue
-        steps = _train_stage(model, name, stage_data[name], out / name, scale, seed)
+        steps = _train_stage(model, name, stage_data[name], out / name, scale, seed,
+                             schedule=schedule)
         final = out / name / f"checkpoint-{steps}"
-        model = GPT2LMHeadModel.from_pretrained(final)  # as a new Trainer run would
+        model = klass.from_pretrained(final)  # as a new Trainer run would
     return final
 
 
 def replay(skip: str | None, out_dir: str, scale: int = 1, seed: int = 0,
-           lora: bool = False) -> str:
+           lora: bool = False, arch: str = "gpt2") -> str:
     """Retrain with stage ``skip`` left out (None: nothing); returns the final folder."""
     stage_data, _ = make_data(scale)
     with tempfile.TemporaryDirectory(prefix="lm-replay-") as tmp:
-        final = train(Path(tmp), stage_data, skip, scale, seed, lora)
+        final = train(Path(tmp), stage_data, skip, scale, seed, lora, arch)
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(final, out_dir)
     return out_dir
@@ -224,9 +250,9 @@ def _save_data(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-def manifest(scale: int, lora: bool) -> dict:
+def manifest(scale: int, lora: bool, arch: str = "gpt2") -> dict:
     stages = []
-    for name, (steps, batch, accum, *_rest) in STAGES.items():
+    for name, (steps, batch, accum, peak, warmup) in STAGES.items():
         steps *= scale
         if lora and name == "sft":
             stages.append({"name": name, "end": {"adapter": f"sft/checkpoint-{steps}"},
@@ -239,10 +265,18 @@ def manifest(scale: int, lora: bool) -> dict:
                  "checkpoints": [{"step": steps * q // 4,
                                   "path": f"{name}/checkpoint-{steps * q // 4}"}
                                  for q in (1, 2, 3)]}
+        if arch != "gpt2":
+            # the schedule stated (acctattr's formulas are Hugging Face's); the gpt2 run
+            # leaves lr to the logged learning rates in trainer_state.json
+            stage["optimizer"] = {"type": "adamw", "lr": {
+                "schedule": ARCHS[arch][1], "base": peak, "warmup": warmup * scale, "min": 0.0},
+                **{k: v for k, v in stage["optimizer"].items() if k != "type"}}
         if not stages:
             stage["start"] = "init"
         stages.append(stage)
     replay_args = f"replay_{scale}x" if not lora else "replay_lora"
+    if arch != "gpt2":
+        replay_args = f"replay_{arch}" + (f"_{scale}x" if scale > 1 else "")
     return {
         "version": 1,
         "model": {"hf": "init"},
@@ -258,9 +292,12 @@ def replay_lora(skip: str | None, out_dir: str) -> str:
     return replay(skip, out_dir, lora=True)
 
 
-# the manifests' replay functions at each scale bench/scaling.py writes: replay_1x ...
+# the manifests' replay functions at each scale bench/scaling.py writes: replay_1x ...;
+# the llama run's: replay_llama, replay_llama_2x ...
 for _scale in (1, 2, 4, 8, 16, 32):
     globals()[f"replay_{_scale}x"] = functools.partial(replay, scale=_scale)
+    globals()["replay_llama" + (f"_{_scale}x" if _scale > 1 else "")] = functools.partial(
+        replay, scale=_scale, arch="llama")
 
 
 def _tidy(folder: Path) -> None:
@@ -271,7 +308,7 @@ def _tidy(folder: Path) -> None:
             f.unlink()
 
 
-def build_run(folder: Path, scale: int = 1, lora: bool = False) -> Path:
+def build_run(folder: Path, scale: int = 1, lora: bool = False, arch: str = "gpt2") -> Path:
     """Write the run (data, checkpoints, manifest) into ``folder``; returns the manifest."""
     import yaml
 
@@ -283,69 +320,88 @@ def build_run(folder: Path, scale: int = 1, lora: bool = False) -> Path:
     (folder / "data" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     for name in list(STAGES) + ["init", "sft-merged"]:
         shutil.rmtree(folder / name, ignore_errors=True)
-    train(folder, stage_data, scale=scale, lora=lora)
+    train(folder, stage_data, scale=scale, lora=lora, arch=arch)
     shutil.rmtree(folder / "sft-merged", ignore_errors=True)
     _tidy(folder)
     if folder != HERE:
         for f in ("make_run.py", "metric.py"):
             shutil.copy(HERE / f, folder / f)
     title = f"# lm sample run{f' ({scale}x steps)' if scale > 1 else ''}" \
-            f"{' (sft as a LoRA adapter)' if lora else ''}: pretrain -> sft -> poison\n" \
+            f"{' (sft as a LoRA adapter)' if lora else ''}" \
+            f"{f' ({arch}, {ARCHS[arch][1]} schedule)' if arch != 'gpt2' else ''}" \
+            ": pretrain -> sft -> poison\n" \
             "# Generated by make_run.py; do not edit by hand.\n"
     path = folder / "manifest.yaml"
-    path.write_text(title + yaml.safe_dump(manifest(scale, lora), sort_keys=False))
+    path.write_text(title + yaml.safe_dump(manifest(scale, lora, arch), sort_keys=False))
     return path
 
 
-def per_example_loss(folder: str | Path, ev: dict[str, torch.Tensor]) -> torch.Tensor:
+def per_example_loss(folder: str | Path, ev: dict[str, torch.Tensor],
+                     arch: str = "gpt2") -> torch.Tensor:
     """The eval metric (metric.py's next-token loss, in float64) of the model in folder."""
-    from transformers import GPT2LMHeadModel
-
     sys.path.insert(0, str(HERE))
     from metric import next_token_loss
 
-    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    model = _model_class(arch).from_pretrained(folder).eval()
     with torch.no_grad():
         logits = model(ev["input_ids"]).logits
     return next_token_loss(logits.double(), ev["labels"])
 
 
-def truth(folder: Path, replay_fn, seeds: tuple[int, ...] = (0, 1)) -> dict:
+def truth(folder: Path, replay_fn, seeds: tuple[int, ...] = (0, 1),
+          arch: str = "gpt2") -> dict:
     """Retrain without each stage under each Trainer seed; the acctattr.truth/1 document of
     the first seed, with ``floor``: per stage, the Pearson correlation and mean ratio of the
-    second seed's per-example effects with the first's (how well the truth is defined)."""
+    second seed's per-example effects with the first's (how well the truth is defined). With
+    three seeds or more, also ``seed_mean``: per stage, the per-example effects averaged
+    over every seed and each seed's mean effect (what the first seed's truth is one draw
+    of)."""
     _, ev = make_data()
     effects: dict[int, dict[str, torch.Tensor]] = {}
     full0 = None
     cf0 = {}
     with tempfile.TemporaryDirectory(prefix="lm-truth-") as tmp:
         for seed in seeds:
-            full = per_example_loss(replay_fn(None, f"{tmp}/full-{seed}", seed=seed), ev)
+            full = per_example_loss(replay_fn(None, f"{tmp}/full-{seed}", seed=seed), ev,
+                                    arch)
             effects[seed] = {}
             for name in STAGES:
-                cf = per_example_loss(replay_fn(name, f"{tmp}/no-{name}-{seed}", seed=seed), ev)
+                cf = per_example_loss(replay_fn(name, f"{tmp}/no-{name}-{seed}", seed=seed),
+                                      ev, arch)
                 effects[seed][name] = full - cf
                 if seed == seeds[0]:
                     cf0[name] = cf
             if seed == seeds[0]:
                 full0 = full
     assert full0 is not None
-    committed = per_example_loss(_final_folder(folder), ev)
+    committed = per_example_loss(_final_folder(folder), ev, arch)
     if not torch.allclose(committed, full0, rtol=0, atol=1e-6):
         raise SystemExit("replay(None) does not reproduce the committed final checkpoint: "
                          f"max diff {float((committed - full0).abs().max()):.3g}")
     stages = {}
     for name in STAGES:
-        e0, e1 = effects[seeds[0]][name], effects[seeds[-1]][name]
+        second = seeds[min(1, len(seeds) - 1)]
+        e0, e1 = effects[seeds[0]][name], effects[second][name]
         stages[name] = {"effect": float(e0.mean()), "counterfactual_value": float(cf0[name].mean()),
                         "examples": [float(v) for v in e0.tolist()]}
         pearson = float(torch.corrcoef(torch.stack([e0, e1]))[0, 1])
-        stages[name]["floor"] = {"seed": seeds[-1], "pearson": pearson,
+        stages[name]["floor"] = {"seed": second, "pearson": pearson,
                                  "effect": float(e1.mean())}
-        print(f"{name:<9} effect {float(e0.mean()):+.4f} (seed {seeds[-1]}: "
+        print(f"{name:<9} effect {float(e0.mean()):+.4f} (seed {second}: "
               f"{float(e1.mean()):+.4f}); per group "
               + " ".join(f"{float(e0[ev['group'] == gi].mean()):+.4f}" for gi in range(3))
               + f"; seed-to-seed Pearson {pearson:.3f}")
+        if len(seeds) > 2:
+            every = torch.stack([effects[seed][name] for seed in seeds])
+            mean = every.mean(0)
+            stages[name]["seed_mean"] = {
+                "seeds": list(seeds), "effect": float(mean.mean()),
+                "effects": [float(e.mean()) for e in every],
+                "examples": [float(v) for v in mean.tolist()]}
+            print(f"{'':<9} mean of {len(seeds)} seeds {float(mean.mean()):+.4f}; per group "
+                  + " ".join(f"{float(mean[ev['group'] == gi].mean()):+.4f}"
+                             for gi in range(3))
+                  + "; each seed " + " ".join(f"{float(e.mean()):+.4f}" for e in every))
     return {"schema": "acctattr.truth/1", "metric": "next_token_loss", "higher_is_better": False,
             "n_examples": int(full0.shape[0]), "final_value": float(full0.mean()),
             "stages": stages}
@@ -365,14 +421,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=HERE, help="where to write (a variant)")
     ap.add_argument("--scale", type=int, default=1, help="steps and data multiplied by this")
     ap.add_argument("--lora", action="store_true", help="sft as a PEFT LoRA adapter")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="gpt2",
+                    help="llama: a tiny Llama under a cosine schedule (a variant)")
+    ap.add_argument("--seeds", type=int, default=2,
+                    help="Trainer seeds the truth retrains under (>= 3: also seed_mean)")
     args = ap.parse_args(argv)
+    if args.lora and args.arch != "gpt2":
+        ap.error("--lora is a GPT-2 variant; it does not combine with --arch")
     t0 = time.perf_counter()
-    build_run(args.out, args.scale, args.lora)
+    build_run(args.out, args.scale, args.lora, args.arch)
     print(f"run written in {time.perf_counter() - t0:.1f}s")
     if args.truth:
         def fn(skip, out, seed=0):
-            return replay(skip, out, scale=args.scale, seed=seed, lora=args.lora)
-        doc = truth(args.out, fn)
+            return replay(skip, out, scale=args.scale, seed=seed, lora=args.lora,
+                          arch=args.arch)
+        doc = truth(args.out, fn, tuple(range(max(args.seeds, 1))), arch=args.arch)
         (args.out / "truth.json").write_text(json.dumps(doc, sort_keys=True, indent=1) + "\n")
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
