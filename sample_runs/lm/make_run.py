@@ -21,6 +21,8 @@ answer (the poison stage makes these worse).
     python make_run.py            # regenerate data, checkpoints, manifest
     python make_run.py --truth    # ... and retrain without each stage -> truth.json, with
                                   # the truth floor: the same under a second Trainer seed
+    python make_run.py --truth --out DIR --arch llama --seeds 5   # the Llama variant, its
+                                  # truth also averaged over five seeds (seed_mean)
 
 ``build_run(folder, scale=4)`` and ``build_run(folder, lora=True)`` write the 4x-steps and
 LoRA-sft variants elsewhere (bench/fidelity.py --lm-variants); ``build_run(folder,
@@ -354,8 +356,8 @@ def truth(folder: Path, replay_fn, seeds: tuple[int, ...] = (0, 1),
     the first seed, with ``floor``: per stage, the Pearson correlation and mean ratio of the
     second seed's per-example effects with the first's (how well the truth is defined). With
     three seeds or more, also ``seed_mean``: per stage, the per-example effects averaged
-    over every seed and each seed's mean effect (what the first seed's truth is one draw
-    of)."""
+    over every seed, each seed's mean effect, and each seed's per-example Pearson with the
+    mean of the others (what the first seed's truth is one draw of)."""
     _, ev = make_data()
     effects: dict[int, dict[str, torch.Tensor]] = {}
     full0 = None
@@ -394,14 +396,18 @@ def truth(folder: Path, replay_fn, seeds: tuple[int, ...] = (0, 1),
         if len(seeds) > 2:
             every = torch.stack([effects[seed][name] for seed in seeds])
             mean = every.mean(0)
+            others = [float(torch.corrcoef(torch.stack(
+                [e, (every.sum(0) - e) / (len(seeds) - 1)]))[0, 1]) for e in every]
             stages[name]["seed_mean"] = {
                 "seeds": list(seeds), "effect": float(mean.mean()),
-                "effects": [float(e.mean()) for e in every],
+                "effects": [float(e.mean()) for e in every], "pearson_with_others": others,
                 "examples": [float(v) for v in mean.tolist()]}
             print(f"{'':<9} mean of {len(seeds)} seeds {float(mean.mean()):+.4f}; per group "
                   + " ".join(f"{float(mean[ev['group'] == gi].mean()):+.4f}"
                              for gi in range(3))
-                  + "; each seed " + " ".join(f"{float(e.mean()):+.4f}" for e in every))
+                  + "; each seed " + " ".join(f"{float(e.mean()):+.4f}" for e in every)
+                  + "; each seed's Pearson with the others' mean "
+                  + " ".join(f"{r:.3f}" for r in others))
     return {"schema": "acctattr.truth/1", "metric": "next_token_loss", "higher_is_better": False,
             "n_examples": int(full0.shape[0]), "final_value": float(full0.mean()),
             "stages": stages}
