@@ -237,13 +237,14 @@ class Evaluator:
             def f(*ps: torch.Tensor) -> torch.Tensor:
                 return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-            primal, tangent = jvp(f, primals, tangents)
+            out = jvp(f, primals, tangents)
+            primal, tangent = out[0], out[1]
             got: tuple[torch.Tensor, ...] = (tangent.cpu().double(),)
             if values:
                 got += (primal.cpu().double(),)
             if gname:
                 got += (batch[gname].reshape(-1).long().cpu(),)
-            del primal, tangent
+            del out, primal, tangent
             heap.trim()  # what this batch's JVP freed, before the next batch's allocates
             return got
 
