@@ -155,11 +155,11 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
                                           available, passed)
             chosen = next(tried)  # before any work: a named estimator that cannot run is refused
         behaviours = list(loaded.evaluators.items())
-        values = [ev.sharded(ranks).values() for _, ev in behaviours]
+        values = Bases([ev.sharded(ranks) for _, ev in behaviours])
         while True:
             modes = stage_evaluations(len(loaded.runs), evaluate or chosen.evaluate)
             try:  # each embedding computed once, then evaluated for every behaviour
-                effects = _effects(loaded, chosen, modes, [b for b, _ in values], progress,
+                effects = _effects(loaded, chosen, modes, values, progress,
                                    ranks, [ev for _, ev in behaviours])
                 break
             except Unsuitable as e:
@@ -170,8 +170,8 @@ def run(path: str | Path, estimator: str = "auto", evaluate: str | None = None,
         note = stored_note
     results = [summarize(loaded, chosen.name, evaluate or chosen.evaluate, base, groups,
                          per_stage, per_example, note, chosen.warnings(), modes, ev)
-               for (base, groups), per_stage, (_, ev) in zip(values, effects, behaviours,
-                                                             strict=True)]
+               for (base, groups), per_stage, (_, ev) in zip(values.all(), effects,
+                                                             behaviours, strict=True)]
     if len(results) == 1:
         return results[0]
     # several behaviours: the first one's result, carrying every behaviour's
@@ -200,13 +200,42 @@ def stage_evaluations(n_stages: int, evaluate: str) -> list[str]:
     return [evaluate] * (n_stages - 1) + ["direct"]
 
 
-def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], bases: list[torch.Tensor],
+class Bases:
+    """f_i(theta_T) and group ids of each behaviour (``Evaluator.values``), computed once,
+    when first needed: by a linear evaluation's JVPs, whose primal output they are, where
+    the first stage is evaluated linearly (frozen, naive), else by a forward pass of their
+    own."""
+
+    def __init__(self, evaluators: list[Evaluator]) -> None:
+        """``evaluators``: each behaviour's, sharded among the ranks as the values are."""
+        self.evaluators = evaluators
+        self._got: list[tuple[torch.Tensor, torch.Tensor | None] | None] = \
+            [None] * len(evaluators)
+
+    def missing(self, b: int) -> bool:
+        return self._got[b] is None
+
+    def put(self, b: int, got: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        self._got[b] = got
+
+    def get(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        got = self._got[b]
+        if got is None:
+            got = self._got[b] = self.evaluators[b].values()
+        return got
+
+    def all(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [self.get(b) for b in range(len(self.evaluators))]
+
+
+def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], bases: Bases,
              progress: Progress | None, ranks: Ranks = ALONE,
              evaluators: list[Evaluator] | None = None) -> list[list[torch.Tensor]]:
     """Per-example effects [B][K][N] of every stage on every behaviour (stage k evaluated by
     ``modes[k]``), one embedding in memory at a time, each computed once and evaluated for
-    every behaviour. ``bases``: f_i(theta_T) per behaviour; ``evaluators``: the behaviours'
-    (default the manifest's first).
+    every behaviour. ``bases``: f_i(theta_T) per behaviour (filled by the first stage's
+    evaluation where it is linear); ``evaluators``: the behaviours' (default the manifest's
+    first).
 
     With several ranks: every rank builds every embedding and evaluates its share of the
     eval set; or, for an estimator with ``shard_stages``, rank r builds and evaluates (on
@@ -226,7 +255,7 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], bases: list
         try:
             return fn()
         except AcctattrError as e:
-            if isinstance(e, ManifestError):
+            if isinstance(e, ManifestError) or getattr(e, "unstaged", False):
                 raise
             error = type(e)(f"while estimating stage '{names[k]}': {e.message}", e.hint)
             error.__dict__.update({a: getattr(e, a) for a in ("shared_from", "rank_local")
@@ -242,13 +271,28 @@ def _effects(loaded: Loaded, estimator: Estimator, modes: list[str], bases: list
             progress(f"stage {names[k]}", k, len(names))
         return staged(k, partial(estimator.embed, k))
 
-    def one(ev: Evaluator, base: torch.Tensor, k: int, v: Params) -> torch.Tensor:
-        return ev.linear(v) if modes[k] == "linear" else ev.direct(v, base)
+    def one(ev: Evaluator, b: int, k: int, v: Params) -> torch.Tensor:
+        if modes[k] == "direct":
+            return ev.direct(v, bases.get(b)[0])
+        if not bases.missing(b):
+            return ev.linear(v)
+        try:
+            effect, got = ev.linear_and_values(v)
+        except DataError as e:
+            # the eval set's own error, said as where the values are computed alone: the
+            # stage being evaluated has nothing to do with it
+            e.unstaged = True  # type: ignore[attr-defined]
+            raise
+        bases.put(b, got)
+        return effect
 
     def evaluated(k: int, v: Params) -> list[torch.Tensor]:
-        return [staged(k, partial(one, ev, base, k, v))
-                for ev, base in zip(evs, bases, strict=True)]
+        return [staged(k, partial(one, ev, b, k, v)) for b, ev in enumerate(evs)]
 
+    if by_stage or modes[0] != "linear":
+        # each behaviour's values by a pass of their own, before any stage: no collective
+        # may run inside a rank's own stages (by_stage)
+        bases.all()
     if by_stage:  # no collective inside: each rank's stages, then one exchange
         done: dict[int, list[torch.Tensor]] = {}
         for got in ranks.all(lambda: {k: evaluated(k, embed(k)) for k in range(len(names))

@@ -216,20 +216,40 @@ class Evaluator:
     def linear(self, v: Params) -> torch.Tensor:
         """<grad f_i(theta_T), v> for every example [N] float64 on the CPU, by forward-mode
         JVP."""
+        return self._linear(v, False)[0]
+
+    def linear_and_values(self, v: Params
+                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``linear(v)`` and what ``values()`` returns, from the same passes: a JVP computes
+        f_i(theta_T) as its primal output, so the values need no forward pass of their own
+        (one of frozen's K+1 passes over the eval set, bench/scale.py)."""
+        out = self._linear(v, True)
+        return out[0], (out[1], out[2] if len(out) > 2 else None)
+
+    def _linear(self, v: Params, values: bool) -> tuple[torch.Tensor, ...]:
+        """(JVP [N],) or, with ``values``, (JVP, primal f_i(theta_T)[, group ids]) [N]."""
         names = list(self.params)
         primals = tuple(self.params[n] for n in names)
         tangents = tuple(_like(v[n], self.params[n]) for n in names)
+        gname = self.data.spec.group if values else None
 
         def one(batch: Batch) -> tuple[torch.Tensor, ...]:
             def f(*ps: torch.Tensor) -> torch.Tensor:
                 return self._metric(dict(zip(names, ps, strict=True)), batch)
 
-            got = jvp(f, primals, tangents)[1].cpu().double()
+            out = jvp(f, primals, tangents)
+            primal, tangent = out[0], out[1]
+            got: tuple[torch.Tensor, ...] = (tangent.cpu().double(),)
+            if values:
+                got += (primal.cpu().double(),)
+            if gname:
+                got += (batch[gname].reshape(-1).long().cpu(),)
+            del out, primal, tangent
             heap.trim()  # what this batch's JVP freed, before the next batch's allocates
-            return (got,)
+            return got
 
         with torch.no_grad():
-            out = self._each(one)[0]
+            out = self._each(one)
         heap.trim()  # what the JVP freed, before the next stage allocates (acctattr.heap)
         return out
 

@@ -260,6 +260,45 @@ def test_values_take_the_probes_first_batch_and_compute_the_rest(eval_file, monk
     assert calls == [7, 7, 2]
 
 
+def test_linear_and_values_come_from_the_same_jvp_passes(eval_file, monkeypatch):
+    """linear_and_values(v) is linear(v) with values() (and the group ids) taken from the
+    JVPs' primal output: the same bits, and no metric call beyond the JVPs' own."""
+    model = mlp()
+    params = params_of(model)
+    v = direction(params, seed=5)
+    ev = evaluator(model, params, eval_file, "cross_entropy", group="grp")
+    want_effect, (want_base, want_groups) = ev.linear(v), ev.values()
+    calls = []
+    real = Evaluator._metric
+    monkeypatch.setattr(Evaluator, "_metric",
+                        lambda self, p, b: calls.append(len(b["x"])) or real(self, p, b))
+    effect, (base, groups) = ev.linear_and_values(v)
+    assert calls == [7, 7, 7, 2]  # one traced call per batch: the JVP's
+    assert torch.equal(effect, want_effect) and torch.equal(base, want_base)
+    assert groups is not None and want_groups is not None and torch.equal(groups, want_groups)
+    _, (_, none) = evaluator(model, params, eval_file, "cross_entropy").linear_and_values(v)
+    assert none is None
+
+
+def test_a_linear_first_stage_gives_the_values_without_a_pass_of_their_own(monkeypatch):
+    """frozen (linear before the last stage) takes f_i(theta_T) from its first stage's JVPs:
+    Evaluator.values is never called, and the JSON is the one it gave with values computed
+    on their own; unrolled (direct throughout) computes them once."""
+    manifest = Path(__file__).resolve().parents[2] / "sample_runs" / "digits" / "manifest.yaml"
+    from acctattr.output.report import to_json
+
+    calls = []
+    real = Evaluator.values
+    with monkeypatch.context() as m:  # the values by a pass of their own, as before
+        m.setattr(Evaluator, "linear_and_values", lambda self, v: (self.linear(v), real(self)))
+        want = to_json(pipeline.run(manifest, "frozen", per_example=True))
+    monkeypatch.setattr(Evaluator, "values", lambda self: calls.append(1) or real(self))
+    got = to_json(pipeline.run(manifest, "frozen", per_example=True))
+    assert calls == [] and got == want
+    pipeline.run(manifest, "naive", evaluate="direct")
+    assert calls == [1]
+
+
 def test_group_ids_are_returned_in_example_order(eval_file):
     """values() returns each example's group id alongside its metric value."""
     model = mlp()
