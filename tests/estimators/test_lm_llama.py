@@ -88,8 +88,9 @@ def test_auto_tracks_retraining_on_the_llama_run(llama):
     mean within 25% (README: 0.999, -4%). sft: its truth moves between Trainer seeds (the
     first two seeds' per-example effects correlate 0.74; the first seed's is the outlier of
     five, README "Fidelity"), so it is held against the mean of the first two seeds' truth:
-    >= 0.85 (README: 0.912; 0.952 against five seeds' mean) and the sign right. poison, the
-    last stage, is exact: θ_T and the sft checkpoint, evaluated by transformers itself."""
+    >= 0.85 (0.912 when written; README: 0.952 against five seeds' mean) and the sign
+    right. poison, the last stage, is exact: θ_T and the sft checkpoint, evaluated by
+    transformers itself."""
     mr, manifest, ev = llama
     result = pipeline.run(manifest, per_example=True)
     assert result.estimator == "unrolled", result.estimator_note
