@@ -77,6 +77,8 @@ class TrainerState:
     # (0-indexed global step whose update used this lr, lr), from log_history
     lr_points: tuple[tuple[int, float], ...]
     lr_convention: str  # "used" (transformers >= 4.51) or "next" (older, or unknown)
+    # the Trainer run's planned length (its schedule's), where the file says
+    max_steps: int | None = None
 
 
 def read_trainer_state(path: Path) -> TrainerState:
@@ -117,7 +119,11 @@ def read_trainer_state(path: Path) -> TrainerState:
                 raise FormatError(f"{file}: learning_rate {lr!r} at step {h['step']} is not "
                                   "a finite number >= 0")
             points.append((h["step"] - shift, lr))
-    return TrainerState(file, step, tuple(history), tuple(points), convention)
+    planned = doc.get("max_steps")
+    if not isinstance(planned, int) or isinstance(planned, bool) or not \
+            0 < planned <= MAX_STEPS:
+        planned = None
+    return TrainerState(file, step, tuple(history), tuple(points), convention, planned)
 
 
 def trainer_batch_size(folder: Path) -> int | None:
@@ -186,7 +192,8 @@ def trainer_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 # TrainingArguments fields acctattr init reads from training_args.bin
 TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
-                      "gradient_accumulation_steps", "optim", "lr_scheduler_type")
+                      "gradient_accumulation_steps", "optim", "lr_scheduler_type",
+                      "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs")
 
 
 def training_args(folder: Path) -> dict[str, Any]:
@@ -194,8 +201,9 @@ def training_args(folder: Path) -> dict[str, Any]:
 
     The file is a pickle (inside torch.save's zip) of a TrainingArguments object; loading it
     would run code. It is never unpickled: its opcodes are only scanned (``pickletools``)
-    for a field name followed directly by a number or a string. Anything unreadable gives
-    an empty dict.
+    for a field name followed directly by a number, a string, None or an empty dict, or by
+    an enum (``lr_scheduler_type``, ``optim``: a class reference, then its string value).
+    Anything unreadable gives an empty dict.
     """
     import io
     import pickletools
@@ -222,12 +230,30 @@ def training_args(folder: Path) -> dict[str, Any]:
         if j >= len(ops):
             continue
         vname, value = ops[j]
+        if vname == "GLOBAL":
+            # an enum member (torch.save's protocol 2): its class, then its value
+            j += 1
+            while j < len(ops) and ops[j][0] in skip:
+                j += 1
+            if j < len(ops) and ops[j][0].endswith("UNICODE"):
+                out[arg] = ops[j][1]
+            continue
         if vname in ("BINFLOAT", "FLOAT") or vname.startswith("BININT") or vname == "INT":
             out[arg] = value
         elif vname.endswith("UNICODE"):
             out[arg] = value
         elif vname == "NONE":
             out[arg] = None
+        elif vname == "EMPTY_DICT":
+            # {} or the start of a dict whose items follow (MARK ... SETITEMS, or a key,
+            # a value and SETITEM): only an empty one is read
+            k = j + 1
+            while k < len(ops) and ops[k][0] in skip:
+                k += 1
+            filled = k < len(ops) and (ops[k][0] == "MARK" or any(
+                op == "SETITEM" for op, _ in ops[k + 1:k + 4]))
+            if not filled:
+                out[arg] = {}
     return out
 
 

@@ -151,3 +151,39 @@ def lrs_from_spec(spec: LrSpec, steps: int) -> Sequence[float]:
         return Lrs(schedule_at(spec.schedule, steps, spec.base, spec.warmup, spec.min),
                    0, steps)
     raise ValueError("lr spec names a trainer_state file; read it with checkpoints.read_lrs")
+
+
+# TrainingArguments.lr_scheduler_type -> (schedule_at's schedule, whether its warmup applies):
+# transformers.get_scheduler's "constant" takes no warmup
+TRAINER_SCHEDULES = {"linear": ("linear", True), "cosine": ("cosine", True),
+                     "constant_with_warmup": ("constant", True), "constant": ("constant", False)}
+
+
+def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float], str] | None:
+    """The lr of each 0-indexed global step of a Hugging Face Trainer run of ``max_steps``
+    planned steps, from its TrainingArguments fields (``formats.training_args``): the
+    linear, cosine, constant and constant_with_warmup schedules of transformers.get_scheduler
+    (warmup ``warmup_steps``, or a fraction of the run where it is below 1 or
+    ``warmup_ratio`` where an older transformers kept one), with a description; None where
+    the fields do not fix one (another schedule, lr_scheduler_kwargs, a missing field)."""
+    kind = TRAINER_SCHEDULES.get(args.get("lr_scheduler_type"))  # type: ignore[arg-type]
+    base = args.get("learning_rate")
+    if kind is None or not isinstance(base, (int, float)) or not _number(base) or base < 0 \
+            or args.get("lr_scheduler_kwargs") not in (None, {}):
+        return None
+    warmup = 0
+    if kind[1]:
+        steps, ratio = args.get("warmup_steps", 0), args.get("warmup_ratio", 0.0)
+        if not _number(steps) or steps < 0 or not _number(ratio) or ratio < 0:
+            return None
+        if steps >= 1:
+            warmup = int(steps)
+        elif steps > 0 or ratio > 0:
+            warmup = math.ceil(max_steps * (steps or ratio))
+    at = schedule_at(kind[0], max_steps, float(base), warmup)
+    return at, (f"{args['lr_scheduler_type']} from {base:g}, {warmup} warmup step(s) of "
+                f"{max_steps}")
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
