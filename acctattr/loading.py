@@ -27,12 +27,7 @@ from acctattr.runs.checkpoints import (
 )
 from acctattr.runs.manifest import Manifest, Stage, load_manifest
 from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
-from acctattr.runs.schedules import (
-    Lrs,
-    interpolate_logged_lrs,
-    lrs_from_spec,
-    trainer_schedule,
-)
+from acctattr.runs.schedules import Lrs, interpolate_logged_lrs, lrs_from_spec, stated_trainer_lrs
 
 
 @dataclass
@@ -63,7 +58,7 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     if not ts.lr_points or interpolate_logged_lrs(ts.lr_points, first, steps)[1]:
         # some steps' lrs were not logged: the schedule training_args.bin names, where it
         # gives every lr that was logged or saved
-        stated = _stated_lrs(ts)
+        stated = stated_trainer_lrs(ts)
         if stated is not None:
             at, how = stated
             if not ts.lr_points:
@@ -81,33 +76,6 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
         warnings.append(f"stage '{stage.name}': {guessed} of {steps} learning rates were "
                         f"interpolated between the steps logged in {spec.trainer_state}")
     return lrs
-
-
-def _stated_lrs(ts: formats.TrainerState) -> tuple[Callable[[int], float], str] | None:
-    """The lr of each 0-indexed global step under the schedule the Trainer's
-    training_args.bin names (schedules.trainer_schedule), where it gives every lr the run
-    logged and the one scheduler.pt saved (the next step's, ``_last_lr``) and at least one
-    of them is there; else None."""
-    folder, planned = ts.path.parent, ts.max_steps
-    got = trainer_schedule(formats.training_args(folder), planned) if planned else None
-    if got is None or planned is None:
-        return None
-    at, how = got
-    points = list(ts.lr_points)
-    try:
-        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
-        step, last = saved["last_epoch"], saved["_last_lr"][0]
-        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:
-            points.append((step, float(last)))
-    except Exception:  # no scheduler.pt, or not LambdaLR's state: the logged lrs alone
-        pass
-    if not points:
-        return None
-    scale = max(abs(lr) for _, lr in points) or 1.0
-    if any(not math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
-           for s, lr in points if s >= 0):
-        return None
-    return at, how
 
 
 class _Readers:

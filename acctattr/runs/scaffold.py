@@ -47,6 +47,7 @@ from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
 from acctattr.runs.scaffold_folders import FoundStage, chain, global_step, pick_start, stages_in
+from acctattr.runs.schedules import stated_trainer_lrs
 
 # what eval.data, the stages' data and the metric accept, written into the draft
 EVAL_DATA_FORMATS = ("a .safetensors file of tensors with one row per example (the model's "
@@ -323,8 +324,13 @@ def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
     except formats.FormatError as e:
         raise CheckpointError(f"acctattr init: {e}") from e
     opt: dict[str, Any] = {"type": typ, "steps": steps}
-    if ts.lr_points:
+    stated = None if ts.lr_points else stated_trainer_lrs(ts)
+    if ts.lr_points or stated is not None:
         opt["lr"] = {"trainer_state": rel(end / formats.TRAINER_STATE)}
+        if stated is not None:
+            notes.append(f"stage '{name}': no learning rate logged; they follow "
+                         f"training_args.bin's schedule ({stated[1]}), checked against "
+                         "scheduler.pt")
     else:
         opt["lr"] = todo(f"the learning rate ({rel(end / formats.TRAINER_STATE)} logged none: "
                          "set logging_steps) as a number, a per-step list or {schedule, base, "

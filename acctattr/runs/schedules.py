@@ -16,6 +16,7 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
+from acctattr.runs.formats import TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
 
 
@@ -187,3 +188,32 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] | None:
+    """The lr of each 0-indexed global step under the schedule the Trainer's
+    training_args.bin names (trainer_schedule), where it gives every lr the run
+    logged and the one scheduler.pt saved (the next step's, ``_last_lr``) and at least one
+    of them is there; else None."""
+    import torch
+
+    folder, planned = ts.path.parent, ts.max_steps
+    got = trainer_schedule(training_args(folder), planned) if planned else None
+    if got is None or planned is None:
+        return None
+    at, how = got
+    points = list(ts.lr_points)
+    try:
+        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
+        step, last = saved["last_epoch"], saved["_last_lr"][0]
+        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:
+            points.append((step, float(last)))
+    except Exception:  # no scheduler.pt, or not LambdaLR's state: the logged lrs alone
+        pass
+    if not points:
+        return None
+    scale = max(abs(lr) for _, lr in points) or 1.0
+    if any(not math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
+           for s, lr in points if s >= 0):
+        return None
+    return at, how

@@ -108,8 +108,23 @@ def test_a_schedule_the_saved_lrs_contradict_is_not_used(sparse, tmp_path):
 def test_no_logged_lr_takes_the_named_schedule_checked_by_scheduler_pt(tmp_path):
     """Logging less often than the stage's length: no lr in log_history. The lrs still come
     from training_args.bin's schedule (scheduler.pt's last lr agrees), and a warning says
-    where they came from."""
+    where they came from; `acctattr init` drafts the stage's lr from the folder, no TODO."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from acctattr.cli import app
+
     _train(tmp_path, logging_steps=STEPS + 10)
     loaded = pipeline.check(tmp_path / "manifest.yaml")
     assert list(loaded.runs[0].lrs) == pytest.approx(_library_lrs(), rel=1e-12, abs=1e-15)
     assert any("logged no learning rate" in w and "cosine" in w for w in loaded.warnings)
+    out = tmp_path / "drafted.yaml"
+    res = CliRunner().invoke(app, ["init", "--start", str(tmp_path / "init"),
+                                   str(tmp_path / "stage"), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    lr = yaml.safe_load(out.read_text())["stages"][0]["optimizer"]["lr"]
+    assert lr == {"trainer_state": f"stage/checkpoint-{STEPS}/trainer_state.json"}
+    assert "training_args.bin's schedule (cosine from 0.003, 4 warmup" in out.read_text()
+    (tmp_path / "stage" / f"checkpoint-{STEPS}" / "scheduler.pt").unlink()
+    with pytest.raises(Exception, match="log_history has no learning_rate"):
+        pipeline.check(tmp_path / "manifest.yaml")  # nothing to check the schedule against
