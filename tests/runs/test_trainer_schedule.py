@@ -15,6 +15,9 @@ from lm_runs import save_tokenizer, sentences, tiny_lm, write_jsonl  # noqa: E40
 
 from acctattr import pipeline  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_library_equality import _hf_lrs  # noqa: E402
+
 STEPS, WARMUP, LR = 30, 4, 3e-3
 
 
@@ -59,16 +62,7 @@ eval:
 
 def _library_lrs() -> list[float]:
     """The lr each of the STEPS optimizer steps used, from transformers.get_scheduler."""
-    from transformers import get_scheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
-    out = []
-    for _ in range(STEPS):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return _hf_lrs("cosine", STEPS, LR, WARMUP)
 
 
 @pytest.fixture(scope="module")
