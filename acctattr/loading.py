@@ -55,23 +55,24 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     except formats.FormatError as e:
         raise CheckpointError(f"stage '{stage.name}': optimizer.lr: {e}") from e
     first = ts.global_step - steps
-    if not ts.lr_points or interpolate_logged_lrs(ts.lr_points, first, steps)[1]:
+    lrs, guessed = interpolate_logged_lrs(ts.lr_points, first, steps) if ts.lr_points \
+        else (None, steps)
+    if guessed:
         # some steps' lrs were not logged: the schedule training_args.bin names, where it
         # gives every lr that was logged or saved
         stated = stated_trainer_lrs(ts)
         if stated is not None:
             at, how = stated
-            if not ts.lr_points:
+            if lrs is None:
                 warnings.append(f"stage '{stage.name}': {spec.trainer_state} logged no learning "
                                 f"rate; they follow training_args.bin's schedule ({how}), "
                                 "checked against scheduler.pt's last one")
             return Lrs(lambda i: at(first + i), 0, steps)
-    if not ts.lr_points:
+    if lrs is None:
         raise CheckpointError(f"stage '{stage.name}': {spec.trainer_state}: log_history has no "
                               "learning_rate entries",
                               "set logging_steps so the Trainer logs the learning rate, or give "
                               "optimizer.lr as a schedule or a per-step list")
-    lrs, guessed = interpolate_logged_lrs(ts.lr_points, first, steps)
     if guessed:
         warnings.append(f"stage '{stage.name}': {guessed} of {steps} learning rates were "
                         f"interpolated between the steps logged in {spec.trainer_state}")

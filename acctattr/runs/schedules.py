@@ -14,7 +14,7 @@ import bisect
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import overload
+from typing import TypeGuard, overload
 
 from acctattr.runs.formats import TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
@@ -169,7 +169,7 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
     the fields do not fix one (another schedule, lr_scheduler_kwargs, a missing field)."""
     kind = TRAINER_SCHEDULES.get(args.get("lr_scheduler_type"))  # type: ignore[arg-type]
     base = args.get("learning_rate")
-    if kind is None or not isinstance(base, (int, float)) or not _number(base) or base < 0 \
+    if kind is None or not _number(base) or base < 0 \
             or args.get("lr_scheduler_kwargs") not in (None, {}):
         return None
     warmup = 0
@@ -186,7 +186,7 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
                 f"{max_steps}")
 
 
-def _number(x: object) -> bool:
+def _number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
