@@ -196,6 +196,9 @@ TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
                       "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs")
 
 
+TRAINING_ARGS_LIMIT = 1 << 24  # bytes; a real training_args.bin is a few kB
+
+
 def training_args(folder: Path) -> dict[str, Any]:
     """Plain values of a few TrainingArguments fields in ``folder/training_args.bin``.
 
@@ -209,12 +212,20 @@ def training_args(folder: Path) -> dict[str, Any]:
     import pickletools
     import zipfile
 
+    from acctattr.files import path_problem
+
     file = folder / "training_args.bin"
+    # a FIFO or device would block the read; a real one is a few kB (its pickle too, even
+    # where a hostile zip would inflate it)
+    if path_problem(file, "file") is not None or file.stat().st_size > TRAINING_ARGS_LIMIT:
+        return {}
     try:
         raw = file.read_bytes()
         if zipfile.is_zipfile(io.BytesIO(raw)):
             with zipfile.ZipFile(io.BytesIO(raw)) as z:
                 name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                if z.getinfo(name).file_size > TRAINING_ARGS_LIMIT:
+                    return {}
                 raw = z.read(name)
         ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
     except Exception:

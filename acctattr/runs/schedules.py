@@ -16,6 +16,7 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeGuard, overload
 
+from acctattr.files import is_file
 from acctattr.runs.formats import TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
 
@@ -204,6 +205,8 @@ def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] |
     at, how = got
     points = list(ts.lr_points)
     try:
+        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
+            raise FileNotFoundError(folder / "scheduler.pt")
         saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
         step, last = saved["last_epoch"], saved["_last_lr"][0]
         if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:

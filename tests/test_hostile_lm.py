@@ -1,0 +1,81 @@
+"""Hostile input in Hugging Face Trainer runs and PEFT adapter stages (issue 13's contract).
+
+Each case damages one file of a copy of a real Trainer-written run: sample_runs/lm (three
+``checkpoint-N`` stages written by transformers.Trainer) or a tiny run whose last stage is a
+PEFT LoRA adapter (tests/formats_runs.py's write_hf_run, trained once per session), and
+asserts exit 2, a message naming the file and what is wrong, and no traceback. A hang
+guard fails a test that blocks (never a timing assertion).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from reportkit import cli
+from test_hostile import refused
+
+LM = Path(__file__).resolve().parents[1] / "sample_runs" / "lm"
+SFT = "sft/checkpoint-64"
+
+
+class Hung(BaseException):
+    """Raised by the hang guard; a BaseException, so no ``except Exception`` swallows it."""
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    """A test that blocks (a FIFO opened) fails after 60 s instead of hanging the suite.
+    A guard, not a timing assertion."""
+    import signal
+
+    def stuck(signum, frame):
+        raise Hung("hung for 60 s")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def lm_dir(tmp_path: Path) -> Path:
+    """A fresh copy of sample_runs/lm (never edited in place)."""
+    dst = tmp_path / "lm"
+    shutil.copytree(LM, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _edit_json(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _no_logged_lrs(run: Path) -> None:
+    """sft's trainer_state.json logs no learning rate: acctattr turns to training_args.bin's
+    schedule (and scheduler.pt)."""
+    _edit_json(run / SFT / "trainer_state.json",
+               lambda d: [h.pop("learning_rate", None) for h in d["log_history"]])
+
+
+# ---------------------------------------------------------------- files that block
+
+
+@pytest.mark.parametrize("name", ["training_args.bin", "scheduler.pt"])
+def test_fifo_beside_a_trainer_checkpoint_never_blocks(lm_dir, name):
+    """A FIFO as training_args.bin or scheduler.pt (read only when no lr was logged) is
+    never opened: the stage is refused for its missing lrs instead of hanging."""
+    _no_logged_lrs(lm_dir)
+    if name == "scheduler.pt":
+        torch.save({"learning_rate": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 6},
+                   lm_dir / SFT / "training_args.bin")
+    (lm_dir / SFT / name).unlink(missing_ok=True)
+    os.mkfifo(lm_dir / SFT / name)
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", "trainer_state.json",
+            "no learning_rate")
