@@ -79,3 +79,22 @@ def test_fifo_beside_a_trainer_checkpoint_never_blocks(lm_dir, name):
     os.mkfifo(lm_dir / SFT / name)
     refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", "trainer_state.json",
             "no learning_rate")
+
+
+# ---------------------------------------------------------------- trainer_state.json
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "not readable JSON"),
+    ('{"model_type": "gpt2", "transform', "not readable JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"transformers_version": "abc"}', "transformers_version 'abc' is not a version"),
+    ('{"transformers_version": [4, 51]}', "transformers_version [4, 51] is not a version"),
+])
+def test_unreadable_config_beside_trainer_state_is_refused(lm_dir, text, needle):
+    """A checkpoint folder's config.json decides which step each logged lr belongs to
+    (transformers_version); one that cannot be read is refused naming it, not taken as
+    the older convention (every lr shifted by a step, a plausible result)."""
+    (lm_dir / SFT / "config.json").write_text(text)
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", f"{SFT}/config.json",
+            needle)

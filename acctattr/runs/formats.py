@@ -140,16 +140,29 @@ def trainer_batch_size(folder: Path) -> int | None:
 
 
 def transformers_version(folder: Path) -> tuple[int, int] | None:
-    """(major, minor) of ``transformers_version`` in ``folder/config.json``, if there is one."""
+    """(major, minor) of ``transformers_version`` in ``folder/config.json``; None where there
+    is no config.json or it names no version. A config.json that cannot be read, or a version
+    that is not one, is a FormatError: guessing would shift every logged lr by a step."""
+    from acctattr.files import path_problem
+
     cfg = folder / "config.json"
-    if not cfg.is_file():
+    if path_problem(cfg) == "not found":
+        return None
+    doc = _read_json(cfg)
+    if not isinstance(doc, dict):
+        raise FormatError(f"{cfg}: expected a JSON object")
+    text = doc.get("transformers_version")
+    if text is None:
         return None
     try:
-        text = json.loads(cfg.read_text(encoding="utf-8")).get("transformers_version", "")
         major, minor = (int(x) for x in str(text).split(".")[:2])
-        return major, minor
-    except (OSError, ValueError, AttributeError):
-        return None
+    except ValueError:
+        major = minor = -1
+    if not isinstance(text, str) or major < 0 or minor < 0:
+        raise FormatError(f"{cfg}: transformers_version {text!r} is not a version like "
+                          "'4.51.0' (it decides which step each logged learning_rate belongs "
+                          "to)")
+    return major, minor
 
 
 def trainer_resumed(start: Path | None, end: Path) -> bool:
