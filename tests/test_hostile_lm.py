@@ -84,6 +84,29 @@ def test_fifo_beside_a_trainer_checkpoint_never_blocks(lm_dir, name):
 # ---------------------------------------------------------------- trainer_state.json
 
 
+def _log_entry(i: int, **change):
+    """Change log_history entry i (step i + 1) of sft's trainer_state.json."""
+    return lambda d: d["log_history"][i].update(change)
+
+
+@pytest.mark.parametrize("fn,needle", [
+    (_log_entry(3, step=-5), "step -5"),
+    (_log_entry(3, step=10**18), "not a whole number from 0 to global_step 64"),
+    (_log_entry(3, step="4"), "step '4'"),
+    (_log_entry(3, step=4.0), "step 4.0"),
+    (_log_entry(3, step=True), "step True"),
+    (_log_entry(3, learning_rate=True), "learning_rate True at step 4 is not a number"),
+    (_log_entry(3, step=3), "gives step 3 two learning rates"),
+])
+def test_log_history_a_trainer_never_writes_is_refused(lm_dir, fn, needle):
+    """A learning_rate entry at a step outside 0..global_step, at a step that is not a whole
+    number, a boolean lr, or two lrs for one step: refused naming the file (they were
+    dropped or taken silently, shifting the stage's lrs)."""
+    _edit_json(lm_dir / SFT / "trainer_state.json", fn)
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'",
+            f"{SFT}/trainer_state.json", needle)
+
+
 @pytest.mark.parametrize("text,needle", [
     ("", "not readable JSON"),
     ('{"model_type": "gpt2", "transform', "not readable JSON"),

@@ -107,23 +107,35 @@ def read_trainer_state(path: Path) -> TrainerState:
     if version is not None and version >= _LR_FIX_VERSION:
         convention = "used"
     shift = 1 if convention == "used" else 0
-    points = []
+    points: dict[int, float] = {}
     for h in history:
-        if "learning_rate" in h and isinstance(h.get("step"), int):
-            try:
-                lr = float(h["learning_rate"])
-            except (TypeError, ValueError) as e:
-                raise FormatError(f"{file}: learning_rate {h['learning_rate']!r} at step "
-                                  f"{h['step']} is not a number") from e
-            if not math.isfinite(lr) or lr < 0:
-                raise FormatError(f"{file}: learning_rate {lr!r} at step {h['step']} is not "
-                                  "a finite number >= 0")
-            points.append((h["step"] - shift, lr))
+        if "learning_rate" not in h or "step" not in h:
+            continue
+        at = h["step"]
+        # the Trainer logs whole steps 0..global_step; anything else is not its file
+        if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= step:
+            raise FormatError(f"{file}: log_history entry with learning_rate has step {at!r}, "
+                              f"not a whole number from 0 to global_step {step}")
+        value = h["learning_rate"]
+        try:
+            if isinstance(value, bool):
+                raise TypeError("a boolean")
+            lr = float(value)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{file}: learning_rate {value!r} at step {at} is not a "
+                              "number") from e
+        if not math.isfinite(lr) or lr < 0:
+            raise FormatError(f"{file}: learning_rate {lr!r} at step {at} is not "
+                              "a finite number >= 0")
+        seen = points.setdefault(at - shift, lr)
+        if not math.isclose(seen, lr, rel_tol=1e-9, abs_tol=0.0):
+            raise FormatError(f"{file}: log_history gives step {at} two learning rates, "
+                              f"{seen!r} and {lr!r}")
     planned = doc.get("max_steps")
     if not isinstance(planned, int) or isinstance(planned, bool) or not \
             0 < planned <= MAX_STEPS:
         planned = None
-    return TrainerState(file, step, tuple(history), tuple(points), convention, planned)
+    return TrainerState(file, step, tuple(history), tuple(points.items()), convention, planned)
 
 
 def trainer_batch_size(folder: Path) -> int | None:
