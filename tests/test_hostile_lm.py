@@ -121,3 +121,40 @@ def test_unreadable_config_beside_trainer_state_is_refused(lm_dir, text, needle)
     (lm_dir / SFT / "config.json").write_text(text)
     refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", f"{SFT}/config.json",
             needle)
+
+
+# ---------------------------------------------------------------- training_args.bin
+
+
+@pytest.mark.parametrize("args", [
+    {"warmup_steps": 0, "warmup_ratio": 1e300},
+    {"warmup_steps": 10**30},  # pickled as LONG1: the opcode scan cannot read it
+    {},
+])
+def test_training_args_that_fix_no_schedule_are_not_followed(lm_dir, args):
+    """With no lr logged, a training_args.bin whose warmup is beyond the run or unreadable
+    fixes no schedule: the stage is refused for its missing lrs (a made-up schedule, every
+    lr near 0, passed scheduler.pt's one check at the run's end, where a linear or cosine
+    schedule is 0 whatever its warmup)."""
+    _no_logged_lrs(lm_dir)
+    torch.save({"learning_rate": 1e-3, "lr_scheduler_type": "cosine", **args},
+               lm_dir / SFT / "training_args.bin")
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", "no learning_rate")
+
+
+def test_a_hostile_training_args_pickle_is_never_run(lm_dir, tmp_path):
+    """training_args.bin is scanned, never unpickled: a pickle that would run a command
+    leaves no trace (acctattr check and init read it when no lr was logged)."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    _no_logged_lrs(lm_dir)
+    torch.save({"learning_rate": Evil(), "lr_scheduler_type": "linear", "warmup_steps": 6},
+               lm_dir / SFT / "training_args.bin")
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'")
+    cli("init", lm_dir / "pretrain", lm_dir / "sft", lm_dir / "poison", "--start",
+        lm_dir / "init")
+    assert not marker.exists()

@@ -175,8 +175,10 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
         return None
     warmup = 0
     if kind[1]:
-        steps, ratio = args.get("warmup_steps", 0), args.get("warmup_ratio", 0.0)
-        if not _number(steps) or steps < 0 or not _number(ratio) or ratio < 0:
+        # every TrainingArguments has warmup_steps: one the scan could not read (a huge
+        # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
+        steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
+        if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
             return None
         if steps >= 1:
             warmup = int(steps)
