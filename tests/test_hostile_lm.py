@@ -158,3 +158,65 @@ def test_a_hostile_training_args_pickle_is_never_run(lm_dir, tmp_path):
     cli("init", lm_dir / "pretrain", lm_dir / "sft", lm_dir / "poison", "--start",
         lm_dir / "init")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- PEFT LoRA adapter stage
+
+ADAPTER = "lora/checkpoint-4"
+A_KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+B_KEY = A_KEY.replace("lora_A", "lora_B")
+
+
+@pytest.fixture(scope="session")
+def lora_pristine(tmp_path_factory) -> Path:
+    """init -> 'sft' (Trainer) -> 'lora' (a PEFT LoRA adapter), trained once per session."""
+    pytest.importorskip("peft")
+    from formats_runs import write_hf_run
+
+    return write_hf_run(tmp_path_factory.mktemp("hf-lora"))["manifest"].parent
+
+
+@pytest.fixture
+def lora_dir(lora_pristine: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(lora_pristine, dst)
+    return dst
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"lora_alpha": float("nan")}, "lora_alpha is nan, not a finite number"),
+    ({"lora_alpha": float("inf"), "alpha_pattern": {}}, "lora_alpha is inf"),
+    ({"alpha_pattern": {"c_attn": float("nan")}}, "alpha_pattern['c_attn'] is nan"),
+    ({"alpha_pattern": [1]}, "alpha_pattern is list, not an object"),
+    ({"rank_pattern": ["x"]}, "rank_pattern is list, not an object"),
+    ({"alpha_pattern": {"c_attn(": 3}}, "alpha_pattern key 'c_attn(' is not a regular"),
+])
+def test_malformed_adapter_config_is_refused(lora_dir, change, needle):
+    """adapter_config.json with a non-finite alpha (NaN weights after merging, exit 0 with
+    a warning), a pattern that is not an object or a regular expression (internal errors):
+    exit 2 naming the file and key."""
+    _edit_json(lora_dir / ADAPTER / "adapter_config.json", lambda d: d.update(change))
+    refused(cli("check", lora_dir / "manifest.yaml"), "stage 'lora'",
+            f"{ADAPTER}/adapter_config.json", needle)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d.update({A_KEY: torch.zeros(0, 16), B_KEY: torch.zeros(48, 0)}),
+     "not a linear LoRA pair of rank >= 1"),
+    (lambda d: d.update({A_KEY: d[A_KEY].long()}), "is torch.int64, not floating point"),
+    (lambda d: d.update({A_KEY: d[A_KEY] * 1e38, B_KEY: d[B_KEY] * 1e38}),
+     "merging it gives NaN or Inf values in 'transformer.h.0.attn.c_attn.weight'"),
+])
+def test_adapter_matrices_that_cannot_merge_are_refused(lora_dir, edit, needle):
+    """lora_A / lora_B of rank 0 (a division by zero), of integers, or so large the merged
+    weight overflows: exit 2 naming the adapter file (was an internal error, or a run on
+    NaN weights)."""
+    from safetensors.torch import load_file, save_file
+
+    path = lora_dir / ADAPTER / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    refused(cli("check", lora_dir / "manifest.yaml"), "stage 'lora'",
+            f"{ADAPTER}/adapter_model.safetensors", needle)
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,8 +364,19 @@ def read_lora_config(folder: Path) -> LoraConfig:
     if doc.get("bias", "none") != "none":
         raise FormatError(f"{file}: bias is {doc['bias']!r} (the adapter also trained biases); "
                           f"acctattr reads plain LoRA adapters (bias: none) only; {_MERGE_HINT}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = doc.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise FormatError(f"{file}: {key} is {type(patterns).__name__}, not an object "
+                              "(module pattern -> value)")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:  # PEFT matches these as regular expressions
+                raise FormatError(f"{file}: {key} key {pattern!r} is not a regular "
+                                  f"expression ({e})") from e
     try:
-        return LoraConfig(
+        config = LoraConfig(
             path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha") or doc["r"]),
             use_rslora=bool(doc.get("use_rslora", False)),
             fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
@@ -373,6 +385,13 @@ def read_lora_config(folder: Path) -> LoraConfig:
                            for k, v in (doc.get("alpha_pattern") or {}).items()})
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{file}: malformed LoRA config ({type(e).__name__}: {e})") from e
+    alphas = [("lora_alpha", config.alpha),
+              *((f"alpha_pattern[{k!r}]", v) for k, v in config.alpha_pattern.items())]
+    for key, alpha in alphas:
+        if not math.isfinite(alpha):
+            raise FormatError(f"{file}: {key} is {alpha!r}, not a finite number (it scales "
+                              "every merged delta)")
+    return config
 
 
 DCP_HINT = ("convert it to a single file first (only for a checkpoint you trust: the converter "
