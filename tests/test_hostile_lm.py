@@ -220,3 +220,17 @@ def test_adapter_matrices_that_cannot_merge_are_refused(lora_dir, edit, needle):
     refused(cli("check", lora_dir / "manifest.yaml"), "stage 'lora'",
             f"{ADAPTER}/adapter_model.safetensors", needle)
 
+
+# ---------------------------------------------------------------- optimizer.pt
+
+
+def test_optimizer_state_keyed_by_ids_no_group_lists_is_refused(lm_dir):
+    """optimizer.pt whose 'state' ids are not the param groups' ids (here strings): its
+    moments were dropped and every parameter taken as never stepped (exit 0); now exit 2
+    naming the file and the ids."""
+    path = lm_dir / SFT / "optimizer.pt"
+    sd = torch.load(path, weights_only=True)
+    sd["state"] = {str(k): v for k, v in sd["state"].items()}
+    torch.save(sd, path)
+    refused(cli("check", lm_dir / "manifest.yaml"), "stage 'sft'", "optimizer.pt",
+            "parameter id(s) '0', '1'", "that no param group lists")
