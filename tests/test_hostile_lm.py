@@ -200,6 +200,26 @@ def test_malformed_adapter_config_is_refused(lora_dir, change, needle):
             f"{ADAPTER}/adapter_config.json", needle)
 
 
+@pytest.mark.parametrize("key", ["use_rslora", "fan_in_fan_out"])
+def test_adapter_flag_that_is_not_a_boolean_is_refused(lora_dir, key):
+    """use_rslora / fan_in_fan_out "false" (a string) was read as True (bool("false")),
+    changing the merged delta: exit 2 naming the key."""
+    _edit_json(lora_dir / ADAPTER / "adapter_config.json", lambda d: d.update({key: "false"}))
+    refused(cli("check", lora_dir / "manifest.yaml"), "stage 'lora'",
+            f"{key} is 'false', not true or false")
+
+
+def test_lora_alpha_zero_merges_nothing(lora_dir):
+    """lora_alpha 0 scales every delta by 0, as in PEFT (it was taken as r: scaling 1),
+    so the adapter stage's effect is exactly 0."""
+    _edit_json(lora_dir / ADAPTER / "adapter_config.json",
+               lambda d: d.update(lora_alpha=0, alpha_pattern={}))
+    r = cli("run", lora_dir / "manifest.yaml", "-q", "-f", "json", "--estimator", "frozen")
+    assert r.exit_code == 0, r.stderr
+    effects = {s["name"]: s["effect"] for s in json.loads(r.stdout)["stages"]}
+    assert effects["lora"] == 0.0 and effects["sft"] != 0.0
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda d: d.update({A_KEY: torch.zeros(0, 16), B_KEY: torch.zeros(48, 0)}),
      "not a linear LoRA pair of rank >= 1"),

@@ -375,11 +375,15 @@ def read_lora_config(folder: Path) -> LoraConfig:
             except re.error as e:  # PEFT matches these as regular expressions
                 raise FormatError(f"{file}: {key} key {pattern!r} is not a regular "
                                   f"expression ({e})") from e
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(doc.get(key, False), bool):  # bool("false") is True
+            raise FormatError(f"{file}: {key} is {doc[key]!r}, not true or false")
+    alpha = doc.get("lora_alpha")
     try:
         config = LoraConfig(
-            path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha") or doc["r"]),
-            use_rslora=bool(doc.get("use_rslora", False)),
-            fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+            path=file, r=int(doc["r"]), alpha=float(doc["r"] if alpha is None else alpha),
+            use_rslora=doc.get("use_rslora", False),
+            fan_in_fan_out=doc.get("fan_in_fan_out", False),
             rank_pattern={str(k): int(v) for k, v in (doc.get("rank_pattern") or {}).items()},
             alpha_pattern={str(k): float(v)
                            for k, v in (doc.get("alpha_pattern") or {}).items()})
