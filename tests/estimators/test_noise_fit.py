@@ -111,6 +111,8 @@ def test_the_clipped_fit_reads_only_the_coordinates_the_stage_trains():
 
 
 def test_the_coordinate_sample_is_fixed_and_trained_only():
+    """The fit's coordinates are trained ones, the same on every call, in order, and all of
+    them where there are few."""
     positive = torch.rand(200_000, generator=torch.Generator().manual_seed(4)) < 0.3
     a, b = _sample(positive, 1000), _sample(positive, 1000)
     assert torch.equal(a, b)  # the same on every call: a fixed seed
