@@ -69,6 +69,11 @@ class UnrolledConfig:
     # run's v at each stage's end equals its state file's exp_avg_sq (costs one more
     # simulation of the actual run per stage)
     noise_scale: float | None = None
+    # a stage clipped by max_grad_norm: c fitted with each substep's clip factor falling as
+    # c grows (noise.fit_clipped_noise); off: held at its c = 0 value, which makes the fit
+    # linear in c but, where the mean gradient alone is clipped, sends c to 0 (the default
+    # before 2026-12-06; README "Fidelity")
+    clip_aware_noise: bool = True
     # Adam later stages: the simulated actual run is re-paced (its learning rates scaled,
     # the counterfactual's alike) until its training loss falls within this fraction of
     # the recorded fall (path.next_pace; up to 3 more simulations per stage); 0: never,

@@ -26,7 +26,13 @@ import torch
 from acctattr import heap
 from acctattr.estimators.base import Params
 from acctattr.estimators.unrolled.flat import FlatRun
-from acctattr.estimators.unrolled.noise import PIECE, GroupMoments, fit_noise
+from acctattr.estimators.unrolled.noise import (
+    PIECE,
+    ClipRecord,
+    GroupMoments,
+    fit_clipped_noise,
+    fit_noise,
+)
 from acctattr.estimators.unrolled.path import (
     PARK_MIN,
     ActualPath,
@@ -181,20 +187,29 @@ class AdamFlow:
         weight = [flat.per_group(j, lambda g, a=run.steps - k1, b=k1 - k0: g.beta2**a * (
             1 - g.beta2**b)) for _, k0, k1 in substeps]
 
+        # a clipped stage's c is fitted with the clip factor falling with it (ClipRecord)
+        tau = run.max_grad_norm if self.config.clip_aware_noise else None
+
         def simulate(c: float, pace: float = 1.0, fitting: bool = False):
             # read from the state file on each pass, not kept through the simulation
             v = self.start_second_moment(j).to(torch.float64, copy=True)
             m: torch.Tensor | None = None  # adam_momentum: the simulated run's m_hat
-            # weighted sums of g^2 and S over the substeps, only to fit c: float32 (they
-            # set one number, c, to float32 precision)
+            # what c is fitted to: weighted sums of g^2 and S over the substeps (float32:
+            # they set one number, c, to float32 precision), or a clipped stage's record
+            record = ClipRecord(positive, tau) if fitting and tau else None
             sums = (torch.zeros_like(v, dtype=torch.float32),
-                    torch.zeros_like(v, dtype=torch.float32)) if fitting else None
+                    torch.zeros_like(v, dtype=torch.float32)) \
+                if fitting and record is None else None
 
             def step_at(q: int, k0: int, k1: int, theta: torch.Tensor) -> torch.Tensor:
                 nonlocal m
                 with _parked_all(m):
                     g, noise, loss = self.moments(j, theta)
-                rho = self.clip_factor(j, g, noise, c)
+                norms = None
+                if record is not None:
+                    norms = _norms(g, noise)
+                    record.add(norms, g, noise, lam_c, theta, weight[q])
+                rho = self.clip_factor(j, g, noise, c, norms)
                 g.mul_(rho).addcmul_(lam_c, theta)  # the clipped gradient, then coupled decay
                 keep = flat.per_group(j, lambda h, n=k1 - k0: h.beta2**n)
                 noise.mul_(rho * rho)  # what clipping leaves of the batch noise
@@ -214,18 +229,22 @@ class AdamFlow:
                 return self.settled_step(j, theta, g, u.mul_(-lr), positive, lam_c, rho)
 
             starts, steps, ends = walk(flat, j, substeps, step_at, decay)
-            return starts, steps, sums, (v if handed_on else None), ends
+            return starts, steps, sums or record, (v if handed_on else None), ends
 
         c = self.config.noise_scale
-        starts, steps, sums, v_sim, ends = simulate(0.0 if c is None else c,
-                                                    fitting=c is None)
+        starts, steps, fit_to, v_sim, ends = simulate(0.0 if c is None else c,
+                                                      fitting=c is None)
         if c is None:  # fit c to exp_avg_sq on this path, then simulate again with it
-            assert sums is not None
             keep_all = flat.per_group(j, lambda g: g.beta2 ** run.steps)
             with _parked_all(v_sim):
-                c = fit_noise(sums[0], sums[1], self.start_second_moment(j), keep_all,
-                              self.end_second_moment(j), positive, PIECE)
-            del sums
+                if isinstance(fit_to, ClipRecord):
+                    c = fit_clipped_noise(fit_to, self.start_second_moment(j), keep_all,
+                                          self.end_second_moment(j))
+                else:
+                    assert fit_to is not None
+                    c = fit_noise(fit_to[0], fit_to[1], self.start_second_moment(j),
+                                  keep_all, self.end_second_moment(j), positive, PIECE)
+            del fit_to
             if c != 0.0:  # else the path just simulated (at c = 0) is the one with it
                 del starts, steps, v_sim
                 starts, steps, _, v_sim, ends = simulate(c)
@@ -290,7 +309,8 @@ class AdamFlow:
         dtypes = self.flat.training.dtypes
         return all(dtypes.get(n, torch.float32) in _NARROW for n in self.flat.names)
 
-    def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float) -> float:
+    def clip_factor(self, j: int, g: torch.Tensor, noise: torch.Tensor, c: float,
+                    norms: tuple[float, float] | None = None) -> float:
         """How much gradient-norm clipping scales stage j's batch gradients at a point:
         min(1, max_grad_norm / |g_batch|), with E|g_batch|^2 = |g|^2 + c * sum(S) for the
         mean gradient g, per-example variance S and batch-noise scale c (~ 1/batch size).
@@ -298,11 +318,15 @@ class AdamFlow:
         Adam divides by the root of its second moment, so a steady clip factor cancels out
         of its step; it matters through the second moment it leaves (the state file's
         exp_avg_sq holds clipped gradients: fitting the noise without it finds too little
-        noise, and the simulated run learns too fast) and where it changes over a stage."""
+        noise, and the simulated run learns too fast) and where it changes over a stage.
+
+        Args:
+            norms: (|g|^2, sum S) where the caller has them (_norms), else computed here."""
         tau = self.flat.runs[j].max_grad_norm
         if not tau:
             return 1.0
-        norm = math.sqrt(float(g.square().sum()) + c * float(noise.sum()))
+        g2, spread = norms or _norms(g, noise)
+        norm = math.sqrt(g2 + c * spread)
         return min(1.0, tau / norm) if norm > 0 else 1.0
 
     def momentum_step(self, j: int, theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
@@ -600,6 +624,11 @@ def _parked_all(*tensors: torch.Tensor | None) -> Iterator[None]:
             if t is not None:
                 stack.enter_context(parked(t))
         yield
+
+
+def _norms(g: torch.Tensor, noise: torch.Tensor) -> tuple[float, float]:
+    """(|g|^2, sum S): what the clip factor is computed from (AdamFlow.clip_factor)."""
+    return float(g.square().sum()), float(noise.sum())
 
 
 def _add_weighted(sums: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor,

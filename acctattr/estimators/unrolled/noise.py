@@ -66,6 +66,114 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor
     return max(num / den, 0.0)
 
 
+# the clipped fit's coordinates: every trained one up to this many, else a fixed random
+# sample of this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB)
+CLIP_SAMPLE = 1 << 16
+
+
+class ClipRecord:
+    """What the fitting pass of a clipped stage keeps for fit_clipped_noise: each substep's
+    |g|^2 and sum(S) (the clip factor's inputs, whole-model scalars), and at a fixed
+    sample of the trained coordinates (``idx``) its mean gradient g and per-example
+    variance S before clipping, the coupled decay's term lam * theta and its weight w."""
+
+    def __init__(self, positive: torch.Tensor, tau: float) -> None:
+        self.tau = tau
+        self.idx = _sample(positive, CLIP_SAMPLE)
+        self.norms: list[tuple[float, float]] = []
+        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                              torch.Tensor]] = []
+
+    def add(self, norms: tuple[float, float], g: torch.Tensor, noise: torch.Tensor,
+            lam: torch.Tensor, theta: torch.Tensor, w: torch.Tensor) -> None:
+        """One substep, before clipping: (|g|^2, sum S), g, S, the coupled decay lam and
+        the point theta (flat), and the substep's weight w (a scalar or flat)."""
+        i = self.idx
+        at = (lambda x: x[i] if x.dim() else x.expand(len(i)))  # noqa: E731
+        decay = None if not bool(lam.any()) else at(lam) * theta[i]
+        self.norms.append(norms)
+        self.rows.append((g[i].float(), noise[i].float(), decay,
+                          at(w).to(torch.float64)))
+
+
+def fit_clipped_noise(record: ClipRecord, v_start: torch.Tensor, keep: torch.Tensor,
+                      v_end: torch.Tensor) -> float:
+    """c >= 0 by least squares, as fit_noise, but with each substep's clip factor
+    rho(c) = min(1, tau / sqrt(|g|^2 + c sum S)) falling as c grows:
+
+        v_end ~ keep v_start + sum_i w_i ((rho_i(c) g_i + lam theta_i)^2 + c rho_i(c)^2 S_i)
+
+    over the sampled trained coordinates where the weighted S is positive. Held at their
+    c = 0 values (fit_noise), the clip factors make this linear in c; under hard clipping
+    (|g|^2 above tau^2) v's total then hardly moves with c, only its spread over the
+    coordinates does, and the linear fit sends c to 0. The residual is minimised over a
+    grid in log c, then by golden section around the best point.
+    """
+    i = record.idx
+    if not record.rows or len(i) == 0:
+        return 0.0
+    g = torch.stack([r[0] for r in record.rows]).double()
+    s = torch.stack([r[1] for r in record.rows]).double()
+    w = torch.stack([r[3] for r in record.rows])
+    decay = torch.stack([r[2] if r[2] is not None else torch.zeros_like(r[3])
+                         for r in record.rows]).double()
+    kept = keep[i].double() if keep.dim() else keep.double()
+    a = v_end[i].double() - kept * v_start[i].double()
+    use = (w * s).sum(0) > 0
+    if not bool(use.any()):
+        return 0.0
+    g, s, w, decay, a = g[:, use], s[:, use], w[:, use], decay[:, use], a[use]
+    g2, ns = torch.tensor(record.norms, dtype=torch.float64, device=g.device).unbind(1)
+
+    def residual(c: float) -> float:
+        total = g2 + c * ns
+        rho = torch.where(total > 0, (record.tau / total.clamp(min=1e-300).sqrt())
+                          .clamp(max=1.0), torch.ones_like(total))[:, None]
+        predicted = (w * ((rho * g + decay).square() + (c * rho * rho) * s)).sum(0)
+        return float((a - predicted).square().sum())
+
+    return _minimise(residual)
+
+
+def _minimise(f, low: int = -48, high: int = 8, per_decade: int = 8) -> float:
+    """argmin of f over c >= 0: the best of 0 and 10^(k / per_decade), k in low..high,
+    then golden section between that point's grid neighbours (kept if no better)."""
+    grid = [0.0] + [10 ** (k / per_decade) for k in range(low, high + 1)]
+    values = [f(c) for c in grid]
+    best = min(range(len(grid)), key=values.__getitem__)
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (5 ** 0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    mid = (lo + hi) / 2
+    return mid if f(mid) < values[best] else grid[best]
+
+
+def _sample(positive: torch.Tensor, most: int) -> torch.Tensor:
+    """Indices of the True elements of ``positive``: all of them where there are at most
+    ``most``, else ``most`` drawn at random (a fixed seed: the same on every run and
+    thread count), in increasing order."""
+    count = int(positive.sum())
+    if count <= most:
+        return positive.nonzero().squeeze(1)
+    n = positive.numel()
+    gen = torch.Generator().manual_seed(0)
+    found = torch.empty(0, dtype=torch.long)
+    while len(found) < most:
+        draw = torch.randint(n, (2 * most * n // count + 1,), generator=gen)
+        found = torch.cat([found, draw[positive[draw.to(positive.device)].cpu()]])
+    return found[:most].sort().values.to(positive.device)
+
+
 class GroupMoments:
     """Stage training loss's mean gradient and per-example gradient variance, as
     Curvature.gradient_and_noise defines them (the sample cut into ``parts`` groups by
