@@ -123,6 +123,16 @@ def test_unreadable_config_beside_trainer_state_is_refused(lm_dir, text, needle)
             needle)
 
 
+def test_config_with_fewer_layers_than_the_checkpoints_is_refused(lm_dir):
+    """init/config.json saying 1 layer while every checkpoint holds 2: the second layer's
+    tensors were ignored and a 1-layer model evaluated (exit 0, a plausible table); now
+    exit 2 naming the checkpoint and the tensors the model has no module for."""
+    _edit_json(lm_dir / "init" / "config.json", lambda d: d.update(n_layer=1))
+    refused(cli("run", lm_dir / "manifest.yaml", "-q", "--estimator", "naive"),
+            "init/model.safetensors", "tensor(s) of modules the model does not have",
+            "transformer.h.1.attn.c_attn.bias")
+
+
 # ---------------------------------------------------------------- training_args.bin
 
 
