@@ -67,7 +67,8 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor
 
 
 # the clipped fit's coordinates: every trained one up to this many, else a fixed random
-# sample of this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB)
+# sample of this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB;
+# more where a stage has coupled decay or per-group beta2: those terms kept alike)
 CLIP_SAMPLE = 1 << 16
 
 
@@ -89,11 +90,10 @@ class ClipRecord:
         """One substep, before clipping: (|g|^2, sum S), g, S, the coupled decay lam and
         the point theta (flat), and the substep's weight w (a scalar or flat)."""
         i = self.idx
-        at = (lambda x: x[i] if x.dim() else x.expand(len(i)))  # noqa: E731
-        decay = None if not bool(lam.any()) else at(lam) * theta[i]
+        decay = None if not bool(lam.any()) else (
+            (lam[i] if lam.dim() else lam) * theta[i]).float()
         self.norms.append(norms)
-        self.rows.append((g[i].float(), noise[i].float(), decay,
-                          at(w).to(torch.float64)))
+        self.rows.append((g[i].float(), noise[i].float(), decay, w[i] if w.dim() else w))
 
 
 def fit_clipped_noise(record: ClipRecord, v_start: torch.Tensor, keep: torch.Tensor,
@@ -112,10 +112,10 @@ def fit_clipped_noise(record: ClipRecord, v_start: torch.Tensor, keep: torch.Ten
     i = record.idx
     if not record.rows or len(i) == 0:
         return 0.0
-    g = torch.stack([r[0] for r in record.rows]).double()
+    g = torch.stack([r[0] for r in record.rows]).double()  # [substeps, sampled]
     s = torch.stack([r[1] for r in record.rows]).double()
-    w = torch.stack([r[3] for r in record.rows])
-    decay = torch.stack([r[2] if r[2] is not None else torch.zeros_like(r[3])
+    w = torch.stack([r[3].expand(len(i)) for r in record.rows]).double()
+    decay = torch.stack([r[2] if r[2] is not None else torch.zeros_like(r[0])
                          for r in record.rows]).double()
     kept = keep[i].double() if keep.dim() else keep.double()
     a = v_end[i].double() - kept * v_start[i].double()
