@@ -67,7 +67,7 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor
 
 
 # the clipped fit's coordinates: every trained one up to this many, else a fixed random
-# sample of this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB;
+# sample of about this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB;
 # more where a stage has coupled decay or per-group beta2: those terms kept alike)
 CLIP_SAMPLE = 1 << 16
 
@@ -159,19 +159,20 @@ def _minimise(f, low: int = -48, high: int = 8, per_decade: int = 8) -> float:
 
 
 def _sample(positive: torch.Tensor, most: int) -> torch.Tensor:
-    """Indices of the True elements of ``positive``: all of them where there are at most
-    ``most``, else ``most`` drawn at random (a fixed seed: the same on every run and
-    thread count), in increasing order."""
+    """Indices of the True elements of ``positive`` [P], in increasing order: all of them
+    where there are at most ``most``, else each kept with probability most / count (about
+    ``most`` in all; a fixed seed: the same on every run and thread count). Read in pieces
+    of PIECE * 16 elements: no index vector of the whole model."""
     count = int(positive.sum())
     if count <= most:
         return positive.nonzero().squeeze(1)
-    n = positive.numel()
     gen = torch.Generator().manual_seed(0)
-    found = torch.empty(0, dtype=torch.long)
-    while len(found) < most:
-        draw = torch.randint(n, (2 * most * n // count + 1,), generator=gen)
-        found = torch.cat([found, draw[positive[draw.to(positive.device)].cpu()]])
-    return found[:most].sort().values.to(positive.device)
+    picked = []
+    for lo in range(0, positive.numel(), PIECE * 16):
+        found = positive[lo:lo + PIECE * 16].nonzero().squeeze(1).cpu()
+        kept = torch.rand(len(found), generator=gen, dtype=torch.float64) < most / count
+        picked.append(found[kept] + lo)
+    return torch.cat(picked).to(positive.device)
 
 
 class GroupMoments:
