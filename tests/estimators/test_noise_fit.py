@@ -116,8 +116,20 @@ def test_the_coordinate_sample_is_fixed_and_trained_only():
     positive = torch.rand(200_000, generator=torch.Generator().manual_seed(4)) < 0.3
     a, b = _sample(positive, 1000), _sample(positive, 1000)
     assert torch.equal(a, b)  # the same on every call: a fixed seed
-    assert len(a) == 1000 and bool(positive[a].all())
+    assert 850 < len(a) < 1150 and bool(positive[a].all())
+    assert len(a.unique()) == len(a)
+    assert int(a[-1]) > 150_000  # drawn from the whole vector, not its start
     assert bool((a[1:] >= a[:-1]).all())
     few = torch.zeros(50, dtype=torch.bool)
     few[[3, 7, 11]] = True
     assert _sample(few, 1000).tolist() == [3, 7, 11]  # all of them where there are few
+
+
+def test_the_coordinate_sample_spans_a_model_read_in_pieces():
+    """A vector longer than one piece: every index drawn is a trained coordinate, and the
+    pieces past the first are drawn from too."""
+    positive = torch.zeros(10_000_000, dtype=torch.bool)
+    positive[::3] = True
+    a = _sample(positive, 1000)
+    assert bool(positive[a].all()) and bool((a[1:] > a[:-1]).all())
+    assert int((a > 8_000_000).sum()) > 100

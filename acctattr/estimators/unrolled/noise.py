@@ -67,7 +67,8 @@ def fit_noise(squares: torch.Tensor, spread: torch.Tensor, v_start: torch.Tensor
 
 
 # the clipped fit's coordinates: every trained one up to this many, else a fixed random
-# sample of this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB)
+# sample of about this many (g and S of each substep kept in float32 at them: 64 substeps, 32 MB;
+# more where a stage has coupled decay or per-group beta2: those terms kept alike)
 CLIP_SAMPLE = 1 << 16
 
 
@@ -89,11 +90,10 @@ class ClipRecord:
         """One substep, before clipping: (|g|^2, sum S), g, S, the coupled decay lam and
         the point theta (flat), and the substep's weight w (a scalar or flat)."""
         i = self.idx
-        at = (lambda x: x[i] if x.dim() else x.expand(len(i)))  # noqa: E731
-        decay = None if not bool(lam.any()) else at(lam) * theta[i]
+        decay = None if not bool(lam.any()) else (
+            (lam[i] if lam.dim() else lam) * theta[i]).float()
         self.norms.append(norms)
-        self.rows.append((g[i].float(), noise[i].float(), decay,
-                          at(w).to(torch.float64)))
+        self.rows.append((g[i].float(), noise[i].float(), decay, w[i] if w.dim() else w))
 
 
 def fit_clipped_noise(record: ClipRecord, v_start: torch.Tensor, keep: torch.Tensor,
@@ -112,10 +112,10 @@ def fit_clipped_noise(record: ClipRecord, v_start: torch.Tensor, keep: torch.Ten
     i = record.idx
     if not record.rows or len(i) == 0:
         return 0.0
-    g = torch.stack([r[0] for r in record.rows]).double()
+    g = torch.stack([r[0] for r in record.rows]).double()  # [substeps, sampled]
     s = torch.stack([r[1] for r in record.rows]).double()
-    w = torch.stack([r[3] for r in record.rows])
-    decay = torch.stack([r[2] if r[2] is not None else torch.zeros_like(r[3])
+    w = torch.stack([r[3].expand(len(i)) for r in record.rows]).double()
+    decay = torch.stack([r[2] if r[2] is not None else torch.zeros_like(r[0])
                          for r in record.rows]).double()
     kept = keep[i].double() if keep.dim() else keep.double()
     a = v_end[i].double() - kept * v_start[i].double()
@@ -159,19 +159,20 @@ def _minimise(f, low: int = -48, high: int = 8, per_decade: int = 8) -> float:
 
 
 def _sample(positive: torch.Tensor, most: int) -> torch.Tensor:
-    """Indices of the True elements of ``positive``: all of them where there are at most
-    ``most``, else ``most`` drawn at random (a fixed seed: the same on every run and
-    thread count), in increasing order."""
+    """Indices of the True elements of ``positive`` [P], in increasing order: all of them
+    where there are at most ``most``, else each kept with probability most / count (about
+    ``most`` in all; a fixed seed: the same on every run and thread count). Read in pieces
+    of PIECE * 16 elements: no index vector of the whole model."""
     count = int(positive.sum())
     if count <= most:
         return positive.nonzero().squeeze(1)
-    n = positive.numel()
     gen = torch.Generator().manual_seed(0)
-    found = torch.empty(0, dtype=torch.long)
-    while len(found) < most:
-        draw = torch.randint(n, (2 * most * n // count + 1,), generator=gen)
-        found = torch.cat([found, draw[positive[draw.to(positive.device)].cpu()]])
-    return found[:most].sort().values.to(positive.device)
+    picked = []
+    for lo in range(0, positive.numel(), PIECE * 16):
+        found = positive[lo:lo + PIECE * 16].nonzero().squeeze(1).cpu()
+        kept = torch.rand(len(found), generator=gen, dtype=torch.float64) < most / count
+        picked.append(found[kept] + lo)
+    return torch.cat(picked).to(positive.device)
 
 
 class GroupMoments:
