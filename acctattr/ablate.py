@@ -168,6 +168,14 @@ def ablate(path: str | Path, stage: str, out: Path, scale: float = 1.0,
         # taken in float32 and rounded once to the checkpoint's dtype)
         ablated = {n: subtract(p, shift[n]).cpu() for n, p in params.items()}
         state, rounded = _state_dict(loaded, ablated)
+        bad = sorted(n for n, t in state.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:  # a model of NaN/Inf weights is no answer to "what if the stage never ran"
+            raise AcctattrError(
+                f"stage '{stage}': theta_T - {scale:g} * v_k has NaN or Inf values in "
+                f"{len(bad)} tensor(s) ({', '.join(bad[:3])}) in the final checkpoint's "
+                "dtypes; nothing was written",
+                "use a smaller --scale (1 removes the stage), or another --estimator")
         notes = [f"the ablated weights are written in {', '.join(sorted(rounded))}, as the "
                  "final checkpoint stores them; the predicted values are for the weights "
                  "before that rounding"] if rounded else []

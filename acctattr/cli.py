@@ -16,7 +16,16 @@ import typer
 
 from acctattr import signals
 from acctattr.cli_embed import ablate, embed
-from acctattr.cli_io import check_output, emit, err, guarded, terminal_width, use_color
+from acctattr.cli_io import (
+    check_output,
+    emit,
+    err,
+    guarded,
+    manifest_inputs,
+    refuse_inputs,
+    terminal_width,
+    use_color,
+)
 from acctattr.cli_options import (
     DYNAMICS_DEFAULT,
     UNROLLED,
@@ -153,6 +162,9 @@ def run(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
+        inputs = manifest_inputs(manifest)
+        refuse_inputs(output, inputs, root=manifest.resolve().parent)
+        refuse_inputs(plot, inputs, "--plot", root=manifest.resolve().parent)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
         _check_gate_behaviour(manifest, fail_on_harm, gate_behaviour)
         if plot is not None:
@@ -347,6 +359,7 @@ def validate(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
+        refuse_inputs(output, manifest_inputs(manifest), root=manifest.resolve().parent)
         _check_workdir(workdir)
         chosen = None
         if estimator:
@@ -386,6 +399,7 @@ def diff(
         from acctattr.output import report
 
         check_output(output)
+        refuse_inputs(output, [old, new])
         d = diffs.compare(diffs.load(old), diffs.load(new), fail_on_growth)
         for w in d.warnings:
             err(f"warning: {w}")
@@ -454,6 +468,8 @@ def init(
 
         _check_paths([*paths, *([start] if start is not None else [])], "acctattr init:")
         check_output(output)
+        # a new manifest beside (or inside) the run folder it scans is what init is for
+        refuse_inputs(output, [*paths, *([start] if start is not None else [])], inside=False)
         root = output.resolve().parent if output is not None else Path.cwd()
         text = scaffold(list(paths), start, root)
         emit(text, output)

@@ -91,6 +91,53 @@ def check_output(output: Path | None, option: str = "--output") -> None:
         check_target(output, option)
 
 
+def refuse_inputs(output: Path | None, inputs: list[Path], option: str = "--output",
+                  root: Path | None = None, inside: bool = True) -> None:
+    """An output that is one of the command's inputs, or (``inside``) lies inside an input
+    folder (a checkpoint folder; not ``root``, the run's own folder, where results may go),
+    is refused before computing (exit 2): acctattr never replaces or adds to what it
+    reads."""
+    if output is None:
+        return
+    out = output.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if out == p or (inside and p.is_dir() and p != root and p in out.parents):
+            raise AcctattrError(f"{option} {output}: is {'inside ' if out != p else ''}"
+                                f"{path}, one of the inputs; acctattr never writes over "
+                                "or into what it reads",
+                                "write it somewhere else, e.g. a new file beside the run "
+                                "folder")
+
+
+def manifest_inputs(manifest: Path) -> list[Path]:
+    """The manifest and every file or folder it names (checkpoints, data, code), for
+    refuse_inputs; only the manifest itself where it cannot be read (the command then
+    reports why)."""
+    import dataclasses
+
+    from acctattr.runs.manifest import load_manifest
+
+    try:
+        doc = load_manifest(manifest)
+    except AcctattrError:
+        return [manifest]
+    found: list[Path] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, Path):
+            found.append(node)
+        elif isinstance(node, (list, tuple)):
+            for x in node:
+                walk(x)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+
+    walk(doc)
+    return found
+
+
 def use_color(output: Path | None) -> bool:
     """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
     an empty NO_COLOR does not turn colour off)."""

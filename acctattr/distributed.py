@@ -16,12 +16,15 @@ message reaches rank 0. Collectives run on gloo for the CPU and NCCL for CUDA.
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from acctattr.errors import AcctattrError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the command line reads from_env
     import torch
@@ -54,10 +57,12 @@ def local_world() -> int:
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the job: ``rank`` of ``world`` (world 1: alone)."""
+    """This process's place in the job: ``rank`` of ``world`` (world 1: alone); ``group``
+    the process group its collectives run on (None: torch's default one)."""
 
     rank: int = 0
     world: int = 1
+    group: Any = None
 
     def mine(self, index: int) -> bool:
         """Whether item ``index`` (an eval batch, a stage) is this rank's to compute."""
@@ -95,7 +100,7 @@ class Ranks:
 
         sent = _picklable(mine) if share or not mine[0] else (True, None)
         got: list[Any] = [None] * self.world
-        dist.all_gather_object(got, sent)
+        dist.all_gather_object(got, sent, group=self.group)
         failed = [(_order(state), r) for r, (ok, state) in enumerate(got) if not ok]
         if failed:
             _, r = min(failed)
@@ -133,15 +138,70 @@ def joined(device: torch.device) -> Iterator[Ranks]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    _check_env(rank, world)
+    wait = rendezvous_seconds()
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size())
+        # joining waits at most ``wait`` seconds for the other ranks (a WORLD_SIZE with no
+        # peers, an unreachable MASTER_ADDR: torch's default would wait 30 minutes)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=wait))
+    except (RuntimeError, ValueError) as e:  # torch's DistError is a RuntimeError
+        error = AcctattrError(f"{_env_text()}: could not join the other ranks within "
+                              f"{wait:g} s ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else e})", _ENV_HINT)
+        error.rank_local = True  # type: ignore[attr-defined]  # rank 0 cannot tell it
+        raise error from e
+    try:
+        # the work's collectives wait as long as torch's default (a rank may compute for
+        # minutes while the others wait for its result)
+        group = dist.new_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        yield Ranks(dist.get_rank(), dist.get_world_size(), group)
         # every rank leaves together: a rank that tore its connections down while rank 0
         # was still writing the result made rank 0's gloo abort ("terminate called without
         # an active exception", exit -6) in one full test run under load
-        dist.barrier()
+        dist.barrier(group=group)
     finally:
         dist.destroy_process_group()
+
+
+RENDEZVOUS_S = 30.0
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_ENV_HINT = ("start every rank with torchrun (torchrun --nproc-per-node N -m acctattr ...), "
+             "or unset WORLD_SIZE to run in one process; a slow cluster can wait longer with "
+             "ACCTATTR_RENDEZVOUS_TIMEOUT=SECONDS")
+
+
+def rendezvous_seconds() -> float:
+    """How long joining the other ranks may take: ACCTATTR_RENDEZVOUS_TIMEOUT (seconds)
+    where it is a positive number, else RENDEZVOUS_S."""
+    try:
+        value = float(os.environ.get("ACCTATTR_RENDEZVOUS_TIMEOUT", ""))
+    except ValueError:
+        return RENDEZVOUS_S
+    return value if 0 < value < float("inf") else RENDEZVOUS_S
+
+
+def _env_text() -> str:
+    return "torchrun environment " + ", ".join(
+        f"{k}={os.environ[k]!r}" if k in os.environ else f"{k} unset" for k in _ENV_KEYS)
+
+
+def _check_env(rank: int, world: int) -> None:
+    """What torch's env:// rendezvous needs, checked before it is tried (a missing
+    variable is otherwise a bare ValueError; a RANK beyond WORLD_SIZE waits for a rank 0
+    that never comes)."""
+    problems = [f"{k} is not set" for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")
+                if not os.environ.get(k, "").strip()]
+    port = os.environ.get("MASTER_PORT", "").strip()
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        problems.append(f"MASTER_PORT {port!r} is not a port number (1 to 65535)")
+    if os.environ.get("RANK", "").strip() and not 0 <= rank < world:
+        problems.append(f"RANK {os.environ['RANK']!r} is not a whole number from 0 to "
+                        f"WORLD_SIZE - 1 = {world - 1}")
+    if problems:
+        error = AcctattrError(f"{_env_text()}: {'; '.join(problems)}", _ENV_HINT)
+        error.rank_local = True  # type: ignore[attr-defined]  # each rank says its own
+        raise error
 
 
 def _picklable(outcome: tuple[bool, Any]) -> tuple[bool, Any]:

@@ -283,6 +283,10 @@ class _Stored(Estimator):
                 raise CheckpointError(f"{file}: '{n}' has shape {tuple(t.shape)}, the model "
                                       f"{self.shapes[n]}", "recompute the folder with "
                                       "acctattr embed")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{file}: '{n}' is not finite floating point "
+                                      f"({t.dtype}, NaN or Inf)", "recompute the folder "
+                                      "with acctattr embed")
         return out
 
     def warnings(self) -> list[str]:
@@ -327,6 +331,22 @@ def load(folder: Path, manifest: Manifest, shapes: dict[str, tuple[int, ...]],
     except (KeyError, TypeError) as e:
         raise AcctattrError(f"{index}: missing field {e}",
                             "recompute it with acctattr embed") from e
+    from acctattr.estimators import ESTIMATORS
+
+    def malformed(key: str, want: str) -> AcctattrError:
+        return AcctattrError(f"{index}: {key} is not {want}", "recompute it with acctattr embed")
+
+    if not isinstance(name, str) or name not in ESTIMATORS or not isinstance(stored_asked, str):
+        raise malformed("estimator.name", f"one of {', '.join(sorted(ESTIMATORS))}")
+    if not isinstance(est.get("config") or {}, dict):
+        raise malformed("estimator.config", "an object")
+    if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("file"), str) for s in stages):
+        raise malformed("stages", "a list of objects with a name and a file")
+    if not isinstance(inputs, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("path"), str) for i in inputs):
+        raise malformed("inputs", "a list of objects with a path")
     redo = f"recompute them: acctattr embed {manifest.path} -o {folder}"
     if asked not in (stored_asked, name):
         raise AcctattrError(f"{index}: the embeddings were computed by {name}"
@@ -370,13 +390,14 @@ def load(folder: Path, manifest: Manifest, shapes: dict[str, tuple[int, ...]],
                                 f"{sha256(file)})", redo)
     files = []
     for s in stages:
-        file = folder / str(s.get("file"))
+        file = folder / s["file"]
+        if file.resolve().parent != folder.resolve():
+            raise AcctattrError(f"{index}: the embedding of stage '{s['name']}' is named "
+                                f"{s['file']!r}, not a file of {folder}", redo)
         if not file.is_file() or sha256(file) != s.get("sha256"):
             raise AcctattrError(f"{file}: the embedding of stage '{s.get('name')}' is "
                                 f"{'missing' if not file.is_file() else 'altered'}", redo)
         files.append(file)
-    from acctattr.estimators import ESTIMATORS
-
     cls = type("Stored", (_Stored,), {"name": name, "evaluate": ESTIMATORS[name].evaluate,
                                       "copies": 0.0})
     stored = cls(folder, files, shapes, list(est.get("warnings") or []))

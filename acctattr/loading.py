@@ -120,12 +120,19 @@ def check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str)
                               "acctattr reads float16, bfloat16, float32 and float64 weights "
                               "(no integer, bool, complex or fp8 checkpoints); point the "
                               "manifest at the full-precision checkpoint")
-    if missing or wrong:
+    # tensors of submodules the model has none of (a config with fewer layers than the run
+    # trained): they would be left out silently and a smaller model evaluated
+    foreign = [n for n in reader.names()
+               if info.modules and n.rpartition(".")[0] not in info.modules]
+    if missing or wrong or foreign:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}")
         if wrong:
             parts.append(f"shape differs for {len(wrong)}: {'; '.join(wrong[:5])}")
+        if foreign:
+            parts.append(f"{len(foreign)} tensor(s) of modules the model does not have: "
+                         f"{', '.join(foreign[:5])}")
         raise CheckpointError(f"stage '{stage}': {key} {reader.path}: {' and '.join(parts)}",
                               "every checkpoint of a run must hold the same parameter names "
                               "and shapes as the model the factory builds")

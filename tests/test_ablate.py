@@ -107,6 +107,17 @@ def test_ablate_refuses_bad_requests(tmp_path):
     assert not (manifest.parent / "x").exists() and not (tmp_path / "x").exists()
 
 
+def test_scale_that_overflows_the_weights_writes_nothing(tmp_path):
+    """--scale 1e300 makes theta_T - S * v_k Inf in float32: exit 2 naming the stage and a
+    tensor, nothing written (a model of Inf weights was written, exit 0, predicted nan)."""
+    manifest = SAMPLES / "digits" / "manifest.yaml"
+    got = cli("ablate", manifest, "--stage", "shortcut", "-o", tmp_path / "x", "--scale",
+              "1e300", "--estimator", "frozen", "-q")
+    assert got.exit_code == 2, got.stderr
+    assert "stage 'shortcut'" in got.stderr and "NaN or Inf" in got.stderr, got.stderr
+    assert "Traceback" not in got.stderr and not (tmp_path / "x").exists()
+
+
 def test_hugging_face_and_peft_runs_give_a_from_pretrained_folder(tmp_path):
     """On a Trainer + PEFT LoRA run, ablating the LoRA stage writes an HF folder (config
     copied) that from_pretrained loads and whose eval cross-entropy is PEFT's own model

@@ -196,3 +196,40 @@ def test_more_ranks_than_batches_and_stages(world):
         assert [r.returncode for r in ranks] == [0] * world, [r.stderr for r in ranks]
         assert all(r.stdout == "" for r in ranks[1:])
         assert_close(json.loads(ranks[0].stdout), json.loads(single(*args)))
+
+
+def _alone(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m acctattr run digits`` as one process with torchrun's variables ``env``
+    (no other rank is started)."""
+    return subprocess.run([sys.executable, "-m", "acctattr", "run", str(DIGITS), "-q",
+                           "--estimator", "naive"], cwd=ROOT, capture_output=True, text=True,
+                          env=local_env(**env), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+     "MASTER_PORT '99999' is not a port number"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK '5' is not a whole number from 0 to WORLD_SIZE - 1 = 1"),
+])
+def test_inconsistent_torchrun_variables_are_refused(env, needle):
+    """torchrun's variables missing or out of range: exit 2 at once with a message naming
+    them (was an internal error, exit 3, or a wait for a rank 0 that never comes)."""
+    got = _alone(env)
+    assert got.returncode == 2, got.stderr
+    assert needle in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_whose_peers_never_come_exits_2(rank):
+    """WORLD_SIZE=2 with no other process (rank 0 waits for a client, rank 1 for a server
+    nobody started): exit 2 after the rendezvous timeout (2 s here), naming the
+    variables, instead of torch's 30-minute wait."""
+    got = _alone({"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank,
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                  "ACCTATTR_RENDEZVOUS_TIMEOUT": "2"})
+    assert got.returncode == 2, got.stderr
+    assert "could not join the other ranks within 2 s" in got.stderr, got.stderr
+    assert "Traceback" not in got.stderr

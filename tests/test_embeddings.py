@@ -208,3 +208,67 @@ def test_missing_input_is_refused(digits, tmp_path):
     index.write_text(json.dumps(doc))
     got = cli("run", digits, "--estimator", "naive", "-q", "--embeddings", out)
     assert got.exit_code == 2 and "gone.safetensors" in got.stderr and "is gone" in got.stderr
+
+
+def _set(key: str, value):
+    """embeddings.json edit: ``key`` a dotted path (estimator.name, stages.0.file, ...)."""
+    def edit(doc: dict) -> None:
+        *head, last = key.split(".")
+        node = doc
+        for k in head:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (_set("stages", ["pretrain", "spurious"]), "stages is not a list"),
+    (_set("stages", None), "stages is not a list"),
+    (_set("inputs", ["manifest.yaml"]), "inputs is not a list"),
+    (_set("inputs.0.path", 5), "inputs is not a list"),
+    (_set("estimator.name", ["naive"]), "estimator.name is not one of"),
+    (_set("estimator.name", "bogus"), "estimator.name is not one of"),
+    (_set("estimator.config", "x"), "estimator.config is not an object"),
+    (_set("stages.0.file", "../digits/manifest.yaml"), "not a file of"),
+])
+def test_malformed_index_is_refused(digits, tmp_path, edit, needle):
+    """An embeddings.json of the wrong shape (edited or damaged) is exit 2 naming it and
+    the field, never an internal error; a stage file outside the folder is never read."""
+    out = tmp_path / "emb"
+    assert cli("embed", digits, "-o", out, "--estimator", "naive", "-q").exit_code == 0
+    index = out / "embeddings.json"
+    doc = json.loads(index.read_text())
+    edit(doc)
+    index.write_text(json.dumps(doc))
+    got = cli("run", digits, "--estimator", "naive", "-q", "--embeddings", out)
+    assert got.exit_code == 2, got.stderr
+    assert str(index) in got.stderr and needle in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("damage", ["nan", "int"])
+def test_non_finite_or_integer_embedding_is_refused(digits, tmp_path, damage):
+    """A stage file holding NaN or integers, even with its sha256 recorded to match, is
+    exit 2 naming it (it gave an undefined or a made-up result)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "emb"
+    assert cli("embed", digits, "-o", out, "--estimator", "naive", "-q").exit_code == 0
+    index = out / "embeddings.json"
+    doc = json.loads(index.read_text())
+    f = out / doc["stages"][0]["file"]
+    tensors = load_file(f)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].long() if damage == "int" else \
+        torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, f)
+    doc["stages"][0]["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    index.write_text(json.dumps(doc))
+    got = cli("run", digits, "--estimator", "naive", "-q", "--embeddings", out)
+    assert got.exit_code == 2, got.stderr
+    assert f.name in got.stderr and "not finite floating point" in got.stderr, got.stderr

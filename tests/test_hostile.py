@@ -556,6 +556,43 @@ def test_read_only_output_folder_is_refused_before_computing(run_dir, tmp_path):
         folder.chmod(0o700)
 
 
+@pytest.mark.parametrize("cmd,option,rel", [
+    ("run", "--output", "manifest.yaml"),
+    ("run", "--output", "data/eval.safetensors"),
+    ("run", "--output", "model.py"),
+    ("run", "--output", "ckpt/b/model.safetensors"),
+    ("run", "--output", "ckpt/b/result.json"),
+    ("run", "--plot", "ckpt/b/effects.png"),
+    ("run", "--output", "link-to-manifest.json"),
+    ("validate", "--output", "data/c.safetensors"),
+])
+def test_output_over_an_input_is_refused(run_dir, cmd, option, rel):
+    """--output or --plot naming the manifest, a file it names, a symlink to one, or a
+    place inside a checkpoint folder: exit 2 before computing, every input unchanged (they
+    were replaced by the result)."""
+    (run_dir / "link-to-manifest.json").symlink_to(run_dir / "manifest.yaml")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused(cli(cmd, manifest(run_dir), "-q", option, run_dir / rel), option, "inputs")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_diff_output_over_an_input_is_refused(run_dir, tmp_path):
+    """diff -o naming one of the two results it compares: exit 2, the result unchanged."""
+    r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive")
+    old = tmp_path / "old.json"
+    old.write_text(r.stdout)
+    refused(cli("diff", old, old, "-o", old), "--output", "inputs")
+    assert old.read_text() == r.stdout
+
+
+def test_result_beside_the_manifest_is_still_written(run_dir):
+    """A new result file in the run's own folder (not a checkpoint folder) is allowed."""
+    r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive",
+            "-o", run_dir / "result.json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((run_dir / "result.json").read_text())["schema"]
+
+
 def _start(args: list[str], **env: str):
     import signal
     import subprocess

@@ -77,6 +77,8 @@ class ModelInfo:
     frozen: tuple[str, ...]  # parameters with requires_grad=False
     buffers: tuple[str, ...]
     no_decay: frozenset[str]  # the Hugging Face Trainer's no-decay group (hf_no_decay)
+    # every submodule's name, tied and shared ones under each of their names ("" the model)
+    modules: frozenset[str] = frozenset()
 
 
 # transformers.Trainer.get_decay_parameter_names (transformers 5.x): a parameter is not
@@ -102,4 +104,5 @@ def model_info(model: nn.Module) -> ModelInfo:
     frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
     no_decay = hf_no_decay(model) & set(trainable)
     return ModelInfo(trainable, frozen, tuple(n for n, _ in model.named_buffers()),
-                     frozenset(no_decay))
+                     frozenset(no_decay),
+                     frozenset(n for n, _ in model.named_modules(remove_duplicate=False)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,23 +108,35 @@ def read_trainer_state(path: Path) -> TrainerState:
     if version is not None and version >= _LR_FIX_VERSION:
         convention = "used"
     shift = 1 if convention == "used" else 0
-    points = []
+    points: dict[int, float] = {}
     for h in history:
-        if "learning_rate" in h and isinstance(h.get("step"), int):
-            try:
-                lr = float(h["learning_rate"])
-            except (TypeError, ValueError) as e:
-                raise FormatError(f"{file}: learning_rate {h['learning_rate']!r} at step "
-                                  f"{h['step']} is not a number") from e
-            if not math.isfinite(lr) or lr < 0:
-                raise FormatError(f"{file}: learning_rate {lr!r} at step {h['step']} is not "
-                                  "a finite number >= 0")
-            points.append((h["step"] - shift, lr))
+        if "learning_rate" not in h or "step" not in h:
+            continue
+        at = h["step"]
+        # the Trainer logs whole steps 0..global_step; anything else is not its file
+        if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= step:
+            raise FormatError(f"{file}: log_history entry with learning_rate has step {at!r}, "
+                              f"not a whole number from 0 to global_step {step}")
+        value = h["learning_rate"]
+        try:
+            if isinstance(value, bool):
+                raise TypeError("a boolean")
+            lr = float(value)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{file}: learning_rate {value!r} at step {at} is not a "
+                              "number") from e
+        if not math.isfinite(lr) or lr < 0:
+            raise FormatError(f"{file}: learning_rate {lr!r} at step {at} is not "
+                              "a finite number >= 0")
+        seen = points.setdefault(at - shift, lr)
+        if not math.isclose(seen, lr, rel_tol=1e-9, abs_tol=0.0):
+            raise FormatError(f"{file}: log_history gives step {at} two learning rates, "
+                              f"{seen!r} and {lr!r}")
     planned = doc.get("max_steps")
     if not isinstance(planned, int) or isinstance(planned, bool) or not \
             0 < planned <= MAX_STEPS:
         planned = None
-    return TrainerState(file, step, tuple(history), tuple(points), convention, planned)
+    return TrainerState(file, step, tuple(history), tuple(points.items()), convention, planned)
 
 
 def trainer_batch_size(folder: Path) -> int | None:
@@ -140,16 +153,29 @@ def trainer_batch_size(folder: Path) -> int | None:
 
 
 def transformers_version(folder: Path) -> tuple[int, int] | None:
-    """(major, minor) of ``transformers_version`` in ``folder/config.json``, if there is one."""
+    """(major, minor) of ``transformers_version`` in ``folder/config.json``; None where there
+    is no config.json or it names no version. A config.json that cannot be read, or a version
+    that is not one, is a FormatError: guessing would shift every logged lr by a step."""
+    from acctattr.files import path_problem
+
     cfg = folder / "config.json"
-    if not cfg.is_file():
+    if path_problem(cfg) == "not found":
+        return None
+    doc = _read_json(cfg)
+    if not isinstance(doc, dict):
+        raise FormatError(f"{cfg}: expected a JSON object")
+    text = doc.get("transformers_version")
+    if text is None:
         return None
     try:
-        text = json.loads(cfg.read_text(encoding="utf-8")).get("transformers_version", "")
         major, minor = (int(x) for x in str(text).split(".")[:2])
-        return major, minor
-    except (OSError, ValueError, AttributeError):
-        return None
+    except ValueError:
+        major = minor = -1
+    if not isinstance(text, str) or major < 0 or minor < 0:
+        raise FormatError(f"{cfg}: transformers_version {text!r} is not a version like "
+                          "'4.51.0' (it decides which step each logged learning_rate belongs "
+                          "to)")
+    return major, minor
 
 
 def trainer_resumed(start: Path | None, end: Path) -> bool:
@@ -196,6 +222,9 @@ TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
                       "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs")
 
 
+TRAINING_ARGS_LIMIT = 1 << 24  # bytes; a real training_args.bin is a few kB
+
+
 def training_args(folder: Path) -> dict[str, Any]:
     """Plain values of a few TrainingArguments fields in ``folder/training_args.bin``.
 
@@ -209,12 +238,20 @@ def training_args(folder: Path) -> dict[str, Any]:
     import pickletools
     import zipfile
 
+    from acctattr.files import path_problem
+
     file = folder / "training_args.bin"
+    # a FIFO or device would block the read; a real one is a few kB (its pickle too, even
+    # where a hostile zip would inflate it)
+    if path_problem(file, "file") is not None or file.stat().st_size > TRAINING_ARGS_LIMIT:
+        return {}
     try:
         raw = file.read_bytes()
         if zipfile.is_zipfile(io.BytesIO(raw)):
             with zipfile.ZipFile(io.BytesIO(raw)) as z:
                 name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                if z.getinfo(name).file_size > TRAINING_ARGS_LIMIT:
+                    return {}
                 raw = z.read(name)
         ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
     except Exception:
@@ -327,16 +364,38 @@ def read_lora_config(folder: Path) -> LoraConfig:
     if doc.get("bias", "none") != "none":
         raise FormatError(f"{file}: bias is {doc['bias']!r} (the adapter also trained biases); "
                           f"acctattr reads plain LoRA adapters (bias: none) only; {_MERGE_HINT}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = doc.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise FormatError(f"{file}: {key} is {type(patterns).__name__}, not an object "
+                              "(module pattern -> value)")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:  # PEFT matches these as regular expressions
+                raise FormatError(f"{file}: {key} key {pattern!r} is not a regular "
+                                  f"expression ({e})") from e
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(doc.get(key, False), bool):  # bool("false") is True
+            raise FormatError(f"{file}: {key} is {doc[key]!r}, not true or false")
+    alpha = doc.get("lora_alpha")
     try:
-        return LoraConfig(
-            path=file, r=int(doc["r"]), alpha=float(doc.get("lora_alpha") or doc["r"]),
-            use_rslora=bool(doc.get("use_rslora", False)),
-            fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+        config = LoraConfig(
+            path=file, r=int(doc["r"]), alpha=float(doc["r"] if alpha is None else alpha),
+            use_rslora=doc.get("use_rslora", False),
+            fan_in_fan_out=doc.get("fan_in_fan_out", False),
             rank_pattern={str(k): int(v) for k, v in (doc.get("rank_pattern") or {}).items()},
             alpha_pattern={str(k): float(v)
                            for k, v in (doc.get("alpha_pattern") or {}).items()})
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{file}: malformed LoRA config ({type(e).__name__}: {e})") from e
+    alphas = [("lora_alpha", config.alpha),
+              *((f"alpha_pattern[{k!r}]", v) for k, v in config.alpha_pattern.items())]
+    for key, alpha in alphas:
+        if not math.isfinite(alpha):
+            raise FormatError(f"{file}: {key} is {alpha!r}, not a finite number (it scales "
+                              "every merged delta)")
+    return config
 
 
 DCP_HINT = ("convert it to a single file first (only for a checkpoint you trust: the converter "

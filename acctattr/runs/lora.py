@@ -97,13 +97,17 @@ class LoraMergedReader(StateDictReader):
     def delta(self, name: str) -> torch.Tensor:
         """The merged delta of one adapted parameter, float64, shaped like the parameter."""
         a_key, b_key, is_embedding = self._pairs[name]
-        a = self.adapter.get(a_key).double()
-        b = self.adapter.get(b_key).double()
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        a, b = self.adapter.get(a_key), self.adapter.get(b_key)
+        for key, t in ((a_key, a), (b_key, b)):
+            if not t.is_floating_point():
+                raise CheckpointError(f"stage '{self.stage}': adapter {self.adapter.path}: "
+                                      f"'{key}' is {t.dtype}, not floating point")
+        a, b = a.double(), b.double()
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise CheckpointError(
                 f"stage '{self.stage}': adapter {self.adapter.path}: '{a_key}' {tuple(a.shape)} "
-                f"and '{b_key}' {tuple(b.shape)} are not a linear LoRA pair (convolution "
-                "adapters are not supported)",
+                f"and '{b_key}' {tuple(b.shape)} are not a linear LoRA pair of rank >= 1 "
+                "(convolution adapters are not supported)",
                 "merge it with peft's merge_and_unload() and name the merged model as the end")
         module = name[: -len(".weight")]
         r = a.shape[0]
@@ -145,4 +149,10 @@ class LoraMergedReader(StateDictReader):
         w = self.base.get(name, check_finite=check_finite, native=native)
         if name not in self._pairs:
             return w
-        return (w.double() + self.delta(name)).to(w.dtype)
+        merged = (w.double() + self.delta(name)).to(w.dtype)
+        if check_finite and not bool(torch.isfinite(merged).all()):
+            raise CheckpointError(
+                f"stage '{self.stage}': adapter {self.adapter.path}: merging it gives NaN or "
+                f"Inf values in '{name}' ({w.dtype})",
+                "the adapter's lora_A / lora_B are too large to merge: check the file")
+        return merged

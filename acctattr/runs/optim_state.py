@@ -255,6 +255,12 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                               "save it with torch.save(optimizer.state_dict(), path)")
     _check_type(spec, stage, file, pgs, sd["state"])
     ids = [list(g["params"]) for g in pgs]
+    listed = {p for g in ids for p in g}
+    stray = sorted(map(repr, (k for k in sd["state"] if k not in listed)))
+    if stray:  # its tensors would be dropped silently and their parameters taken as unstepped
+        raise CheckpointError(f"{where}: 'state' has entries for parameter id(s) "
+                              f"{', '.join(stray[:5])} that no param group lists",
+                              "save it with torch.save(optimizer.state_dict(), path)")
     names = list(trainable)
     n_ids = sum(len(g) for g in ids)
     if spec.param_names is not None:

@@ -16,6 +16,7 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeGuard, overload
 
+from acctattr.files import is_file
 from acctattr.runs.formats import TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
 
@@ -174,8 +175,10 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
         return None
     warmup = 0
     if kind[1]:
-        steps, ratio = args.get("warmup_steps", 0), args.get("warmup_ratio", 0.0)
-        if not _number(steps) or steps < 0 or not _number(ratio) or ratio < 0:
+        # every TrainingArguments has warmup_steps: one the scan could not read (a huge
+        # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
+        steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
+        if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
             return None
         if steps >= 1:
             warmup = int(steps)
@@ -204,6 +207,8 @@ def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] |
     at, how = got
     points = list(ts.lr_points)
     try:
+        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
+            raise FileNotFoundError(folder / "scheduler.pt")
         saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
         step, last = saved["last_epoch"], saved["_last_lr"][0]
         if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:
