@@ -206,20 +206,8 @@ def test_nan_in_training_data_under_unrolled(run_dir):
 # ---------------------------------------------------------------- every input checked
 
 
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """A test that blocks (a FIFO opened, an alias walked forever) fails after 60 s instead
-    of hanging the suite. A guard, not a timing assertion."""
-    import signal
-
-    def stuck(signum, frame):
-        raise TimeoutError("hung for 60 s")
-
-    old = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+# a test that blocks fails after 60 s (conftest.hang_guard)
+pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 def _fifo(path: Path) -> None:

@@ -23,24 +23,8 @@ LM = Path(__file__).resolve().parents[1] / "sample_runs" / "lm"
 SFT = "sft/checkpoint-64"
 
 
-class Hung(BaseException):
-    """Raised by the hang guard; a BaseException, so no ``except Exception`` swallows it."""
-
-
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """A test that blocks (a FIFO opened) fails after 60 s instead of hanging the suite.
-    A guard, not a timing assertion."""
-    import signal
-
-    def stuck(signum, frame):
-        raise Hung("hung for 60 s")
-
-    old = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+# a test that blocks fails after 60 s (conftest.hang_guard)
+pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 @pytest.fixture
