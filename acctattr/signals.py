@@ -7,7 +7,9 @@ unwinds, removing temporary files (output.atomic) and folders, and the CLI's err
 exits 130 or 143. A signal that arrives where Python swallows exceptions (a ``__del__``, a
 weakref callback) would be lost, so the first signal also starts a timer: if the process is
 still running after GRACE seconds, it removes the temporary files registered here and exits
-with the same code at once. Further signals are ignored while the first one unwinds.
+with the same code at once; so does a signal that arrives during an import (an exception
+raised there can cross a C++ extension's initialisation and abort the process). Further
+signals are ignored while the first one unwinds.
 
 Standard library only.
 """
@@ -48,10 +50,25 @@ def _handle(signum: int, frame: object) -> None:
     if _received is not None:
         return  # already unwinding: let it finish (the timer bounds it)
     _received = signum
+    if _importing(frame):
+        # an exception raised in a module being imported can cross an extension's C++
+        # initialisation (torch's), which aborts the process ("terminate called ...",
+        # SIGABRT) instead of unwinding: exit at once, as the timer would
+        _force(signum)
     timer = threading.Timer(GRACE, _force, args=(signum,))
     timer.daemon = True
     timer.start()
     _raise(signum)
+
+
+def _importing(frame: object) -> bool:
+    """Whether the interrupted Python stack is inside an import."""
+    while frame is not None:
+        if getattr(getattr(frame, "f_code", None), "co_filename", "").startswith(
+                "<frozen importlib"):
+            return True
+        frame = getattr(frame, "f_back", None)
+    return False
 
 
 def _raise(signum: int) -> None:

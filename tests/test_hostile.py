@@ -637,6 +637,24 @@ def test_signal_in_the_first_moments(run_dir, delay, signame, code):
     assert err.strip().splitlines()[-1] in ("interrupted", "terminated")
 
 
+def test_a_signal_during_an_import_is_seen_as_one(tmp_path, monkeypatch):
+    """The signal handler knows when it interrupted an import: there it exits at once
+    instead of raising into a C++ extension's initialisation (torch's), which aborted the
+    process with SIGABRT ("terminate called ...") in a full test run."""
+    import sys
+
+    from acctattr import signals
+
+    (tmp_path / "acctattr_probe.py").write_text(
+        "import sys\nfrom acctattr import signals\n"
+        "INSIDE = signals._importing(sys._getframe())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import acctattr_probe
+
+    assert acctattr_probe.INSIDE is True
+    assert signals._importing(sys._getframe()) is False
+
+
 # ---------------------------------------------------------------- the fuzzer
 
 # Seeded: the same damage on every run and machine. Each case damages one file of a fresh
