@@ -426,7 +426,9 @@ def check(manifest: ManifestArg) -> None:
     def go() -> None:
         from acctattr import pipeline
 
-        loaded = pipeline.check(manifest)
+        # every checkpoint's tensors read once, and the later stages' training data as
+        # unrolled samples it: what `run` would meet minutes in is found here
+        loaded = pipeline.check(manifest, scan=True, more=pipeline.check_training_data)
         stages = ", ".join(r.name for r in loaded.runs)
         n_params = sum(_numel(s) for s in loaded.info.trainable.values())
         evals = f"eval data {loaded.evaluator.data.source}"

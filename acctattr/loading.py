@@ -139,12 +139,16 @@ def check_params(reader: StateDictReader, info: ModelInfo, stage: str, key: str)
 
 
 def open_manifest(manifest: Manifest, collect: list[str] | None = None,
-                  device: torch.device | None = None, batch_size: int | None = None) -> Loaded:
+                  device: torch.device | None = None, batch_size: int | None = None,
+                  scan: bool = False) -> Loaded:
     """Open everything the manifest names; with ``collect``, record problems and go on.
 
     Args:
         device: where the model is evaluated (theta_T is moved there); default the CPU.
         batch_size: overrides eval.batch_size.
+        scan: read every tensor the model takes from every checkpoint once, refusing NaN
+            or Inf (``acctattr check``); otherwise only theta_T is read here, and the other
+            checkpoints' tensors are checked as an estimator reads them.
     """
     device = device or torch.device("cpu")
 
@@ -162,6 +166,13 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             return None
 
     warnings: list[str] = []
+    read: set[int] = set()  # the readers scanned (a stage's end is the next one's start)
+
+    def scanned(reader: StateDictReader, stage: str, key: str) -> None:
+        if id(reader) not in read:
+            read.add(id(reader))
+            scan_finite(reader, info, stage, key)
+
     if manifest.hf is not None:
         from acctattr.runs.hf import build_hf_model
 
@@ -192,6 +203,8 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
                 attempt(lambda r=reader, k=key, s=stage: check_params(r, info, s.name, k))
+                if scan:
+                    attempt(lambda r=reader, k=key, s=stage: scanned(r, s.name, k))
         if isinstance(start, StateDictReader) and isinstance(end, StateDictReader):
             attempt(lambda a=start, b=end, s=stage: _check_dtypes(a, b, info, s.name))
         ckpts = []
@@ -200,6 +213,9 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             if isinstance(r, StateDictReader):
                 attempt(lambda r=r, s=stage, st=ref.step: check_params(
                     r, info, s.name, f"checkpoints step {st}"))
+                if scan:
+                    attempt(lambda r=r, s=stage, st=ref.step: scanned(
+                        r, s.name, f"checkpoints step {st}"))
                 ckpts.append((ref.step, r))
         if opt.continues and prev is not None and prev.optimizer.state is None:
             report(CheckpointError(
@@ -257,6 +273,19 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         r.state.release()
     return Loaded(manifest, model, info, runs, evaluator, warnings,  # type: ignore[arg-type]
                   evaluators)
+
+
+def scan_finite(reader: StateDictReader, info: ModelInfo, stage: str, key: str) -> None:
+    """Every floating tensor the model takes from a checkpoint (an adapter stage's end: the
+    merged weights) free of NaN and Inf, read one at a time in its own dtype and freed."""
+    for n in (*info.trainable, *info.frozen, *info.buffers):
+        dtype = reader.torch_dtype(n) if n in reader else None
+        if dtype is not None and dtype.is_floating_point:
+            try:
+                reader.get(n, native=True)  # refuses NaN or Inf, naming the tensor
+            except CheckpointError as e:
+                raise CheckpointError(f"stage '{stage}': {key} {e.message}", e.hint) from e
+    reader.release()
 
 
 def _merged(base: StateDictReader, stage: Stage, info: ModelInfo) -> StateDictReader:
@@ -337,11 +366,14 @@ def check_stage_text(stage: Stage) -> None:
 
 
 def check(path: str | Path, device: torch.device | None = None,
-          batch_size: int | None = None) -> Loaded:
+          batch_size: int | None = None, scan: bool = False,
+          more: Callable[[Loaded], list[str]] | None = None) -> Loaded:
     """Validate the manifest and every file it names; raise once listing every problem.
 
     Args:
-        device, batch_size: as open_manifest.
+        device, batch_size, scan: as open_manifest (``acctattr check`` scans).
+        more: further problems of the opened run, listed with the rest (``acctattr
+            check``: pipeline.check_training_data).
     """
     manifest = load_manifest(path)
     for _, spec in manifest.behaviours:
@@ -351,7 +383,8 @@ def check(path: str | Path, device: torch.device | None = None,
                                 "drop --batch-size, or change the batches the function yields")
     problems: list[str] = []
     try:
-        loaded = open_manifest(manifest, collect=problems, device=device, batch_size=batch_size)
+        loaded = open_manifest(manifest, collect=problems, device=device,
+                               batch_size=batch_size, scan=scan)
     except AcctattrError as e:
         problems.append(str(e))
         raise ManifestError(str(path), problems) from e
@@ -361,6 +394,8 @@ def check(path: str | Path, device: torch.device | None = None,
         except AcctattrError as e:
             problems.append(str(e))
     problems += _text_problems(manifest)
+    if more is not None:
+        problems += more(loaded)
     if problems:
         raise ManifestError(str(path), problems)
     return loaded

@@ -25,7 +25,7 @@ from acctattr.distributed import ALONE, Ranks
 from acctattr.errors import AcctattrError, DataError, ManifestError
 from acctattr.estimators import Estimator, Params, StageRun, Training, Unsuitable
 from acctattr.evaluation.curvature import Curvature
-from acctattr.evaluation.data import stage_sample
+from acctattr.evaluation.data import Batch, stage_sample
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.metrics import CLASS_METRICS, TOKEN_METRICS, Metric, resolve_metric
 from acctattr.loading import Loaded, check
@@ -53,36 +53,78 @@ def training(loaded: Loaded, config: UnrolledConfig | None = None) -> Training:
     """The run as the estimators see it; each stage's training-loss sample is read on first
     use (only estimators that simulate training ask for it)."""
     config = config or UnrolledConfig()
-    spec = loaded.manifest.eval
     cache: dict[int, Curvature] = {}
-
-    def train_loss() -> Metric:
-        return resolve_metric(loaded.manifest.train_loss, None, "train.loss")
 
     def curvature(j: int) -> Curvature:
         if j not in cache:
-            run = loaded.runs[j]
-            if run.data is None:
-                raise AcctattrError(
-                    f"stage '{run.name}': the unrolled estimator needs the stage's training "
-                    "data (key 'data') to measure its curvature",
-                    "add data: to every stage after the first, or use --estimator frozen")
-            loss = train_loss()
-            stage = loaded.manifest.stage(run.name)
-            sample = stage_sample(
-                run.data, (*spec.inputs, spec.target), config.sample_size, run.name,
-                extra=loss.batch_keys,
-                tokens=loss.name if loss.name in TOKEN_METRICS else None,
-                tokenizer=stage.tokenizer, max_length=stage.max_length,
-                class_metric=loaded.manifest.train_loss in CLASS_METRICS)
-            cache[j] = Curvature(loaded.model, loaded.evaluator.fixed, loss, sample,
-                                 spec.inputs, spec.target, device=loaded.evaluator.device)
-            _probe_training(cache[j], loaded, run)
+            cache[j] = _curvature(loaded, j, config.sample_size)
+            _probe_training(cache[j], loaded, loaded.runs[j])
         return cache[j]
 
     dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
-    return Training(loaded.runs, loaded.info.trainable, dtypes, curvature, train_loss,
-                    loaded.evaluator.device)
+    return Training(loaded.runs, loaded.info.trainable, dtypes, curvature,
+                    partial(_train_loss, loaded), loaded.evaluator.device)
+
+
+def _train_loss(loaded: Loaded) -> Metric:
+    return resolve_metric(loaded.manifest.train_loss, None, "train.loss")
+
+
+def _curvature(loaded: Loaded, j: int, size: int, probe_rows: int | None = None) -> Curvature:
+    """Stage j's training loss on its data sample (``size`` examples, checked as eval data
+    is); ``probe_rows``: on the sample's first rows only (check_training_data)."""
+    run = loaded.runs[j]
+    if run.data is None:
+        raise AcctattrError(
+            f"stage '{run.name}': the unrolled estimator needs the stage's training "
+            "data (key 'data') to measure its curvature",
+            "add data: to every stage after the first, or use --estimator frozen")
+    spec = loaded.manifest.eval
+    loss = _train_loss(loaded)
+    stage = loaded.manifest.stage(run.name)
+    sample = stage_sample(
+        run.data, (*spec.inputs, spec.target), size, run.name,
+        extra=loss.batch_keys,
+        tokens=loss.name if loss.name in TOKEN_METRICS else None,
+        tokenizer=stage.tokenizer, max_length=stage.max_length,
+        class_metric=loaded.manifest.train_loss in CLASS_METRICS)
+    if probe_rows is not None:
+        sample = _probe_sample(sample, probe_rows)
+    return Curvature(loaded.model, loaded.evaluator.fixed, loss, sample,
+                     spec.inputs, spec.target, device=loaded.evaluator.device)
+
+
+def _probe_sample(sample: Batch, rows: int) -> Batch:
+    """The sample's first ``rows`` rows, and each integer tensor's row with its largest
+    value (a class id or token id the model may not have: what the probe is for)."""
+    n = next(iter(sample.values())).shape[0]
+    keep = set(range(min(rows, n)))
+    for v in sample.values():
+        if not v.is_floating_point() and v.numel() and v.dtype != torch.bool:
+            keep.add(int(v.reshape(n, -1).amax(dim=1).argmax()))
+    ix = torch.tensor(sorted(keep))
+    return {k: v[ix] for k, v in sample.items()}
+
+
+def check_training_data(loaded: Loaded, config: UnrolledConfig | None = None) -> list[str]:
+    """What ``run`` (auto, unrolled) would refuse in a later stage's training data, one line
+    per stage (``acctattr check``): the same sample read and checked (NaN, Inf, labels),
+    and the training loss run on its first eval batch's worth of rows (not the whole
+    sample: a check runs no more than a forward pass per file)."""
+    config = config or UnrolledConfig()
+    problems: list[str] = []
+    if loaded.evaluator is None:  # no model to run (problems elsewhere say why)
+        return problems
+    first = loaded.manifest.stages[0].name
+    for j, run in enumerate(loaded.runs):
+        if run.name == first or run.data is None:  # only later stages are simulated
+            continue
+        try:
+            _probe_training(_curvature(loaded, j, config.sample_size,
+                                        loaded.evaluator.data.batch_size), loaded, run)
+        except AcctattrError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None:

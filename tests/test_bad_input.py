@@ -333,6 +333,21 @@ def test_nan_in_checkpoint_names_the_tensor(run_dir):
             "NaN or Inf", "earlier, finite checkpoint")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_check_reads_every_checkpoint_for_nan(run_dir, value):
+    """`check` finds NaN or Inf in a checkpoint that only an estimator reads (stage b's end,
+    stage c's start; theta_T is read by every command), once, naming stage, key and tensor;
+    a clean run's check still passes."""
+    assert cli("check", run_dir / "manifest.yaml").exit_code == 0
+    file = _ckpt(run_dir, "b")
+    sd = load_file(file)
+    sd["weight"][1, 2] = value
+    save_file(sd, file)
+    err = refused(cli("check", run_dir / "manifest.yaml"), "1 problem", "stage 'b': end",
+                  str(file), "tensor 'weight' has 1 NaN or Inf")
+    assert err.count("NaN or Inf") == 1, err
+
+
 def test_inf_in_optimizer_state_names_the_tensor(run_dir):
     """Inf in an optimizer state tensor: stage, file, state and parameter are named."""
     file = run_dir / "ckpt" / "a" / "optimizer.pt"

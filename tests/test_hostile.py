@@ -195,12 +195,26 @@ def test_training_labels_out_of_range_under_unrolled(run_dir):
 
 
 def test_nan_in_training_data_under_unrolled(run_dir):
-    """NaN in a stage's training data is refused like NaN in eval data."""
+    """NaN in a stage's training data is refused like NaN in eval data, by `check` too (it
+    reads the sample unrolled would)."""
     data = load_file(run_dir / "data" / "c.safetensors")
     data["x"][2, 0] = float("nan")
     save_file(data, run_dir / "data" / "c.safetensors")
-    refused(cli("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
-            "stage 'c'", "c.safetensors", "tensor 'x'", "NaN or Inf")
+    for args in (("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
+                 ("check", manifest(run_dir))):
+        refused(cli(*args), "stage 'c'", "c.safetensors", "tensor 'x'", "NaN or Inf")
+
+
+def test_check_runs_the_training_loss_on_a_stages_largest_label(run_dir):
+    """A class id beyond the model's outputs in the last row of a stage's data: `check`
+    probes the training loss on the first rows and on each integer tensor's largest-value
+    row, so it refuses what `run` would, naming the stage and file."""
+    data = load_file(run_dir / "data" / "c.safetensors")
+    data["y"][-1] = 1000
+    save_file(data, run_dir / "data" / "c.safetensors")
+    for args in (("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
+                 ("check", manifest(run_dir))):
+        refused(cli(*args), "stage 'c'", "c.safetensors", "training loss failed")
 
 
 # ---------------------------------------------------------------- every input checked
