@@ -237,5 +237,7 @@ def test_group_moments_are_the_same_from_one_vectorised_block_or_group_by_group(
         got[name] = (g, s, moments.gradient(curv, 0, params, parts, out).clone())
         assert not moments.looped
     for a, b in zip(got["block"], got["groups"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        # float32 rounding is relative to the vector's scale, not to each element: an
+        # element near 0 differed by 3e-9 on one machine's kernels (2026-12-06)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
     assert got["block"][1].abs().sum() > 0  # the groups differ: there is noise to see
