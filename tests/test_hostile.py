@@ -469,6 +469,32 @@ def test_wrong_types_anywhere_in_the_manifest(run_dir, value):
 # ---------------------------------------------------------------- output
 
 
+@pytest.mark.parametrize("value,needle", [
+    ("!!int abc", "cannot read 'abc' as int"),
+    ("0x_", "cannot read '0x_' as int"),
+    ("!!float abc", "cannot read 'abc' as float"),
+    ("!!bool maybe", "cannot read 'maybe' as bool"),
+    ("!!timestamp 2001-13-45", "month must be in 1..12"),
+    ("1" + "0" * 5000, "Exceeds the limit (4300 digits)"),
+])
+def test_scalar_yaml_cannot_build_is_refused(run_dir, value, needle):
+    """A scalar PyYAML's constructor raises a plain ValueError or KeyError on (an explicit tag
+    it cannot build, a hex int with no digits, an int of more than 4300 digits) was an
+    internal error (exit 3); now exit 2 naming the value and its line."""
+    text = manifest(run_dir).read_text().replace("steps: 6", f"steps: {value}", 1)
+    refused(cli("check", _write(run_dir, text)), needle, "line")
+
+
+def test_integer_beyond_float_range_is_refused(run_dir):
+    """lr: 1 followed by 400 zeros (a YAML int float() cannot convert) was an internal
+    OverflowError (exit 3); now exit 2 naming the stage and key."""
+    text = manifest(run_dir).read_text()
+    assert "lr: 0.05" in text
+    text = text.replace("lr: 0.05", "lr: 1" + "0" * 400, 1)
+    refused(cli("check", _write(run_dir, text)), "stage 'a'", "optimizer.lr",
+            "beyond the float range")
+
+
 EVIL = "ev\x1b[2J\x1b]0;owned\x07il[bold]\u202e"
 
 
