@@ -495,6 +495,23 @@ def test_integer_beyond_float_range_is_refused(run_dir):
             "beyond the float range")
 
 
+@pytest.mark.parametrize("stage,end,needle", [
+    (1, "ckpt/a", "is also the end of stage 'a'"),
+    (2, "./ckpt/../ckpt/a", "is also the end of stage 'a'"),
+    (0, "ckpt/init", "is also this stage's start"),
+])
+def test_a_stage_ending_where_another_checkpoint_is_used_is_refused(run_dir, stage, end, needle):
+    """A copy-pasted end (another stage's end, or the stage's own start) was accepted: the
+    stage got an effect of 0 or another stage's change, every later start shifted, exit 0;
+    now exit 2 from check and run, naming the stage and key."""
+    def fn(d):
+        d["stages"][stage]["end"] = end
+    path = edit(run_dir, fn)
+    name = "abc"[stage]
+    for cmd in ("check", "run"):
+        refused(cli(cmd, path), f"stage '{name}': end", needle)
+
+
 EVIL = "ev\x1b[2J\x1b]0;owned\x07il[bold]\u202e"
 
 

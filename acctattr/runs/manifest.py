@@ -127,6 +127,7 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
         return ()
     out: list[Stage] = []
     seen: set[str] = set()
+    ends: dict[Path, str] = {}  # each end checkpoint -> the first stage that names it
     prev_end: Path | None = None
     prev_adapter = False
     for i, item in enumerate(value):
@@ -153,6 +154,16 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
                 end = None
         else:
             end = c.path(st["end"], f"{where}: end") if "end" in st else None
+        if end is not None and end in ends:
+            # a copy-pasted end: the stage would be credited with no change (or the previous
+            # stage's whole change), and every later start shifts by one stage
+            c.add(f"{where}: end", f"{end} is also the end of stage '{ends[end]}'; each stage "
+                  "ends at the checkpoint written after its own updates")
+        elif end is not None and end == start:
+            c.add(f"{where}: end", f"{end} is also this stage's start; a stage ends at the "
+                  "checkpoint written after its updates, not the one it began from")
+        if end is not None:
+            ends.setdefault(end, name or where)
         trainer = end if end is not None and (end / formats.TRAINER_STATE).is_file() else None
         if "optimizer" in st:
             opt = _parse_optimizer(c, st["optimizer"], f"{where}: optimizer",
