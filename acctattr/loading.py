@@ -161,6 +161,15 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             report(e)
             return None
 
+    def passes(fn: Callable[[], None]) -> bool:
+        """Whether fn raised no AcctattrError (one it raised is reported)."""
+        try:
+            fn()
+        except AcctattrError as e:
+            report(e)
+            return False
+        return True
+
     warnings: list[str] = []
     if manifest.hf is not None:
         from acctattr.runs.hf import build_hf_model
@@ -189,9 +198,12 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
                     readers.put(stage.end, end)
         else:
             end = attempt(lambda s=stage: readers(s.end))
+        end_ok = isinstance(end, StateDictReader)
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
-                attempt(lambda r=reader, k=key, s=stage: check_params(r, info, s.name, k))
+                passed = passes(partial(check_params, reader, info, stage.name, key))
+                if key == "end" and not passed:
+                    end_ok = False  # theta_T is never read from an end that failed its check
         if isinstance(start, StateDictReader) and isinstance(end, StateDictReader):
             attempt(lambda a=start, b=end, s=stage: _check_dtypes(a, b, info, s.name))
         ckpts = []
@@ -228,7 +240,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         lrs = attempt(lambda s=stage: _stage_lrs(s, warnings))
         if not opt.continues:
             step0 = 0
-        if start is not None and end is not None and state is not None and lrs is not None:
+        if start is not None and end_ok and state is not None and lrs is not None:
             runs.append(StageRun(stage.name, start, end, opt.type, lrs,  # type: ignore[arg-type]
                                  not opt.continues, step0, state,  # type: ignore[arg-type]
                                  stage.data, ckpts,

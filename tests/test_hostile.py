@@ -312,6 +312,21 @@ def test_non_float_checkpoint_is_refused(run_dir, dtype):
     assert "not floating point" in err or "dtype" in err
 
 
+@pytest.mark.parametrize("fn,needle", [
+    (lambda sd: sd.pop("bias"), "missing 1 parameter(s): bias"),
+    (lambda sd: sd.clear(), "missing 2 parameter(s)"),
+    (lambda sd: sd.update(bias=sd["bias"].long()), "not floating point: bias I64"),
+])
+def test_final_checkpoint_that_fails_its_check_is_never_read(run_dir, fn, needle):
+    """The last stage's end missing a tensor, empty, or holding an integer parameter was read
+    as theta_T anyway after its check failed: KeyError / RuntimeError, exit 3. Now exit 2
+    from check and run with the one problem, naming the stage, key and file."""
+    _resave(run_dir / "ckpt/c/model.safetensors", fn)
+    for cmd in ("check", "run"):
+        refused(cli(cmd, manifest(run_dir)), "stage 'c': end", "ckpt/c/model.safetensors",
+                needle)
+
+
 def test_complex_checkpoint_is_refused(run_dir):
     path = run_dir / "ckpt/b/model.pt"
     sd = load_file(run_dir / "ckpt/b/model.safetensors")
