@@ -379,13 +379,24 @@ STATE_CASES = [
         momentum_buffer=sd["state"][0]["momentum_buffer"].long()), "not floating point"),
     ("a", lambda sd: sd["state"][0].update(
         momentum_buffer=sd["state"][0]["momentum_buffer"].to_sparse()), "sparse"),
+    # flags that are not booleans: bool("false") is True (nesterov or maximize silently on),
+    # and a two-element tensor was an internal error
+    ("a", lambda sd: sd["param_groups"][0].update(nesterov="false"),
+     "param_groups[0].nesterov is 'false', expected true or false"),
+    ("a", lambda sd: sd["param_groups"][0].update(nesterov=torch.tensor([1, 0])),
+     "param_groups[0].nesterov is tensor([1, 0]), expected true or false"),
+    ("c", lambda sd: sd["param_groups"][1].update(maximize="False"),
+     "param_groups[1].maximize is 'False', expected true or false"),
+    ("c", lambda sd: sd["param_groups"][0].update(amsgrad="no"),
+     "param_groups[0].amsgrad is 'no', expected true or false"),
 ]
 
 
 @pytest.mark.parametrize("stage,fn,needle", STATE_CASES)
 def test_malformed_optimizer_state(run_dir, stage, fn, needle):
     """Wrong structure types, a NaN / non-positive / absurd Adam step, a negative second
-    moment, an absurd or integer momentum buffer: exit 2 naming the stage and file."""
+    moment, an absurd or integer momentum buffer, a flag that is not a boolean: exit 2
+    naming the stage and file."""
     _edit_state(run_dir, stage, fn)
     refused(cli("check", manifest(run_dir)), f"stage '{stage}'", "optimizer.pt", needle)
 

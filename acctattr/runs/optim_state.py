@@ -413,6 +413,9 @@ def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, s
 _RANGES = {"weight_decay": (0.0, False, None, False), "momentum": (0.0, False, 1.0, True),
            "dampening": (0.0, False, 1.0, False), "eps": (0.0, True, None, False)}
 
+# flags read from param_groups (None, as torch may store, is false)
+_FLAGS = ("nesterov", "amsgrad", "maximize")
+
 
 def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> None:
     """Refuse negative, out-of-range or non-finite hyperparameters that the run would use.
@@ -442,6 +445,11 @@ def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> Non
         for key, rng in _RANGES.items():
             if key in pg and getattr(spec, key) is None:
                 check(f"param_groups[{i}].{key}", pg[key], rng)
+        for key in _FLAGS:  # bool("false") is True: a flag must be one
+            if key in pg and getattr(spec, key, None) is None \
+                    and not (pg[key] is None or isinstance(pg[key], bool)):
+                problems.append(f"param_groups[{i}].{key} is {pg[key]!r}, expected true or "
+                                "false")
         if "betas" in pg and spec.betas is None:
             b = pg["betas"]
             if not isinstance(b, (list, tuple)) or len(b) != 2:
