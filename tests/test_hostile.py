@@ -389,14 +389,18 @@ STATE_CASES = [
      "param_groups[1].maximize is 'False', expected true or false"),
     ("c", lambda sd: sd["param_groups"][0].update(amsgrad="no"),
      "param_groups[0].amsgrad is 'no', expected true or false"),
+    # an Adam moment missing for a stepped parameter: check passed, run refused (exit 2)
+    ("c", lambda sd: sd["state"][0].pop("exp_avg_sq"), "has exp_avg but no exp_avg_sq"),
+    ("c", lambda sd: sd["state"][0].pop("exp_avg"), "has exp_avg_sq but no exp_avg"),
+    ("c", lambda sd: sd["param_groups"][0].update(amsgrad=True), "but no max_exp_avg_sq"),
 ]
 
 
 @pytest.mark.parametrize("stage,fn,needle", STATE_CASES)
 def test_malformed_optimizer_state(run_dir, stage, fn, needle):
     """Wrong structure types, a NaN / non-positive / absurd Adam step, a negative second
-    moment, an absurd or integer momentum buffer, a flag that is not a boolean: exit 2
-    naming the stage and file."""
+    moment, an absurd or integer momentum buffer, a flag that is not a boolean, an Adam
+    moment missing: exit 2 from check naming the stage and file."""
     _edit_state(run_dir, stage, fn)
     refused(cli("check", manifest(run_dir)), f"stage '{stage}'", "optimizer.pt", needle)
 

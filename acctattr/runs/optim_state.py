@@ -312,6 +312,8 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 _check_moment(value, key, f"{where}: state '{key}' of '{name}'",
                               f"{where}: state '{key}' of '{name}' has NaN or Inf values")
                 tensors.setdefault(name, {})[key] = value
+    if spec.type != "sgd":
+        _check_adam_moments(tensors, groups, pgs, where)
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
@@ -402,6 +404,24 @@ def _check_moment(value: torch.Tensor, key: str, where: str,
         raise CheckpointError(f"{where} reaches {big:.3g}, beyond {limit:.0e}: not a "
                               "training statistic (a corrupted or diverged state)",
                               "use a state file from before divergence")
+
+
+def _check_adam_moments(tensors: dict[str, dict[str, torch.Tensor]], groups: list[list[str]],
+                        pgs: list[dict], where: str) -> None:
+    """torch's Adam keeps exp_avg and exp_avg_sq (and max_exp_avg_sq with amsgrad) for every
+    parameter it stepped: a stepped parameter lacking one is a damaged file, refused here
+    rather than when an estimator first needs the tensor (check passed, run failed)."""
+    for names, pg in zip(groups, pgs, strict=True):
+        need = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if pg.get("amsgrad") is True
+                                            else ())
+        for name in names:
+            held = tensors.get(name, {})  # none: a parameter Adam never stepped
+            lacking = [k for k in need if held and k not in held]
+            if lacking:
+                raise CheckpointError(
+                    f"{where}: the state of '{name}' has {', '.join(sorted(held))} but no "
+                    f"{' or '.join(lacking)}; Adam keeps {', '.join(need)} for every "
+                    "parameter it stepped", "use the file the optimizer saved")
 
 
 def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, str]],
