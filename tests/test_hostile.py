@@ -637,6 +637,39 @@ def test_output_over_an_input_is_refused(run_dir, cmd, option, rel):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("cmd,rel", [
+    ("ablate", "ckpt/c/model.safetensors"),
+    ("ablate", "data/eval.safetensors"),
+    ("ablate", "ckpt/c/ablated"),
+    ("embed", "ckpt/c/embeddings"),
+])
+def test_ablate_and_embed_never_write_into_inputs_outside_the_run_folder(run_dir, tmp_path,
+                                                                        cmd, rel):
+    """A manifest elsewhere naming the run's files by absolute path: `ablate -o` the final
+    checkpoint replaced it with the ablated model (exit 0), and ablate or embed wrote into a
+    checkpoint folder; now exit 2 before computing, every input unchanged."""
+    def absolute(d):
+        for st in d["stages"]:
+            for key in ("start", "end", "data"):
+                if key in st:
+                    st[key] = str(run_dir / st[key])
+            st["optimizer"]["state"] = str(run_dir / st["optimizer"]["state"])
+        d["eval"]["data"] = str(run_dir / d["eval"]["data"])
+        d["model"]["factory"] = f"{run_dir / 'model.py'}:build"
+        d["train"]["loss"] = f"{run_dir / 'loss.py'}:minus_target_logit"
+    edit(run_dir, absolute)
+    elsewhere = tmp_path / "elsewhere" / "manifest.yaml"
+    elsewhere.parent.mkdir()
+    manifest(run_dir).rename(elsewhere)
+    assert cli("check", elsewhere).exit_code == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    extra = ["--stage", "c"] if cmd == "ablate" else []
+    refused(cli(cmd, elsewhere, "-q", "--estimator", "naive", *extra, "-o", run_dir / rel),
+            "--output", "one of the inputs")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (run_dir / rel).exists() or (run_dir / rel).is_file()
+
+
 def test_diff_output_over_an_input_is_refused(run_dir, tmp_path):
     """diff -o naming one of the two results it compares: exit 2, the result unchanged."""
     r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive")
