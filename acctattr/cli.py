@@ -359,7 +359,10 @@ def validate(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
-        refuse_inputs(output, manifest_inputs(manifest), root=manifest.resolve().parent)
+        inputs = manifest_inputs(manifest)
+        refuse_inputs(output, inputs, root=manifest.resolve().parent)
+        # replay writes its checkpoints there: never into (or as) a checkpoint folder
+        refuse_inputs(workdir, inputs, "--workdir", root=manifest.resolve().parent)
         _check_workdir(workdir)
         chosen = None
         if estimator:

@@ -890,6 +890,20 @@ def test_unusable_workdir_is_refused_before_computing(run_dir, tmp_path, kind):
     refused(cli("validate", manifest(run_dir), "-q", "--workdir", work), "--workdir")
 
 
+@pytest.mark.parametrize("rel", ["ckpt/b", "ckpt/b/work", "data/eval.safetensors"])
+def test_workdir_in_an_input_is_refused_before_computing(run_dir, rel):
+    """validate --workdir a checkpoint folder (or inside one): replay's without-K folders
+    were written into the user's checkpoint folder; now exit 2 before retraining."""
+    final = run_dir / "ckpt/c/model.safetensors"
+    (run_dir / "replay.py").write_text(
+        "import shutil\n\n\ndef replay(skip, out_dir):  # the final checkpoint, as is\n"
+        f"    return shutil.copy({str(final)!r}, out_dir)\n")
+    edit(run_dir, lambda d: d.update(replay="replay.py:replay"))
+    refused(cli("validate", manifest(run_dir), "-q", "--estimator", "naive",
+                "--workdir", run_dir / rel), "--workdir", "one of the inputs")
+    assert not list(run_dir.rglob("without-*"))
+
+
 def test_init_with_a_symlink_loop_or_fifo(tmp_path):
     """acctattr init refuses a checkpoint path that is a symlink loop or a FIFO."""
     _loop(tmp_path / "loop")
