@@ -167,6 +167,28 @@ def test_metric_yielding_inf_trips_the_gate_and_says_why(run_dir):
     assert "fail closed" in r.stderr and "NaN or infinite" in r.stderr
 
 
+@pytest.mark.parametrize("attr,needle", [
+    ('higher_is_better = "false"', "higher_is_better must be True or False, got 'false'"),
+    ("value_range = 5", "value_range must be (low, high)"),
+    ('value_range = ("a", "b")', "value_range must be (low, high)"),
+    ('value_range = (float("nan"), 1.0)', "value_range must be (low, high)"),
+    ("value_range = (1.0, 0.0)", "low <= high"),
+    ("batch_keys = None", "batch_keys must be a tuple of tensor names, got None"),
+])
+def test_user_metric_attributes_of_the_wrong_kind_are_refused(run_dir, attr, needle):
+    """A user metric's higher_is_better "false" (read as True: every verdict flipped, exit 0),
+    a value_range that is not two ordered numbers or a batch_keys of None (internal errors,
+    exit 3, from check or run): exit 2 from check and run naming the metric."""
+    (run_dir / "metric.py").write_text(
+        "import torch.nn.functional as F\n\n\ndef ce(out, y):\n"
+        "    return F.cross_entropy(out, y, reduction='none')\n\n\n"
+        f"ce.{attr}\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:ce"))
+    for cmd in ("check", "run"):
+        refused(cli(cmd, path, *(["-q"] if cmd == "run" else [])), "eval.metric metric.py:ce",
+                needle)
+
+
 def test_undefined_standard_error_trips_a_confident_gate(run_dir):
     """One eval example: the standard error is undefined; a gate at confidence 0.95 trips
     (fail closed) and says why; at 0.5 (the point estimate) it does not need it."""

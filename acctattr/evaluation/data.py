@@ -12,7 +12,12 @@ from safetensors import safe_open
 
 from acctattr.errors import DataError
 from acctattr.evaluation import lm
-from acctattr.evaluation.metrics import BATCH_KEYS, CLASS_METRICS, TOKEN_METRICS
+from acctattr.evaluation.metrics import (
+    BATCH_KEYS,
+    CLASS_METRICS,
+    TOKEN_METRICS,
+    user_batch_keys,
+)
 from acctattr.evaluation.model import load_ref
 from acctattr.runs.manifest import EvalSpec
 
@@ -277,8 +282,8 @@ def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
     ``batch_keys``."""
     if isinstance(spec.metric, str):
         return BATCH_KEYS.get(spec.metric, ())
-    keys = getattr(load_ref(spec.metric, "eval.metric"), "batch_keys", ())
-    return tuple(k for k in keys if isinstance(k, str)) if not isinstance(keys, str) else ()
+    return user_batch_keys(load_ref(spec.metric, "eval.metric"),
+                           f"eval.metric {spec.metric.text}")
 
 
 def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
