@@ -189,6 +189,30 @@ def test_user_metric_attributes_of_the_wrong_kind_are_refused(run_dir, attr, nee
                 needle)
 
 
+def test_a_metric_without_a_derivative_is_refused_under_linear(run_dir):
+    """A user metric returning bools (0/1 errors) under --evaluate linear: its JVP is 0, so
+    every stage but the last (evaluated direct) was 'neutral' with effect 0, exit 0; now exit
+    2 saying to use --evaluate direct, which still works."""
+    (run_dir / "metric.py").write_text(
+        "def wrong(out, y):\n    return out.argmax(1) != y\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:wrong"))
+    refused(cli("run", path, "-q", "--estimator", "naive", "--evaluate", "linear"),
+            "eval.metric metric.py:wrong returns torch.bool values", "--evaluate direct")
+    r = cli("run", path, "-q", "-f", "json", "--estimator", "naive", "--evaluate", "direct")
+    assert r.exit_code == 0, r.stderr
+    assert any(s["effect"] != 0 for s in json.loads(r.stdout)["stages"][:-1])
+
+
+def test_a_complex_metric_is_refused(run_dir):
+    """A user metric returning complex values: the imaginary part was dropped with a torch
+    UserWarning and exit 0; now exit 2 from check naming the metric and dtype."""
+    (run_dir / "metric.py").write_text(
+        "import torch\nimport torch.nn.functional as F\n\n\ndef ce(out, y):\n"
+        "    return F.cross_entropy(out, y, reduction='none').to(torch.complex64)\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:ce"))
+    refused(cli("check", path), "eval.metric metric.py:ce returned torch.complex64 values")
+
+
 def test_undefined_standard_error_trips_a_confident_gate(run_dir):
     """One eval example: the standard error is undefined; a gate at confidence 0.95 trips
     (fail closed) and says why; at 0.5 (the point estimate) it does not need it."""
