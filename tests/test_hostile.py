@@ -249,6 +249,24 @@ def test_nan_in_training_data_under_unrolled(run_dir):
             "stage 'c'", "c.safetensors", "tensor 'x'", "NaN or Inf")
 
 
+@pytest.mark.parametrize("body,needle", [
+    ("(out.argmax(1) != y).float()", "do not depend differentiably on the weights"),
+    ("(-out.gather(1, y[:, None]).squeeze(1)).detach()", "do not depend differentiably"),
+    ("-out.gather(1, y[:, None]).squeeze(1).long()", "returned torch.int64 values"),
+    ("-out.gather(1, y[:, None]).squeeze(1).to(torch.complex128)",
+     "returned torch.complex128 values"),
+    ("-out.gather(1, y[:, None]).squeeze(1) * float('nan')", "are NaN or Inf"),
+])
+def test_training_loss_unrolled_cannot_differentiate(run_dir, body, needle):
+    """A user train.loss that is detached, integer, complex or NaN on a stage's sample was
+    an internal error deep in torch (exit 3: no grad_fn, complex grad, eigh failing to
+    converge); now exit 2 naming the stage, the loss and the data."""
+    (run_dir / "loss.py").write_text(
+        f"import torch\n\n\ndef minus_target_logit(out, y):\n    return {body}\n")
+    refused(cli("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
+            "train.loss loss.py:minus_target_logit", "b.safetensors", needle)
+
+
 # ---------------------------------------------------------------- every input checked
 
 
