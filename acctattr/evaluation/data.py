@@ -219,6 +219,11 @@ class EvalData:
                     raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
                                     "each batch must be a dict holding eval.inputs, "
                                     "eval.target (and eval.group)")
+            y = b[self.spec.target]
+            if y.ndim and y.shape[0] == 0:  # nothing to evaluate; its checks cannot reshape
+                raise DataError(f"eval.data {self.source}: batch {i} holds no examples "
+                                f"(eval.target '{self.spec.target}' has shape "
+                                f"{tuple(y.shape)})", "yield only batches with examples")
             check_values(b, self.names, self.spec.target,
                          isinstance(self.spec.metric, str) and self.spec.metric in CLASS_METRICS,
                          f"eval.data {self.source}: batch {i}", seen_rows, self.spec.group)
