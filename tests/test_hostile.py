@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -985,6 +986,30 @@ def test_stdout_closed_early_is_not_an_internal_error(run_dir):
     proc.wait(timeout=60)
     assert proc.returncode == 2, err
     assert "broken pipe" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stdout,needle", [
+    ("closed", "stdout is closed"),
+    ("full", "cannot write the result to stdout (No space left on device)"),
+])
+@pytest.mark.parametrize("cmd", ["run", "check"])
+def test_stdout_closed_or_full_is_not_an_internal_error(run_dir, cmd, stdout, needle):
+    """`acctattr run ... >&-` (no stdout at all) and `> /dev/full` (every write fails) were
+    internal errors (exit 3: 'NoneType' has no attribute 'isatty', OSError ENOSPC); now
+    exit 2 with one line saying why, no traceback."""
+    import subprocess
+
+    args = [cmd, str(manifest(run_dir))] + (["-q", "--estimator", "naive"] if cmd == "run"
+                                            else [])
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "acctattr", *args], timeout=60,
+                              stdout=full if stdout == "full" else None,
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert "Exception ignored" not in proc.stderr
 
 
 def test_diff_gate_fails_closed_on_an_undefined_effect(run_dir, tmp_path):
