@@ -26,6 +26,13 @@ T = TypeVar("T")
 def err(text: str) -> None:
     """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
     if is_primary():
+        _to_stderr(text)
+
+
+def _to_stderr(text: str) -> None:
+    # with stderr closed (2>&-) sys.stderr is None, and print(file=None) would write the
+    # line to stdout, into the result (a warning before the JSON): it is dropped instead
+    if sys.stderr is not None:
         print(printable(text, keep="\n"), file=sys.stderr)
 
 
@@ -42,7 +49,7 @@ def err_of(error: BaseException, text: str) -> None:
         prefix = f"rank {rank}: "
     else:
         return
-    print(printable(prefix + text, keep="\n"), file=sys.stderr)
+    _to_stderr(prefix + text)
 
 
 def guarded(fn: Callable[[], T]) -> T:

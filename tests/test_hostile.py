@@ -1012,6 +1012,21 @@ def test_stdout_closed_or_full_is_not_an_internal_error(run_dir, cmd, stdout, ne
     assert "Exception ignored" not in proc.stderr
 
 
+def test_stderr_closed_keeps_warnings_out_of_the_result(run_dir):
+    """`acctattr run -f json --progress 2>&-`: with stderr closed, warnings and progress
+    lines were printed to stdout ahead of the JSON (print(file=None) and rich both fall back
+    to stdout), so the result did not parse; now stdout is the JSON alone, exit 0."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "acctattr", "run", str(manifest(run_dir)),
+                           "--progress", "-f", "json", "--estimator", "naive",
+                           "--evaluate", "linear"],
+                          stdout=subprocess.PIPE, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["schema"] == "acctattr.effects/1", proc.stdout[:300]
+
+
 def test_diff_gate_fails_closed_on_an_undefined_effect(run_dir, tmp_path):
     """diff --fail-on-growth trips (exit 1, reason in JSON) when a stage in both results
     has a null effect; without the gate the diff still exits 0."""
