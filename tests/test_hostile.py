@@ -977,6 +977,29 @@ def test_init_with_a_symlink_loop_or_fifo(tmp_path):
     refused(cli("init", tmp_path / "fifo"))
 
 
+@pytest.mark.parametrize("args", [["ckpt/a", "ckpt/a"], ["ckpt/a", "./ckpt/a/"],
+                                  ["ckpt/init", "ckpt/a", "--start", "ckpt/init"]])
+def test_init_refuses_a_checkpoint_named_twice(run_dir, monkeypatch, args):
+    """The same checkpoint as two stages' ends (or as --start and an end) was drafted as
+    stages 'a' and 'a-2', a manifest check then refuses; now init says so, exit 2."""
+    monkeypatch.chdir(run_dir)
+    refused(cli("init", *args), "acctattr init:", "is named twice")
+
+
+def test_init_drafts_valid_yaml_for_a_folder_name_with_a_newline(run_dir, tmp_path):
+    """A checkpoint folder whose name holds a newline: the optional data: comment was
+    inserted inside the quoted name, and the draft was not valid YAML."""
+    odd = run_dir / "ckpt" / "b\nnew"
+    shutil.copytree(run_dir / "ckpt" / "b", odd)
+    out = tmp_path / "draft.yaml"
+    r = cli("init", run_dir / "ckpt" / "a", odd, "--start", run_dir / "ckpt" / "init",
+            "-o", out)
+    assert r.exit_code == 0, r.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert [s["name"] for s in doc["stages"]] == ["a", "b\nnew"]
+    assert "# data:" in out.read_text().split("b\n")[-1]  # the comment is still drafted
+
+
 def test_stdout_closed_early_is_not_an_internal_error(run_dir):
     """`acctattr run ... | true`: the reader is gone before the result is written; exit 2
     with one line, no traceback (not exit 3)."""
