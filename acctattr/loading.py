@@ -14,7 +14,7 @@ import torch
 
 from acctattr.errors import AcctattrError, CheckpointError, DataError, ManifestError
 from acctattr.estimators import Params, StageRun
-from acctattr.evaluation.data import EvalData
+from acctattr.evaluation.data import EvalData, stage_data_header
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.metrics import resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, model_info
@@ -372,10 +372,26 @@ def check(path: str | Path, device: torch.device | None = None,
             ev.probe()
         except AcctattrError as e:
             problems.append(str(e))
-    problems += _text_problems(manifest)
+    problems += _text_problems(manifest) + _data_problems(manifest)
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
+
+
+def _data_problems(manifest: Manifest) -> list[str]:
+    """What the headers of the later stages' safetensors data say is wrong (unreadable, a
+    tensor missing, rows that differ, empty), one line each: auto's unrolled reads them (the
+    first stage's it never reads), so a run refused them after check passed. Values (NaN,
+    labels) are read by run alone."""
+    problems = []
+    names = (*manifest.eval.inputs, manifest.eval.target)
+    for stage in manifest.stages[1:]:
+        if stage.data is not None and stage.data.suffix != ".jsonl":
+            try:
+                stage_data_header(stage.data, names, stage.name)
+            except AcctattrError as e:
+                problems.append(str(e))
+    return problems
 
 
 def _text_problems(manifest: Manifest) -> list[str]:

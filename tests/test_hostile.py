@@ -250,6 +250,28 @@ def test_nan_in_training_data_under_unrolled(run_dir):
             "stage 'c'", "c.safetensors", "tensor 'x'", "NaN or Inf")
 
 
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:50]), "not a readable safetensors file"),
+    (lambda p: save_file({"x": load_file(p)["x"]}, p), "has no tensor named 'y'"),
+    (lambda p: save_file({"x": load_file(p)["x"], "y": load_file(p)["y"][:3].clone()}, p),
+     "different numbers of examples"),
+])
+def test_check_reads_the_headers_of_later_stages_data(run_dir, damage, needle):
+    """A later stage's data that is unreadable, lacks the target or has tensors of different
+    lengths: `check` said ok and the default run (auto tries unrolled) then refused it; now
+    check lists it, naming the stage and file. The first stage's data, which no estimator
+    reads, is left alone."""
+    later = run_dir / "data" / "c.safetensors"
+    pristine = later.read_bytes()
+    damage(later)
+    refused(cli("check", manifest(run_dir)), "stage 'c': data", "c.safetensors", needle)
+    later.write_bytes(pristine)
+    damage(run_dir / "data" / "a.safetensors")
+    r = cli("check", manifest(run_dir))
+    assert r.exit_code == 0, r.stderr
+
+
 @pytest.mark.parametrize("body,needle", [
     ("(out.argmax(1) != y).float()", "do not depend differentiably on the weights"),
     ("(-out.gather(1, y[:, None]).squeeze(1)).detach()", "do not depend differentiably"),

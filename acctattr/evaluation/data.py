@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from acctattr.errors import DataError
+from acctattr.errors import CheckpointError, DataError
 from acctattr.evaluation import lm
 from acctattr.evaluation.metrics import (
     BATCH_KEYS,
@@ -364,13 +364,16 @@ def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed:
     return out
 
 
-def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0, class_metric: bool = False) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data, checked
-    as eval data is (check_values; ``names[-1]`` is the target)."""
+def stage_data_header(path: Path, names: tuple[str, ...], stage: str) -> tuple[Any, int]:
+    """A stage's safetensors data opened and checked from its header alone (readable, the
+    tensors ``names`` present, one row per example in each, not empty): (handle, rows).
+    ``acctattr check`` runs it on every stage's data; reading values is left to run."""
     from acctattr.runs.checkpoints import safe_open_checked
 
-    handle = safe_open_checked(path)
+    try:
+        handle = safe_open_checked(path)
+    except CheckpointError as e:  # said of a checkpoint: name the stage and key
+        raise DataError(f"stage '{stage}': data {e.message}", e.hint) from e
     keys = set(handle.keys())
     missing = [n for n in names if n not in keys]
     if missing:
@@ -388,6 +391,14 @@ def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
     n = int(firsts[names[0]] or 0)
     if n == 0:
         raise DataError(f"stage '{stage}': data {path} is empty")
+    return handle, n
+
+
+def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
+                      seed: int = 0, class_metric: bool = False) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data, checked
+    as eval data is (check_values; ``names[-1]`` is the target)."""
+    handle, n = stage_data_header(path, names, stage)
     if n <= size:
         sample = {k: handle.get_tensor(k) for k in names}
     else:
