@@ -480,6 +480,9 @@ STATE_CASES = [
     ("c", lambda sd: sd["state"][0].pop("exp_avg_sq"), "has exp_avg but no exp_avg_sq"),
     ("c", lambda sd: sd["state"][0].pop("exp_avg"), "has exp_avg_sq but no exp_avg"),
     ("c", lambda sd: sd["param_groups"][0].update(amsgrad=True), "but no max_exp_avg_sq"),
+    # a step that is no number was skipped: the step count silently became the manifest's
+    ("c", _set_state("step", "12"), "state 'step' of 'weight' is '12', not a number"),
+    ("c", _set_state("step", True), "state 'step' of 'weight' is True, not a number"),
 ]
 
 

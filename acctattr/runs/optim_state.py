@@ -298,6 +298,10 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if key == "step" and isinstance(value, (int, float)) \
                         and not isinstance(value, bool):
                     value = torch.tensor(float(value))
+                if key == "step" and not isinstance(value, torch.Tensor):
+                    # skipped, the step would silently become the manifest's count
+                    raise CheckpointError(f"{where}: state 'step' of '{name}' is {value!r}, "
+                                          "not a number", "use the file the optimizer saved")
                 if not isinstance(value, torch.Tensor):
                     continue
                 check_dense(value, f"{where}: state '{key}' of param id {pid}")
