@@ -214,6 +214,28 @@ def test_a_complex_metric_is_refused(run_dir):
     refused(cli("check", path), "eval.metric metric.py:ce returned torch.complex64 values")
 
 
+def test_mse_never_broadcasts_one_output_against_every_target(run_dir):
+    """mse on a model with one output ([B, 1]) and a target [B]: out - y broadcast to
+    [B, B], every example against every target, and a plausible final value came out
+    (exit 0); now the target is matched to its own output. A target that fits the outputs
+    in no way is exit 2 naming both shapes."""
+    (run_dir / "model.py").write_text(
+        "import torch\n\n\nclass One(torch.nn.Linear):\n"
+        "    def forward(self, x):\n        return super().forward(x)[:, :1]\n\n\n"
+        "def build():\n    return One(6, 3).double()\n")
+    edit_eval(run_dir, lambda d: d.update(y=d["y"].double()))
+    path = edit(run_dir, lambda d: d["eval"].update(metric="mse"))
+    r = cli("run", path, "-q", "-f", "json", "--estimator", "naive")
+    assert r.exit_code == 0, r.stderr
+    ev = load_file(run_dir / "data" / "eval.safetensors")
+    sd = load_file(run_dir / "ckpt" / "c" / "model.safetensors")
+    out = ev["x"] @ sd["weight"][:1].T + sd["bias"][:1]
+    truth = float(((out[:, 0] - ev["y"]) ** 2).mean())
+    assert json.loads(r.stdout)["final_value"] == pytest.approx(truth, rel=1e-9)
+    edit_eval(run_dir, lambda d: d.update(y=d["y"][:, None].repeat(1, 2)))
+    refused(cli("check", path), "eval.metric mse failed", "does not match the model outputs'")
+
+
 def test_undefined_standard_error_trips_a_confident_gate(run_dir):
     """One eval example: the standard error is undefined; a gate at confidence 0.95 trips
     (fail closed) and says why; at 0.5 (the point estimate) it does not need it."""

@@ -68,7 +68,14 @@ def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
+    y = y.to(out.dtype)
+    if y.shape != out.shape:
+        # out [B, 1] - y [B] would broadcast to [B, B]: every example against every target
+        if y.ndim == 0 or y.shape[0] != out.shape[0] or y.numel() != out.numel():
+            raise ValueError(f"the target's shape {tuple(y.shape)} does not match the model "
+                             f"outputs' {tuple(out.shape)}")
+        y = y.reshape(out.shape)  # [B] against [B, 1], or [B, 1] against [B]
+    diff = (out - y).reshape(out.shape[0], -1)
     return (diff * diff).mean(dim=1)
 
 
