@@ -162,6 +162,9 @@ def run(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
+        if output is not None and plot is not None and output.resolve() == plot.resolve():
+            raise AcctattrError(f"--output {output} and --plot {plot} name the same file; the "
+                                "plot would replace the result", "give each its own file")
         inputs = manifest_inputs(manifest)
         refuse_inputs(output, inputs, root=manifest.resolve().parent)
         refuse_inputs(plot, inputs, "--plot", root=manifest.resolve().parent)
@@ -359,6 +362,10 @@ def validate(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
+        if output is not None and workdir is not None and output.resolve() == workdir.resolve():
+            # the workdir is made first: the result would find a folder after the retraining
+            raise AcctattrError(f"--output {output} and --workdir {workdir} name the same path",
+                                "name a file for --output and a folder for --workdir")
         inputs = manifest_inputs(manifest)
         refuse_inputs(output, inputs, root=manifest.resolve().parent)
         # replay writes its checkpoints there: never into (or as) a checkpoint folder

@@ -782,6 +782,17 @@ def test_ablate_and_embed_never_write_into_inputs_outside_the_run_folder(run_dir
     assert not (run_dir / rel).exists() or (run_dir / rel).is_file()
 
 
+@pytest.mark.parametrize("cmd,other", [("run", "--plot"), ("validate", "--workdir")])
+def test_output_and_another_path_option_naming_one_path(run_dir, tmp_path, cmd, other):
+    """`run -o r.svg --plot r.svg` wrote the result, then the plot over it (exit 0, the result
+    lost); `validate -o w --workdir w` retrained into w and then could not write the result
+    (a folder). Both are exit 2 before computing."""
+    same = tmp_path / "same.svg"
+    refused(cli(cmd, manifest(run_dir), "-q", "-o", same, other, same), "--output",
+            other, "same")
+    assert not same.exists()
+
+
 def test_diff_output_over_an_input_is_refused(run_dir, tmp_path):
     """diff -o naming one of the two results it compares: exit 2, the result unchanged."""
     r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive")
