@@ -165,7 +165,7 @@ def run(
         if output is not None and plot is not None and output.resolve() == plot.resolve():
             raise AcctattrError(f"--output {output} and --plot {plot} name the same file; the "
                                 "plot would replace the result", "give each its own file")
-        inputs = manifest_inputs(manifest)
+        inputs = manifest_inputs(manifest) + ([embeddings] if embeddings is not None else [])
         refuse_inputs(output, inputs, root=manifest.resolve().parent)
         refuse_inputs(plot, inputs, "--plot", root=manifest.resolve().parent)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)

@@ -112,8 +112,10 @@ def ablate(
         from acctattr import ablate as ablation
         from acctattr.output.progress import progress_bar
 
-        # a checkpoint outside the run's folder (an absolute path) is never overwritten
-        refuse_inputs(output, manifest_inputs(manifest), root=manifest.resolve().parent)
+        # a checkpoint outside the run's folder (an absolute path) is never overwritten, nor
+        # the embeddings read
+        refuse_inputs(output, manifest_inputs(manifest) + ([embeddings] if embeddings else []),
+                      root=manifest.resolve().parent)
         config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = make_runtime(device, threads, batch_size, check=True)

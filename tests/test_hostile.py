@@ -793,6 +793,22 @@ def test_output_and_another_path_option_naming_one_path(run_dir, tmp_path, cmd, 
     assert not same.exists()
 
 
+@pytest.mark.parametrize("cmd,name", [("run", "embeddings.json"), ("run", "new.json"),
+                                      ("ablate", "a.safetensors")])
+def test_output_into_the_embeddings_read_is_refused(run_dir, tmp_path, cmd, name):
+    """`run --embeddings DIR -o DIR/embeddings.json` replaced the index it had just read
+    (exit 0, the embeddings unusable afterwards); now an output over or inside the
+    --embeddings folder is exit 2 before computing, the folder unchanged."""
+    emb = tmp_path / "emb"
+    r = cli("embed", manifest(run_dir), "-q", "--estimator", "naive", "-o", emb)
+    assert r.exit_code == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in emb.iterdir()}
+    extra = ["--stage", "c"] if cmd == "ablate" else ["-f", "json"]
+    refused(cli(cmd, manifest(run_dir), "-q", "--estimator", "naive", "--embeddings", emb,
+                *extra, "-o", emb / name), "--output", "one of the inputs")
+    assert {p.name: p.read_bytes() for p in emb.iterdir()} == before
+
+
 def test_diff_output_over_an_input_is_refused(run_dir, tmp_path):
     """diff -o naming one of the two results it compares: exit 2, the result unchanged."""
     r = cli("run", manifest(run_dir), "-q", "-f", "json", "--estimator", "naive")
