@@ -517,6 +517,16 @@ def test_malformed_optimizer_state(run_dir, stage, fn, needle):
     refused(cli("check", manifest(run_dir)), f"stage '{stage}'", "optimizer.pt", needle)
 
 
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(b""),
+                                    lambda p: p.write_bytes(p.read_bytes()[:100])])
+def test_unreadable_optimizer_state_names_the_stage_and_key(run_dir, damage):
+    """An empty or truncated optimizer.pt was reported by its path alone; the message now
+    names the stage and key as every other optimizer-state problem does."""
+    damage(run_dir / "ckpt" / "b" / "optimizer.pt")
+    refused(cli("check", manifest(run_dir)), "stage 'b': optimizer.state",
+            "optimizer.pt: not a readable PyTorch file")
+
+
 def test_group_tensor_of_the_wrong_rank(run_dir):
     edit_eval(run_dir, lambda d: d.update(group=d["group"][:, None].repeat(1, 2)))
     refused(cli("check", manifest(run_dir)), "eval.group", "one group id per example")

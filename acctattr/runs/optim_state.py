@@ -222,8 +222,11 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 no_decay: set[str]) -> OptimizerState:
     file = spec.state
     assert file is not None
-    sd, mapped = load_torch_file_mapped(file)
     where = f"stage '{stage}': optimizer.state {file}"
+    try:
+        sd, mapped = load_torch_file_mapped(file)
+    except CheckpointError as e:  # said of the file alone: name the stage and key too
+        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
     lightning = isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list)
     if lightning:
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
@@ -507,7 +510,10 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
                       trainable: dict[str, tuple[int, ...]]) -> OptimizerState:
     """A safetensors state file with keys ``<param>.<state_name>`` (hyperparameters from YAML)."""
     assert spec.state is not None
-    reader: StateDictReader = open_checkpoint(spec.state)
+    try:
+        reader: StateDictReader = open_checkpoint(spec.state)
+    except CheckpointError as e:
+        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
     where = f"stage '{stage}': optimizer.state {spec.state}"
     keys: dict[str, dict[str, str]] = {}
     step: int | None = None
