@@ -637,6 +637,12 @@ def test_scalar_yaml_cannot_build_is_refused(run_dir, value, needle):
     refused(cli("check", _write(run_dir, text)), needle, "line")
 
 
+def test_a_boolean_version_is_refused(run_dir):
+    """version: true was accepted (True == 1 in Python); a boolean is no version."""
+    text = manifest(run_dir).read_text().replace("version: 1", "version: true", 1)
+    refused(cli("check", _write(run_dir, text)), "version: only version 1 is supported")
+
+
 def test_integer_beyond_float_range_is_refused(run_dir):
     """lr: 1 followed by 400 zeros (a YAML int float() cannot convert) was an internal
     OverflowError (exit 3); now exit 2 naming the stage and key."""

@@ -86,7 +86,8 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
             for where, text in placeholders])
     c = Collector(path.parent)
     top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages"})
-    if "version" in top and top["version"] != 1:
+    if "version" in top and (top["version"] != 1 or isinstance(top["version"], bool)):
+        # (true == 1 in Python: a boolean is no version)
         c.add("version", f"only version 1 is supported, got {top['version']!r}")
 
     model = c.mapping(top.get("model", {}), "model", _MODEL_KEYS, set()) \
