@@ -670,6 +670,16 @@ def test_a_stage_ending_where_another_checkpoint_is_used_is_refused(run_dir, sta
         refused(cli(cmd, path), f"stage '{name}': end", needle)
 
 
+def test_one_optimizer_state_for_two_stages_is_refused(run_dir):
+    """Stage b naming stage a's optimizer.pt (copied from the stage above) was accepted: the
+    momentum b carried on was read as unchanged by b (exit 0)."""
+    def fn(d):
+        d["stages"][1]["optimizer"]["state"] = d["stages"][0]["optimizer"]["state"]
+    path = edit(run_dir, fn)
+    refused(cli("check", path), "stage 'b': optimizer.state",
+            "is also the optimizer.state of stage 'a'")
+
+
 EVIL = "ev\x1b[2J\x1b]0;owned\x07il[bold]\u202e"
 
 

@@ -129,6 +129,7 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
     out: list[Stage] = []
     seen: set[str] = set()
     ends: dict[Path, str] = {}  # each end checkpoint -> the first stage that names it
+    states: dict[Path, str] = {}  # each optimizer.state file -> the first stage naming it
     prev_end: Path | None = None
     prev_adapter = False
     for i, item in enumerate(value):
@@ -176,6 +177,13 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
             opt = OptimizerSpec(type="adamw", steps=steps or 0, lr=LrSpec(value=0.0))
         else:
             opt = None
+        if opt is not None and opt.state is not None and opt.state in states:
+            # each stage ends with its own optimizer state; a shared file makes delta_b zero
+            c.add(f"{where}: optimizer.state", f"{opt.state} is also the optimizer.state of "
+                  f"stage '{states[opt.state]}'; give each stage the state file written at "
+                  "its own end")
+        elif opt is not None and opt.state is not None:
+            states[opt.state] = name or where
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")
