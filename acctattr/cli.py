@@ -162,7 +162,10 @@ def run(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
-        inputs = manifest_inputs(manifest)
+        if output is not None and plot is not None and output.resolve() == plot.resolve():
+            raise AcctattrError(f"--output {output} and --plot {plot} name the same file; the "
+                                "plot would replace the result", "give each its own file")
+        inputs = manifest_inputs(manifest) + ([embeddings] if embeddings is not None else [])
         refuse_inputs(output, inputs, root=manifest.resolve().parent)
         refuse_inputs(plot, inputs, "--plot", root=manifest.resolve().parent)
         _check_gate_options(manifest, fail_on_harm, confidence, gate_stage, gate_group)
@@ -359,7 +362,14 @@ def validate(
         from acctattr.output.progress import progress_bar
 
         check_output(output)
-        refuse_inputs(output, manifest_inputs(manifest), root=manifest.resolve().parent)
+        if output is not None and workdir is not None and output.resolve() == workdir.resolve():
+            # the workdir is made first: the result would find a folder after the retraining
+            raise AcctattrError(f"--output {output} and --workdir {workdir} name the same path",
+                                "name a file for --output and a folder for --workdir")
+        inputs = manifest_inputs(manifest)
+        refuse_inputs(output, inputs, root=manifest.resolve().parent)
+        # replay writes its checkpoints there: never into (or as) a checkpoint folder
+        refuse_inputs(workdir, inputs, "--workdir", root=manifest.resolve().parent)
         _check_workdir(workdir)
         chosen = None
         if estimator:

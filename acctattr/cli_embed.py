@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from acctattr.cli_io import emit, err, guarded
+from acctattr.cli_io import emit, err, guarded, manifest_inputs, refuse_inputs
 from acctattr.cli_options import (
     DYNAMICS_DEFAULT,
     UNROLLED,
@@ -59,6 +59,9 @@ def embed(
         from acctattr import embeddings
         from acctattr.output.progress import progress_bar
 
+        # checkpoints and data may lie outside the run's folder (absolute paths): never
+        # write into them either
+        refuse_inputs(output, manifest_inputs(manifest), root=manifest.resolve().parent)
         config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = make_runtime(device, threads, None, check=True)
@@ -109,6 +112,10 @@ def ablate(
         from acctattr import ablate as ablation
         from acctattr.output.progress import progress_bar
 
+        # a checkpoint outside the run's folder (an absolute path) is never overwritten, nor
+        # the embeddings read
+        refuse_inputs(output, manifest_inputs(manifest) + ([embeddings] if embeddings else []),
+                      root=manifest.resolve().parent)
         config = unrolled_config(lanczos_iters, sample_size, dynamics, flow_substeps,
                                   hessian_at, substeps)
         runtime = make_runtime(device, threads, batch_size, check=True)

@@ -26,6 +26,13 @@ T = TypeVar("T")
 def err(text: str) -> None:
     """A line on stderr; ranks other than 0 of a torchrun job say nothing."""
     if is_primary():
+        _to_stderr(text)
+
+
+def _to_stderr(text: str) -> None:
+    # with stderr closed (2>&-) sys.stderr is None, and print(file=None) would write the
+    # line to stdout, into the result (a warning before the JSON): it is dropped instead
+    if sys.stderr is not None:
         print(printable(text, keep="\n"), file=sys.stderr)
 
 
@@ -42,7 +49,7 @@ def err_of(error: BaseException, text: str) -> None:
         prefix = f"rank {rank}: "
     else:
         return
-    print(printable(prefix + text, keep="\n"), file=sys.stderr)
+    _to_stderr(prefix + text)
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -66,13 +73,8 @@ def guarded(fn: Callable[[], T]) -> T:
     except typer.Exit:
         raise
     except BrokenPipeError:
-        # the reader of stdout went away (``| head``, ``| true``): say so once and make sure
-        # Python's own flush at exit cannot fail on the closed pipe again
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        # the reader of stdout went away (``| head``, ``| true``): say so once
+        _stdout_to_devnull()
         err("error: stdout was closed before the whole result was written (broken pipe)")
         raise typer.Exit(2) from None
     except Exception as e:
@@ -83,8 +85,26 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(3) from None
 
 
+def _stdout_to_devnull() -> None:
+    """After a failed write to stdout: make sure Python's own flush at exit cannot fail on
+    it again (a traceback-like 'Exception ignored' and exit 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _stdout_closed() -> AcctattrError:
+    return AcctattrError("stdout is closed (started with >&-): there is nowhere to print "
+                         "the result", "pass --output FILE, or leave stdout open")
+
+
 def check_output(output: Path | None, option: str = "--output") -> None:
-    """A result file that cannot be written fails before any computing (exit 2)."""
+    """A result file that cannot be written fails before any computing (exit 2); so does a
+    result for stdout when stdout is closed."""
+    if output is None and sys.stdout is None and is_primary():
+        raise _stdout_closed()
     if output is not None:
         from acctattr.output.atomic import check_target
 
@@ -141,12 +161,13 @@ def manifest_inputs(manifest: Path) -> list[Path]:
 def use_color(output: Path | None) -> bool:
     """Colour for a terminal on stdout, unless NO_COLOR is set to something (no-color.org:
     an empty NO_COLOR does not turn colour off)."""
-    return output is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return output is None and sys.stdout is not None and sys.stdout.isatty() \
+        and not os.environ.get("NO_COLOR")
 
 
 def terminal_width(output: Path | None) -> int | None:
     """The terminal's width when the table goes to one, else None (the table's own width)."""
-    if output is None and sys.stdout.isatty():
+    if output is None and sys.stdout is not None and sys.stdout.isatty():
         return shutil.get_terminal_size().columns
     return None
 
@@ -159,5 +180,14 @@ def emit(text: str, output: Path | None) -> None:
         write_atomic(output, text)
         err(f"wrote {output}")
     else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if sys.stdout is None:
+            raise _stdout_closed()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # the boundary (guarded) says so
+        except OSError as e:  # /dev/full, a disk that filled, an I/O error
+            _stdout_to_devnull()
+            raise AcctattrError(f"cannot write the result to stdout ({e.strerror or e})",
+                                "free space where stdout goes, or pass --output FILE") from e

@@ -44,7 +44,9 @@ def resolve(name: str, local_rank: int | None = None) -> torch.device:
         AcctattrError: an unknown name, or a device this machine or this torch lacks.
     """
     base, _, index = name.partition(":")
-    if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+    # isascii: "²".isdigit() is true, but int("²") fails
+    if base not in DEVICES or (index and (base != "cuda" or not index.isascii()
+                                          or not index.isdigit())):
         raise AcctattrError(f"--device {name}: not a device acctattr knows",
                             "use cpu, cuda, cuda:N, mps or auto")
     if base == "auto":

@@ -14,7 +14,7 @@ import torch
 
 from acctattr.errors import AcctattrError, CheckpointError, DataError, ManifestError
 from acctattr.estimators import Params, StageRun
-from acctattr.evaluation.data import EvalData
+from acctattr.evaluation.data import EvalData, stage_data_header
 from acctattr.evaluation.evaluator import Evaluator
 from acctattr.evaluation.metrics import resolve_metric
 from acctattr.evaluation.model import ModelInfo, build_model, model_info
@@ -165,6 +165,15 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
             report(e)
             return None
 
+    def passes(fn: Callable[[], None]) -> bool:
+        """Whether fn raised no AcctattrError (one it raised is reported)."""
+        try:
+            fn()
+        except AcctattrError as e:
+            report(e)
+            return False
+        return True
+
     warnings: list[str] = []
     read: set[int] = set()  # the readers scanned (a stage's end is the next one's start)
 
@@ -200,10 +209,13 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
                     readers.put(stage.end, end)
         else:
             end = attempt(lambda s=stage: readers(s.end))
+        end_ok = isinstance(end, StateDictReader)
         for reader, key in ((start, "start"), (end, "end")):
             if isinstance(reader, StateDictReader):
-                attempt(lambda r=reader, k=key, s=stage: check_params(r, info, s.name, k))
-                if scan:
+                passed = passes(partial(check_params, reader, info, stage.name, key))
+                if key == "end" and not passed:
+                    end_ok = False  # theta_T is never read from an end that failed its check
+                if scan and passed:
                     attempt(lambda r=reader, k=key, s=stage: scanned(r, s.name, k))
         if isinstance(start, StateDictReader) and isinstance(end, StateDictReader):
             attempt(lambda a=start, b=end, s=stage: _check_dtypes(a, b, info, s.name))
@@ -244,7 +256,7 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         lrs = attempt(lambda s=stage: _stage_lrs(s, warnings))
         if not opt.continues:
             step0 = 0
-        if start is not None and end is not None and state is not None and lrs is not None:
+        if start is not None and end_ok and state is not None and lrs is not None:
             runs.append(StageRun(stage.name, start, end, opt.type, lrs,  # type: ignore[arg-type]
                                  not opt.continues, step0, state,  # type: ignore[arg-type]
                                  stage.data, ckpts,
@@ -393,12 +405,28 @@ def check(path: str | Path, device: torch.device | None = None,
             ev.probe()
         except AcctattrError as e:
             problems.append(str(e))
-    problems += _text_problems(manifest)
-    if more is not None:
-        problems += more(loaded)
+    problems += _text_problems(manifest) + _data_problems(manifest)
+    if more is not None and not problems:
+        problems += more(loaded)  # a later stage's data is read only where its headers passed
     if problems:
         raise ManifestError(str(path), problems)
     return loaded
+
+
+def _data_problems(manifest: Manifest) -> list[str]:
+    """What the headers of the later stages' safetensors data say is wrong (unreadable, a
+    tensor missing, rows that differ, empty), one line each: auto's unrolled reads them (the
+    first stage's it never reads), so a run refused them after check passed. Values (NaN,
+    labels) are read by pipeline.check_training_data under `acctattr check`, and by run."""
+    problems = []
+    names = (*manifest.eval.inputs, manifest.eval.target)
+    for stage in manifest.stages[1:]:
+        if stage.data is not None and stage.data.suffix != ".jsonl":
+            try:
+                stage_data_header(stage.data, names, stage.name)
+            except AcctattrError as e:
+                problems.append(str(e))
+    return problems
 
 
 def _text_problems(manifest: Manifest) -> list[str]:

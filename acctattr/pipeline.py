@@ -133,6 +133,7 @@ def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None
     try:
         with torch.no_grad():
             curvature.value(loaded.evaluator.params)
+        vals = curvature.probe(loaded.evaluator.params)
     except AcctattrError:
         raise
     except Exception as e:
@@ -141,6 +142,25 @@ def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None
                         "a stage's data must hold what eval data holds: inputs the model "
                         "takes and targets the loss accepts (class ids below the number "
                         "of model outputs)") from e
+    # unrolled differentiates the loss (HVPs, gradients): values it cannot differentiate
+    # or that are not finite failed deep inside torch (exit 3)
+    where = f"stage '{run.name}': train.loss {curvature.loss.name} on data {run.data}"
+    if not isinstance(vals, torch.Tensor) or not vals.is_floating_point():
+        kind = vals.dtype if isinstance(vals, torch.Tensor) else type(vals).__name__
+        raise DataError(f"{where} returned {kind} values; the unrolled estimator "
+                        "differentiates the training loss",
+                        "return one real floating-point loss per example (a tensor)")
+    if not vals.requires_grad:
+        raise DataError(f"{where}: its values do not depend differentiably on the weights "
+                        "(detached, or computed from argmax / comparisons); the unrolled "
+                        "estimator differentiates the training loss",
+                        "return the differentiable per-example loss the stage was trained on")
+    bad = int((~torch.isfinite(vals.detach())).sum())
+    if bad:
+        raise DataError(f"{where}: {bad} of the sample's first {vals.numel()} values are NaN "
+                        "or Inf at the final weights",
+                        "repair those examples, or use --estimator frozen (it reads no "
+                        "stage data)")
 
 
 def estimator(loaded: Loaded, name: str, config: UnrolledConfig | None = None) -> Estimator:

@@ -97,7 +97,7 @@ def exit_now(signum: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: closed, None
             pass
     os._exit(EXIT_CODES.get(signum, 143))
 
@@ -107,7 +107,7 @@ def say_and_exit() -> None:
     got = _received if _received is not None else int(signal.SIGINT)
     try:
         sys.stderr.write(WORDS.get(got, "interrupted") + "\n")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
     exit_now(got)
 

@@ -518,6 +518,9 @@ def test_empty_eval_set(run_dir):
     ("def batches():\n    yield [1, 2]\n", ["batch 0 is a list"]),
     ("import torch\n\ndef batches():\n    yield {'x': torch.zeros(4, 6, dtype=torch.float64)}\n",
      ["batch 0 has no tensor 'y'"]),
+    # an empty batch was an internal error (a reshape of 0 rows in the label checks)
+    ("import torch\n\ndef batches():\n    yield {'x': torch.zeros(0, 6, dtype=torch.float64),"
+     " 'y': torch.zeros(0, dtype=torch.int64)}\n", ["batch 0 holds no examples"]),
 ])
 def test_eval_data_function_failures(run_dir, body, needles):
     """eval.data as FILE.py:FUNC: failures inside it are exit 2 naming eval.data."""

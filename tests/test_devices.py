@@ -56,6 +56,16 @@ def test_resolve_names_and_refusals():
             devices.resolve("mps")
 
 
+@pytest.mark.parametrize("index", ["\u00b2", "\u0663", "1\u00b9"])
+def test_non_ascii_digits_in_a_cuda_index_are_refused(monkeypatch, index):
+    """cuda:² passed the name check ("²".isdigit() is true) and then failed int() on a
+    machine with a GPU (internal error); now it is an unknown device, GPU or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(AcctattrError, match="not a device acctattr knows"):
+        devices.resolve(f"cuda:{index}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_cuda_without_a_gpu_is_exit_2():
     """`run --device cuda` on a machine without a GPU exits 2 with one clear line, before

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,74 @@ def test_metric_yielding_inf_trips_the_gate_and_says_why(run_dir):
     assert "fail closed" in r.stderr and "NaN or infinite" in r.stderr
 
 
+@pytest.mark.parametrize("attr,needle", [
+    ('higher_is_better = "false"', "higher_is_better must be True or False, got 'false'"),
+    ("value_range = 5", "value_range must be (low, high)"),
+    ('value_range = ("a", "b")', "value_range must be (low, high)"),
+    ('value_range = (float("nan"), 1.0)', "value_range must be (low, high)"),
+    ("value_range = (1.0, 0.0)", "low <= high"),
+    ("batch_keys = None", "batch_keys must be a tuple of tensor names, got None"),
+])
+def test_user_metric_attributes_of_the_wrong_kind_are_refused(run_dir, attr, needle):
+    """A user metric's higher_is_better "false" (read as True: every verdict flipped, exit 0),
+    a value_range that is not two ordered numbers or a batch_keys of None (internal errors,
+    exit 3, from check or run): exit 2 from check and run naming the metric."""
+    (run_dir / "metric.py").write_text(
+        "import torch.nn.functional as F\n\n\ndef ce(out, y):\n"
+        "    return F.cross_entropy(out, y, reduction='none')\n\n\n"
+        f"ce.{attr}\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:ce"))
+    for cmd in ("check", "run"):
+        refused(cli(cmd, path, *(["-q"] if cmd == "run" else [])), "eval.metric metric.py:ce",
+                needle)
+
+
+def test_a_metric_without_a_derivative_is_refused_under_linear(run_dir):
+    """A user metric returning bools (0/1 errors) under --evaluate linear: its JVP is 0, so
+    every stage but the last (evaluated direct) was 'neutral' with effect 0, exit 0; now exit
+    2 saying to use --evaluate direct, which still works."""
+    (run_dir / "metric.py").write_text(
+        "def wrong(out, y):\n    return out.argmax(1) != y\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:wrong"))
+    refused(cli("run", path, "-q", "--estimator", "naive", "--evaluate", "linear"),
+            "eval.metric metric.py:wrong returns torch.bool values", "--evaluate direct")
+    r = cli("run", path, "-q", "-f", "json", "--estimator", "naive", "--evaluate", "direct")
+    assert r.exit_code == 0, r.stderr
+    assert any(s["effect"] != 0 for s in json.loads(r.stdout)["stages"][:-1])
+
+
+def test_a_complex_metric_is_refused(run_dir):
+    """A user metric returning complex values: the imaginary part was dropped with a torch
+    UserWarning and exit 0; now exit 2 from check naming the metric and dtype."""
+    (run_dir / "metric.py").write_text(
+        "import torch\nimport torch.nn.functional as F\n\n\ndef ce(out, y):\n"
+        "    return F.cross_entropy(out, y, reduction='none').to(torch.complex64)\n")
+    path = edit(run_dir, lambda d: d["eval"].__setitem__("metric", "metric.py:ce"))
+    refused(cli("check", path), "eval.metric metric.py:ce returned torch.complex64 values")
+
+
+def test_mse_never_broadcasts_one_output_against_every_target(run_dir):
+    """mse on a model with one output ([B, 1]) and a target [B]: out - y broadcast to
+    [B, B], every example against every target, and a plausible final value came out
+    (exit 0); now the target is matched to its own output. A target that fits the outputs
+    in no way is exit 2 naming both shapes."""
+    (run_dir / "model.py").write_text(
+        "import torch\n\n\nclass One(torch.nn.Linear):\n"
+        "    def forward(self, x):\n        return super().forward(x)[:, :1]\n\n\n"
+        "def build():\n    return One(6, 3).double()\n")
+    edit_eval(run_dir, lambda d: d.update(y=d["y"].double()))
+    path = edit(run_dir, lambda d: d["eval"].update(metric="mse"))
+    r = cli("run", path, "-q", "-f", "json", "--estimator", "naive")
+    assert r.exit_code == 0, r.stderr
+    ev = load_file(run_dir / "data" / "eval.safetensors")
+    sd = load_file(run_dir / "ckpt" / "c" / "model.safetensors")
+    out = ev["x"] @ sd["weight"][:1].T + sd["bias"][:1]
+    truth = float(((out[:, 0] - ev["y"]) ** 2).mean())
+    assert json.loads(r.stdout)["final_value"] == pytest.approx(truth, rel=1e-9)
+    edit_eval(run_dir, lambda d: d.update(y=d["y"][:, None].repeat(1, 2)))
+    refused(cli("check", path), "eval.metric mse failed", "does not match the model outputs'")
+
+
 def test_undefined_standard_error_trips_a_confident_gate(run_dir):
     """One eval example: the standard error is undefined; a gate at confidence 0.95 trips
     (fail closed) and says why; at 0.5 (the point estimate) it does not need it."""
@@ -215,6 +284,46 @@ def test_check_runs_the_training_loss_on_a_stages_largest_label(run_dir):
     for args in (("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
                  ("check", manifest(run_dir))):
         refused(cli(*args), "stage 'c'", "c.safetensors", "training loss failed")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:50]), "not a readable safetensors file"),
+    (lambda p: save_file({"x": load_file(p)["x"]}, p), "has no tensor named 'y'"),
+    (lambda p: save_file({"x": load_file(p)["x"], "y": load_file(p)["y"][:3].clone()}, p),
+     "different numbers of examples"),
+])
+def test_check_reads_the_headers_of_later_stages_data(run_dir, damage, needle):
+    """A later stage's data that is unreadable, lacks the target or has tensors of different
+    lengths: `check` said ok and the default run (auto tries unrolled) then refused it; now
+    check lists it, naming the stage and file. The first stage's data, which no estimator
+    reads, is left alone."""
+    later = run_dir / "data" / "c.safetensors"
+    pristine = later.read_bytes()
+    damage(later)
+    refused(cli("check", manifest(run_dir)), "stage 'c': data", "c.safetensors", needle)
+    later.write_bytes(pristine)
+    damage(run_dir / "data" / "a.safetensors")
+    r = cli("check", manifest(run_dir))
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("(out.argmax(1) != y).float()", "do not depend differentiably on the weights"),
+    ("(-out.gather(1, y[:, None]).squeeze(1)).detach()", "do not depend differentiably"),
+    ("-out.gather(1, y[:, None]).squeeze(1).long()", "returned torch.int64 values"),
+    ("-out.gather(1, y[:, None]).squeeze(1).to(torch.complex128)",
+     "returned torch.complex128 values"),
+    ("-out.gather(1, y[:, None]).squeeze(1) * float('nan')", "are NaN or Inf"),
+])
+def test_training_loss_unrolled_cannot_differentiate(run_dir, body, needle):
+    """A user train.loss that is detached, integer, complex or NaN on a stage's sample was
+    an internal error deep in torch (exit 3: no grad_fn, complex grad, eigh failing to
+    converge); now exit 2 naming the stage, the loss and the data."""
+    (run_dir / "loss.py").write_text(
+        f"import torch\n\n\ndef minus_target_logit(out, y):\n    return {body}\n")
+    refused(cli("run", manifest(run_dir), "-q", "--estimator", "unrolled"),
+            "train.loss loss.py:minus_target_logit", "b.safetensors", needle)
 
 
 # ---------------------------------------------------------------- every input checked
@@ -326,6 +435,21 @@ def test_non_float_checkpoint_is_refused(run_dir, dtype):
     assert "not floating point" in err or "dtype" in err
 
 
+@pytest.mark.parametrize("fn,needle", [
+    (lambda sd: sd.pop("bias"), "missing 1 parameter(s): bias"),
+    (lambda sd: sd.clear(), "missing 2 parameter(s)"),
+    (lambda sd: sd.update(bias=sd["bias"].long()), "not floating point: bias I64"),
+])
+def test_final_checkpoint_that_fails_its_check_is_never_read(run_dir, fn, needle):
+    """The last stage's end missing a tensor, empty, or holding an integer parameter was read
+    as theta_T anyway after its check failed: KeyError / RuntimeError, exit 3. Now exit 2
+    from check and run with the one problem, naming the stage, key and file."""
+    _resave(run_dir / "ckpt/c/model.safetensors", fn)
+    for cmd in ("check", "run"):
+        refused(cli(cmd, manifest(run_dir)), "stage 'c': end", "ckpt/c/model.safetensors",
+                needle)
+
+
 def test_complex_checkpoint_is_refused(run_dir):
     path = run_dir / "ckpt/b/model.pt"
     sd = load_file(run_dir / "ckpt/b/model.safetensors")
@@ -378,15 +502,43 @@ STATE_CASES = [
         momentum_buffer=sd["state"][0]["momentum_buffer"].long()), "not floating point"),
     ("a", lambda sd: sd["state"][0].update(
         momentum_buffer=sd["state"][0]["momentum_buffer"].to_sparse()), "sparse"),
+    # flags that are not booleans: bool("false") is True (nesterov or maximize silently on),
+    # and a two-element tensor was an internal error
+    ("a", lambda sd: sd["param_groups"][0].update(nesterov="false"),
+     "param_groups[0].nesterov is 'false', expected true or false"),
+    ("a", lambda sd: sd["param_groups"][0].update(nesterov=torch.tensor([1, 0])),
+     "param_groups[0].nesterov is tensor([1, 0]), expected true or false"),
+    ("c", lambda sd: sd["param_groups"][1].update(maximize="False"),
+     "param_groups[1].maximize is 'False', expected true or false"),
+    ("c", lambda sd: sd["param_groups"][0].update(amsgrad="no"),
+     "param_groups[0].amsgrad is 'no', expected true or false"),
+    # an Adam moment missing for a stepped parameter: check passed, run refused (exit 2)
+    ("c", lambda sd: sd["state"][0].pop("exp_avg_sq"), "has exp_avg but no exp_avg_sq"),
+    ("c", lambda sd: sd["state"][0].pop("exp_avg"), "has exp_avg_sq but no exp_avg"),
+    ("c", lambda sd: sd["param_groups"][0].update(amsgrad=True), "but no max_exp_avg_sq"),
+    # a step that is no number was skipped: the step count silently became the manifest's
+    ("c", _set_state("step", "12"), "state 'step' of 'weight' is '12', not a number"),
+    ("c", _set_state("step", True), "state 'step' of 'weight' is True, not a number"),
 ]
 
 
 @pytest.mark.parametrize("stage,fn,needle", STATE_CASES)
 def test_malformed_optimizer_state(run_dir, stage, fn, needle):
     """Wrong structure types, a NaN / non-positive / absurd Adam step, a negative second
-    moment, an absurd or integer momentum buffer: exit 2 naming the stage and file."""
+    moment, an absurd or integer momentum buffer, a flag that is not a boolean, an Adam
+    moment missing: exit 2 from check naming the stage and file."""
     _edit_state(run_dir, stage, fn)
     refused(cli("check", manifest(run_dir)), f"stage '{stage}'", "optimizer.pt", needle)
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(b""),
+                                    lambda p: p.write_bytes(p.read_bytes()[:100])])
+def test_unreadable_optimizer_state_names_the_stage_and_key(run_dir, damage):
+    """An empty or truncated optimizer.pt was reported by its path alone; the message now
+    names the stage and key as every other optimizer-state problem does."""
+    damage(run_dir / "ckpt" / "b" / "optimizer.pt")
+    refused(cli("check", manifest(run_dir)), "stage 'b': optimizer.state",
+            "optimizer.pt: not a readable PyTorch file")
 
 
 def test_group_tensor_of_the_wrong_rank(run_dir):
@@ -483,6 +635,65 @@ def test_wrong_types_anywhere_in_the_manifest(run_dir, value):
 # ---------------------------------------------------------------- output
 
 
+@pytest.mark.parametrize("value,needle", [
+    ("!!int abc", "cannot read 'abc' as int"),
+    ("0x_", "cannot read '0x_' as int"),
+    ("!!float abc", "cannot read 'abc' as float"),
+    ("!!bool maybe", "cannot read 'maybe' as bool"),
+    ("!!timestamp 2001-13-45", "month must be in 1..12"),
+    ("1" + "0" * 5000, "Exceeds the limit (4300 digits)"),
+])
+def test_scalar_yaml_cannot_build_is_refused(run_dir, value, needle):
+    """A scalar PyYAML's constructor raises a plain ValueError or KeyError on (an explicit tag
+    it cannot build, a hex int with no digits, an int of more than 4300 digits) was an
+    internal error (exit 3); now exit 2 naming the value and its line."""
+    text = manifest(run_dir).read_text().replace("steps: 6", f"steps: {value}", 1)
+    refused(cli("check", _write(run_dir, text)), needle, "line")
+
+
+def test_a_boolean_version_is_refused(run_dir):
+    """version: true was accepted (True == 1 in Python); a boolean is no version."""
+    text = manifest(run_dir).read_text().replace("version: 1", "version: true", 1)
+    refused(cli("check", _write(run_dir, text)), "version: only version 1 is supported")
+
+
+def test_integer_beyond_float_range_is_refused(run_dir):
+    """lr: 1 followed by 400 zeros (a YAML int float() cannot convert) was an internal
+    OverflowError (exit 3); now exit 2 naming the stage and key."""
+    text = manifest(run_dir).read_text()
+    assert "lr: 0.05" in text
+    text = text.replace("lr: 0.05", "lr: 1" + "0" * 400, 1)
+    refused(cli("check", _write(run_dir, text)), "stage 'a'", "optimizer.lr",
+            "beyond the float range")
+
+
+@pytest.mark.parametrize("stage,end,needle", [
+    (1, "ckpt/a", "is also the end of stage 'a'"),
+    (2, "./ckpt/../ckpt/a", "is also the end of stage 'a'"),
+    (0, "ckpt/init", "is also this stage's start"),
+])
+def test_a_stage_ending_where_another_checkpoint_is_used_is_refused(run_dir, stage, end, needle):
+    """A copy-pasted end (another stage's end, or the stage's own start) was accepted: the
+    stage got an effect of 0 or another stage's change, every later start shifted, exit 0;
+    now exit 2 from check and run, naming the stage and key."""
+    def fn(d):
+        d["stages"][stage]["end"] = end
+    path = edit(run_dir, fn)
+    name = "abc"[stage]
+    for cmd in ("check", "run"):
+        refused(cli(cmd, path), f"stage '{name}': end", needle)
+
+
+def test_one_optimizer_state_for_two_stages_is_refused(run_dir):
+    """Stage b naming stage a's optimizer.pt (copied from the stage above) was accepted: the
+    momentum b carried on was read as unchanged by b (exit 0)."""
+    def fn(d):
+        d["stages"][1]["optimizer"]["state"] = d["stages"][0]["optimizer"]["state"]
+    path = edit(run_dir, fn)
+    refused(cli("check", path), "stage 'b': optimizer.state",
+            "is also the optimizer.state of stage 'a'")
+
+
 EVIL = "ev\x1b[2J\x1b]0;owned\x07il[bold]\u202e"
 
 
@@ -576,6 +787,66 @@ def test_output_over_an_input_is_refused(run_dir, cmd, option, rel):
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     refused(cli(cmd, manifest(run_dir), "-q", option, run_dir / rel), option, "inputs")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("cmd,rel", [
+    ("ablate", "ckpt/c/model.safetensors"),
+    ("ablate", "data/eval.safetensors"),
+    ("ablate", "ckpt/c/ablated"),
+    ("embed", "ckpt/c/embeddings"),
+])
+def test_ablate_and_embed_never_write_into_inputs_outside_the_run_folder(run_dir, tmp_path,
+                                                                        cmd, rel):
+    """A manifest elsewhere naming the run's files by absolute path: `ablate -o` the final
+    checkpoint replaced it with the ablated model (exit 0), and ablate or embed wrote into a
+    checkpoint folder; now exit 2 before computing, every input unchanged."""
+    def absolute(d):
+        for st in d["stages"]:
+            for key in ("start", "end", "data"):
+                if key in st:
+                    st[key] = str(run_dir / st[key])
+            st["optimizer"]["state"] = str(run_dir / st["optimizer"]["state"])
+        d["eval"]["data"] = str(run_dir / d["eval"]["data"])
+        d["model"]["factory"] = f"{run_dir / 'model.py'}:build"
+        d["train"]["loss"] = f"{run_dir / 'loss.py'}:minus_target_logit"
+    edit(run_dir, absolute)
+    elsewhere = tmp_path / "elsewhere" / "manifest.yaml"
+    elsewhere.parent.mkdir()
+    manifest(run_dir).rename(elsewhere)
+    assert cli("check", elsewhere).exit_code == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    extra = ["--stage", "c"] if cmd == "ablate" else []
+    refused(cli(cmd, elsewhere, "-q", "--estimator", "naive", *extra, "-o", run_dir / rel),
+            "--output", "one of the inputs")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (run_dir / rel).exists() or (run_dir / rel).is_file()
+
+
+@pytest.mark.parametrize("cmd,other", [("run", "--plot"), ("validate", "--workdir")])
+def test_output_and_another_path_option_naming_one_path(run_dir, tmp_path, cmd, other):
+    """`run -o r.svg --plot r.svg` wrote the result, then the plot over it (exit 0, the result
+    lost); `validate -o w --workdir w` retrained into w and then could not write the result
+    (a folder). Both are exit 2 before computing."""
+    same = tmp_path / "same.svg"
+    refused(cli(cmd, manifest(run_dir), "-q", "-o", same, other, same), "--output",
+            other, "same")
+    assert not same.exists()
+
+
+@pytest.mark.parametrize("cmd,name", [("run", "embeddings.json"), ("run", "new.json"),
+                                      ("ablate", "a.safetensors")])
+def test_output_into_the_embeddings_read_is_refused(run_dir, tmp_path, cmd, name):
+    """`run --embeddings DIR -o DIR/embeddings.json` replaced the index it had just read
+    (exit 0, the embeddings unusable afterwards); now an output over or inside the
+    --embeddings folder is exit 2 before computing, the folder unchanged."""
+    emb = tmp_path / "emb"
+    r = cli("embed", manifest(run_dir), "-q", "--estimator", "naive", "-o", emb)
+    assert r.exit_code == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in emb.iterdir()}
+    extra = ["--stage", "c"] if cmd == "ablate" else ["-f", "json"]
+    refused(cli(cmd, manifest(run_dir), "-q", "--estimator", "naive", "--embeddings", emb,
+                *extra, "-o", emb / name), "--output", "one of the inputs")
+    assert {p.name: p.read_bytes() for p in emb.iterdir()} == before
 
 
 def test_diff_output_over_an_input_is_refused(run_dir, tmp_path):
@@ -798,12 +1069,49 @@ def test_unusable_workdir_is_refused_before_computing(run_dir, tmp_path, kind):
     refused(cli("validate", manifest(run_dir), "-q", "--workdir", work), "--workdir")
 
 
+@pytest.mark.parametrize("rel", ["ckpt/b", "ckpt/b/work", "data/eval.safetensors"])
+def test_workdir_in_an_input_is_refused_before_computing(run_dir, rel):
+    """validate --workdir a checkpoint folder (or inside one): replay's without-K folders
+    were written into the user's checkpoint folder; now exit 2 before retraining."""
+    final = run_dir / "ckpt/c/model.safetensors"
+    (run_dir / "replay.py").write_text(
+        "import shutil\n\n\ndef replay(skip, out_dir):  # the final checkpoint, as is\n"
+        f"    return shutil.copy({str(final)!r}, out_dir)\n")
+    edit(run_dir, lambda d: d.update(replay="replay.py:replay"))
+    refused(cli("validate", manifest(run_dir), "-q", "--estimator", "naive",
+                "--workdir", run_dir / rel), "--workdir", "one of the inputs")
+    assert not list(run_dir.rglob("without-*"))
+
+
 def test_init_with_a_symlink_loop_or_fifo(tmp_path):
     """acctattr init refuses a checkpoint path that is a symlink loop or a FIFO."""
     _loop(tmp_path / "loop")
     os.mkfifo(tmp_path / "fifo")
     refused(cli("init", tmp_path / "loop"), "symlink loop")
     refused(cli("init", tmp_path / "fifo"))
+
+
+@pytest.mark.parametrize("args", [["ckpt/a", "ckpt/a"], ["ckpt/a", "./ckpt/a/"],
+                                  ["ckpt/init", "ckpt/a", "--start", "ckpt/init"]])
+def test_init_refuses_a_checkpoint_named_twice(run_dir, monkeypatch, args):
+    """The same checkpoint as two stages' ends (or as --start and an end) was drafted as
+    stages 'a' and 'a-2', a manifest check then refuses; now init says so, exit 2."""
+    monkeypatch.chdir(run_dir)
+    refused(cli("init", *args), "acctattr init:", "is named twice")
+
+
+def test_init_drafts_valid_yaml_for_a_folder_name_with_a_newline(run_dir, tmp_path):
+    """A checkpoint folder whose name holds a newline: the optional data: comment was
+    inserted inside the quoted name, and the draft was not valid YAML."""
+    odd = run_dir / "ckpt" / "b\nnew"
+    shutil.copytree(run_dir / "ckpt" / "b", odd)
+    out = tmp_path / "draft.yaml"
+    r = cli("init", run_dir / "ckpt" / "a", odd, "--start", run_dir / "ckpt" / "init",
+            "-o", out)
+    assert r.exit_code == 0, r.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert [s["name"] for s in doc["stages"]] == ["a", "b\nnew"]
+    assert "# data:" in out.read_text().split("b\n")[-1]  # the comment is still drafted
 
 
 def test_stdout_closed_early_is_not_an_internal_error(run_dir):
@@ -815,6 +1123,45 @@ def test_stdout_closed_early_is_not_an_internal_error(run_dir):
     proc.wait(timeout=60)
     assert proc.returncode == 2, err
     assert "broken pipe" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stdout,needle", [
+    ("closed", "stdout is closed"),
+    ("full", "cannot write the result to stdout (No space left on device)"),
+])
+@pytest.mark.parametrize("cmd", ["run", "check"])
+def test_stdout_closed_or_full_is_not_an_internal_error(run_dir, cmd, stdout, needle):
+    """`acctattr run ... >&-` (no stdout at all) and `> /dev/full` (every write fails) were
+    internal errors (exit 3: 'NoneType' has no attribute 'isatty', OSError ENOSPC); now
+    exit 2 with one line saying why, no traceback."""
+    import subprocess
+
+    args = [cmd, str(manifest(run_dir))] + (["-q", "--estimator", "naive"] if cmd == "run"
+                                            else [])
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "acctattr", *args], timeout=60,
+                              stdout=full if stdout == "full" else None,
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert "Exception ignored" not in proc.stderr
+
+
+def test_stderr_closed_keeps_warnings_out_of_the_result(run_dir):
+    """`acctattr run -f json --progress 2>&-`: with stderr closed, warnings and progress
+    lines were printed to stdout ahead of the JSON (print(file=None) and rich both fall back
+    to stdout), so the result did not parse; now stdout is the JSON alone, exit 0."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "acctattr", "run", str(manifest(run_dir)),
+                           "--progress", "-f", "json", "--estimator", "naive",
+                           "--evaluate", "linear"],
+                          stdout=subprocess.PIPE, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["schema"] == "acctattr.effects/1", proc.stdout[:300]
 
 
 def test_diff_gate_fails_closed_on_an_undefined_effect(run_dir, tmp_path):

@@ -71,6 +71,16 @@ class Curvature:
         vals = self.loss.compute(out, batch[self.target], batch)
         return self.sign * vals.sum() / self.n
 
+    def probe(self, params: Params) -> object:
+        """What the training loss returns on the sample's first chunk, with ``params`` as
+        leaves that require grad (the values require grad only if the loss can be
+        differentiated with respect to the weights)."""
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+            batch = self.chunks[0]
+            return self.loss.compute(self.outputs({**self.fixed, **leaves}, batch),
+                                     batch[self.target], batch)
+
     @torch.no_grad()
     def value(self, params: Params) -> float:
         """The mean training loss at ``params`` (sign-flipped for a score)."""

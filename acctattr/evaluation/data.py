@@ -10,9 +10,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from acctattr.errors import DataError
+from acctattr.errors import CheckpointError, DataError
 from acctattr.evaluation import lm
-from acctattr.evaluation.metrics import BATCH_KEYS, CLASS_METRICS, TOKEN_METRICS
+from acctattr.evaluation.metrics import (
+    BATCH_KEYS,
+    CLASS_METRICS,
+    TOKEN_METRICS,
+    user_batch_keys,
+)
 from acctattr.evaluation.model import load_ref
 from acctattr.runs.manifest import EvalSpec
 
@@ -214,6 +219,11 @@ class EvalData:
                     raise DataError(f"eval.data {self.source}: batch {i} has no tensor '{n}'",
                                     "each batch must be a dict holding eval.inputs, "
                                     "eval.target (and eval.group)")
+            y = b[self.spec.target]
+            if y.ndim and y.shape[0] == 0:  # nothing to evaluate; its checks cannot reshape
+                raise DataError(f"eval.data {self.source}: batch {i} holds no examples "
+                                f"(eval.target '{self.spec.target}' has shape "
+                                f"{tuple(y.shape)})", "yield only batches with examples")
             check_values(b, self.names, self.spec.target,
                          isinstance(self.spec.metric, str) and self.spec.metric in CLASS_METRICS,
                          f"eval.data {self.source}: batch {i}", seen_rows, self.spec.group)
@@ -277,8 +287,8 @@ def _metric_keys(spec: EvalSpec) -> tuple[str, ...]:
     ``batch_keys``."""
     if isinstance(spec.metric, str):
         return BATCH_KEYS.get(spec.metric, ())
-    keys = getattr(load_ref(spec.metric, "eval.metric"), "batch_keys", ())
-    return tuple(k for k in keys if isinstance(k, str)) if not isinstance(keys, str) else ()
+    return user_batch_keys(load_ref(spec.metric, "eval.metric"),
+                           f"eval.metric {spec.metric.text}")
 
 
 def stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str, seed: int = 0,
@@ -354,13 +364,16 @@ def _stage_text(path: Path, names: tuple[str, ...], size: int, stage: str, seed:
     return out
 
 
-def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
-                      seed: int = 0, class_metric: bool = False) -> Batch:
-    """A fixed random sample (``size`` examples, seeded) of a stage's training data, checked
-    as eval data is (check_values; ``names[-1]`` is the target)."""
+def stage_data_header(path: Path, names: tuple[str, ...], stage: str) -> tuple[Any, int]:
+    """A stage's safetensors data opened and checked from its header alone (readable, the
+    tensors ``names`` present, one row per example in each, not empty): (handle, rows).
+    ``acctattr check`` runs it on every stage's data; reading values is left to run."""
     from acctattr.runs.checkpoints import safe_open_checked
 
-    handle = safe_open_checked(path)
+    try:
+        handle = safe_open_checked(path)
+    except CheckpointError as e:  # said of a checkpoint: name the stage and key
+        raise DataError(f"stage '{stage}': data {e.message}", e.hint) from e
     keys = set(handle.keys())
     missing = [n for n in names if n not in keys]
     if missing:
@@ -378,6 +391,14 @@ def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
     n = int(firsts[names[0]] or 0)
     if n == 0:
         raise DataError(f"stage '{stage}': data {path} is empty")
+    return handle, n
+
+
+def load_stage_sample(path: Path, names: tuple[str, ...], size: int, stage: str,
+                      seed: int = 0, class_metric: bool = False) -> Batch:
+    """A fixed random sample (``size`` examples, seeded) of a stage's training data, checked
+    as eval data is (check_values; ``names[-1]`` is the target)."""
+    handle, n = stage_data_header(path, names, stage)
     if n <= size:
         sample = {k: handle.get_tensor(k) for k in names}
     else:

@@ -177,6 +177,9 @@ class Evaluator:
             raise DataError(f"eval.metric {self.metric.name} returned "
                             f"{type(vals).__name__}, not a tensor",
                             "return one value per example as a tensor")
+        if vals.is_complex():  # its imaginary part would be dropped without a word
+            raise DataError(f"eval.metric {self.metric.name} returned {vals.dtype} values",
+                            "return one real value per example")
         if vals.ndim != 1 or vals.shape[0] != out.shape[0]:
             raise AcctattrError(f"metric {self.metric.name} returned shape {tuple(vals.shape)}; "
                                 "it must return one value per example")
@@ -239,6 +242,12 @@ class Evaluator:
 
             out = jvp(f, primals, tangents)
             primal, tangent = out[0], out[1]
+            if not primal.is_floating_point():
+                # an integer or bool metric (accuracy) has no derivative: every JVP is 0
+                raise AcctattrError(
+                    f"eval.metric {self.metric.name} returns {primal.dtype} values, which have "
+                    "no derivative: linear evaluation would give every stage an effect of 0",
+                    "use --evaluate direct (or return a differentiable value)")
             got: tuple[torch.Tensor, ...] = (tangent.cpu().double(),)
             if values:
                 got += (primal.cpu().double(),)

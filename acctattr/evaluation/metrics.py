@@ -7,6 +7,7 @@ and gets each one the batch holds as a keyword argument.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +68,14 @@ def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
+    y = y.to(out.dtype)
+    if y.shape != out.shape:
+        # out [B, 1] - y [B] would broadcast to [B, B]: every example against every target
+        if y.ndim == 0 or y.shape[0] != out.shape[0] or y.numel() != out.numel():
+            raise ValueError(f"the target's shape {tuple(y.shape)} does not match the model "
+                             f"outputs' {tuple(out.shape)}")
+        y = y.reshape(out.shape)  # [B] against [B, 1], or [B, 1] against [B]
+    diff = (out - y).reshape(out.shape[0], -1)
     return (diff * diff).mean(dim=1)
 
 
@@ -125,11 +133,28 @@ def resolve_metric(metric: str | Ref, override: bool | None, what: str) -> Metri
         return Metric(metric, fn, hib if override is None else override,
                       RANGES.get(metric, (None, None)), BATCH_KEYS.get(metric, ()))
     user = load_ref(metric, what)
-    hib = bool(getattr(user, "higher_is_better", False))
-    low, high = getattr(user, "value_range", (None, None))
-    keys = getattr(user, "batch_keys", ())
-    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
-        raise AcctattrError(f"{what} {metric.text}: batch_keys must be a tuple of tensor names, "
-                            f"got {keys!r}")
+    hib = getattr(user, "higher_is_better", False)
+    if not isinstance(hib, bool):  # bool("false") is True: every verdict would flip
+        raise AcctattrError(f"{what} {metric.text}: higher_is_better must be True or False, "
+                            f"got {hib!r}", "set it to True or False, or set "
+                            "eval.higher_is_better in the manifest")
+    bounds = getattr(user, "value_range", (None, None))
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(
+        b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)
+                      and not math.isnan(b)) for b in bounds)
+    low, high = bounds if ok else (None, None)
+    if not ok or (low is not None and high is not None and low > high):
+        raise AcctattrError(f"{what} {metric.text}: value_range must be (low, high), each a "
+                            f"number or None, low <= high; got {bounds!r}",
+                            "e.g. value_range = (0.0, None) for a loss")
     return Metric(metric.text, user, hib if override is None else override, (low, high),
-                  tuple(keys))
+                  user_batch_keys(user, f"{what} {metric.text}"))
+
+
+def user_batch_keys(user: Callable, where: str) -> tuple[str, ...]:
+    """A user metric's ``batch_keys`` attribute: a tuple (or list) of tensor names."""
+    keys = getattr(user, "batch_keys", ())
+    if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+        raise AcctattrError(f"{where}: batch_keys must be a tuple of tensor names, "
+                            f"got {keys!r}")
+    return tuple(keys)

@@ -5,6 +5,7 @@ With report.py, the only module that imports rich.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ from acctattr.results import Progress as ProgressFn
 
 
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    # stderr closed (2>&-): rich would fall back to stdout, into the result; draw nowhere
+    return Console(file=sys.stderr if sys.stderr is not None else io.StringIO(),
+                   highlight=False)
 
 
 @contextmanager

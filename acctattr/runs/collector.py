@@ -41,7 +41,12 @@ class Collector:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.add(where, f"expected a number, got {kind_of(value)}")
             return None
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond float range (YAML reads 1 and 400 zeros)
+            self.add(where, f"must be finite, got an integer of {len(str(abs(value)))} digits, "
+                     "beyond the float range")
+            return None
         if not math.isfinite(x):
             self.add(where, f"must be finite, got {value!r}")
             return None

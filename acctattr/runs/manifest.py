@@ -86,7 +86,8 @@ def parse_manifest(raw: Any, path: Path, shown: str | None = None) -> Manifest:
             for where, text in placeholders])
     c = Collector(path.parent)
     top = c.mapping(raw, "", _TOP_KEYS, {"version", "model", "stages"})
-    if "version" in top and top["version"] != 1:
+    if "version" in top and (top["version"] != 1 or isinstance(top["version"], bool)):
+        # (true == 1 in Python: a boolean is no version)
         c.add("version", f"only version 1 is supported, got {top['version']!r}")
 
     model = c.mapping(top.get("model", {}), "model", _MODEL_KEYS, set()) \
@@ -127,6 +128,8 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
         return ()
     out: list[Stage] = []
     seen: set[str] = set()
+    ends: dict[Path, str] = {}  # each end checkpoint -> the first stage that names it
+    states: dict[Path, str] = {}  # each optimizer.state file -> the first stage naming it
     prev_end: Path | None = None
     prev_adapter = False
     for i, item in enumerate(value):
@@ -153,6 +156,16 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
                 end = None
         else:
             end = c.path(st["end"], f"{where}: end") if "end" in st else None
+        if end is not None and end in ends:
+            # a copy-pasted end: the stage would be credited with no change (or the previous
+            # stage's whole change), and every later start shifts by one stage
+            c.add(f"{where}: end", f"{end} is also the end of stage '{ends[end]}'; each stage "
+                  "ends at the checkpoint written after its own updates")
+        elif end is not None and end == start:
+            c.add(f"{where}: end", f"{end} is also this stage's start; a stage ends at the "
+                  "checkpoint written after its updates, not the one it began from")
+        if end is not None:
+            ends.setdefault(end, name or where)
         trainer = end if end is not None and (end / formats.TRAINER_STATE).is_file() else None
         if "optimizer" in st:
             opt = _parse_optimizer(c, st["optimizer"], f"{where}: optimizer",
@@ -164,6 +177,13 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
             opt = OptimizerSpec(type="adamw", steps=steps or 0, lr=LrSpec(value=0.0))
         else:
             opt = None
+        if opt is not None and opt.state is not None and opt.state in states:
+            # each stage ends with its own optimizer state; a shared file makes delta_b zero
+            c.add(f"{where}: optimizer.state", f"{opt.state} is also the optimizer.state of "
+                  f"stage '{states[opt.state]}'; give each stage the state file written at "
+                  "its own end")
+        elif opt is not None and opt.state is not None:
+            states[opt.state] = name or where
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")

@@ -222,8 +222,11 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 no_decay: set[str]) -> OptimizerState:
     file = spec.state
     assert file is not None
-    sd, mapped = load_torch_file_mapped(file)
     where = f"stage '{stage}': optimizer.state {file}"
+    try:
+        sd, mapped = load_torch_file_mapped(file)
+    except CheckpointError as e:  # said of the file alone: name the stage and key too
+        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
     lightning = isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list)
     if lightning:
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
@@ -298,6 +301,10 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 if key == "step" and isinstance(value, (int, float)) \
                         and not isinstance(value, bool):
                     value = torch.tensor(float(value))
+                if key == "step" and not isinstance(value, torch.Tensor):
+                    # skipped, the step would silently become the manifest's count
+                    raise CheckpointError(f"{where}: state 'step' of '{name}' is {value!r}, "
+                                          "not a number", "use the file the optimizer saved")
                 if not isinstance(value, torch.Tensor):
                     continue
                 check_dense(value, f"{where}: state '{key}' of param id {pid}")
@@ -312,6 +319,8 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                 _check_moment(value, key, f"{where}: state '{key}' of '{name}'",
                               f"{where}: state '{key}' of '{name}' has NaN or Inf values")
                 tensors.setdefault(name, {})[key] = value
+    if spec.type != "sgd":
+        _check_adam_moments(tensors, groups, pgs, where)
     _check_file_hparams(spec, pgs, where)
     groups_h = [_merge(spec, g, pg, _has_max(tensors, g))
                 for g, pg in zip(groups, pgs, strict=True)]
@@ -404,6 +413,24 @@ def _check_moment(value: torch.Tensor, key: str, where: str,
                               "use a state file from before divergence")
 
 
+def _check_adam_moments(tensors: dict[str, dict[str, torch.Tensor]], groups: list[list[str]],
+                        pgs: list[dict], where: str) -> None:
+    """torch's Adam keeps exp_avg and exp_avg_sq (and max_exp_avg_sq with amsgrad) for every
+    parameter it stepped: a stepped parameter lacking one is a damaged file, refused here
+    rather than when an estimator first needs the tensor (check passed, run failed)."""
+    for names, pg in zip(groups, pgs, strict=True):
+        need = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if pg.get("amsgrad") is True
+                                            else ())
+        for name in names:
+            held = tensors.get(name, {})  # none: a parameter Adam never stepped
+            lacking = [k for k in need if held and k not in held]
+            if lacking:
+                raise CheckpointError(
+                    f"{where}: the state of '{name}' has {', '.join(sorted(held))} but no "
+                    f"{' or '.join(lacking)}; Adam keeps {', '.join(need)} for every "
+                    "parameter it stepped", "use the file the optimizer saved")
+
+
 def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, str]],
              names: list[str]) -> bool:
     return any("max_exp_avg_sq" in tensors.get(n, {}) for n in names)
@@ -412,6 +439,9 @@ def _has_max(tensors: dict[str, dict[str, torch.Tensor]] | dict[str, dict[str, s
 # key -> (low, low is open, high, high is open) for hyperparameters read from param_groups.
 _RANGES = {"weight_decay": (0.0, False, None, False), "momentum": (0.0, False, 1.0, True),
            "dampening": (0.0, False, 1.0, False), "eps": (0.0, True, None, False)}
+
+# flags read from param_groups (None, as torch may store, is false)
+_FLAGS = ("nesterov", "amsgrad", "maximize")
 
 
 def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> None:
@@ -442,6 +472,11 @@ def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> Non
         for key, rng in _RANGES.items():
             if key in pg and getattr(spec, key) is None:
                 check(f"param_groups[{i}].{key}", pg[key], rng)
+        for key in _FLAGS:  # bool("false") is True: a flag must be one
+            if key in pg and getattr(spec, key, None) is None \
+                    and not (pg[key] is None or isinstance(pg[key], bool)):
+                problems.append(f"param_groups[{i}].{key} is {pg[key]!r}, expected true or "
+                                "false")
         if "betas" in pg and spec.betas is None:
             b = pg["betas"]
             if not isinstance(b, (list, tuple)) or len(b) != 2:
@@ -475,7 +510,10 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
                       trainable: dict[str, tuple[int, ...]]) -> OptimizerState:
     """A safetensors state file with keys ``<param>.<state_name>`` (hyperparameters from YAML)."""
     assert spec.state is not None
-    reader: StateDictReader = open_checkpoint(spec.state)
+    try:
+        reader: StateDictReader = open_checkpoint(spec.state)
+    except CheckpointError as e:
+        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
     where = f"stage '{stage}': optimizer.state {spec.state}"
     keys: dict[str, dict[str, str]] = {}
     step: int | None = None

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from acctattr.errors import CheckpointError
+from acctattr.errors import AcctattrError, CheckpointError
 from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
@@ -210,6 +211,14 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
             notes.append("order: the file times say nothing (within 2 s), so each next stage "
                          "is the one whose first checkpoint lies nearest (in weights) to the "
                          "previous stage's end, starting from the start")
+    ends_seen: dict[Path, Path] = {} if start is None else {start.resolve(): start}
+    for f in found:  # the manifest would be refused: one checkpoint, two stage boundaries
+        if f.end.resolve() in ends_seen:
+            raise AcctattrError(
+                f"acctattr init: {f.end} is named twice (as a stage's end and as "
+                f"{'--start' if ends_seen[f.end.resolve()] is start else 'another end'})",
+                "name each stage's end checkpoint once, in training order")
+        ends_seen[f.end.resolve()] = f.end
     seen: set[str] = set()
     stages: list[dict[str, Any]] = []
     prev: Path | None = start
@@ -271,9 +280,15 @@ def scaffold(ends: list[Path], start: Path | None, root: Path) -> str:
     }
     head = ["# Drafted by acctattr init. Replace every TODO(acctattr) value, then run",
             "# `acctattr check` on this file.", "#", "# Detected:"]
-    head += [f"#   {n}" for n in notes] or ["#   nothing"]
+    head += [f"#   {_one_line(n)}" for n in notes] or ["#   nothing"]
     body = yaml.safe_dump(doc, sort_keys=False, width=100)
     return "\n".join(head) + "\n" + _with_comments(body)
+
+
+def _one_line(text: str) -> str:
+    """``text`` fit for one comment line: YAML's line breaks (a folder name may hold one)
+    written as escapes, or the rest of the line would be read as YAML."""
+    return re.sub("[\r\n\x85\u2028\u2029]", lambda m: repr(m.group())[1:-1], text)
 
 
 def _with_comments(body: str) -> str:
@@ -286,7 +301,9 @@ def _with_comments(body: str) -> str:
     for line in lines:
         if line == "stages:":
             in_stages = True
-        elif in_stages and (line.startswith("- name:") or not line.startswith((" ", "-"))):
+        elif in_stages and line and (line.startswith("- name:")
+                                     or not line.startswith((" ", "-"))):
+            # (an empty line is inside a quoted scalar: a folder name holding a newline)
             if pending:
                 out.append("  " + DATA_COMMENT)
             pending = line.startswith("- name:")

@@ -19,7 +19,22 @@ class Loader(yaml.SafeLoader):
 
     YAML 1.1, which PyYAML implements, needs a dot (``1.0e-4``); without this, ``lr: 3e-4`` or
     ``eps: 1e-8`` would be strings and rejected. YAML 1.2 and every ML config read them as floats.
+
+    A scalar its constructor cannot build (``!!int abc``, ``!!timestamp 2001-13-45``,
+    ``!!bool maybe``, ``0x_``, an integer of more than 4300 digits) raises a plain ValueError
+    or KeyError in PyYAML; it becomes a YAML error at that node's line.
     """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+            text = str(node.value)
+            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as {node.tag.rsplit(':', 1)[-1]}: {detail}",
+                node.start_mark) from e
 
 
 Loader.add_implicit_resolver(

@@ -499,7 +499,7 @@ def test_train_loss_defaults_to_next_token_loss_for_causal_lms(tmp_path, arch, c
     folder = _hf_folder(tmp_path, arch)
     save_file({"x": torch.zeros(2, 3, dtype=torch.long)}, tmp_path / "e.safetensors")
     doc = {"version": 1, "model": {"hf": str(folder), **({"class": cls} if cls else {})},
-           "stages": [{"name": "a", "start": str(folder), "end": str(folder),
+           "stages": [{"name": "a", "start": str(folder), "end": str(tmp_path),
                        "optimizer": {"type": "adamw", "steps": 1, "lr": 0.1}}],
            "eval": {"data": "e.safetensors", "inputs": ["x"], "target": "x"}}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
@@ -518,7 +518,7 @@ def test_tokenizer_keys_need_jsonl_data(tmp_path):
     save_tokenizer(folder)
     save_file({"x": torch.zeros(2, 3, dtype=torch.long)}, tmp_path / "e.safetensors")
     doc = {"version": 1, "model": {"hf": str(folder)},
-           "stages": [{"name": "a", "start": str(folder), "end": str(folder),
+           "stages": [{"name": "a", "start": str(folder), "end": str(tmp_path),
                        "optimizer": {"type": "adamw", "steps": 1, "lr": 0.1},
                        "data": "e.safetensors", "max_length": 4}],
            "eval": {"data": "e.safetensors", "inputs": ["x"], "target": "x",
