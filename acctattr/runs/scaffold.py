@@ -46,6 +46,7 @@ from acctattr.errors import CheckpointError
 from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
+from acctattr.runs.optim_state import other_optimizer
 from acctattr.runs.scaffold_folders import FoundStage, chain, global_step, pick_start, stages_in
 from acctattr.runs.schedules import stated_trainer_lrs
 
@@ -76,6 +77,10 @@ def _optimizer_type(sd: Any, default: str | None) -> tuple[str, list[dict]]:
     hp = [{k: v for k, v in g.items() if k in ("lr", "momentum", "dampening", "nesterov",
                                                  "betas", "eps", "weight_decay")}
           for g in groups]
+    other = other_optimizer(groups, sd.get("state"))
+    if other is not None:  # RMSprop has a momentum, NAdam betas: neither is SGD or Adam
+        return todo(f"sgd, adam or adamw (the state file's optimizer is none of them: it "
+                    f"holds {other})"), hp
     if "momentum" in pg:
         return "sgd", hp
     if "betas" in pg:

@@ -1,0 +1,164 @@
+"""What acctattr reads from a Hugging Face Trainer folder equals what the Trainer did, on
+Trainer configurations beyond the defaults: other optimizers, clipping and gradient
+accumulation from training_args.bin, a resumed run, schedules logged sparsely.
+
+Each tiny run (a two-layer GPT-2 LM from tests/lm_runs.py, 20 steps on generated text, a
+second on a CPU) is trained once per session by the ``trainer_run`` fixture; the truth is
+what the Trainer's optimizer held at every step (a callback) and what transformers' own
+functions give.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm_runs import save_tokenizer, sentences, tiny_lm, write_jsonl  # noqa: E402
+from reportkit import cli  # noqa: E402
+from test_hostile import refused  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+STEPS = 20
+
+
+class Run:
+    """A trained tiny run: its folder and the lr the optimizer held at each step."""
+
+    def __init__(self, root: Path, lrs: list[float]) -> None:
+        self.root = root
+        self.lrs = lrs
+
+    @property
+    def end(self) -> Path:
+        from acctattr.runs import formats
+
+        return formats.trainer_checkpoints(self.root / "stage")[-1][1]
+
+    def manifest(self, optimizer: str = "{type: adamw}", stages: str | None = None) -> Path:
+        """A hand-written manifest naming the run's last checkpoint as the one stage's end."""
+        stages = stages or f"""  - name: only
+    start: init
+    end: {self.end.relative_to(self.root)}
+    optimizer: {optimizer}
+"""
+        path = self.root / "manifest.yaml"
+        path.write_text(f"""version: 1
+model: {{hf: init}}
+stages:
+{stages}eval:
+  data: eval.jsonl
+  tokenizer: tokenizer
+  max_length: 32
+  metric: next_token_loss
+""")
+        return path
+
+
+def _trainer(root: Path, n: int, callbacks: list, **kw):
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "init"))
+    args = dict(max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=4,
+                learning_rate=1e-2, weight_decay=0.1, save_strategy="steps", logging_steps=1,
+                report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    args.update(kw)
+    return Trainer(model=model, args=TrainingArguments(str(root / "stage"), **args),
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                   train_dataset=[{"input_ids": tok(t)["input_ids"]}
+                                  for t in sentences(1, n)],
+                   processing_class=tok, callbacks=callbacks)
+
+
+def train(root: Path, n: int = 40, resume_at: int | None = None, **kw) -> Run:
+    """Train the tiny LM with TrainingArguments ``kw``; with ``resume_at``, stop there (a
+    checkpoint every ``resume_at`` steps, the rest deleted) and resume with a new Trainer
+    (resume_from_checkpoint), as a run that was interrupted."""
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    class Record(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **_):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(root / "tokenizer")
+    model = tiny_lm()
+    model.save_pretrained(root / "init")
+    PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    write_jsonl(root / "eval.jsonl", [{"text": t} for t in sentences(4, 8)])
+    rec = Record()
+    if resume_at is None:
+        _trainer(root, n, [rec], **kw).train()
+        return Run(root, rec.lrs)
+    _trainer(root, n, [rec], save_steps=resume_at, **kw).train()
+    for folder in (root / "stage").glob("checkpoint-*"):
+        if int(folder.name.split("-")[1]) > resume_at:
+            shutil.rmtree(folder)
+    again = Record()
+    _trainer(root, n, [again], save_steps=resume_at, **kw).train(
+        resume_from_checkpoint=str(root / "stage" / f"checkpoint-{resume_at}"))
+    return Run(root, rec.lrs[:resume_at] + again.lrs)
+
+
+@pytest.fixture(scope="session")
+def trainer_run(tmp_path_factory) -> Callable[..., Run]:
+    """``trainer_run(name, **kw)``: the run ``train`` makes with ``kw``, trained once per
+    session under that name (tests copy it before changing anything)."""
+    runs: dict[str, Run] = {}
+
+    def get(name: str, **kw) -> Run:
+        if name not in runs:
+            runs[name] = train(tmp_path_factory.mktemp(name), **kw)
+        return runs[name]
+
+    return get
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("optim,holds", [("rmsprop", "square_avg"), ("adagrad", "sum"),
+                                         ("adafactor", "exp_avg_sq_row")])
+def test_optimizer_acctattr_does_not_model_is_refused(trainer_run, optim, holds):
+    """A Trainer run with optim rmsprop, adagrad or adafactor is refused (exit 2, naming
+    the stage, optimizer.pt and the state it holds), not read as AdamW's state with its
+    own state dropped (rmsprop and adagrad were accepted as adamw before)."""
+    run = trainer_run(optim, optim=optim)
+    refused(cli("check", run.manifest()), "stage 'only'", str(run.end / "optimizer.pt"),
+            f"state '{holds}'", "not written by SGD, Adam or AdamW")
+
+
+def test_init_does_not_draft_rmsprop_as_sgd(trainer_run, tmp_path):
+    """`acctattr init` on an RMSprop run drafts the optimizer type as a TODO naming what
+    the state holds (RMSprop's param_groups have a momentum: it was drafted as sgd)."""
+    import yaml
+
+    run = trainer_run("rmsprop", optim="rmsprop")
+    out = tmp_path / "drafted.yaml"
+    res = cli("init", "--start", run.root / "init", run.root / "stage", "--output", out)
+    assert res.exit_code == 0, res.output
+    typ = yaml.safe_load(out.read_text())["stages"][0]["optimizer"]["type"]
+    assert typ.startswith("TODO(acctattr)") and "square_avg" in typ and "RMSprop" in typ
+
+
+def test_adam_declared_for_a_trainer_adamw_state_is_refused(trainer_run):
+    """optimizer.type adam for a Trainer's AdamW state (decoupled_weight_decay true in its
+    param_groups) is refused: Adam would apply the weight decay through the gradient."""
+    run = trainer_run("adamw", lr_scheduler_type="linear", warmup_steps=3)
+    refused(cli("check", run.manifest("{type: adam}")), "stage 'only'",
+            "written by AdamW (decoupled_weight_decay true)", "optimizer.type is adam")
