@@ -8,6 +8,8 @@ yaml_load.py and the eval sections by evals.py. This module never imports torch:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,9 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
             opt = OptimizerSpec(type="adamw", steps=steps or 0, lr=LrSpec(value=0.0))
         else:
             opt = None
+        if opt is not None and trainer is not None and i > 0 and not (is_adapter or prev_adapter) \
+                and isinstance(st.get("optimizer"), dict) and "continues" not in st["optimizer"]:
+            opt = _trainer_continues(c, opt, start, trainer, f"{where}: optimizer.continues")
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")
@@ -226,6 +231,19 @@ def _trainer_steps(c: Collector, start: Path | None, end: Path, where: str) -> i
     return steps
 
 
+def _trainer_continues(c: Collector, opt: OptimizerSpec, start: Path | None, end: Path,
+                       where: str) -> OptimizerSpec:
+    """A Trainer stage that resumed its start folder (resume_from_checkpoint: the end's
+    log_history continues the start's) reloaded the start's optimizer and scheduler state:
+    it continues the previous stage's optimizer unless the manifest says otherwise."""
+    try:
+        resumed = formats.trainer_resumed(start, end)
+    except formats.FormatError as e:
+        c.add(where, f"cannot tell whether the Trainer run resumed its start: {e}")
+        return opt
+    return dataclasses.replace(opt, continues=True) if resumed else opt
+
+
 def _parse_optimizer(c: Collector, value: Any, where: str,
                      trainer: tuple[Path | None, Path] | None = None) -> OptimizerSpec | None:
     """One stage's optimizer. With ``trainer`` = (start, end folder holding a Hugging Face
@@ -274,8 +292,10 @@ def _parse_optimizer(c: Collector, value: Any, where: str,
         state = trainer[1] / "optimizer.pt"
     param_names = _parse_param_names(c, o["param_names"], f"{where}.param_names") \
         if "param_names" in o else None
-    max_grad_norm = _parse_clip(c, o, where, trainer)
-    batch_size = _parse_batch(c, o, where, trainer)
+    # what the Trainer ran with (scanned, never unpickled; {} where unreadable)
+    args = formats.training_args(trainer[1]) if trainer is not None else {}
+    max_grad_norm = _parse_clip(c, o, where, trainer, args)
+    batch_size = _parse_batch(c, o, where, trainer, args)
     if typ is None or steps is None or lr is None:
         return None
     return OptimizerSpec(
@@ -287,16 +307,32 @@ def _parse_optimizer(c: Collector, value: Any, where: str,
 
 
 # transformers.TrainingArguments.max_grad_norm's default: a stage written by Trainer clipped
-# at 1.0 unless its author changed it (training_args.bin, a pickle, is never loaded)
+# at 1.0 unless its author changed it; taken where training_args.bin (a pickle, never loaded:
+# formats.training_args scans it) cannot be read
 TRAINER_MAX_GRAD_NORM = 1.0
 
 
 def _parse_clip(c: Collector, o: dict, where: str,
-                trainer: tuple[Path | None, Path] | None) -> float | None:
+                trainer: tuple[Path | None, Path] | None, args: dict) -> float | None:
     """``max_grad_norm``: a positive threshold, or null / 0 for none. A Trainer folder without
-    the key takes Trainer's default."""
+    the key takes its training_args.bin's (Trainer clips only above 0), else Trainer's
+    default."""
     if "max_grad_norm" not in o:
-        return TRAINER_MAX_GRAD_NORM if trainer is not None else None
+        if trainer is None:
+            return None
+        if "max_grad_norm" not in args:
+            return TRAINER_MAX_GRAD_NORM
+        value = args["max_grad_norm"]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or math.isnan(value):
+            c.add(f"{where}.max_grad_norm", f"{trainer[1] / 'training_args.bin'} gives "
+                  f"max_grad_norm {value!r}, not a number; set optimizer.max_grad_norm (null "
+                  "for no clipping)")
+            return None
+        # Trainer clips only where max_grad_norm > 0; clipping at +inf changes nothing
+        return float(value) if 0 < value < math.inf else None
     value = o["max_grad_norm"]
     if value is None:
         return None
@@ -305,13 +341,19 @@ def _parse_clip(c: Collector, o: dict, where: str,
 
 
 def _parse_batch(c: Collector, o: dict, where: str,
-                 trainer: tuple[Path | None, Path] | None) -> int | None:
+                 trainer: tuple[Path | None, Path] | None, args: dict) -> int | None:
     """Examples per optimizer step: ``batch_size`` (per step, per process) times
-    ``grad_accumulation``. A Trainer folder's ``train_batch_size`` is the default."""
+    ``grad_accumulation``. A Trainer folder's ``train_batch_size`` and its
+    training_args.bin's ``gradient_accumulation_steps`` are the defaults."""
     batch = c.integer(o["batch_size"], f"{where}.batch_size", lo=1) if "batch_size" in o \
         else None
-    accum = c.integer(o["grad_accumulation"], f"{where}.grad_accumulation", lo=1) \
-        if "grad_accumulation" in o else 1
+    accum: int | None = 1
+    if "grad_accumulation" in o:
+        accum = c.integer(o["grad_accumulation"], f"{where}.grad_accumulation", lo=1)
+    elif trainer is not None and "gradient_accumulation_steps" in args:
+        accum = c.integer(args["gradient_accumulation_steps"],
+                          f"{where}.grad_accumulation ({trainer[1] / 'training_args.bin'}'s "
+                          "gradient_accumulation_steps)", lo=1)
     if batch is None and trainer is not None:
         batch = formats.trainer_batch_size(trainer[1])
     if batch is None or accum is None:

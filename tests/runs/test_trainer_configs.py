@@ -162,3 +162,77 @@ def test_adam_declared_for_a_trainer_adamw_state_is_refused(trainer_run):
     run = trainer_run("adamw", lr_scheduler_type="linear", warmup_steps=3)
     refused(cli("check", run.manifest("{type: adam}")), "stage 'only'",
             "written by AdamW (decoupled_weight_decay true)", "optimizer.type is adam")
+
+
+# ---------------------------------------------------------------- clipping, accumulation
+
+
+@pytest.mark.parametrize("clip,want", [(0.0, None), (0.5, 0.5), (2.0, 2.0)])
+def test_hand_written_manifest_takes_the_runs_max_grad_norm(trainer_run, clip, want):
+    """A manifest that names a Trainer folder and no max_grad_norm clips as the run did
+    (training_args.bin's max_grad_norm; 0: none), not at Trainer's default 1.0."""
+    from acctattr import pipeline
+
+    run = trainer_run(f"clip{clip}", max_grad_norm=clip)
+    assert pipeline.check(run.manifest()).runs[0].max_grad_norm == want
+
+
+def test_hand_written_manifest_takes_the_runs_gradient_accumulation(trainer_run):
+    """gradient_accumulation_steps 3 over 40 examples in batches of 4 (10 batches an epoch:
+    the last accumulation of each is partial): the stage has the 12 optimizer steps the
+    Trainer took, the lrs it used, and 4 × 3 examples per step (was 4)."""
+    from acctattr import pipeline
+
+    run = trainer_run("accum", gradient_accumulation_steps=3, max_steps=-1,
+                      num_train_epochs=3, save_strategy="epoch")
+    loaded = pipeline.check(run.manifest())
+    assert loaded.runs[0].batch_size == 12
+    assert list(loaded.runs[0].lrs) == pytest.approx(run.lrs, rel=1e-12) and len(run.lrs) == 12
+    explicit = pipeline.check(run.manifest("{type: adamw, grad_accumulation: 2}"))
+    assert explicit.runs[0].batch_size == 8  # the manifest's word wins
+
+
+def test_unreadable_training_args_keep_trainers_defaults(trainer_run, tmp_path):
+    """Where training_args.bin cannot be read, Trainer's defaults stand (max_grad_norm 1.0,
+    no accumulation), as the README says; a max_grad_norm that is not a number is refused
+    naming the file."""
+    from acctattr import pipeline
+
+    run = Run(tmp_path / "run", [])
+    shutil.copytree(trainer_run("clip0.5", max_grad_norm=0.5).root, run.root)
+    args = run.end / "training_args.bin"
+    args.write_bytes(b"not a pickle")
+    got = pipeline.check(run.manifest()).runs[0]
+    assert (got.max_grad_norm, got.batch_size) == (1.0, 4)
+    import pickle
+
+    args.write_bytes(pickle.dumps({"max_grad_norm": "0.5"}, protocol=4))
+    refused(cli("check", run.manifest()), "stage 'only'", str(args), "max_grad_norm '0.5'")
+
+
+# ---------------------------------------------------------------- resumed runs
+
+
+def test_resumed_trainer_stage_continues_its_optimizer(trainer_run):
+    """A run interrupted at step 10 and resumed (resume_from_checkpoint) to 20, as two
+    stages of a hand-written manifest: the second continues the first's optimizer (Adam's
+    step count goes on from 10; it was taken as fresh), with the 10 lrs the Trainer used."""
+    from acctattr import pipeline
+
+    run = trainer_run("resumed", resume_at=10, lr_scheduler_type="cosine", warmup_steps=3)
+    stages = """  - name: a
+    start: init
+    end: stage/checkpoint-10
+    optimizer: {type: adamw}
+  - name: b
+    end: stage/checkpoint-20
+    optimizer: {type: adamw}
+"""
+    a, b = pipeline.check(run.manifest(stages=stages)).runs
+    assert (a.fresh, a.step0, len(a.lrs)) == (True, 0, 10)
+    assert (b.fresh, b.step0, len(b.lrs)) == (False, 10, 10)
+    assert list(a.lrs) + list(b.lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
+    said = pipeline.check(run.manifest(stages=stages.replace(
+        "end: stage/checkpoint-20\n    optimizer: {type: adamw}",
+        "end: stage/checkpoint-20\n    optimizer: {type: adamw, continues: false}")))
+    assert said.runs[1].fresh  # the manifest's word wins
