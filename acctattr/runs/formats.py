@@ -230,9 +230,10 @@ def training_args(folder: Path) -> dict[str, Any]:
 
     The file is a pickle (inside torch.save's zip) of a TrainingArguments object; loading it
     would run code. It is never unpickled: its opcodes are only scanned (``pickletools``)
-    for a field name followed directly by a number, a string, None or an empty dict, or by
-    an enum (``lr_scheduler_type``, ``optim``: a class reference, then its string value).
-    Anything unreadable gives an empty dict.
+    for a field name followed directly by a number, a string, None or a flat dict (string
+    keys, such values: ``lr_scheduler_kwargs``), or by an enum (``lr_scheduler_type``,
+    ``optim``: a class reference, then its string value). Anything unreadable gives an
+    empty dict.
     """
     import io
     import pickletools
@@ -253,7 +254,8 @@ def training_args(folder: Path) -> dict[str, Any]:
                 if z.getinfo(name).file_size > TRAINING_ARGS_LIMIT:
                     return {}
                 raw = z.read(name)
-        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
+        codes = [(op, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
+        ops = [(op.name, arg) for op, arg in codes]
     except Exception:
         return {}
     out: dict[str, Any] = {}
@@ -282,16 +284,77 @@ def training_args(folder: Path) -> dict[str, Any]:
         elif vname == "NONE":
             out[arg] = None
         elif vname == "EMPTY_DICT":
-            # {} or the start of a dict whose items follow (MARK ... SETITEMS, or a key,
-            # a value and SETITEM): only an empty one is read
-            k = j + 1
-            while k < len(ops) and ops[k][0] in skip:
-                k += 1
-            filled = k < len(ops) and (ops[k][0] == "MARK" or any(
-                op == "SETITEM" for op, _ in ops[k + 1:k + 4]))
-            if not filled:
-                out[arg] = {}
+            # {} or a dict whose items follow: read where it is flat (string keys, plain
+            # values)
+            items = _dict_items(codes, j + 1, skip)
+            if items is not None:
+                out[arg] = items
     return out
+
+
+_NOT_PLAIN = object()
+
+
+def _dict_items(codes: list[tuple[Any, Any]], k: int, skip: set[str]) -> dict[str, Any] | None:
+    """The items a pickle puts into the dict that an EMPTY_DICT just before ``codes[k]``
+    pushed, followed on the pickle machine's stack (each opcode's stack effect, from
+    pickletools) until the dict is taken off it: a SETITEM with a key and a value right
+    above it, or a SETITEMS whose MARK lies right above it, fills it. Empty where nothing
+    does; None where a key is not a string, a value is not plain (a nested object, a memo
+    reference) or the stream cannot be followed."""
+    import pickletools
+
+    items: dict[str, Any] = {}
+    above: list[Any] = []  # what lies on the stack above the dict: plain values or marks
+    mark = pickletools.markobject
+    for op, arg in codes[k:]:
+        if op.name in skip:
+            continue
+        if op.name == "SETITEM" and len(above) == 2:
+            key, value = above
+            if not isinstance(key, str) or value is _NOT_PLAIN or key in items:
+                return None
+            items[key] = value
+            above.clear()
+            continue
+        if op.name == "SETITEMS" and above and above[0] is mark:
+            pairs = above[1:]
+            keys = pairs[::2]
+            if len(pairs) % 2 or mark in pairs or _NOT_PLAIN in pairs[1::2] \
+                    or not all(isinstance(key, str) and key not in items for key in keys) \
+                    or len(set(keys)) != len(keys):
+                return None
+            items.update(zip(keys, pairs[1::2], strict=True))
+            above.clear()
+            continue
+        before = op.stack_before
+        if mark in before:
+            if mark not in above:
+                return items  # the dict is below this opcode's mark: taken off, done
+            at = len(above) - 1 - above[::-1].index(mark)
+            del above[at:]
+            pops = before.index(mark)
+        else:
+            pops = len(before)
+        if pops > len(above):
+            return items  # the dict itself is taken off the stack: done
+        del above[len(above) - pops:]
+        for after in op.stack_after:
+            if after is mark:
+                above.append(mark)
+            else:
+                v = _plain_value(op.name, arg)
+                above.append(_NOT_PLAIN if len(op.stack_after) > 1 else v)
+    return None
+
+
+def _plain_value(name: str, arg: Any) -> Any:
+    """The value one pickle opcode pushes, where it is a plain string, number, bool or
+    None; _NOT_PLAIN otherwise."""
+    if name.endswith("UNICODE") or name in ("BINFLOAT", "FLOAT", "LONG1", "INT") \
+            or name.startswith("BININT"):
+        return arg
+    return {"NEWTRUE": True, "NEWFALSE": False, "NONE": None}.get(name, _NOT_PLAIN)
 
 
 def describe_folder(folder: Path) -> str:

@@ -165,28 +165,76 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
     """The lr of each 0-indexed global step of a Hugging Face Trainer run of ``max_steps``
     planned steps, from its TrainingArguments fields (``formats.training_args``): the
     linear, cosine, constant and constant_with_warmup schedules of transformers.get_scheduler
-    (warmup ``warmup_steps``, or a fraction of the run where it is below 1 or
-    ``warmup_ratio`` where an older transformers kept one), with a description; None where
-    the fields do not fix one (another schedule, lr_scheduler_kwargs, a missing field)."""
-    kind = TRAINER_SCHEDULES.get(args.get("lr_scheduler_type"))  # type: ignore[arg-type]
+    in closed form, and every other schedule get_scheduler builds as a LambdaLR
+    (cosine_with_restarts, polynomial, inverse_sqrt, cosine_with_min_lr,
+    warmup_stable_decay, ... with ``lr_scheduler_kwargs``) from transformers itself, where
+    it is installed (warmup ``warmup_steps``, or a fraction of the run where it is below 1
+    or ``warmup_ratio`` where an older transformers kept one), with a description; None
+    where the fields do not fix one (a missing or unreadable field, a schedule that is no
+    function of the step)."""
+    name = args.get("lr_scheduler_type")
+    kind = TRAINER_SCHEDULES.get(name)  # type: ignore[arg-type]
     base = args.get("learning_rate")
-    if kind is None or not _number(base) or base < 0 \
-            or args.get("lr_scheduler_kwargs") not in (None, {}):
+    kwargs = args.get("lr_scheduler_kwargs", None)
+    if not isinstance(name, str) or not _number(base) or base < 0 \
+            or not (kwargs is None or isinstance(kwargs, dict)):
         return None
-    warmup = 0
-    if kind[1]:
-        # every TrainingArguments has warmup_steps: one the scan could not read (a huge
-        # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
-        steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
-        if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
+    if kind is None or kwargs:
+        warmup = _warmup(args, max_steps)
+        at = None if warmup is None else _library_schedule(name, max_steps, float(base),
+                                                           warmup, kwargs or {})
+        if at is None:
             return None
-        if steps >= 1:
-            warmup = int(steps)
-        elif steps > 0 or ratio > 0:
-            warmup = math.ceil(max_steps * (steps or ratio))
+        extra = "".join(f", {k}={v!r}" for k, v in sorted((kwargs or {}).items()))
+        return at, (f"{name} from {base:g}{extra}, {warmup} warmup step(s) of {max_steps} "
+                    "(transformers.get_scheduler)")
+    # every TrainingArguments has warmup_steps: one the scan could not read (a huge
+    # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
+    warmup = _warmup(args, max_steps) if kind[1] else 0
+    if warmup is None:
+        return None
     at = schedule_at(kind[0], max_steps, float(base), warmup)
     return at, (f"{args['lr_scheduler_type']} from {base:g}, {warmup} warmup step(s) of "
                 f"{max_steps}")
+
+
+def _warmup(args: dict, max_steps: int) -> int | None:
+    """TrainingArguments.get_warmup_steps: ``warmup_steps`` from 1 up, else that fraction
+    (or an older transformers' ``warmup_ratio``) of the run, rounded up; None where the
+    fields cannot be read or a ratio is beyond the whole run."""
+    steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
+    if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
+        return None
+    if steps >= 1:
+        return int(steps)
+    return math.ceil(max_steps * (steps or ratio)) if steps > 0 or ratio > 0 else 0
+
+
+def _library_schedule(name: str, steps: int, base: float, warmup: int,
+                      kwargs: dict) -> Callable[[int], float] | None:
+    """lr(s) = base * f(s) with f the lr_lambda of transformers.get_scheduler(name, ...):
+    what LambdaLR gives the step, by the same arithmetic. None where transformers is not
+    installed, refuses the arguments, or builds no single-lambda LambdaLR."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    try:
+        sched = transformers.get_scheduler(name, opt, num_warmup_steps=warmup,
+                                           num_training_steps=steps,
+                                           scheduler_specific_kwargs=dict(kwargs))
+    except Exception:  # an unknown name, kwargs this version does not take
+        return None
+    if type(sched) is not torch.optim.lr_scheduler.LambdaLR or len(sched.lr_lambdas) != 1:
+        return None
+    f = sched.lr_lambdas[0]
+
+    def at(s: int) -> float:
+        return base * f(s)
+
+    return at
 
 
 def _number(x: object) -> TypeGuard[int | float]:

@@ -236,3 +236,70 @@ def test_resumed_trainer_stage_continues_its_optimizer(trainer_run):
         "end: stage/checkpoint-20\n    optimizer: {type: adamw}",
         "end: stage/checkpoint-20\n    optimizer: {type: adamw, continues: false}")))
     assert said.runs[1].fresh  # the manifest's word wins
+
+
+# ---------------------------------------------------------------- schedules logged sparsely
+
+
+@pytest.mark.parametrize("schedule,kwargs", [
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {"power": 2.0, "lr_end": 1e-4}),
+    ("polynomial", None),
+    ("inverse_sqrt", None),
+    ("cosine_with_min_lr", {"min_lr": 1e-3}),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 6}),
+    ("cosine", {"num_cycles": 1.5}),
+])
+def test_sparsely_logged_schedules_are_transformers_own(trainer_run, schedule, kwargs):
+    """Logged every 6th step, a stage's lrs under get_scheduler's other schedules (with
+    their lr_scheduler_kwargs, read from training_args.bin) are the lrs the Trainer used
+    at every step (they were interpolated between the logged ones, with a warning)."""
+    from acctattr import pipeline
+
+    run = trainer_run(f"{schedule}-{kwargs}", lr_scheduler_type=schedule, warmup_steps=3,
+                      logging_steps=6, lr_scheduler_kwargs=kwargs or {})
+    loaded = pipeline.check(run.manifest())
+    assert list(loaded.runs[0].lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
+    assert len(run.lrs) == STEPS and not loaded.warnings
+
+
+def test_resumed_sparsely_logged_schedule_goes_on_from_the_start(trainer_run):
+    """A polynomial schedule logged every 7th step, resumed at step 10: each stage's lrs
+    are the Trainer's, the second stage's from global step 10 on."""
+    from acctattr import pipeline
+
+    run = trainer_run("resumed-poly", resume_at=10, lr_scheduler_type="polynomial",
+                      warmup_steps=3, logging_steps=7, lr_scheduler_kwargs={"power": 3.0})
+    stages = """  - name: a
+    start: init
+    end: stage/checkpoint-10
+    optimizer: {type: adamw}
+  - name: b
+    end: stage/checkpoint-20
+    optimizer: {type: adamw}
+"""
+    loaded = pipeline.check(run.manifest(stages=stages))
+    a, b = loaded.runs
+    assert list(a.lrs) + list(b.lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
+    assert not loaded.warnings
+
+
+def test_lr_scheduler_kwargs_are_read_only_when_flat(tmp_path):
+    """training_args.bin's lr_scheduler_kwargs is read where it is a flat dict of plain
+    values (one item or several); a nested one is left unread (no schedule from it)."""
+    import pickle
+
+    from acctattr.runs import formats
+
+    def scan(kwargs) -> dict:
+        doc = {"lr_scheduler_kwargs": kwargs, "learning_rate": 1e-3}
+        (tmp_path / "training_args.bin").write_bytes(pickle.dumps(doc, protocol=2))
+        return formats.training_args(tmp_path)
+
+    assert scan({"num_cycles": 3})["lr_scheduler_kwargs"] == {"num_cycles": 3}
+    several = {"power": 2.0, "lr_end": 1e-7, "flag": True, "decay_type": "cosine", "x": None}
+    assert scan(several)["lr_scheduler_kwargs"] == several
+    assert scan({})["lr_scheduler_kwargs"] == {}
+    nested = scan({"a": {"b": 1}})
+    assert "lr_scheduler_kwargs" not in nested and nested["learning_rate"] == 1e-3
