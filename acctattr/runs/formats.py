@@ -178,17 +178,42 @@ def transformers_version(folder: Path) -> tuple[int, int] | None:
     return major, minor
 
 
+class AmbiguousResume(FormatError):
+    """A Trainer folder that may have resumed its start or started anew from its weights,
+    with nothing in either trainer_state.json to tell which."""
+
+
 def trainer_resumed(start: Path | None, end: Path) -> bool:
     """Whether the Trainer run that wrote ``end`` resumed from ``start`` (``resume_from_
-    checkpoint``): its log_history continues the start's and its global_step is further on.
-    A resumed run also reloaded the start's optimizer and scheduler state."""
+    checkpoint``, or the same run going on): its global_step is further on and its
+    log_history continues the start's. A resumed run also reloaded the start's optimizer
+    and scheduler state.
+
+    Where the start logged nothing (``logging_steps`` beyond its step), a run that logged
+    at or before the start's step is a new one; else two checkpoints of one ``output_dir``
+    are taken as one run, and checkpoints of two are refused (AmbiguousResume): a new
+    Trainer of global_step(end) steps from the start's weights and a resumed one of the
+    difference leave the same files."""
     if start is None or not start.is_dir() or not (start / TRAINER_STATE).is_file():
         return False
     last = read_trainer_state(end)
     first = read_trainer_state(start)
     n = len(first.log_history)
-    return (0 < first.global_step < last.global_step and n > 0
-            and list(last.log_history[:n]) == list(first.log_history))
+    if not 0 < first.global_step < last.global_step:
+        return False
+    if n > 0:
+        return list(last.log_history[:n]) == list(first.log_history)
+    if any(isinstance(h.get("step"), int) and h["step"] <= first.global_step
+           for h in last.log_history):
+        return False  # a new run logged from its own first steps
+    if start.resolve().parent == end.resolve().parent:
+        return True
+    raise AmbiguousResume(
+        f"{last.path}: cannot tell whether this run resumed {start} (resume_from_checkpoint: "
+        f"{last.global_step - first.global_step} steps from there, with that folder's "
+        f"optimizer state) or a new Trainer started from its weights ({last.global_step} "
+        f"steps, a fresh optimizer): {first.path} logged nothing to compare (logging_steps "
+        "beyond its step); set the stage's optimizer.steps and optimizer.continues")
 
 
 def trainer_stage_steps(start: Path | None, end: Path) -> int:

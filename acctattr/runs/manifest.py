@@ -166,9 +166,10 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
             opt = OptimizerSpec(type="adamw", steps=steps or 0, lr=LrSpec(value=0.0))
         else:
             opt = None
-        if opt is not None and trainer is not None and i > 0 and not (is_adapter or prev_adapter) \
+        if opt is not None and trainer is not None and not (is_adapter or prev_adapter) \
                 and isinstance(st.get("optimizer"), dict) and "continues" not in st["optimizer"]:
-            opt = _trainer_continues(c, opt, start, trainer, f"{where}: optimizer.continues")
+            opt = _trainer_continues(c, opt, start, trainer, f"{where}: optimizer.continues",
+                                     first=i == 0, told="steps" in st["optimizer"])
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")
@@ -232,14 +233,26 @@ def _trainer_steps(c: Collector, start: Path | None, end: Path, where: str) -> i
 
 
 def _trainer_continues(c: Collector, opt: OptimizerSpec, start: Path | None, end: Path,
-                       where: str) -> OptimizerSpec:
+                       where: str, first: bool, told: bool) -> OptimizerSpec:
     """A Trainer stage that resumed its start folder (resume_from_checkpoint: the end's
     log_history continues the start's) reloaded the start's optimizer and scheduler state:
-    it continues the previous stage's optimizer unless the manifest says otherwise."""
+    it continues the previous stage's optimizer unless the manifest says otherwise. The
+    first stage has no previous one to continue: that is refused unless the manifest says
+    continues: false."""
     try:
         resumed = formats.trainer_resumed(start, end)
-    except formats.FormatError as e:
-        c.add(where, f"cannot tell whether the Trainer run resumed its start: {e}")
+    except formats.AmbiguousResume as e:
+        if told:  # else said once, under optimizer.steps
+            c.add(where, str(e))
+        return opt
+    except formats.FormatError:
+        return opt  # said under optimizer.steps, or the folder's own check
+    if resumed and first:
+        c.add(where, f"the Trainer run resumed its start {start} (resume_from_checkpoint), "
+              f"so its optimizer began with the state saved there ({start}/optimizer.pt), "
+              "which the first stage of a manifest cannot start from; add the stage that "
+              "trained the start before this one, or set continues: false to take the "
+              "optimizer as fresh (Adam's moments and step count from zero)")
         return opt
     return dataclasses.replace(opt, continues=True) if resumed else opt
 

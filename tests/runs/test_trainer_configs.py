@@ -303,3 +303,76 @@ def test_lr_scheduler_kwargs_are_read_only_when_flat(tmp_path):
     assert scan({})["lr_scheduler_kwargs"] == {}
     nested = scan({"a": {"b": 1}})
     assert "lr_scheduler_kwargs" not in nested and nested["learning_rate"] == 1e-3
+
+
+def _two_dirs(run: Run, dst: Path) -> Path:
+    """The resumed run with its two checkpoints in two output_dirs (resume_from_checkpoint
+    into a new one): a/checkpoint-10 and b/checkpoint-20."""
+    shutil.copytree(run.root, dst)
+    (dst / "a").mkdir()
+    (dst / "b").mkdir()
+    (dst / "stage" / "checkpoint-10").rename(dst / "a" / "checkpoint-10")
+    (dst / "stage" / "checkpoint-20").rename(dst / "b" / "checkpoint-20")
+    return dst
+
+
+def test_resumed_run_that_logged_nothing(trainer_run, tmp_path):
+    """A run resumed at step 10 that logged nothing by then (logging_steps 50): its two
+    checkpoints in one output_dir are one run (the second stage takes 10 steps and goes on
+    from the first's optimizer; it took all 20 steps, fresh, lrs replayed from step 0); in
+    two output_dirs nothing tells a resumed run from a new one of 20 steps: refused (exit
+    2, naming both trainer_state.json and the keys to set), and accepted once they are set;
+    `acctattr init` drafts both as TODOs."""
+    import yaml
+
+    from acctattr import pipeline
+
+    run = trainer_run("resumed-nolog", resume_at=10, lr_scheduler_type="cosine",
+                      warmup_steps=3, logging_steps=50)
+    stages = """  - name: a
+    start: init
+    end: {a}/checkpoint-10
+    optimizer: {{type: adamw}}
+  - name: b
+    end: {b}/checkpoint-20
+    optimizer: {{type: adamw{extra}}}
+"""
+    loaded = pipeline.check(run.manifest(stages=stages.format(a="stage", b="stage", extra="")))
+    a, b = loaded.runs
+    assert (len(b.lrs), b.fresh, b.step0) == (10, False, 10)
+    assert list(a.lrs) + list(b.lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
+
+    two = Run(_two_dirs(run, tmp_path / "two"), run.lrs)
+    refused(cli("check", two.manifest(stages=stages.format(a="a", b="b", extra=""))),
+            "stage 'b': optimizer.steps", str(two.root / "b" / "checkpoint-20"),
+            str(two.root / "a" / "checkpoint-10" / "trainer_state.json"),
+            "cannot tell whether this run resumed", "optimizer.steps and optimizer.continues")
+    told = pipeline.check(two.manifest(stages=stages.format(
+        a="a", b="b", extra=", steps: 10, continues: true")))
+    assert (len(told.runs[1].lrs), told.runs[1].fresh) == (10, False)
+    assert list(told.runs[1].lrs) == pytest.approx(run.lrs[10:], rel=1e-12, abs=1e-15)
+    out = tmp_path / "drafted.yaml"
+    res = cli("init", "--start", two.root / "init", two.root / "a", two.root / "b",
+              "--output", out)
+    assert res.exit_code == 0, res.output
+    opt = yaml.safe_load(out.read_text())["stages"][1]["optimizer"]
+    assert opt["steps"].startswith("TODO(acctattr)") and "cannot tell" in opt["steps"]
+    assert opt["continues"].startswith("TODO(acctattr)")
+
+
+def test_first_stage_that_resumed_its_start_is_refused(trainer_run):
+    """A manifest whose first stage is the resumed half of a run (start checkpoint-10):
+    its optimizer began from checkpoint-10's state, which a first stage cannot take;
+    refused naming the key (it was taken as fresh), accepted with continues: false."""
+    from acctattr import pipeline
+
+    run = trainer_run("resumed", resume_at=10, lr_scheduler_type="cosine", warmup_steps=3)
+    stages = """  - name: b
+    start: stage/checkpoint-10
+    end: stage/checkpoint-20
+    optimizer: {type: adamw%s}
+"""
+    refused(cli("check", run.manifest(stages=stages % "")), "stage 'b': optimizer.continues",
+            "resumed its start", "set continues: false")
+    loaded = pipeline.check(run.manifest(stages=stages % ", continues: false"))
+    assert (len(loaded.runs[0].lrs), loaded.runs[0].fresh) == (10, True)
