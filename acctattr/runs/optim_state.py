@@ -254,6 +254,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                               "{state name: tensor}",
                               "save it with torch.save(optimizer.state_dict(), path)")
     _check_type(spec, stage, file, pgs, sd["state"])
+    _check_one_lr(pgs, where)
     ids = [list(g["params"]) for g in pgs]
     listed = {p for g in ids for p in g}
     stray = sorted(map(repr, (k for k in sd["state"] if k not in listed)))
@@ -486,6 +487,30 @@ def other_optimizer(pgs: object, state: object) -> str | None:
     found += [f"param_groups key '{k}' ({_OTHER_GROUP_KEYS[k]})"
               for k in sorted(group_keys & _OTHER_GROUP_KEYS.keys())]
     return ", ".join(found) if found else None
+
+
+def _check_one_lr(pgs: list[dict], where: str) -> None:
+    """Refuse param groups that trained at different learning rates (a custom optimizer
+    given to a Trainer with a lower lr for the embeddings, say): every estimator applies
+    the stage's one lr per step to every parameter. The schedule's base lr of each group
+    (``initial_lr``, which an lr scheduler adds) is compared where every group has one,
+    else its last ``lr``; groups without parameters do not count."""
+    groups = [g for g in pgs if g["params"]]
+    key = "initial_lr" if groups and all("initial_lr" in g for g in groups) else "lr"
+    lrs = []
+    for g in groups:
+        value = g.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lrs.append(float(value))
+    if lrs and any(not math.isclose(lr, lrs[0], rel_tol=1e-9, abs_tol=0.0) for lr in lrs):
+        raise CheckpointError(
+            f"{where}: its param groups trained at different learning rates ({key} "
+            f"{', '.join(f'{lr:g}' for lr in lrs)}); acctattr applies one lr per step to "
+            "every parameter",
+            "acctattr cannot follow per-group learning rates: train the stage with one "
+            "learning rate for every param group (as the Trainer's own optimizer does)")
 
 
 def _check_type(spec: OptimizerSpec, stage: str, file: Path, pgs: list[dict],

@@ -60,7 +60,7 @@ stages:
         return path
 
 
-def _trainer(root: Path, n: int, callbacks: list, **kw):
+def _trainer(root: Path, n: int, callbacks: list, optimizer=None, **kw):
     from transformers import (
         DataCollatorForLanguageModeling,
         PreTrainedTokenizerFast,
@@ -79,13 +79,16 @@ def _trainer(root: Path, n: int, callbacks: list, **kw):
                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                    train_dataset=[{"input_ids": tok(t)["input_ids"]}
                                   for t in sentences(1, n)],
-                   processing_class=tok, callbacks=callbacks)
+                   processing_class=tok, callbacks=callbacks,
+                   optimizers=(optimizer(model) if optimizer else None, None))
 
 
-def train(root: Path, n: int = 40, resume_at: int | None = None, **kw) -> Run:
+def train(root: Path, n: int = 40, resume_at: int | None = None, optimizer=None,
+          **kw) -> Run:
     """Train the tiny LM with TrainingArguments ``kw``; with ``resume_at``, stop there (a
     checkpoint every ``resume_at`` steps, the rest deleted) and resume with a new Trainer
-    (resume_from_checkpoint), as a run that was interrupted."""
+    (resume_from_checkpoint), as a run that was interrupted; ``optimizer(model)`` builds the
+    optimizer the Trainer is given instead of its own."""
     from transformers import PreTrainedTokenizerFast, TrainerCallback
 
     class Record(TrainerCallback):
@@ -103,7 +106,7 @@ def train(root: Path, n: int = 40, resume_at: int | None = None, **kw) -> Run:
     write_jsonl(root / "eval.jsonl", [{"text": t} for t in sentences(4, 8)])
     rec = Record()
     if resume_at is None:
-        _trainer(root, n, [rec], **kw).train()
+        _trainer(root, n, [rec], optimizer, **kw).train()
         return Run(root, rec.lrs)
     _trainer(root, n, [rec], save_steps=resume_at, **kw).train()
     for folder in (root / "stage").glob("checkpoint-*"):
@@ -154,6 +157,27 @@ def test_init_does_not_draft_rmsprop_as_sgd(trainer_run, tmp_path):
     assert res.exit_code == 0, res.output
     typ = yaml.safe_load(out.read_text())["stages"][0]["optimizer"]["type"]
     assert typ.startswith("TODO(acctattr)") and "square_avg" in typ and "RMSprop" in typ
+
+
+def test_param_groups_at_different_learning_rates_are_refused(trainer_run):
+    """A Trainer given an AdamW with its own decay / no-decay groups, the no-decay one at a
+    tenth of the lr: one lr per step would misstate every update of one group; refused
+    naming optimizer.pt and both lrs (it was accepted, the logged lr, group 0's, applied to
+    every parameter)."""
+    import torch
+
+    from acctattr.evaluation.model import hf_no_decay
+
+    def optimizer(model):
+        skip = hf_no_decay(model)
+        decay = [p for n, p in model.named_parameters() if n not in skip]
+        rest = [p for n, p in model.named_parameters() if n in skip]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                  {"params": rest, "weight_decay": 0.0, "lr": 1e-3}], lr=1e-2)
+
+    run = trainer_run("two-lrs", optimizer=optimizer)
+    refused(cli("check", run.manifest()), "stage 'only'", str(run.end / "optimizer.pt"),
+            "different learning rates (initial_lr 0.01, 0.001)")
 
 
 def test_adam_declared_for_a_trainer_adamw_state_is_refused(trainer_run):
