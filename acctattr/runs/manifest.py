@@ -309,14 +309,64 @@ def _parse_optimizer(c: Collector, value: Any, where: str,
     args = formats.training_args(trainer[1]) if trainer is not None else {}
     max_grad_norm = _parse_clip(c, o, where, trainer, args)
     batch_size = _parse_batch(c, o, where, trainer, args)
+    trainer_decay = None
+    if trainer is not None and state is None and typ is not None and param_names is None:
+        # no optimizer.pt (save_only_model): what the Trainer's optimizer held, from its
+        # arguments; guessing torch's defaults would decay every parameter at 0.01
+        trainer_decay, betas, eps = _trainer_hparams(c, o, where, trainer[1], args, typ,
+                                                     betas, eps)
     if typ is None or steps is None or lr is None:
         return None
     return OptimizerSpec(
         type=typ, steps=steps, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, state=state,
         continues=bool(continues), param_names=param_names, max_grad_norm=max_grad_norm,
-        batch_size=batch_size,
+        batch_size=batch_size, trainer_decay=trainer_decay,
     )
+
+
+# TrainingArguments.optim values whose optimizer is torch.optim's: the manifest type
+TRAINER_OPTIMS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
+
+
+def _trainer_hparams(c: Collector, o: dict, where: str, end: Path, args: dict, typ: str,
+                     betas: tuple[float, float] | None, eps: float | None
+                     ) -> tuple[float | None, tuple[float, float] | None, float | None]:
+    """(decay group's weight decay, betas, eps) of a Trainer stage whose folder has no
+    optimizer.pt, from training_args.bin (adam_beta1/2, adam_epsilon, weight_decay, optim)
+    where the manifest does not give them; a problem where it cannot be read."""
+    file = end / "training_args.bin"
+    optim = args.get("optim")
+    if optim is not None and TRAINER_OPTIMS.get(optim) != typ:
+        c.add(f"{where}.type", f"{file} says optim={optim!r}, "
+              + (f"which is {TRAINER_OPTIMS[optim]}, not {typ}" if optim in TRAINER_OPTIMS
+                 else "an optimizer acctattr does not model (it follows torch's SGD, Adam "
+                 "and AdamW: Trainer optim adamw_torch, adamw_torch_fused or sgd)"))
+        return None, betas, eps
+    wanted = {"weight_decay": "weight_decay"} if "weight_decay" not in o else {}
+    if typ != "sgd":
+        if "betas" not in o:
+            wanted.update(adam_beta1="betas", adam_beta2="betas")
+        if "eps" not in o:
+            wanted["adam_epsilon"] = "eps"
+    bad = [k for k in wanted if not _plain_number(args.get(k))]
+    if bad:
+        keys = sorted({wanted[k] for k in bad})
+        c.add(where, f"{end} has no optimizer.pt and its training_args.bin does not give "
+              f"{', '.join(bad)}; set optimizer.{', optimizer.'.join(keys)} (or point "
+              "optimizer.state at the run's optimizer.pt)")
+        return None, betas, eps
+    if "adam_beta1" in wanted:
+        betas = (float(args["adam_beta1"]), float(args["adam_beta2"]))
+    if "adam_epsilon" in wanted:
+        eps = float(args["adam_epsilon"])
+    decay = float(args["weight_decay"]) if "weight_decay" in wanted else None
+    return decay, betas, eps
+
+
+def _plain_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and x >= 0
 
 
 # transformers.TrainingArguments.max_grad_norm's default: a stage written by Trainer clipped

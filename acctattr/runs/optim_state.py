@@ -198,6 +198,12 @@ def load_optimizer_state(spec: OptimizerSpec, stage: str,
         no_decay: names of biases and norm-layer parameters (for the two-group rule).
     """
     names = list(trainable)
+    if spec.state is None and spec.trainer_decay is not None and spec.param_names is None:
+        # a Trainer stage saved without optimizer.pt: the Trainer's own two groups
+        groups = hf_groups(names, no_decay)
+        return OptimizerState([_merge(spec, g, {"weight_decay": wd})
+                               for g, wd in zip(groups, (spec.trainer_decay, 0.0),
+                                                strict=True)])
     if spec.state is None:
         groups = default_groups(names, spec)
         _check_cover(groups, trainable, stage, "optimizer.param_names")

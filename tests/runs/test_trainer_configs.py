@@ -400,3 +400,38 @@ def test_first_stage_that_resumed_its_start_is_refused(trainer_run):
             "resumed its start", "set continues: false")
     loaded = pipeline.check(run.manifest(stages=stages % ", continues: false"))
     assert (len(loaded.runs[0].lrs), loaded.runs[0].fresh) == (10, True)
+
+
+# ---------------------------------------------------------------- no optimizer.pt
+
+
+def test_trainer_stage_without_optimizer_state_takes_the_runs_hyperparameters(trainer_run,
+                                                                               tmp_path):
+    """save_only_model: no optimizer.pt. The stage's optimizer is the Trainer's: its decay
+    / no-decay groups (weight decay 0.1 on the first, none on biases and norms), betas and
+    eps from training_args.bin (before: one group, torch's AdamW defaults, every parameter
+    decayed at 0.01, betas (0.9, 0.999), eps 1e-8). Unreadable arguments are refused,
+    naming the keys to set; an optim acctattr does not model is refused."""
+    from acctattr import pipeline
+    from acctattr.evaluation.model import hf_no_decay
+
+    run = trainer_run("no-state", save_only_model=True, weight_decay=0.1, adam_beta2=0.95,
+                      adam_epsilon=1e-6)
+    assert not (run.end / "optimizer.pt").exists()
+    loaded = pipeline.check(run.manifest())
+    groups = loaded.runs[0].state.groups
+    skip = hf_no_decay(loaded.model)
+    assert [set(g.names) for g in groups] == [set(loaded.info.trainable) - skip, skip]
+    assert [g.weight_decay for g in groups] == [0.1, 0.0]
+    assert {(g.beta1, g.beta2, g.eps) for g in groups} == {(0.9, 0.95, 1e-6)}
+    said = pipeline.check(run.manifest("{type: adamw, weight_decay: 0.2, eps: 1e-7}"))
+    assert {(g.weight_decay, g.eps) for g in said.runs[0].state.groups} == {(0.2, 1e-7)}
+
+    copy = Run(tmp_path / "run", [])
+    shutil.copytree(run.root, copy.root)
+    (copy.end / "training_args.bin").write_bytes(b"not a pickle")
+    refused(cli("check", copy.manifest()), "stage 'only': optimizer", "has no optimizer.pt",
+            "weight_decay", "adam_beta1", "adam_epsilon", "optimizer.betas, optimizer.eps, "
+            "optimizer.weight_decay")
+    refused(cli("check", run.manifest("{type: sgd}")), "stage 'only': optimizer.type",
+            "optim='adamw_torch_fused'", "which is adamw, not sgd")
