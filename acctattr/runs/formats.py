@@ -285,6 +285,7 @@ def training_args(folder: Path) -> dict[str, Any]:
     except Exception:
         return {}
     out: dict[str, Any] = {}
+    followed: set[str] = set()
     skip = {"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
     for i, (name, arg) in enumerate(ops):
         if not (name.endswith("UNICODE") and arg in TRAINING_ARGS_KEYS) or arg in out:
@@ -309,10 +310,15 @@ def training_args(folder: Path) -> dict[str, Any]:
             out[arg] = value
         elif vname == "NONE":
             out[arg] = None
-        elif vname == "EMPTY_DICT":
+        elif vname == "EMPTY_DICT" and arg not in followed:
             # {} or a dict whose items follow: read where it is flat (string keys, plain
-            # values)
-            items = _dict_items(codes, j + 1, skip)
+            # values). Followed once per field: a hostile file repeating it would cost a
+            # pass over the rest of the file each time
+            followed.add(arg)
+            try:
+                items = _dict_items(codes, j + 1, skip)
+            except Exception:  # a stream pickletools parsed but no pickle machine would run
+                items = None
             if items is not None:
                 out[arg] = items
     return out
