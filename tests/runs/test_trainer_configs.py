@@ -14,6 +14,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,9 +31,11 @@ STEPS = 20
 class Run:
     """A trained tiny run: its folder and the lr the optimizer held at each step."""
 
-    def __init__(self, root: Path, lrs: list[float]) -> None:
+    def __init__(self, root: Path, lrs: list[float], groups: list[dict] | None = None) -> None:
         self.root = root
         self.lrs = lrs
+        # the Trainer's optimizer param groups: parameter names and hyperparameters
+        self.groups = groups or []
 
     @property
     def end(self) -> Path:
@@ -69,7 +72,8 @@ def _trainer(root: Path, n: int, callbacks: list, optimizer=None, **kw):
     )
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "init"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "init"),
+                                                             local_files_only=True)
     args = dict(max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=4,
                 learning_rate=1e-2, weight_decay=0.1, save_strategy="steps", logging_steps=1,
                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
@@ -84,30 +88,35 @@ def _trainer(root: Path, n: int, callbacks: list, optimizer=None, **kw):
 
 
 def train(root: Path, n: int = 40, resume_at: int | None = None, optimizer=None,
-          **kw) -> Run:
+          model: Callable[[], Any] = tiny_lm, **kw) -> Run:
     """Train the tiny LM with TrainingArguments ``kw``; with ``resume_at``, stop there (a
     checkpoint every ``resume_at`` steps, the rest deleted) and resume with a new Trainer
     (resume_from_checkpoint), as a run that was interrupted; ``optimizer(model)`` builds the
-    optimizer the Trainer is given instead of its own."""
+    optimizer the Trainer is given instead of its own; ``model()`` the model (tiny_lm)."""
     from transformers import PreTrainedTokenizerFast, TrainerCallback
 
     class Record(TrainerCallback):
         def __init__(self) -> None:
             self.lrs: list[float] = []
+            self.groups: list[dict] = []
 
-        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **_):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None,
+                                  **_):
             self.lrs.append(optimizer.param_groups[0]["lr"])
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.groups = [{**{k: v for k, v in g.items() if k != "params"},
+                            "names": [names[id(p)] for p in g["params"]]}
+                           for g in optimizer.param_groups]
 
     root.mkdir(parents=True, exist_ok=True)
     save_tokenizer(root / "tokenizer")
-    model = tiny_lm()
-    model.save_pretrained(root / "init")
+    model().save_pretrained(root / "init")
     PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
     write_jsonl(root / "eval.jsonl", [{"text": t} for t in sentences(4, 8)])
     rec = Record()
     if resume_at is None:
         _trainer(root, n, [rec], optimizer, **kw).train()
-        return Run(root, rec.lrs)
+        return Run(root, rec.lrs, rec.groups)
     _trainer(root, n, [rec], save_steps=resume_at, **kw).train()
     for folder in (root / "stage").glob("checkpoint-*"):
         if int(folder.name.split("-")[1]) > resume_at:
@@ -115,7 +124,7 @@ def train(root: Path, n: int = 40, resume_at: int | None = None, optimizer=None,
     again = Record()
     _trainer(root, n, [again], save_steps=resume_at, **kw).train(
         resume_from_checkpoint=str(root / "stage" / f"checkpoint-{resume_at}"))
-    return Run(root, rec.lrs[:resume_at] + again.lrs)
+    return Run(root, rec.lrs[:resume_at] + again.lrs, again.groups)
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +139,51 @@ def trainer_run(tmp_path_factory) -> Callable[..., Run]:
         return runs[name]
 
     return get
+
+
+# ---------------------------------------------------------------- what was already right
+
+
+def _llama(tie: bool):
+    import torch
+    from lm_runs import SPECIAL, WORDS
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=len(SPECIAL) + len(WORDS), tie_word_embeddings=tie,
+        pad_token_id=0, bos_token_id=2, eos_token_id=2))
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("fused-betas", dict(optim="adamw_torch_fused", adam_beta1=0.8, adam_beta2=0.95,
+                         adam_epsilon=1e-6, weight_decay=0.05)),
+    ("torch-wd0", dict(optim="adamw_torch", weight_decay=0.0)),
+    ("warmup-fraction", dict(lr_scheduler_type="cosine", warmup_steps=0.15, logging_steps=6)),
+    ("constant-warmup", dict(lr_scheduler_type="constant_with_warmup", warmup_steps=4,
+                             logging_steps=6)),
+    ("epochs", dict(max_steps=-1, num_train_epochs=2, save_strategy="epoch")),
+    ("llama-tied", dict(model=lambda: _llama(True))),
+    ("llama-untied", dict(model=lambda: _llama(False), weight_decay=0.1)),
+])
+def test_trainer_folder_reads_equal_what_the_trainer_did(trainer_run, name, kw):
+    """Configurations acctattr already read right (the audit's passing cases, kept): the
+    lr of every step, each param group's parameters (the Trainer's decay rule, a tied
+    embedding once) and its weight decay, betas, eps, read from a hand-written manifest,
+    equal the Trainer's optimizer at its last step."""
+    from acctattr import pipeline
+
+    run = trainer_run(name, **kw)
+    loaded = pipeline.check(run.manifest())
+    got = loaded.runs[0]
+    assert list(got.lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
+    assert len(got.state.groups) == len(run.groups) == 2
+    for ours, theirs in zip(got.state.groups, run.groups, strict=True):
+        assert list(ours.names) == theirs["names"]
+        assert (ours.weight_decay, (ours.beta1, ours.beta2), ours.eps, ours.amsgrad) == (
+            theirs["weight_decay"], tuple(theirs["betas"]), theirs["eps"], theirs["amsgrad"])
+    assert not loaded.warnings
 
 
 # ---------------------------------------------------------------- optimizers
