@@ -245,7 +245,8 @@ def trainer_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
                       "gradient_accumulation_steps", "optim", "lr_scheduler_type",
                       "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs",
-                      "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+                      "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                      "optim_args")
 
 
 TRAINING_ARGS_LIMIT = 1 << 24  # bytes; a real training_args.bin is a few kB

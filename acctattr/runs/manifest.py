@@ -315,6 +315,9 @@ def _parse_optimizer(c: Collector, value: Any, where: str,
         # arguments; guessing torch's defaults would decay every parameter at 0.01
         trainer_decay, betas, eps = _trainer_hparams(c, o, where, trainer[1], args, typ,
                                                      betas, eps)
+        if typ == "sgd":
+            momentum, dampening, nesterov = _trainer_sgd(c, o, where, trainer[1], args,
+                                                         (momentum, dampening, nesterov))
     if typ is None or steps is None or lr is None:
         return None
     return OptimizerSpec(
@@ -362,6 +365,34 @@ def _trainer_hparams(c: Collector, o: dict, where: str, end: Path, args: dict, t
         eps = float(args["adam_epsilon"])
     decay = float(args["weight_decay"]) if "weight_decay" in wanted else None
     return decay, betas, eps
+
+
+def _trainer_sgd(c: Collector, o: dict, where: str, end: Path, args: dict,
+                 given: tuple[float | None, float | None, bool | None]
+                 ) -> tuple[float | None, float | None, bool | None]:
+    """(momentum, dampening, nesterov) of a Trainer's SGD without optimizer.pt: the
+    manifest's, else what the Trainer passed to torch.optim.SGD from its ``optim_args``
+    string ("momentum=0.9,nesterov=true"; transformers' _get_sgd), else SGD's defaults."""
+    text = args.get("optim_args")
+    if not text:
+        return given
+    if not isinstance(text, str):
+        c.add(where, f"{end / 'training_args.bin'}: optim_args {text!r} is not a string; "
+              "set optimizer.momentum, dampening and nesterov")
+        return given
+    pairs = dict(item.partition("=")[::2] for item in text.replace(" ", "").split(",") if item)
+    momentum, dampening, nesterov = given
+    try:
+        if momentum is None and "momentum" in pairs:
+            momentum = float(pairs["momentum"])
+        if dampening is None and "dampening" in pairs:
+            dampening = float(pairs["dampening"])
+    except ValueError:
+        c.add(where, f"{end / 'training_args.bin'}: optim_args {text!r} has a momentum or "
+              "dampening that is not a number; set optimizer.momentum and dampening")
+    if nesterov is None and "nesterov" in pairs:
+        nesterov = pairs["nesterov"].lower() in ("true", "1", "yes")
+    return momentum, dampening, nesterov
 
 
 def _plain_number(x: object) -> bool:

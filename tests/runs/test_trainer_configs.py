@@ -489,3 +489,21 @@ def test_trainer_stage_without_optimizer_state_takes_the_runs_hyperparameters(tr
             "optimizer.weight_decay")
     refused(cli("check", run.manifest("{type: sgd}")), "stage 'only': optimizer.type",
             "optim='adamw_torch_fused'", "which is adamw, not sgd")
+
+
+@pytest.mark.parametrize("only_model", [False, True])
+def test_trainer_sgd_with_optim_args(trainer_run, only_model):
+    """optim sgd with optim_args "momentum=0.9,nesterov=true": momentum, nesterov and the
+    decay / no-decay groups equal the Trainer's SGD, read from optimizer.pt or, saved
+    without it, from training_args.bin's optim_args (before: momentum 0, one group decayed
+    at torch's default)."""
+    from acctattr import pipeline
+
+    run = trainer_run(f"sgd-{only_model}", optim="sgd", save_only_model=only_model,
+                      optim_args="momentum=0.9,nesterov=true", weight_decay=0.1)
+    assert (run.end / "optimizer.pt").exists() != only_model
+    groups = pipeline.check(run.manifest("{type: sgd}")).runs[0].state.groups
+    assert [(list(g.names), g.weight_decay, g.momentum, g.dampening, g.nesterov)
+            for g in groups] == [(t["names"], t["weight_decay"], t["momentum"], t["dampening"],
+                                  t["nesterov"]) for t in run.groups]
+    assert groups[0].momentum == 0.9 and groups[0].nesterov
