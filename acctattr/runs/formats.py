@@ -77,7 +77,9 @@ class TrainerState:
     log_history: tuple[dict, ...]
     # (0-indexed global step whose update used this lr, lr), from log_history
     lr_points: tuple[tuple[int, float], ...]
-    lr_convention: str  # "used" (transformers >= 4.51) or "next" (older, or unknown)
+    # "used" (transformers >= 4.51), "next" (older) or "unknown" (no version beside the
+    # file: lr_points then follow the older rule until schedules.settle_convention decides)
+    lr_convention: str
     # the Trainer run's planned length (its schedule's), where the file says
     max_steps: int | None = None
 
@@ -88,7 +90,9 @@ def read_trainer_state(path: Path) -> TrainerState:
     The step a logged ``learning_rate`` belongs to depends on the transformers version that
     wrote it (``config.json``'s ``transformers_version`` in the same folder): from 4.51 the
     entry logged at global step N is the lr of 0-indexed step N-1 (the step just taken);
-    before, it was the lr of step N (the next one). Unknown versions take the older rule.
+    before, it was the lr of step N (the next one). Where no version is known the points
+    follow the older rule and ``lr_convention`` is "unknown" (schedules.settle_convention
+    decides it from scheduler.pt and the named schedule, or refuses).
     """
     file = path / TRAINER_STATE if path.is_dir() else path
     doc = _read_json(file)
@@ -103,10 +107,10 @@ def read_trainer_state(path: Path) -> TrainerState:
     if not isinstance(history, list):
         raise FormatError(f"{file}: log_history is not a list")
     history = [h for h in history if isinstance(h, dict)]
-    convention = "next"
+    convention = "unknown"
     version = transformers_version(file.parent)
-    if version is not None and version >= _LR_FIX_VERSION:
-        convention = "used"
+    if version is not None:
+        convention = "used" if version >= _LR_FIX_VERSION else "next"
     shift = 1 if convention == "used" else 0
     points: dict[int, float] = {}
     for h in history:

@@ -11,13 +11,15 @@ The formulas (also in the README), with T = steps, W = warmup, base and min:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeGuard, overload
 
 from acctattr.files import is_file
-from acctattr.runs.formats import TrainerState, training_args
+from acctattr.runs.formats import FormatError, TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
 
 
@@ -241,12 +243,73 @@ def _number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _saved_last_lr(folder: Path, planned: int | None) -> tuple[int, float] | None:
+    """(last_epoch, _last_lr[0]) of ``folder/scheduler.pt`` (a LambdaLR's state: the lr
+    of 0-indexed step last_epoch, the next one), where it can be read; else None."""
+    import torch
+
+    try:
+        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
+            return None
+        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
+        step, last = saved["last_epoch"], float(saved["_last_lr"][0])
+    except Exception:  # not LambdaLR's state
+        return None
+    if isinstance(step, int) and not isinstance(step, bool) and 0 <= step \
+            and (planned is None or step <= planned) and math.isfinite(last):
+        return step, last
+    return None
+
+
+def _fits(at: Callable[[int], float], points: Sequence[tuple[int, float]]) -> bool:
+    scale = max((abs(lr) for _, lr in points), default=0.0) or 1.0
+    return all(math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
+               for s, lr in points if s >= 0)
+
+
+def settle_convention(ts: TrainerState) -> TrainerState:
+    """``ts`` with the step each logged learning_rate belongs to decided where no
+    transformers_version says (a Trainer run of a model without config.json): the lr
+    logged at the last step against scheduler.pt's (the next step's: equal under the older
+    rule, the previous step's under transformers >= 4.51), else the schedule
+    training_args.bin names, which only one of the two readings may fit. Where neither
+    settles it and the two readings give different lrs, a FormatError naming the file."""
+    if ts.lr_convention != "unknown" or not ts.lr_points:
+        return ts
+    folder = ts.path.parent
+    older = list(ts.lr_points)  # as read: the lr logged at step N is step N's
+    newer = [(s - 1, lr) for s, lr in older]
+    saved = _saved_last_lr(folder, ts.max_steps)
+    fits: set[str] = set()
+    if saved is not None and saved[0] in dict(older) and not _fits(
+            lambda s: saved[1], [(0, dict(older)[saved[0]])]):
+        fits = {"used"}  # the lr logged with the saved state is not the next step's
+    got = trainer_schedule(training_args(folder), ts.max_steps) if ts.max_steps else None
+    if not fits and got is not None:
+        extra = [saved] if saved is not None else []
+        fits = {name for name, pts in (("used", newer), ("next", older))
+                if _fits(got[0], pts + extra)}
+    if not fits and len({lr for _, lr in older}) == 1:
+        fits = {"next"}  # one logged value: the same lrs either way
+    if not fits:
+        raise FormatError(
+            f"{ts.path}: cannot tell which step each logged learning_rate belongs to (before "
+            "transformers 4.51 the lr logged at step N was the next step's, from 4.51 the "
+            "step's own): no config.json with a transformers_version beside it, and neither "
+            "scheduler.pt nor training_args.bin's schedule settles it; add "
+            f"\"transformers_version\" of the transformers that trained it to "
+            f"{folder / 'config.json'}, or give optimizer.lr as a per-step list")
+    if "used" in fits:
+        points = tuple((s, lr) for s, lr in newer if s >= 0)
+        return dataclasses.replace(ts, lr_points=points, lr_convention="used")
+    return dataclasses.replace(ts, lr_convention="next")
+
+
 def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] | None:
     """The lr of each 0-indexed global step under the schedule the Trainer's
     training_args.bin names (trainer_schedule), where it gives every lr the run
     logged and the one scheduler.pt saved (the next step's, ``_last_lr``) and at least one
     of them is there; else None."""
-    import torch
 
     folder, planned = ts.path.parent, ts.max_steps
     got = trainer_schedule(training_args(folder), planned) if planned else None
@@ -254,19 +317,9 @@ def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] |
         return None
     at, how = got
     points = list(ts.lr_points)
-    try:
-        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
-            raise FileNotFoundError(folder / "scheduler.pt")
-        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
-        step, last = saved["last_epoch"], saved["_last_lr"][0]
-        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:
-            points.append((step, float(last)))
-    except Exception:  # no scheduler.pt, or not LambdaLR's state: the logged lrs alone
-        pass
-    if not points:
-        return None
-    scale = max(abs(lr) for _, lr in points) or 1.0
-    if any(not math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
-           for s, lr in points if s >= 0):
+    saved = _saved_last_lr(folder, planned)  # None: the logged lrs alone
+    if saved is not None:
+        points.append(saved)
+    if not points or not _fits(at, points):
         return None
     return at, how

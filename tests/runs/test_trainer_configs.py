@@ -507,3 +507,32 @@ def test_trainer_sgd_with_optim_args(trainer_run, only_model):
             for g in groups] == [(t["names"], t["weight_decay"], t["momentum"], t["dampening"],
                                   t["nesterov"]) for t in run.groups]
     assert groups[0].momentum == 0.9 and groups[0].nesterov
+
+
+# ---------------------------------------------------------------- which step a logged lr is
+
+
+def test_logged_lrs_without_a_transformers_version(trainer_run, tmp_path):
+    """A Trainer folder without a transformers_version beside trainer_state.json (a model
+    that is not a PreTrainedModel saves no config.json): which step each logged lr belongs
+    to is settled by scheduler.pt's last lr, else by training_args.bin's schedule, and the
+    stage's lrs are the Trainer's (they were shifted a step: the older rule was assumed);
+    with neither, refused naming the file and what to add."""
+    import json
+
+    from acctattr import pipeline
+
+    run = Run(tmp_path / "run", trainer_run("adamw", lr_scheduler_type="linear",
+                                            warmup_steps=3).lrs)
+    shutil.copytree(trainer_run("adamw").root, run.root)
+    config = run.end / "config.json"
+    doc = json.loads(config.read_text())
+    del doc["transformers_version"]
+    config.write_text(json.dumps(doc))
+    assert list(pipeline.check(run.manifest()).runs[0].lrs) == pytest.approx(run.lrs, rel=1e-12)
+    (run.end / "scheduler.pt").unlink()
+    assert list(pipeline.check(run.manifest()).runs[0].lrs) == pytest.approx(run.lrs, rel=1e-12)
+    (run.end / "training_args.bin").write_bytes(b"not a pickle")
+    refused(cli("check", run.manifest()), "stage 'only': optimizer.lr",
+            str(run.end / "trainer_state.json"), "cannot tell which step each logged "
+            "learning_rate belongs to", "transformers_version")
