@@ -27,7 +27,13 @@ from acctattr.runs.checkpoints import (
 )
 from acctattr.runs.manifest import Manifest, Stage, load_manifest
 from acctattr.runs.optim_state import GroupHparams, OptimizerState, load_optimizer_state
-from acctattr.runs.schedules import Lrs, interpolate_logged_lrs, lrs_from_spec, stated_trainer_lrs
+from acctattr.runs.schedules import (
+    Lrs,
+    interpolate_logged_lrs,
+    lrs_from_spec,
+    settle_convention,
+    stated_trainer_lrs,
+)
 
 
 @dataclass
@@ -51,7 +57,7 @@ def _stage_lrs(stage: Stage, warnings: list[str]) -> Sequence[float]:
     if spec.trainer_state is None:
         return lrs_from_spec(spec, steps)
     try:
-        ts = formats.read_trainer_state(spec.trainer_state)
+        ts = settle_convention(formats.read_trainer_state(spec.trainer_state))
     except formats.FormatError as e:
         raise CheckpointError(f"stage '{stage.name}': optimizer.lr: {e}") from e
     first = ts.global_step - steps

@@ -77,7 +77,9 @@ class TrainerState:
     log_history: tuple[dict, ...]
     # (0-indexed global step whose update used this lr, lr), from log_history
     lr_points: tuple[tuple[int, float], ...]
-    lr_convention: str  # "used" (transformers >= 4.51) or "next" (older, or unknown)
+    # "used" (transformers >= 4.51), "next" (older) or "unknown" (no version beside the
+    # file: lr_points then follow the older rule until schedules.settle_convention decides)
+    lr_convention: str
     # the Trainer run's planned length (its schedule's), where the file says
     max_steps: int | None = None
 
@@ -88,7 +90,9 @@ def read_trainer_state(path: Path) -> TrainerState:
     The step a logged ``learning_rate`` belongs to depends on the transformers version that
     wrote it (``config.json``'s ``transformers_version`` in the same folder): from 4.51 the
     entry logged at global step N is the lr of 0-indexed step N-1 (the step just taken);
-    before, it was the lr of step N (the next one). Unknown versions take the older rule.
+    before, it was the lr of step N (the next one). Where no version is known the points
+    follow the older rule and ``lr_convention`` is "unknown" (schedules.settle_convention
+    decides it from scheduler.pt and the named schedule, or refuses).
     """
     file = path / TRAINER_STATE if path.is_dir() else path
     doc = _read_json(file)
@@ -103,10 +107,10 @@ def read_trainer_state(path: Path) -> TrainerState:
     if not isinstance(history, list):
         raise FormatError(f"{file}: log_history is not a list")
     history = [h for h in history if isinstance(h, dict)]
-    convention = "next"
+    convention = "unknown"
     version = transformers_version(file.parent)
-    if version is not None and version >= _LR_FIX_VERSION:
-        convention = "used"
+    if version is not None:
+        convention = "used" if version >= _LR_FIX_VERSION else "next"
     shift = 1 if convention == "used" else 0
     points: dict[int, float] = {}
     for h in history:
@@ -178,17 +182,42 @@ def transformers_version(folder: Path) -> tuple[int, int] | None:
     return major, minor
 
 
+class AmbiguousResume(FormatError):
+    """A Trainer folder that may have resumed its start or started anew from its weights,
+    with nothing in either trainer_state.json to tell which."""
+
+
 def trainer_resumed(start: Path | None, end: Path) -> bool:
     """Whether the Trainer run that wrote ``end`` resumed from ``start`` (``resume_from_
-    checkpoint``): its log_history continues the start's and its global_step is further on.
-    A resumed run also reloaded the start's optimizer and scheduler state."""
+    checkpoint``, or the same run going on): its global_step is further on and its
+    log_history continues the start's. A resumed run also reloaded the start's optimizer
+    and scheduler state.
+
+    Where the start logged nothing (``logging_steps`` beyond its step), a run that logged
+    at or before the start's step is a new one; else two checkpoints of one ``output_dir``
+    are taken as one run, and checkpoints of two are refused (AmbiguousResume): a new
+    Trainer of global_step(end) steps from the start's weights and a resumed one of the
+    difference leave the same files."""
     if start is None or not start.is_dir() or not (start / TRAINER_STATE).is_file():
         return False
     last = read_trainer_state(end)
     first = read_trainer_state(start)
     n = len(first.log_history)
-    return (0 < first.global_step < last.global_step and n > 0
-            and list(last.log_history[:n]) == list(first.log_history))
+    if not 0 < first.global_step < last.global_step:
+        return False
+    if n > 0:
+        return list(last.log_history[:n]) == list(first.log_history)
+    if any(isinstance(h.get("step"), int) and h["step"] <= first.global_step
+           for h in last.log_history):
+        return False  # a new run logged from its own first steps
+    if start.resolve().parent == end.resolve().parent:
+        return True
+    raise AmbiguousResume(
+        f"{last.path}: cannot tell whether this run resumed {start} (resume_from_checkpoint: "
+        f"{last.global_step - first.global_step} steps from there, with that folder's "
+        f"optimizer state) or a new Trainer started from its weights ({last.global_step} "
+        f"steps, a fresh optimizer): {first.path} logged nothing to compare (logging_steps "
+        "beyond its step); set the stage's optimizer.steps and optimizer.continues")
 
 
 def trainer_stage_steps(start: Path | None, end: Path) -> int:
@@ -219,7 +248,9 @@ def trainer_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 # TrainingArguments fields acctattr init reads from training_args.bin
 TRAINING_ARGS_KEYS = ("max_grad_norm", "per_device_train_batch_size",
                       "gradient_accumulation_steps", "optim", "lr_scheduler_type",
-                      "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs")
+                      "learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs",
+                      "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                      "optim_args")
 
 
 TRAINING_ARGS_LIMIT = 1 << 24  # bytes; a real training_args.bin is a few kB
@@ -230,9 +261,10 @@ def training_args(folder: Path) -> dict[str, Any]:
 
     The file is a pickle (inside torch.save's zip) of a TrainingArguments object; loading it
     would run code. It is never unpickled: its opcodes are only scanned (``pickletools``)
-    for a field name followed directly by a number, a string, None or an empty dict, or by
-    an enum (``lr_scheduler_type``, ``optim``: a class reference, then its string value).
-    Anything unreadable gives an empty dict.
+    for a field name followed directly by a number, a string, None or a flat dict (string
+    keys, such values: ``lr_scheduler_kwargs``), or by an enum (``lr_scheduler_type``,
+    ``optim``: a class reference, then its string value). Anything unreadable gives an
+    empty dict.
     """
     import io
     import pickletools
@@ -253,10 +285,12 @@ def training_args(folder: Path) -> dict[str, Any]:
                 if z.getinfo(name).file_size > TRAINING_ARGS_LIMIT:
                     return {}
                 raw = z.read(name)
-        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
+        codes = [(op, arg) for op, arg, _ in pickletools.genops(io.BytesIO(raw))]
+        ops = [(op.name, arg) for op, arg in codes]
     except Exception:
         return {}
     out: dict[str, Any] = {}
+    followed: set[str] = set()
     skip = {"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
     for i, (name, arg) in enumerate(ops):
         if not (name.endswith("UNICODE") and arg in TRAINING_ARGS_KEYS) or arg in out:
@@ -281,17 +315,83 @@ def training_args(folder: Path) -> dict[str, Any]:
             out[arg] = value
         elif vname == "NONE":
             out[arg] = None
-        elif vname == "EMPTY_DICT":
-            # {} or the start of a dict whose items follow (MARK ... SETITEMS, or a key,
-            # a value and SETITEM): only an empty one is read
-            k = j + 1
-            while k < len(ops) and ops[k][0] in skip:
-                k += 1
-            filled = k < len(ops) and (ops[k][0] == "MARK" or any(
-                op == "SETITEM" for op, _ in ops[k + 1:k + 4]))
-            if not filled:
-                out[arg] = {}
+        elif vname == "EMPTY_DICT" and arg not in followed:
+            # {} or a dict whose items follow: read where it is flat (string keys, plain
+            # values). Followed once per field: a hostile file repeating it would cost a
+            # pass over the rest of the file each time
+            followed.add(arg)
+            try:
+                items = _dict_items(codes, j + 1, skip)
+            except Exception:  # a stream pickletools parsed but no pickle machine would run
+                items = None
+            if items is not None:
+                out[arg] = items
     return out
+
+
+_NOT_PLAIN = object()
+
+
+def _dict_items(codes: list[tuple[Any, Any]], k: int, skip: set[str]) -> dict[str, Any] | None:
+    """The items a pickle puts into the dict that an EMPTY_DICT just before ``codes[k]``
+    pushed, followed on the pickle machine's stack (each opcode's stack effect, from
+    pickletools) until the dict is taken off it: a SETITEM with a key and a value right
+    above it, or a SETITEMS whose MARK lies right above it, fills it. Empty where nothing
+    does; None where a key is not a string, a value is not plain (a nested object, a memo
+    reference) or the stream cannot be followed."""
+    import pickletools
+
+    items: dict[str, Any] = {}
+    above: list[Any] = []  # what lies on the stack above the dict: plain values or marks
+    mark = pickletools.markobject
+    for op, arg in codes[k:]:
+        if op.name in skip:
+            continue
+        if op.name == "SETITEM" and len(above) == 2:
+            key, value = above
+            if not isinstance(key, str) or value is _NOT_PLAIN or key in items:
+                return None
+            items[key] = value
+            above.clear()
+            continue
+        if op.name == "SETITEMS" and above and above[0] is mark:
+            pairs = above[1:]
+            keys = pairs[::2]
+            if len(pairs) % 2 or mark in pairs or _NOT_PLAIN in pairs[1::2] \
+                    or not all(isinstance(key, str) and key not in items for key in keys) \
+                    or len(set(keys)) != len(keys):
+                return None
+            items.update(zip(keys, pairs[1::2], strict=True))
+            above.clear()
+            continue
+        before = op.stack_before
+        if mark in before:
+            if mark not in above:
+                return items  # the dict is below this opcode's mark: taken off, done
+            at = len(above) - 1 - above[::-1].index(mark)
+            del above[at:]
+            pops = before.index(mark)
+        else:
+            pops = len(before)
+        if pops > len(above):
+            return items  # the dict itself is taken off the stack: done
+        del above[len(above) - pops:]
+        for after in op.stack_after:
+            if after is mark:
+                above.append(mark)
+            else:
+                v = _plain_value(op.name, arg)
+                above.append(_NOT_PLAIN if len(op.stack_after) > 1 else v)
+    return None
+
+
+def _plain_value(name: str, arg: Any) -> Any:
+    """The value one pickle opcode pushes, where it is a plain string, number, bool or
+    None; _NOT_PLAIN otherwise."""
+    if name.endswith("UNICODE") or name in ("BINFLOAT", "FLOAT", "LONG1", "INT") \
+            or name.startswith("BININT"):
+        return arg
+    return {"NEWTRUE": True, "NEWFALSE": False, "NONE": None}.get(name, _NOT_PLAIN)
 
 
 def describe_folder(folder: Path) -> str:

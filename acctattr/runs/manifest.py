@@ -8,6 +8,8 @@ yaml_load.py and the eval sections by evals.py. This module never imports torch:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,10 @@ def _parse_stages(c: Collector, value: Any) -> tuple[Stage, ...]:
                   "its own end")
         elif opt is not None and opt.state is not None:
             states[opt.state] = name or where
+        if opt is not None and trainer is not None and not (is_adapter or prev_adapter) \
+                and isinstance(st.get("optimizer"), dict) and "continues" not in st["optimizer"]:
+            opt = _trainer_continues(c, opt, start, trainer, f"{where}: optimizer.continues",
+                                     first=i == 0, told="steps" in st["optimizer"])
         if opt is not None and opt.continues and i == 0:
             c.add(f"{where}: optimizer.continues", "the first stage has no earlier optimizer "
                   "state to continue; set continues: false")
@@ -246,6 +252,31 @@ def _trainer_steps(c: Collector, start: Path | None, end: Path, where: str) -> i
     return steps
 
 
+def _trainer_continues(c: Collector, opt: OptimizerSpec, start: Path | None, end: Path,
+                       where: str, first: bool, told: bool) -> OptimizerSpec:
+    """A Trainer stage that resumed its start folder (resume_from_checkpoint: the end's
+    log_history continues the start's) reloaded the start's optimizer and scheduler state:
+    it continues the previous stage's optimizer unless the manifest says otherwise. The
+    first stage has no previous one to continue: that is refused unless the manifest says
+    continues: false."""
+    try:
+        resumed = formats.trainer_resumed(start, end)
+    except formats.AmbiguousResume as e:
+        if told:  # else said once, under optimizer.steps
+            c.add(where, str(e))
+        return opt
+    except formats.FormatError:
+        return opt  # said under optimizer.steps, or the folder's own check
+    if resumed and first:
+        c.add(where, f"the Trainer run resumed its start {start} (resume_from_checkpoint), "
+              f"so its optimizer began with the state saved there ({start}/optimizer.pt), "
+              "which the first stage of a manifest cannot start from; add the stage that "
+              "trained the start before this one, or set continues: false to take the "
+              "optimizer as fresh (Adam's moments and step count from zero)")
+        return opt
+    return dataclasses.replace(opt, continues=True) if resumed else opt
+
+
 def _parse_optimizer(c: Collector, value: Any, where: str,
                      trainer: tuple[Path | None, Path] | None = None) -> OptimizerSpec | None:
     """One stage's optimizer. With ``trainer`` = (start, end folder holding a Hugging Face
@@ -294,29 +325,128 @@ def _parse_optimizer(c: Collector, value: Any, where: str,
         state = trainer[1] / "optimizer.pt"
     param_names = _parse_param_names(c, o["param_names"], f"{where}.param_names") \
         if "param_names" in o else None
-    max_grad_norm = _parse_clip(c, o, where, trainer)
-    batch_size = _parse_batch(c, o, where, trainer)
+    # what the Trainer ran with (scanned, never unpickled; {} where unreadable)
+    args = formats.training_args(trainer[1]) if trainer is not None else {}
+    max_grad_norm = _parse_clip(c, o, where, trainer, args)
+    batch_size = _parse_batch(c, o, where, trainer, args)
+    trainer_decay = None
+    if trainer is not None and state is None and typ is not None and param_names is None:
+        # no optimizer.pt (save_only_model): what the Trainer's optimizer held, from its
+        # arguments; guessing torch's defaults would decay every parameter at 0.01
+        trainer_decay, betas, eps = _trainer_hparams(c, o, where, trainer[1], args, typ,
+                                                     betas, eps)
+        if typ == "sgd":
+            momentum, dampening, nesterov = _trainer_sgd(c, o, where, trainer[1], args,
+                                                         (momentum, dampening, nesterov))
     if typ is None or steps is None or lr is None:
         return None
     return OptimizerSpec(
         type=typ, steps=steps, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, state=state,
         continues=bool(continues), param_names=param_names, max_grad_norm=max_grad_norm,
-        batch_size=batch_size,
+        batch_size=batch_size, trainer_decay=trainer_decay,
     )
 
 
+# TrainingArguments.optim values whose optimizer is torch.optim's: the manifest type
+TRAINER_OPTIMS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
+
+
+def _trainer_hparams(c: Collector, o: dict, where: str, end: Path, args: dict, typ: str,
+                     betas: tuple[float, float] | None, eps: float | None
+                     ) -> tuple[float | None, tuple[float, float] | None, float | None]:
+    """(decay group's weight decay, betas, eps) of a Trainer stage whose folder has no
+    optimizer.pt, from training_args.bin (adam_beta1/2, adam_epsilon, weight_decay, optim)
+    where the manifest does not give them; a problem where it cannot be read."""
+    file = end / "training_args.bin"
+    optim = args.get("optim")
+    if optim is not None and TRAINER_OPTIMS.get(optim) != typ:
+        c.add(f"{where}.type", f"{file} says optim={optim!r}, "
+              + (f"which is {TRAINER_OPTIMS[optim]}, not {typ}" if optim in TRAINER_OPTIMS
+                 else "an optimizer acctattr does not model (it follows torch's SGD, Adam "
+                 "and AdamW: Trainer optim adamw_torch, adamw_torch_fused or sgd)"))
+        return None, betas, eps
+    wanted = {"weight_decay": "weight_decay"} if "weight_decay" not in o else {}
+    if typ != "sgd":
+        if "betas" not in o:
+            wanted.update(adam_beta1="betas", adam_beta2="betas")
+        if "eps" not in o:
+            wanted["adam_epsilon"] = "eps"
+    bad = [k for k in wanted if not _plain_number(args.get(k))]
+    if bad:
+        keys = sorted({wanted[k] for k in bad})
+        c.add(where, f"{end} has no optimizer.pt and its training_args.bin does not give "
+              f"{', '.join(bad)}; set optimizer.{', optimizer.'.join(keys)} (or point "
+              "optimizer.state at the run's optimizer.pt)")
+        return None, betas, eps
+    if "adam_beta1" in wanted:
+        betas = (float(args["adam_beta1"]), float(args["adam_beta2"]))
+    if "adam_epsilon" in wanted:
+        eps = float(args["adam_epsilon"])
+    decay = float(args["weight_decay"]) if "weight_decay" in wanted else None
+    return decay, betas, eps
+
+
+def _trainer_sgd(c: Collector, o: dict, where: str, end: Path, args: dict,
+                 given: tuple[float | None, float | None, bool | None]
+                 ) -> tuple[float | None, float | None, bool | None]:
+    """(momentum, dampening, nesterov) of a Trainer's SGD without optimizer.pt: the
+    manifest's, else what the Trainer passed to torch.optim.SGD from its ``optim_args``
+    string ("momentum=0.9,nesterov=true"; transformers' _get_sgd), else SGD's defaults."""
+    text = args.get("optim_args")
+    if not text:
+        return given
+    if not isinstance(text, str):
+        c.add(where, f"{end / 'training_args.bin'}: optim_args {text!r} is not a string; "
+              "set optimizer.momentum, dampening and nesterov")
+        return given
+    pairs = dict(item.partition("=")[::2] for item in text.replace(" ", "").split(",") if item)
+    momentum, dampening, nesterov = given
+    try:
+        if momentum is None and "momentum" in pairs:
+            momentum = float(pairs["momentum"])
+        if dampening is None and "dampening" in pairs:
+            dampening = float(pairs["dampening"])
+    except ValueError:
+        c.add(where, f"{end / 'training_args.bin'}: optim_args {text!r} has a momentum or "
+              "dampening that is not a number; set optimizer.momentum and dampening")
+    if nesterov is None and "nesterov" in pairs:
+        nesterov = pairs["nesterov"].lower() in ("true", "1", "yes")
+    return momentum, dampening, nesterov
+
+
+def _plain_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and x >= 0
+
+
 # transformers.TrainingArguments.max_grad_norm's default: a stage written by Trainer clipped
-# at 1.0 unless its author changed it (training_args.bin, a pickle, is never loaded)
+# at 1.0 unless its author changed it; taken where training_args.bin (a pickle, never loaded:
+# formats.training_args scans it) cannot be read
 TRAINER_MAX_GRAD_NORM = 1.0
 
 
 def _parse_clip(c: Collector, o: dict, where: str,
-                trainer: tuple[Path | None, Path] | None) -> float | None:
+                trainer: tuple[Path | None, Path] | None, args: dict) -> float | None:
     """``max_grad_norm``: a positive threshold, or null / 0 for none. A Trainer folder without
-    the key takes Trainer's default."""
+    the key takes its training_args.bin's (Trainer clips only above 0), else Trainer's
+    default."""
     if "max_grad_norm" not in o:
-        return TRAINER_MAX_GRAD_NORM if trainer is not None else None
+        if trainer is None:
+            return None
+        if "max_grad_norm" not in args:
+            return TRAINER_MAX_GRAD_NORM
+        value = args["max_grad_norm"]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or math.isnan(value):
+            c.add(f"{where}.max_grad_norm", f"{trainer[1] / 'training_args.bin'} gives "
+                  f"max_grad_norm {value!r}, not a number; set optimizer.max_grad_norm (null "
+                  "for no clipping)")
+            return None
+        # Trainer clips only where max_grad_norm > 0; clipping at +inf changes nothing
+        return float(value) if 0 < value < math.inf else None
     value = o["max_grad_norm"]
     if value is None:
         return None
@@ -325,13 +455,19 @@ def _parse_clip(c: Collector, o: dict, where: str,
 
 
 def _parse_batch(c: Collector, o: dict, where: str,
-                 trainer: tuple[Path | None, Path] | None) -> int | None:
+                 trainer: tuple[Path | None, Path] | None, args: dict) -> int | None:
     """Examples per optimizer step: ``batch_size`` (per step, per process) times
-    ``grad_accumulation``. A Trainer folder's ``train_batch_size`` is the default."""
+    ``grad_accumulation``. A Trainer folder's ``train_batch_size`` and its
+    training_args.bin's ``gradient_accumulation_steps`` are the defaults."""
     batch = c.integer(o["batch_size"], f"{where}.batch_size", lo=1) if "batch_size" in o \
         else None
-    accum = c.integer(o["grad_accumulation"], f"{where}.grad_accumulation", lo=1) \
-        if "grad_accumulation" in o else 1
+    accum: int | None = 1
+    if "grad_accumulation" in o:
+        accum = c.integer(o["grad_accumulation"], f"{where}.grad_accumulation", lo=1)
+    elif trainer is not None and "gradient_accumulation_steps" in args:
+        accum = c.integer(args["gradient_accumulation_steps"],
+                          f"{where}.grad_accumulation ({trainer[1] / 'training_args.bin'}'s "
+                          "gradient_accumulation_steps)", lo=1)
     if batch is None and trainer is not None:
         batch = formats.trainer_batch_size(trainer[1])
     if batch is None or accum is None:

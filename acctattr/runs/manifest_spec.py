@@ -44,6 +44,10 @@ class OptimizerSpec:
     max_grad_norm: float | None = None
     # examples per optimizer step: per-device batch × accumulation × processes
     batch_size: int | None = None
+    # a Trainer stage without a state file (save_only_model): the Trainer's decay /
+    # no-decay param groups, the first with this weight decay (training_args.bin's), the
+    # second with none
+    trainer_decay: float | None = None
 
 
 @dataclass(frozen=True)

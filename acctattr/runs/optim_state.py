@@ -198,6 +198,12 @@ def load_optimizer_state(spec: OptimizerSpec, stage: str,
         no_decay: names of biases and norm-layer parameters (for the two-group rule).
     """
     names = list(trainable)
+    if spec.state is None and spec.trainer_decay is not None and spec.param_names is None:
+        # a Trainer stage saved without optimizer.pt: the Trainer's own two groups
+        groups = hf_groups(names, no_decay)
+        return OptimizerState([_merge(spec, g, {"weight_decay": wd})
+                               for g, wd in zip(groups, (spec.trainer_decay, 0.0),
+                                                strict=True)])
     if spec.state is None:
         groups = default_groups(names, spec)
         _check_cover(groups, trainable, stage, "optimizer.param_names")
@@ -257,6 +263,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
                               "{state name: tensor}",
                               "save it with torch.save(optimizer.state_dict(), path)")
     _check_type(spec, stage, file, pgs, sd["state"])
+    _check_one_lr(pgs, where)
     ids = [list(g["params"]) for g in pgs]
     listed = {p for g in ids for p in g}
     stray = sorted(map(repr, (k for k in sd["state"] if k not in listed)))
@@ -491,9 +498,86 @@ def _check_file_hparams(spec: OptimizerSpec, pgs: list[dict], where: str) -> Non
             "the file, or set the value in the stage's optimizer section of the manifest")
 
 
+# What only other optimizers keep (torch.optim's and transformers' Adafactor, which a
+# Trainer runs for optim=rmsprop, adagrad, adafactor, ...): per-parameter state names and
+# param_groups keys. A file holding one was not written by SGD, Adam or AdamW, whatever
+# else it holds (RMSprop with momentum keeps a momentum_buffer, NAdam an exp_avg).
+_OTHER_STATE = {"square_avg": "RMSprop or Adadelta", "sum": "Adagrad",
+                "acc_delta": "Adadelta", "exp_inf": "Adamax", "mu_product": "NAdam",
+                "exp_avg_sq_row": "Adafactor", "exp_avg_sq_col": "Adafactor",
+                "RMS": "Adafactor", "ax": "ASGD", "eta": "ASGD", "prev": "Rprop",
+                "step_size": "Rprop", "grad_avg": "RMSprop (centered)"}
+_OTHER_GROUP_KEYS = {"alpha": "RMSprop", "centered": "RMSprop", "lr_decay": "Adagrad",
+                     "initial_accumulator_value": "Adagrad", "rho": "Adadelta",
+                     "momentum_decay": "NAdam", "clip_threshold": "Adafactor",
+                     "decay_rate": "Adafactor", "relative_step": "Adafactor",
+                     "lambd": "ASGD", "etas": "Rprop", "step_sizes": "Rprop"}
+_KNOWN_STATE = {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}
+
+
+def other_optimizer(pgs: object, state: object) -> str | None:
+    """What in a torch optimizer state_dict shows that neither SGD nor Adam/AdamW wrote
+    it (state names or param_groups keys that only other optimizers keep, with the
+    optimizer they belong to), or None where nothing does."""
+    keys = {k for entry in (state.values() if isinstance(state, dict) else ())
+            if isinstance(entry, dict) for k in entry if isinstance(k, str)}
+    group_keys = {k for g in (pgs if isinstance(pgs, list) else ()) if isinstance(g, dict)
+                  for k in g if isinstance(k, str)}
+    found = [f"state '{k}' ({_OTHER_STATE.get(k, 'not SGD, Adam or AdamW')})"
+             for k in sorted(keys - _KNOWN_STATE)]
+    found += [f"param_groups key '{k}' ({_OTHER_GROUP_KEYS[k]})"
+              for k in sorted(group_keys & _OTHER_GROUP_KEYS.keys())]
+    return ", ".join(found) if found else None
+
+
+def _check_one_lr(pgs: list[dict], where: str) -> None:
+    """Refuse param groups that trained at different learning rates (a custom optimizer
+    given to a Trainer with a lower lr for the embeddings, say): every estimator applies
+    the stage's one lr per step to every parameter. The schedule's base lr of each group
+    (``initial_lr``, which an lr scheduler adds) is compared where every group has one,
+    else its last ``lr``; groups without parameters do not count."""
+    groups = [g for g in pgs if g["params"]]
+    key = "initial_lr" if groups and all("initial_lr" in g for g in groups) else "lr"
+    lrs = []
+    for g in groups:
+        value = g.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lrs.append(float(value))
+    if lrs and any(not math.isclose(lr, lrs[0], rel_tol=1e-9, abs_tol=0.0) for lr in lrs):
+        raise CheckpointError(
+            f"{where}: its param groups trained at different learning rates ({key} "
+            f"{', '.join(f'{lr:g}' for lr in lrs)}); acctattr applies one lr per step to "
+            "every parameter",
+            "acctattr cannot follow per-group learning rates: train the stage with one "
+            "learning rate for every param group (as the Trainer's own optimizer does)")
+
+
 def _check_type(spec: OptimizerSpec, stage: str, file: Path, pgs: list[dict],
                 state: dict) -> None:
-    """Refuse a state file written by another optimizer type than the manifest says."""
+    """Refuse a state file written by another optimizer than the manifest says: another
+    type of the three, Adam's coupled decay for adamw or AdamW's decoupled one for adam,
+    or an optimizer acctattr does not model at all (RMSprop, Adagrad, Adafactor, ...),
+    whose state would otherwise be dropped and its parameters taken as Adam's."""
+    other = other_optimizer(pgs, state)
+    if other is not None:
+        raise CheckpointError(
+            f"stage '{stage}': optimizer.state {file} was not written by SGD, Adam or "
+            f"AdamW: it holds {other}; optimizer.type {spec.type} would misread it",
+            "acctattr follows torch.optim.SGD, Adam and AdamW only (a Trainer's optim "
+            "adamw_torch, adamw_torch_fused or sgd); retrain the stage with one of them")
+    decoupled = {bool(g["decoupled_weight_decay"]) for g in pgs
+                 if isinstance(g.get("decoupled_weight_decay"), bool)}
+    if spec.type in ("adam", "adamw") and len(decoupled) == 1 \
+            and decoupled != {spec.type == "adamw"}:
+        wrote = "AdamW (decoupled_weight_decay true)" if True in decoupled else \
+            "Adam (decoupled_weight_decay false)"
+        raise CheckpointError(
+            f"stage '{stage}': optimizer.state {file} was written by {wrote}, but "
+            f"optimizer.type is {spec.type}",
+            "set optimizer.type to the optimizer that wrote the file (a Trainer's "
+            "adamw_* optims write AdamW's)")
     keys = {k for entry in state.values() if isinstance(entry, dict) for k in entry}
     looks_adam = "exp_avg" in keys or any("betas" in g for g in pgs)
     looks_sgd = "momentum_buffer" in keys or any("dampening" in g for g in pgs)

@@ -47,6 +47,7 @@ from acctattr.errors import AcctattrError, CheckpointError
 from acctattr.runs import formats
 from acctattr.runs.checkpoints import load_torch_file
 from acctattr.runs.manifest import PLACEHOLDER
+from acctattr.runs.optim_state import other_optimizer
 from acctattr.runs.scaffold_folders import FoundStage, chain, global_step, pick_start, stages_in
 from acctattr.runs.schedules import stated_trainer_lrs
 
@@ -77,6 +78,10 @@ def _optimizer_type(sd: Any, default: str | None) -> tuple[str, list[dict]]:
     hp = [{k: v for k, v in g.items() if k in ("lr", "momentum", "dampening", "nesterov",
                                                  "betas", "eps", "weight_decay")}
           for g in groups]
+    other = other_optimizer(groups, sd.get("state"))
+    if other is not None:  # RMSprop has a momentum, NAdam betas: neither is SGD or Adam
+        return todo(f"sgd, adam or adamw (the state file's optimizer is none of them: it "
+                    f"holds {other})"), hp
     if "momentum" in pg:
         return "sgd", hp
     if "betas" in pg:
@@ -333,14 +338,19 @@ def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
     args = formats.training_args(end)
     typ, hp = (_optimizer_type(load_torch_file(state_file), "adamw")
                if state_file.is_file() else (_optim_name(args.get("optim")), []))
+    unsure = None  # why the steps and continues are left to the user
     try:
-        steps = formats.trainer_stage_steps(prev, end)
-        resumed = formats.trainer_resumed(prev, end)
-        first = formats.read_trainer_state(prev).global_step if resumed and prev else 0
         ts = formats.read_trainer_state(end)
+        try:
+            steps = formats.trainer_stage_steps(prev, end)
+            resumed = formats.trainer_resumed(prev, end)
+        except formats.AmbiguousResume as e:
+            unsure, steps, resumed = str(e), ts.global_step, False
+        first = formats.read_trainer_state(prev).global_step if resumed and prev else 0
     except formats.FormatError as e:
         raise CheckpointError(f"acctattr init: {e}") from e
-    opt: dict[str, Any] = {"type": typ, "steps": steps}
+    opt: dict[str, Any] = {"type": typ, "steps": steps if unsure is None else todo(
+        f"the stage's optimizer steps and continues: {unsure}")}
     stated = None if ts.lr_points else stated_trainer_lrs(ts)
     if ts.lr_points or stated is not None:
         opt["lr"] = {"trainer_state": rel(end / formats.TRAINER_STATE)}
@@ -356,6 +366,8 @@ def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
         opt["state"] = rel(state_file)
     if resumed:
         opt["continues"] = True
+    if unsure is not None:
+        opt["continues"] = todo("true if the run resumed its start (see steps), else false")
     clip = args.get("max_grad_norm")
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
         opt["max_grad_norm"] = float(clip) if clip > 0 else None
@@ -372,6 +384,9 @@ def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
     how = f"Hugging Face Trainer folder, {steps} steps"
     how += (f", resumed from {rel(prev)} at step {first} (its log continues there)"
             if resumed else ", a new Trainer run")
+    if unsure is not None:
+        how = (f"Hugging Face Trainer folder, global_step {steps}: resumed from {rel(prev)} or "
+               "a new Trainer run, its files do not say (steps and continues are TODOs)")
     if "max_grad_norm" not in opt:
         how += ("; training_args.bin missing or unreadable: Trainer's max_grad_norm 1.0 is "
                 "assumed and no gradient accumulation; set optimizer.max_grad_norm and "
@@ -382,7 +397,7 @@ def _trainer_optimizer(f: FoundStage, prev: Path | None, name: str, rel: Any,
                      f"lr_scheduler_type={args.get('lr_scheduler_type')}")
     _note_groups(notes, name, hp)
     ckpts = []
-    for c in f.checkpoints:
+    for c in f.checkpoints if unsure is None else ():
         try:
             step = formats.read_trainer_state(c).global_step - first
         except formats.FormatError:

@@ -11,13 +11,15 @@ The formulas (also in the README), with T = steps, W = warmup, base and min:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeGuard, overload
 
 from acctattr.files import is_file
-from acctattr.runs.formats import TrainerState, training_args
+from acctattr.runs.formats import FormatError, TrainerState, training_args
 from acctattr.runs.manifest import LrSpec
 
 
@@ -165,32 +167,142 @@ def trainer_schedule(args: dict, max_steps: int) -> tuple[Callable[[int], float]
     """The lr of each 0-indexed global step of a Hugging Face Trainer run of ``max_steps``
     planned steps, from its TrainingArguments fields (``formats.training_args``): the
     linear, cosine, constant and constant_with_warmup schedules of transformers.get_scheduler
-    (warmup ``warmup_steps``, or a fraction of the run where it is below 1 or
-    ``warmup_ratio`` where an older transformers kept one), with a description; None where
-    the fields do not fix one (another schedule, lr_scheduler_kwargs, a missing field)."""
-    kind = TRAINER_SCHEDULES.get(args.get("lr_scheduler_type"))  # type: ignore[arg-type]
+    in closed form, and every other schedule get_scheduler builds as a LambdaLR
+    (cosine_with_restarts, polynomial, inverse_sqrt, cosine_with_min_lr,
+    warmup_stable_decay, ... with ``lr_scheduler_kwargs``) from transformers itself, where
+    it is installed (warmup ``warmup_steps``, or a fraction of the run where it is below 1
+    or ``warmup_ratio`` where an older transformers kept one), with a description; None
+    where the fields do not fix one (a missing or unreadable field, a schedule that is no
+    function of the step)."""
+    name = args.get("lr_scheduler_type")
+    kind = TRAINER_SCHEDULES.get(name)  # type: ignore[arg-type]
     base = args.get("learning_rate")
-    if kind is None or not _number(base) or base < 0 \
-            or args.get("lr_scheduler_kwargs") not in (None, {}):
+    kwargs = args.get("lr_scheduler_kwargs", None)
+    if not isinstance(name, str) or not _number(base) or base < 0 \
+            or not (kwargs is None or isinstance(kwargs, dict)):
         return None
-    warmup = 0
-    if kind[1]:
-        # every TrainingArguments has warmup_steps: one the scan could not read (a huge
-        # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
-        steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
-        if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
+    if kind is None or kwargs:
+        warmup = _warmup(args, max_steps)
+        at = None if warmup is None else _library_schedule(name, max_steps, float(base),
+                                                           warmup, kwargs or {})
+        if at is None:
             return None
-        if steps >= 1:
-            warmup = int(steps)
-        elif steps > 0 or ratio > 0:
-            warmup = math.ceil(max_steps * (steps or ratio))
+        extra = "".join(f", {k}={v!r}" for k, v in sorted((kwargs or {}).items()))
+        return at, (f"{name} from {base:g}{extra}, {warmup} warmup step(s) of {max_steps} "
+                    "(transformers.get_scheduler)")
+    # every TrainingArguments has warmup_steps: one the scan could not read (a huge
+    # integer, another type) fixes no schedule, nor does a ratio beyond the whole run
+    warmup = _warmup(args, max_steps) if kind[1] else 0
+    if warmup is None:
+        return None
     at = schedule_at(kind[0], max_steps, float(base), warmup)
     return at, (f"{args['lr_scheduler_type']} from {base:g}, {warmup} warmup step(s) of "
                 f"{max_steps}")
 
 
+def _warmup(args: dict, max_steps: int) -> int | None:
+    """TrainingArguments.get_warmup_steps: ``warmup_steps`` from 1 up, else that fraction
+    (or an older transformers' ``warmup_ratio``) of the run, rounded up; None where the
+    fields cannot be read or a ratio is beyond the whole run."""
+    steps, ratio = args.get("warmup_steps"), args.get("warmup_ratio", 0.0)
+    if not _number(steps) or steps < 0 or not _number(ratio) or not 0 <= ratio <= 1:
+        return None
+    if steps >= 1:
+        return int(steps)
+    return math.ceil(max_steps * (steps or ratio)) if steps > 0 or ratio > 0 else 0
+
+
+def _library_schedule(name: str, steps: int, base: float, warmup: int,
+                      kwargs: dict) -> Callable[[int], float] | None:
+    """lr(s) = base * f(s) with f the lr_lambda of transformers.get_scheduler(name, ...):
+    what LambdaLR gives the step, by the same arithmetic. None where transformers is not
+    installed, refuses the arguments, or builds no single-lambda LambdaLR."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    try:
+        sched = transformers.get_scheduler(name, opt, num_warmup_steps=warmup,
+                                           num_training_steps=steps,
+                                           scheduler_specific_kwargs=dict(kwargs))
+    except Exception:  # an unknown name, kwargs this version does not take
+        return None
+    if type(sched) is not torch.optim.lr_scheduler.LambdaLR or len(sched.lr_lambdas) != 1:
+        return None
+    f = sched.lr_lambdas[0]
+
+    def at(s: int) -> float:
+        return base * f(s)
+
+    return at
+
+
 def _number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _saved_last_lr(folder: Path, planned: int | None) -> tuple[int, float] | None:
+    """(last_epoch, _last_lr[0]) of ``folder/scheduler.pt`` (a LambdaLR's state: the lr
+    of 0-indexed step last_epoch, the next one), where it can be read; else None."""
+    import torch
+
+    try:
+        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
+            return None
+        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
+        step, last = saved["last_epoch"], float(saved["_last_lr"][0])
+    except Exception:  # not LambdaLR's state
+        return None
+    if isinstance(step, int) and not isinstance(step, bool) and 0 <= step \
+            and (planned is None or step <= planned) and math.isfinite(last):
+        return step, last
+    return None
+
+
+def _fits(at: Callable[[int], float], points: Sequence[tuple[int, float]]) -> bool:
+    scale = max((abs(lr) for _, lr in points), default=0.0) or 1.0
+    return all(math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
+               for s, lr in points if s >= 0)
+
+
+def settle_convention(ts: TrainerState) -> TrainerState:
+    """``ts`` with the step each logged learning_rate belongs to decided where no
+    transformers_version says (a Trainer run of a model without config.json): the lr
+    logged at the last step against scheduler.pt's (the next step's: equal under the older
+    rule, the previous step's under transformers >= 4.51), else the schedule
+    training_args.bin names, which only one of the two readings may fit. Where neither
+    settles it and the two readings give different lrs, a FormatError naming the file."""
+    if ts.lr_convention != "unknown" or not ts.lr_points:
+        return ts
+    folder = ts.path.parent
+    older = list(ts.lr_points)  # as read: the lr logged at step N is step N's
+    newer = [(s - 1, lr) for s, lr in older]
+    saved = _saved_last_lr(folder, ts.max_steps)
+    fits: set[str] = set()
+    if saved is not None and saved[0] in dict(older) and not _fits(
+            lambda s: saved[1], [(0, dict(older)[saved[0]])]):
+        fits = {"used"}  # the lr logged with the saved state is not the next step's
+    got = trainer_schedule(training_args(folder), ts.max_steps) if ts.max_steps else None
+    if not fits and got is not None:
+        extra = [saved] if saved is not None else []
+        fits = {name for name, pts in (("used", newer), ("next", older))
+                if _fits(got[0], pts + extra)}
+    if not fits and len({lr for _, lr in older}) == 1:
+        fits = {"next"}  # one logged value: the same lrs either way
+    if not fits:
+        raise FormatError(
+            f"{ts.path}: cannot tell which step each logged learning_rate belongs to (before "
+            "transformers 4.51 the lr logged at step N was the next step's, from 4.51 the "
+            "step's own): no config.json with a transformers_version beside it, and neither "
+            "scheduler.pt nor training_args.bin's schedule settles it; add "
+            f"\"transformers_version\" of the transformers that trained it to "
+            f"{folder / 'config.json'}, or give optimizer.lr as a per-step list")
+    if "used" in fits:
+        points = tuple((s, lr) for s, lr in newer if s >= 0)
+        return dataclasses.replace(ts, lr_points=points, lr_convention="used")
+    return dataclasses.replace(ts, lr_convention="next")
 
 
 def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] | None:
@@ -198,7 +310,6 @@ def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] |
     training_args.bin names (trainer_schedule), where it gives every lr the run
     logged and the one scheduler.pt saved (the next step's, ``_last_lr``) and at least one
     of them is there; else None."""
-    import torch
 
     folder, planned = ts.path.parent, ts.max_steps
     got = trainer_schedule(training_args(folder), planned) if planned else None
@@ -206,19 +317,9 @@ def stated_trainer_lrs(ts: TrainerState) -> tuple[Callable[[int], float], str] |
         return None
     at, how = got
     points = list(ts.lr_points)
-    try:
-        if not is_file(folder / "scheduler.pt"):  # a FIFO would block torch.load
-            raise FileNotFoundError(folder / "scheduler.pt")
-        saved = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
-        step, last = saved["last_epoch"], saved["_last_lr"][0]
-        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= planned:
-            points.append((step, float(last)))
-    except Exception:  # no scheduler.pt, or not LambdaLR's state: the logged lrs alone
-        pass
-    if not points:
-        return None
-    scale = max(abs(lr) for _, lr in points) or 1.0
-    if any(not math.isclose(at(s), lr, rel_tol=1e-6, abs_tol=1e-9 * scale)
-           for s, lr in points if s >= 0):
+    saved = _saved_last_lr(folder, planned)  # None: the logged lrs alone
+    if saved is not None:
+        points.append(saved)
+    if not points or not _fits(at, points):
         return None
     return at, how
