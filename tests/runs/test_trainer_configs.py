@@ -290,6 +290,16 @@ def test_unreadable_training_args_keep_trainers_defaults(trainer_run, tmp_path):
 
 # ---------------------------------------------------------------- resumed runs
 
+# a run interrupted at step 10 and resumed to 20, as two stages of a hand-written manifest
+RESUMED_STAGES = """  - name: a
+    start: init
+    end: stage/checkpoint-10
+    optimizer: {type: adamw}
+  - name: b
+    end: stage/checkpoint-20
+    optimizer: {type: adamw}
+"""
+
 
 def test_resumed_trainer_stage_continues_its_optimizer(trainer_run):
     """A run interrupted at step 10 and resumed (resume_from_checkpoint) to 20, as two
@@ -298,14 +308,7 @@ def test_resumed_trainer_stage_continues_its_optimizer(trainer_run):
     from acctattr import pipeline
 
     run = trainer_run("resumed", resume_at=10, lr_scheduler_type="cosine", warmup_steps=3)
-    stages = """  - name: a
-    start: init
-    end: stage/checkpoint-10
-    optimizer: {type: adamw}
-  - name: b
-    end: stage/checkpoint-20
-    optimizer: {type: adamw}
-"""
+    stages = RESUMED_STAGES
     a, b = pipeline.check(run.manifest(stages=stages)).runs
     assert (a.fresh, a.step0, len(a.lrs)) == (True, 0, 10)
     assert (b.fresh, b.step0, len(b.lrs)) == (False, 10, 10)
@@ -349,14 +352,7 @@ def test_resumed_sparsely_logged_schedule_goes_on_from_the_start(trainer_run):
 
     run = trainer_run("resumed-poly", resume_at=10, lr_scheduler_type="polynomial",
                       warmup_steps=3, logging_steps=7, lr_scheduler_kwargs={"power": 3.0})
-    stages = """  - name: a
-    start: init
-    end: stage/checkpoint-10
-    optimizer: {type: adamw}
-  - name: b
-    end: stage/checkpoint-20
-    optimizer: {type: adamw}
-"""
+    stages = RESUMED_STAGES
     loaded = pipeline.check(run.manifest(stages=stages))
     a, b = loaded.runs
     assert list(a.lrs) + list(b.lrs) == pytest.approx(run.lrs, rel=1e-12, abs=1e-15)
