@@ -109,8 +109,8 @@ def _probe_sample(sample: Batch, rows: int) -> Batch:
 def check_training_data(loaded: Loaded, config: UnrolledConfig | None = None) -> list[str]:
     """What ``run`` (auto, unrolled) would refuse in a later stage's training data, one line
     per stage (``acctattr check``): the same sample read and checked (NaN, Inf, labels),
-    and the training loss run on its first eval batch's worth of rows (not the whole
-    sample: a check runs no more than a forward pass per file)."""
+    and the training loss run on its first eval batch's worth of rows and its largest-id
+    rows (_probe_sample; not the whole sample: a check runs about one batch per file)."""
     config = config or UnrolledConfig()
     problems: list[str] = []
     if loaded.evaluator is None:  # no model to run (problems elsewhere say why)
@@ -132,7 +132,7 @@ def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None
     cannot take (a label beyond the model's classes) is the data's fault, exit 2."""
     try:
         with torch.no_grad():
-            curvature.value(loaded.evaluator.params)
+            total = curvature.value(loaded.evaluator.params)
         vals = curvature.probe(loaded.evaluator.params)
     except AcctattrError:
         raise
@@ -155,10 +155,9 @@ def _probe_training(curvature: Curvature, loaded: Loaded, run: StageRun) -> None
                         "(detached, or computed from argmax / comparisons); the unrolled "
                         "estimator differentiates the training loss",
                         "return the differentiable per-example loss the stage was trained on")
-    bad = int((~torch.isfinite(vals.detach())).sum())
-    if bad:
-        raise DataError(f"{where}: {bad} of the sample's first {vals.numel()} values are NaN "
-                        "or Inf at the final weights",
+    if not math.isfinite(total):
+        raise DataError(f"{where}: its values on the stage's sample are NaN or Inf at the "
+                        f"final weights (their mean is {total})",
                         "repair those examples, or use --estimator frozen (it reads no "
                         "stage data)")
 

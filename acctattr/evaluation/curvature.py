@@ -71,13 +71,14 @@ class Curvature:
         vals = self.loss.compute(out, batch[self.target], batch)
         return self.sign * vals.sum() / self.n
 
-    def probe(self, params: Params) -> object:
-        """What the training loss returns on the sample's first chunk, with ``params`` as
-        leaves that require grad (the values require grad only if the loss can be
-        differentiated with respect to the weights)."""
+    def probe(self, params: Params, rows: int = 2) -> object:
+        """What the training loss returns on the sample's first ``rows`` examples, with
+        ``params`` as leaves that require grad (the values require grad only if the loss can
+        be differentiated with respect to the weights); a few rows, so that the graph kept
+        is small whatever the model."""
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-            batch = self.chunks[0]
+            batch = {k: v[:rows] for k, v in self.chunks[0].items()}
             return self.loss.compute(self.outputs({**self.fixed, **leaves}, batch),
                                      batch[self.target], batch)
 
