@@ -19,6 +19,11 @@ class AcctattrError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def within(self, prefix: str, kind: type[AcctattrError] | None = None) -> AcctattrError:
+        """This error said where it was met: ``prefix`` (a stage and key) before its
+        message, which names the file; as ``kind`` where given."""
+        return (kind or type(self))(f"{prefix} {self.message}", self.hint)
+
 
 class ManifestError(AcctattrError):
     """One or more problems in a manifest, reported together."""

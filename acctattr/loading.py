@@ -229,11 +229,9 @@ def open_manifest(manifest: Manifest, collect: list[str] | None = None,
         for ref in stage.checkpoints:
             r = attempt(lambda p=ref.path: readers(p))
             if isinstance(r, StateDictReader):
-                attempt(lambda r=r, s=stage, st=ref.step: check_params(
-                    r, info, s.name, f"checkpoints step {st}"))
-                if scan:
-                    attempt(lambda r=r, s=stage, st=ref.step: scanned(
-                        r, s.name, f"checkpoints step {st}"))
+                key = f"checkpoints step {ref.step}"
+                if passes(partial(check_params, r, info, stage.name, key)) and scan:
+                    attempt(lambda r=r, s=stage, k=key: scanned(r, s.name, k))
                 ckpts.append((ref.step, r))
         if opt.continues and prev is not None and prev.optimizer.state is None:
             report(CheckpointError(
@@ -302,7 +300,7 @@ def scan_finite(reader: StateDictReader, info: ModelInfo, stage: str, key: str) 
             try:
                 reader.get(n, native=True)  # refuses NaN or Inf, naming the tensor
             except CheckpointError as e:
-                raise CheckpointError(f"stage '{stage}': {key} {e.message}", e.hint) from e
+                raise e.within(f"stage '{stage}': {key}") from e
     reader.release()
 
 

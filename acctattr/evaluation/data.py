@@ -373,7 +373,7 @@ def stage_data_header(path: Path, names: tuple[str, ...], stage: str) -> tuple[A
     try:
         handle = safe_open_checked(path)
     except CheckpointError as e:  # said of a checkpoint: name the stage and key
-        raise DataError(f"stage '{stage}': data {e.message}", e.hint) from e
+        raise e.within(f"stage '{stage}': data", DataError) from e
     keys = set(handle.keys())
     missing = [n for n in names if n not in keys]
     if missing:

@@ -232,7 +232,7 @@ def _from_torch(spec: OptimizerSpec, stage: str, trainable: dict[str, tuple[int,
     try:
         sd, mapped = load_torch_file_mapped(file)
     except CheckpointError as e:  # said of the file alone: name the stage and key too
-        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
+        raise e.within(f"stage '{stage}': optimizer.state") from e
     lightning = isinstance(sd, dict) and isinstance(sd.get("optimizer_states"), list)
     if lightning:
         # a PyTorch Lightning .ckpt: one state_dict() per optimizer
@@ -597,7 +597,7 @@ def _from_safetensors(spec: OptimizerSpec, stage: str,
     try:
         reader: StateDictReader = open_checkpoint(spec.state)
     except CheckpointError as e:
-        raise CheckpointError(f"stage '{stage}': optimizer.state {e.message}", e.hint) from e
+        raise e.within(f"stage '{stage}': optimizer.state") from e
     where = f"stage '{stage}': optimizer.state {spec.state}"
     keys: dict[str, dict[str, str]] = {}
     step: int | None = None
